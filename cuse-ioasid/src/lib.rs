@@ -1,0 +1,1 @@
+//! The cuse-ioasid daemon: /dev/ioasid and the device nodes, served from user space over CUSE.

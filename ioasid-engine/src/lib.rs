@@ -1,0 +1,1 @@
+//! The IOASID engine: contexts, address spaces, mappings, registrations, nesting and the group rule, over a backend trait.
