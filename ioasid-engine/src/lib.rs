@@ -1,1 +1,5 @@
-//! The IOASID engine: contexts, address spaces, mappings, registrations, nesting and the group rule, over a backend trait.
+//! The IOASID engine: contexts, I/O address spaces, mappings, registrations,
+//! nesting and the group rule — pure logic over the [`backend::Backend`]
+//! trait, unit-tested without root against [`fake::FakeBackend`].
+
+pub mod backend;

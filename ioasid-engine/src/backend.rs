@@ -1,0 +1,136 @@
+//! The seam between the engine and the system.
+//!
+//! The engine decides *what* must be mapped where; a [`Backend`] does it.
+//! The real backend (`vfio-legacy`) realises an IOMMU group's I/O page table
+//! as a VFIO type1v2 container and client memory as aliases made through
+//! `/proc/<pid>/map_files`. The fake in [`crate::fake`] records calls and
+//! enforces type1v2's rules in memory, so the engine is unit-tested without
+//! root, VFIO or a VM.
+
+use std::fmt;
+
+/// An IOMMU group number, as in `/sys/kernel/iommu_groups/<N>`.
+pub type GroupId = u32;
+
+/// A process id (thread-group id) of a client.
+pub type Pid = i32;
+
+/// Access a mapping grants the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Prot {
+    /// The device may read the memory.
+    pub read: bool,
+    /// The device may write the memory.
+    pub write: bool,
+}
+
+/// One contiguous piece of client memory as the daemon sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// Offset of this piece from the start of the aliased client range.
+    pub offset: u64,
+    /// Address of the piece in the daemon's own address space (what the
+    /// backend hands to `VFIO_IOMMU_MAP_DMA`).
+    pub daemon_vaddr: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// Client memory made addressable by the daemon: the pieces, in order,
+/// that together cover `[client_vaddr, client_vaddr + size)`.
+///
+/// An alias stays valid until it is handed back to
+/// [`Backend::release_alias`]. Aliasing the same client memory twice may
+/// return the same daemon addresses (the backend reuses its mappings); each
+/// `alias` call must still be matched by one `release_alias`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Alias {
+    /// The backend's handle, passed back on release.
+    pub token: u64,
+    /// The pieces covering the range, in ascending `offset`.
+    pub segments: Vec<Segment>,
+}
+
+/// What an IOMMU domain (a realising container) supports.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct DomainInfo {
+    /// Supported IOMMU page sizes, one bit per size (bit n = 2^n bytes).
+    pub pgsize_bitmap: u64,
+    /// Permitted IOVA ranges, inclusive `(start, last)`, ascending.
+    pub iova_ranges: Vec<(u64, u64)>,
+    /// How many more mappings the domain accepts, when the kernel says.
+    pub dma_avail: Option<u32>,
+}
+
+/// An error from the system, carrying the errno to answer and a message
+/// that tells the user what to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendError {
+    /// The errno the failed operation should report.
+    pub errno: i32,
+    /// What failed and, where possible, what the user can do about it.
+    pub message: String,
+}
+
+impl BackendError {
+    /// An error with errno `errno` and message `message`.
+    pub fn new(errno: i32, message: impl Into<String>) -> Self {
+        BackendError {
+            errno,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (errno {})", self.message, self.errno)
+    }
+}
+
+impl std::error::Error for BackendError {}
+
+/// Realises the engine's decisions on the system.
+///
+/// Every IOMMU group the daemon manages has one I/O page table of its own
+/// (in the real backend, a type1v2 container) for the daemon's whole life;
+/// it starts empty, which blocks all DMA of the group's devices. The engine
+/// fills it with the mappings of whichever IOASID the group is attached to
+/// and empties it on detach.
+pub trait Backend: Send + Sync {
+    /// Make `[vaddr, vaddr + size)` of process `pid` addressable by the
+    /// daemon. Fails with `EFAULT` when the range is not mapped, or is
+    /// private memory that cannot be shared (the message tells the user to
+    /// use shared memory).
+    fn alias(&self, pid: Pid, vaddr: u64, size: u64) -> Result<Alias, BackendError>;
+
+    /// Give back an alias returned by [`Backend::alias`].
+    fn release_alias(&self, alias: &Alias);
+
+    /// The memory-lock limit (`RLIMIT_MEMLOCK`, soft, in bytes) of process
+    /// `pid`; `None` when unlimited or when the process has `CAP_IPC_LOCK`.
+    fn memlock_limit(&self, pid: Pid) -> Result<Option<u64>, BackendError>;
+
+    /// What group `group`'s domain supports.
+    fn domain_info(&self, group: GroupId) -> Result<DomainInfo, BackendError>;
+
+    /// Map `size` bytes at daemon address `daemon_vaddr` to `iova` in group
+    /// `group`'s domain (type1v2 rules: `EEXIST` on overlap, `EINVAL` when
+    /// misaligned, `ENOSPC` when the domain is full).
+    fn map(
+        &self,
+        group: GroupId,
+        iova: u64,
+        daemon_vaddr: u64,
+        size: u64,
+        prot: Prot,
+    ) -> Result<(), BackendError>;
+
+    /// Unmap `[iova, iova + size)` from group `group`'s domain; returns the
+    /// bytes unmapped (type1v2: 0 when nothing was mapped there, `EINVAL`
+    /// when the range would split a mapping).
+    fn unmap(&self, group: GroupId, iova: u64, size: u64) -> Result<u64, BackendError>;
+
+    /// Unmap everything from group `group`'s domain.
+    fn unmap_all(&self, group: GroupId) -> Result<(), BackendError>;
+}
