@@ -1,0 +1,353 @@
+//! An in-memory [`Backend`] for unit tests.
+//!
+//! Each IOMMU group has a domain that enforces VFIO type1v2's rules
+//! (alignment to its smallest page size, `EEXIST` on overlap, `EINVAL` for an
+//! unmap that would split a mapping, 0 bytes for an empty range, an entry
+//! limit answering `ENOSPC`, permitted IOVA ranges). Client memory is
+//! aliasable only where a test declared it shared; the daemon address of
+//! client address `v` is always `FAKE_DAEMON_BASE + v`, so tests can predict
+//! what the domains hold. Every call is logged, live aliases are counted,
+//! and the next map (or unmap-all) can be made to fail.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::backend::{Alias, Backend, BackendError, DomainInfo, GroupId, Pid, Prot, Segment};
+
+/// The daemon address of client address `v` is `FAKE_DAEMON_BASE + v`.
+pub const FAKE_DAEMON_BASE: u64 = 0x7000_0000_0000;
+
+/// Default page sizes of a fake domain: 4 KiB, 2 MiB and 1 GiB.
+pub const FAKE_PGSIZES: u64 = (1 << 12) | (1 << 21) | (1 << 30);
+
+/// Default entry limit of a fake domain (type1's `dma_entry_limit` default).
+pub const FAKE_ENTRY_LIMIT: usize = 65535;
+
+/// Default permitted IOVA ranges: 48 bits, minus the x86 MSI window.
+pub const FAKE_IOVA_RANGES: [(u64, u64); 2] = [(0, 0xfedf_ffff), (0xfef0_0000, (1u64 << 48) - 1)];
+
+/// One call the fake received, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FakeCall {
+    /// `alias(pid, vaddr, size)`, successful or not.
+    Alias { pid: Pid, vaddr: u64, size: u64 },
+    /// `release_alias` of the alias with this token.
+    Release { token: u64 },
+    /// `map(group, iova, daemon_vaddr, size, _)`, successful or not.
+    Map {
+        group: GroupId,
+        iova: u64,
+        daemon_vaddr: u64,
+        size: u64,
+    },
+    /// `unmap(group, iova, size)`, successful or not.
+    Unmap {
+        group: GroupId,
+        iova: u64,
+        size: u64,
+    },
+    /// `unmap_all(group)`, successful or not.
+    UnmapAll { group: GroupId },
+}
+
+/// One entry of a fake domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FakeEntry {
+    /// First IOVA.
+    pub iova: u64,
+    /// Daemon address it translates to.
+    pub daemon_vaddr: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Access granted.
+    pub prot: Prot,
+}
+
+#[derive(Clone, Debug)]
+struct FakeDomain {
+    pgsize_bitmap: u64,
+    iova_ranges: Vec<(u64, u64)>,
+    entry_limit: usize,
+    entries: BTreeMap<u64, FakeEntry>,
+}
+
+impl Default for FakeDomain {
+    fn default() -> Self {
+        FakeDomain {
+            pgsize_bitmap: FAKE_PGSIZES,
+            iova_ranges: FAKE_IOVA_RANGES.to_vec(),
+            entry_limit: FAKE_ENTRY_LIMIT,
+            entries: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct FakeState {
+    domains: HashMap<GroupId, FakeDomain>,
+    shared: HashMap<Pid, Vec<(u64, u64)>>,
+    memlock: HashMap<Pid, u64>,
+    live: HashMap<u64, Alias>,
+    next_token: u64,
+    calls: Vec<FakeCall>,
+    /// Maps to let through before failing one with this errno.
+    map_failure: Option<(usize, i32)>,
+    unmap_all_failure: Option<i32>,
+}
+
+/// The fake backend. Cheap to create; share it as `Arc<FakeBackend>`.
+#[derive(Default)]
+pub struct FakeBackend {
+    state: Mutex<FakeState>,
+}
+
+impl FakeBackend {
+    /// A fake where no memory is shared, memlock is unlimited and every
+    /// domain has the default page sizes, ranges and entry limit.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn state(&self) -> MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Declare `[vaddr, vaddr + size)` of `pid` shared (aliasable).
+    /// Adjacent declarations stay separate pieces, so an alias spanning
+    /// them has several segments.
+    pub fn share(&self, pid: Pid, vaddr: u64, size: u64) {
+        let mut s = self.state();
+        let v = s.shared.entry(pid).or_default();
+        v.push((vaddr, size));
+        v.sort_unstable();
+    }
+
+    /// Set `pid`'s `RLIMIT_MEMLOCK` (`None`: unlimited, the default).
+    pub fn set_memlock(&self, pid: Pid, limit: Option<u64>) {
+        let mut s = self.state();
+        match limit {
+            Some(l) => s.memlock.insert(pid, l),
+            None => s.memlock.remove(&pid),
+        };
+    }
+
+    /// Configure group `group`'s domain (page sizes and permitted ranges).
+    pub fn set_domain(&self, group: GroupId, pgsize_bitmap: u64, iova_ranges: &[(u64, u64)]) {
+        let mut s = self.state();
+        let d = s.domains.entry(group).or_default();
+        d.pgsize_bitmap = pgsize_bitmap;
+        d.iova_ranges = iova_ranges.to_vec();
+    }
+
+    /// Configure how many entries group `group`'s domain accepts.
+    pub fn set_entry_limit(&self, group: GroupId, limit: usize) {
+        self.state().domains.entry(group).or_default().entry_limit = limit;
+    }
+
+    /// Let `after` more maps succeed, then fail one with `errno`.
+    pub fn fail_map_after(&self, after: usize, errno: i32) {
+        self.state().map_failure = Some((after, errno));
+    }
+
+    /// Fail the next `unmap_all` with `errno`.
+    pub fn fail_next_unmap_all(&self, errno: i32) {
+        self.state().unmap_all_failure = Some(errno);
+    }
+
+    /// The entries of group `group`'s domain, by IOVA.
+    pub fn entries(&self, group: GroupId) -> Vec<FakeEntry> {
+        self.state()
+            .domains
+            .get(&group)
+            .map(|d| d.entries.values().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// How many aliases are handed out and not released.
+    pub fn live_aliases(&self) -> usize {
+        self.state().live.len()
+    }
+
+    /// Every call so far, in order.
+    pub fn calls(&self) -> Vec<FakeCall> {
+        self.state().calls.clone()
+    }
+
+    /// Forget the calls logged so far.
+    pub fn clear_calls(&self) {
+        self.state().calls.clear();
+    }
+}
+
+fn einval(msg: String) -> BackendError {
+    BackendError::new(libc::EINVAL, msg)
+}
+
+fn min_pgsize(bitmap: u64) -> u64 {
+    if bitmap == 0 {
+        4096
+    } else {
+        (1u64 << bitmap.trailing_zeros()).max(4096)
+    }
+}
+
+impl Backend for FakeBackend {
+    fn alias(&self, pid: Pid, vaddr: u64, size: u64) -> Result<Alias, BackendError> {
+        let mut s = self.state();
+        s.calls.push(FakeCall::Alias { pid, vaddr, size });
+        let end = vaddr.checked_add(size).ok_or_else(|| {
+            BackendError::new(libc::EFAULT, format!("range {vaddr:#x}+{size:#x} wraps"))
+        })?;
+        let pieces = s.shared.get(&pid).cloned().unwrap_or_default();
+        let mut segments = Vec::new();
+        let mut at = vaddr;
+        for (start, len) in pieces {
+            if at >= end {
+                break;
+            }
+            if start <= at && at < start + len {
+                let piece_end = (start + len).min(end);
+                segments.push(Segment {
+                    offset: at - vaddr,
+                    daemon_vaddr: FAKE_DAEMON_BASE + at,
+                    len: piece_end - at,
+                });
+                at = piece_end;
+            }
+        }
+        if at < end || size == 0 {
+            return Err(BackendError::new(
+                libc::EFAULT,
+                format!(
+                    "process {pid}: {at:#x} is not in shared memory; use MAP_SHARED memory \
+                     (memfd, shm, hugetlbfs, a shared file)"
+                ),
+            ));
+        }
+        s.next_token += 1;
+        let alias = Alias {
+            token: s.next_token,
+            segments,
+        };
+        s.live.insert(alias.token, alias.clone());
+        Ok(alias)
+    }
+
+    fn release_alias(&self, alias: &Alias) {
+        let mut s = self.state();
+        s.calls.push(FakeCall::Release { token: alias.token });
+        let known = s.live.remove(&alias.token);
+        assert!(known.is_some(), "alias {} released twice", alias.token);
+    }
+
+    fn memlock_limit(&self, pid: Pid) -> Result<Option<u64>, BackendError> {
+        Ok(self.state().memlock.get(&pid).copied())
+    }
+
+    fn domain_info(&self, group: GroupId) -> Result<DomainInfo, BackendError> {
+        let mut s = self.state();
+        let d = s.domains.entry(group).or_default();
+        Ok(DomainInfo {
+            pgsize_bitmap: d.pgsize_bitmap,
+            iova_ranges: d.iova_ranges.clone(),
+            dma_avail: Some(d.entry_limit.saturating_sub(d.entries.len()) as u32),
+        })
+    }
+
+    fn map(
+        &self,
+        group: GroupId,
+        iova: u64,
+        daemon_vaddr: u64,
+        size: u64,
+        prot: Prot,
+    ) -> Result<(), BackendError> {
+        let mut s = self.state();
+        s.calls.push(FakeCall::Map {
+            group,
+            iova,
+            daemon_vaddr,
+            size,
+        });
+        if let Some((after, errno)) = s.map_failure {
+            if after == 0 {
+                s.map_failure = None;
+                return Err(BackendError::new(errno, "injected map failure"));
+            }
+            s.map_failure = Some((after - 1, errno));
+        }
+        let d = s.domains.entry(group).or_default();
+        let pg = min_pgsize(d.pgsize_bitmap);
+        if size == 0 || (iova | daemon_vaddr | size) & (pg - 1) != 0 {
+            return Err(einval(format!(
+                "map {iova:#x}+{size:#x}: not {pg:#x}-aligned"
+            )));
+        }
+        let last = iova
+            .checked_add(size - 1)
+            .ok_or_else(|| einval(format!("map {iova:#x}+{size:#x} wraps")))?;
+        if !d.iova_ranges.iter().any(|&(a, b)| a <= iova && last <= b) {
+            return Err(einval(format!("map {iova:#x}+{size:#x}: outside ranges")));
+        }
+        if let Some((_, e)) = d.entries.range(..=last).next_back() {
+            if e.iova + e.size > iova {
+                return Err(BackendError::new(libc::EEXIST, "overlapping mapping"));
+            }
+        }
+        if d.entries.len() >= d.entry_limit {
+            return Err(BackendError::new(
+                libc::ENOSPC,
+                "domain entry limit reached",
+            ));
+        }
+        d.entries.insert(
+            iova,
+            FakeEntry {
+                iova,
+                daemon_vaddr,
+                size,
+                prot,
+            },
+        );
+        Ok(())
+    }
+
+    fn unmap(&self, group: GroupId, iova: u64, size: u64) -> Result<u64, BackendError> {
+        let mut s = self.state();
+        s.calls.push(FakeCall::Unmap { group, iova, size });
+        let d = s.domains.entry(group).or_default();
+        let pg = min_pgsize(d.pgsize_bitmap);
+        if size == 0 || (iova | size) & (pg - 1) != 0 {
+            return Err(einval(format!("unmap {iova:#x}+{size:#x}: misaligned")));
+        }
+        let end = iova
+            .checked_add(size)
+            .ok_or_else(|| einval(format!("unmap {iova:#x}+{size:#x} wraps")))?;
+        if let Some((_, e)) = d.entries.range(..iova).next_back() {
+            if e.iova + e.size > iova {
+                return Err(einval("unmap would split a mapping".into()));
+            }
+        }
+        if let Some((_, e)) = d.entries.range(iova..end).next_back() {
+            if e.iova + e.size > end {
+                return Err(einval("unmap would split a mapping".into()));
+            }
+        }
+        let gone: Vec<u64> = d.entries.range(iova..end).map(|(k, _)| *k).collect();
+        let mut bytes = 0;
+        for k in gone {
+            bytes += d.entries.remove(&k).map_or(0, |e| e.size);
+        }
+        Ok(bytes)
+    }
+
+    fn unmap_all(&self, group: GroupId) -> Result<(), BackendError> {
+        let mut s = self.state();
+        s.calls.push(FakeCall::UnmapAll { group });
+        if let Some(errno) = s.unmap_all_failure.take() {
+            return Err(BackendError::new(errno, "injected unmap-all failure"));
+        }
+        s.domains.entry(group).or_default().entries.clear();
+        Ok(())
+    }
+}
