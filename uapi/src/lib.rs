@@ -1,1 +1,30 @@
-//! The /dev/ioasid uAPI (RFC 2021): ioctl numbers and struct layouts, mirrored from include/linux/ioasid.h.
+//! The `/dev/ioasid` uAPI (RFC 2021): ioctl numbers and struct layouts,
+//! mirrored from `uapi/include/linux/ioasid.h`.
+//!
+//! The C header is the reference; this crate mirrors it one to one (same
+//! constant names, structs in CamelCase with the same fields) and holds no
+//! logic. A test compiles a C program against the header with the system
+//! compiler and compares every struct size, field offset and constant with
+//! this crate; another pins every ioctl number to a literal.
+//!
+//! * [`numbers`]: the `_IO` formula ([`io`]), every ioctl number, extension
+//!   id, flag, capability id and format.
+//! * [`structs`]: the `#[repr(C)]` argument structs, deriving zerocopy's
+//!   `FromBytes`, `IntoBytes`, `KnownLayout` and `Immutable`, with
+//!   compile-time size and offset checks.
+//! * [`commands`]: the dispatch table: every command with its argument kind
+//!   and, for struct commands, its minimum `argsz` and accepted flags.
+//! * [`vfio`]: the numbers of the legacy VFIO ioctls (the `vfio-bindings`
+//!   crate has the structs but not the numbers).
+//!
+//! The errno conventions (which errno for which failure) are documented in
+//! the header and in `docs/uapi.md`; the front ends implement them.
+
+pub mod commands;
+pub mod numbers;
+pub mod structs;
+pub mod vfio;
+
+pub use commands::{ArgKind, ArgStruct, FlagsCheck, IoasidCmd, StructArg, VfioDeviceCmd};
+pub use numbers::*;
+pub use structs::*;
