@@ -1,1 +1,29 @@
-//! The legacy VFIO (container/group, type1v2) backend of the IOASID engine: the only code that touches VFIO.
+//! The legacy VFIO (container/group, type1v2) backend of the IOASID engine:
+//! the only code that touches VFIO.
+//!
+//! - [`discovery`]: the PCI devices bound to `vfio-pci` and their IOMMU
+//!   groups ([`discover`]).
+//! - [`VfioLegacy`]: one type1v2 container per IOMMU group for the object's
+//!   whole life; device fds ([`VfioLegacy::open_device`]); the engine's
+//!   [`Backend`](ioasid_engine::backend::Backend).
+//! - [`alias`]: client memory made addressable by the daemon through
+//!   `/proc/<pid>/map_files`, cached and reference-counted.
+//!
+//! Raw system calls live in one private module (`sys`), ioctl numbers in
+//! another (`ioctls`).
+
+pub mod alias;
+pub mod discovery;
+mod error;
+mod ioctls;
+pub mod iommu_info;
+mod legacy;
+pub mod maps;
+mod sys;
+
+pub use alias::ClientMemory;
+pub use discovery::{discover, PciDevice, Sysfs};
+pub use error::{Error, Result};
+pub use legacy::{device_info, region_info, Paths, VfioLegacy};
+/// The `vfio-bindings` structs the device wrappers return.
+pub use vfio_bindings::bindings::vfio::{vfio_device_info, vfio_region_info};

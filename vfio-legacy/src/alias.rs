@@ -1,0 +1,603 @@
+//! Aliasing client memory: making another process's shared, file-backed
+//! pages addressable by the daemon, so the daemon can hand its own addresses
+//! to `VFIO_IOMMU_MAP_DMA` (which pins the *caller's* memory).
+//!
+//! For each area (VMA) of the client covering the requested range, the
+//! daemon opens `/proc/<pid>/map_files/<start>-<end>` (which needs
+//! `CAP_SYS_ADMIN`) and maps that file `MAP_SHARED`, at the area's file
+//! offset, with the client's protection. The daemon's mapping then holds the
+//! very pages the client sees.
+//!
+//! **Whole areas.** The daemon maps each client area whole rather than just
+//! the pages asked for: the mapping costs address space only (nothing is
+//! populated until the kernel pins it for DMA); one mapping then serves every
+//! later request inside the same area; and an area's start, length and file
+//! offset are already aligned to its page size, which hugetlbfs requires
+//! (the kernel also picks a huge-page aligned address for a hugetlbfs file
+//! when none is given).
+//!
+//! **Cache key.** A daemon mapping is keyed by the *backing file and
+//! range*: (device, inode, file offset, length, writable) as the client's
+//! maps report them — not by the client's addresses. The daemon's mapping
+//! holds a reference to the file, so the inode number cannot be reused while
+//! the entry exists; two areas with the same key are the same pages, whoever
+//! maps them, so sharing one daemon mapping between two clients of one memfd
+//! is correct. A client that replaces its mapping gets a new key (other file
+//! or offset) and so a new alias; the old one lives until released.
+//!
+//! **Races.** Between reading the maps and opening `map_files`, the client may
+//! unmap or replace the area. The daemon checks that the opened file has the
+//! inode the maps listed, and after mapping re-reads the maps to check the
+//! area is unchanged (same bounds, offset, inode, protection); otherwise it
+//! starts over (a few times, then `EAGAIN`).
+
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use ioasid_engine::backend::{Alias, Pid, Segment};
+use nix::errno::Errno;
+
+use crate::error::{Context, Error, Result};
+use crate::maps::{covering, parse_maps, Vma};
+use crate::sys::SharedMapping;
+
+/// How many times an alias is retried when the client's map changes under it.
+const ATTEMPTS: usize = 4;
+
+/// `CAP_IPC_LOCK`'s bit in the capability sets.
+const CAP_IPC_LOCK: u32 = 14;
+
+/// Identity of a daemon mapping: which pages of which file, and whether
+/// writable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    dev_major: u32,
+    dev_minor: u32,
+    inode: u64,
+    offset: u64,
+    len: u64,
+    write: bool,
+}
+
+impl Key {
+    fn of(vma: &Vma) -> Self {
+        Key {
+            dev_major: vma.dev_major,
+            dev_minor: vma.dev_minor,
+            inode: vma.inode,
+            offset: vma.offset,
+            len: vma.end - vma.start,
+            write: vma.write,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    mapping: SharedMapping,
+    refs: usize,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    entries: HashMap<Key, Entry>,
+    tokens: HashMap<u64, Vec<Key>>,
+    next_token: u64,
+}
+
+impl Table {
+    fn put(&mut self, key: &Key) {
+        let Some(entry) = self.entries.get_mut(key) else {
+            return;
+        };
+        entry.refs -= 1;
+        if entry.refs == 0 {
+            // Dropping the entry unmaps it.
+            self.entries.remove(key);
+        }
+    }
+}
+
+/// Why one attempt at aliasing did not finish.
+enum Attempt {
+    /// The client's map changed under us: start over.
+    Changed,
+    /// A real failure.
+    Failed(Error),
+}
+
+impl From<Error> for Attempt {
+    fn from(e: Error) -> Self {
+        Attempt::Failed(e)
+    }
+}
+
+/// The daemon's aliases of client memory, with their reference counts.
+#[derive(Debug)]
+pub struct ClientMemory {
+    proc_root: PathBuf,
+    table: Mutex<Table>,
+}
+
+impl Default for ClientMemory {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ClientMemory {
+    /// Aliases made through `/proc`.
+    pub fn new() -> Self {
+        Self::with_proc_root("/proc")
+    }
+
+    /// Aliases made through a procfs mounted at `proc_root`.
+    pub fn with_proc_root(proc_root: impl Into<PathBuf>) -> Self {
+        ClientMemory {
+            proc_root: proc_root.into(),
+            table: Mutex::new(Table::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        // A panic while holding the lock leaves the table consistent (every
+        // change is a single insert/remove), so poisoning is ignored.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read_maps(&self, pid: Pid) -> Result<Vec<Vma>> {
+        let path = self.proc_root.join(pid.to_string()).join("maps");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::proc(&e, format!("cannot read {}", path.display())))?;
+        parse_maps(&text)
+    }
+
+    /// Make `[vaddr, vaddr + size)` of process `pid` addressable by this
+    /// process. See the module documentation.
+    pub fn alias(&self, pid: Pid, vaddr: u64, size: u64) -> Result<Alias> {
+        if size == 0 {
+            return Err(Error::new(Errno::EINVAL, "cannot alias an empty range"));
+        }
+        let end = vaddr.checked_add(size).ok_or_else(|| {
+            Error::new(
+                Errno::EFAULT,
+                format!("range {vaddr:#x}+{size:#x} wraps around"),
+            )
+        })?;
+        let mut table = self.lock();
+        for _ in 0..ATTEMPTS {
+            match self.try_alias(&mut table, pid, vaddr, end) {
+                Ok(alias) => return Ok(alias),
+                Err(Attempt::Changed) => continue,
+                Err(Attempt::Failed(e)) => return Err(e),
+            }
+        }
+        Err(Error::new(
+            Errno::EAGAIN,
+            format!(
+                "the memory map of process {pid} kept changing while \
+                 {vaddr:#x}..{end:#x} was being aliased"
+            ),
+        ))
+    }
+
+    fn try_alias(
+        &self,
+        table: &mut Table,
+        pid: Pid,
+        vaddr: u64,
+        end: u64,
+    ) -> std::result::Result<Alias, Attempt> {
+        let vmas = self.read_maps(pid)?;
+        let areas = covering(&vmas, vaddr, end).map_err(|e| {
+            Error::new(
+                e.errno,
+                format!("process {pid}: {}; cannot map it for DMA", e.message),
+            )
+        })?;
+        for vma in &areas {
+            check_shareable(pid, vma)?;
+        }
+
+        let mut taken: Vec<Key> = Vec::with_capacity(areas.len());
+        let mut segments = Vec::with_capacity(areas.len());
+        for vma in areas {
+            let key = Key::of(vma);
+            let addr = match table.entries.get_mut(&key) {
+                Some(entry) => {
+                    entry.refs += 1;
+                    entry.mapping.addr()
+                }
+                None => match self.map_area(pid, vma) {
+                    Ok(mapping) => {
+                        let addr = mapping.addr();
+                        table.entries.insert(key, Entry { mapping, refs: 1 });
+                        addr
+                    }
+                    Err(e) => {
+                        for k in &taken {
+                            table.put(k);
+                        }
+                        return Err(e);
+                    }
+                },
+            };
+            taken.push(key);
+
+            let seg_start = vaddr.max(vma.start);
+            let seg_end = end.min(vma.end);
+            segments.push(Segment {
+                offset: seg_start - vaddr,
+                daemon_vaddr: addr as u64 + (seg_start - vma.start),
+                len: seg_end - seg_start,
+            });
+        }
+        let token = table.next_token;
+        table.next_token += 1;
+        table.tokens.insert(token, taken);
+        Ok(Alias { token, segments })
+    }
+
+    /// Open the area through `map_files` and map it here.
+    fn map_area(&self, pid: Pid, vma: &Vma) -> std::result::Result<SharedMapping, Attempt> {
+        let path = self
+            .proc_root
+            .join(pid.to_string())
+            .join("map_files")
+            .join(vma.map_files_name());
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(vma.write)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)
+        {
+            Ok(f) => f,
+            // The area went away or changed bounds since we read the maps.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Err(Attempt::Changed),
+            Err(e) => {
+                let hint = match e.raw_os_error() {
+                    Some(libc::EPERM) | Some(libc::EACCES) => {
+                        " (opening map_files needs CAP_SYS_ADMIN: run the daemon as root)"
+                    }
+                    _ => "",
+                };
+                return Err(Error::io(&e, format!("cannot open {}{hint}", path.display())).into());
+            }
+        };
+        let meta = file
+            .metadata()
+            .context(|| format!("cannot stat {}", path.display()))?;
+        if meta.ino() != vma.inode {
+            return Err(Attempt::Changed);
+        }
+        let len = usize::try_from(vma.end - vma.start)
+            .map_err(|_| Error::new(Errno::ENOMEM, "area too large"))?;
+        let mapping = SharedMapping::new(file.as_fd(), len, vma.read, vma.write, vma.offset)
+            .context(|| {
+                format!(
+                    "cannot map {} ({}) of process {pid}",
+                    path.display(),
+                    vma.path
+                )
+            })?;
+        drop(file);
+
+        // The area must still be the one we opened and mapped.
+        let now = self.read_maps(pid)?;
+        if !now.iter().any(|v| v == vma) {
+            return Err(Attempt::Changed);
+        }
+        tracing::debug!(
+            pid,
+            start = vma.start,
+            end = vma.end,
+            path = %vma.path,
+            daemon_addr = mapping.addr(),
+            "aliased client memory"
+        );
+        Ok(mapping)
+    }
+
+    /// Give back an alias; the daemon mappings it held are unmapped when no
+    /// other alias uses them.
+    pub fn release(&self, alias: &Alias) {
+        let mut table = self.lock();
+        let Some(keys) = table.tokens.remove(&alias.token) else {
+            tracing::warn!(token = alias.token, "release of an unknown alias");
+            return;
+        };
+        for k in &keys {
+            table.put(k);
+        }
+    }
+
+    /// Drop every alias and unmap everything (outstanding tokens become
+    /// unknown).
+    pub fn clear(&self) {
+        let mut table = self.lock();
+        table.tokens.clear();
+        table.entries.clear();
+    }
+
+    /// How many daemon mappings exist.
+    pub fn mapping_count(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    /// How many aliases are outstanding (not yet released).
+    pub fn alias_count(&self) -> usize {
+        self.lock().tokens.len()
+    }
+}
+
+fn check_shareable(pid: Pid, vma: &Vma) -> Result<()> {
+    let what = format!(
+        "memory {:#x}..{:#x} of process {pid} ({})",
+        vma.start,
+        vma.end,
+        if vma.path.is_empty() {
+            "anonymous"
+        } else {
+            &vma.path
+        }
+    );
+    if !vma.is_shareable() {
+        return Err(Error::new(
+            Errno::EFAULT,
+            format!(
+                "{what} is private (MAP_PRIVATE or ordinary anonymous memory), so the \
+                 daemon cannot map the same pages for DMA; map it MAP_SHARED from a memfd, \
+                 POSIX/SysV shm, hugetlbfs or a shared file, or MAP_SHARED|MAP_ANONYMOUS \
+                 (QEMU: -object memory-backend-memfd,share=on)"
+            ),
+        ));
+    }
+    if !vma.read && !vma.write {
+        return Err(Error::new(
+            Errno::EFAULT,
+            format!("{what} is not accessible (PROT_NONE)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a `/proc/<pid>/status` text shows `CAP_IPC_LOCK` in `CapEff`.
+pub fn status_has_cap_ipc_lock(status: &str) -> Option<bool> {
+    let line = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    let caps = u64::from_str_radix(line.trim(), 16).ok()?;
+    Some(caps & (1 << CAP_IPC_LOCK) != 0)
+}
+
+/// The memory-lock limit of process `pid`: its soft `RLIMIT_MEMLOCK`, or
+/// `None` when unlimited or when it has `CAP_IPC_LOCK`.
+pub fn memlock_limit(proc_root: &Path, pid: Pid) -> Result<Option<u64>> {
+    let path = proc_root.join(pid.to_string()).join("status");
+    let status = std::fs::read_to_string(&path)
+        .map_err(|e| Error::proc(&e, format!("cannot read {}", path.display())))?;
+    match status_has_cap_ipc_lock(&status) {
+        Some(true) => return Ok(None),
+        Some(false) => {}
+        None => {
+            return Err(Error::new(
+                Errno::EIO,
+                format!("no CapEff line in {}", path.display()),
+            ))
+        }
+    }
+    crate::sys::memlock_soft_limit(pid)
+        .context(|| format!("prlimit(RLIMIT_MEMLOCK) of process {pid}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+
+    const PAGE: usize = 4096;
+
+    fn is_root() -> bool {
+        use std::os::unix::fs::MetadataExt;
+        // /proc/self belongs to the process's effective uid.
+        std::fs::metadata("/proc/self").unwrap().uid() == 0
+    }
+
+    /// A memfd of `pages` pages mapped MAP_SHARED in this process: the
+    /// "client" memory.
+    fn client_memfd(pages: usize) -> (File, SharedMapping) {
+        let fd = nix::sys::memfd::memfd_create(
+            "vfio-legacy-test",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+        )
+        .unwrap();
+        let file = File::from(fd);
+        file.set_len((pages * PAGE) as u64).unwrap();
+        let map = SharedMapping::new(file.as_fd(), pages * PAGE, true, true, 0).unwrap();
+        (file, map)
+    }
+
+    fn mem() -> File {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/proc/self/mem")
+            .unwrap()
+    }
+
+    fn self_maps_has(addr: u64) -> bool {
+        let text = std::fs::read_to_string("/proc/self/maps").unwrap();
+        parse_maps(&text)
+            .unwrap()
+            .iter()
+            .any(|v| v.start <= addr && addr < v.end)
+    }
+
+    fn pid() -> Pid {
+        std::process::id() as Pid
+    }
+
+    #[test]
+    fn alias_of_a_memfd_sees_and_changes_the_clients_pages() {
+        if !is_root() {
+            eprintln!("skipped: needs root (map_files)");
+            return;
+        }
+        let (file, client) = client_memfd(4);
+        file.write_all_at(b"written by the client", PAGE as u64)
+            .unwrap();
+        let cm = ClientMemory::new();
+        let a = cm
+            .alias(pid(), client.addr() as u64 + PAGE as u64, 2 * PAGE as u64)
+            .unwrap();
+        assert_eq!(a.segments.len(), 1);
+        let seg = a.segments[0];
+        assert_eq!((seg.offset, seg.len), (0, 2 * PAGE as u64));
+        assert_ne!(seg.daemon_vaddr, client.addr() as u64 + PAGE as u64);
+
+        // Reading through the alias shows the client's bytes...
+        let mut buf = [0u8; 21];
+        mem().read_exact_at(&mut buf, seg.daemon_vaddr).unwrap();
+        assert_eq!(&buf, b"written by the client");
+        // ...and writing through it changes the client's page.
+        mem()
+            .write_all_at(b"written by the daemon", seg.daemon_vaddr + PAGE as u64)
+            .unwrap();
+        let mut back = [0u8; 21];
+        mem()
+            .read_exact_at(&mut back, client.addr() as u64 + 2 * PAGE as u64)
+            .unwrap();
+        assert_eq!(&back, b"written by the daemon");
+
+        cm.release(&a);
+        assert_eq!(cm.mapping_count(), 0);
+        assert!(!self_maps_has(seg.daemon_vaddr), "release must unmap");
+    }
+
+    #[test]
+    fn aliases_of_one_area_share_a_mapping_until_the_last_release() {
+        if !is_root() {
+            eprintln!("skipped: needs root (map_files)");
+            return;
+        }
+        let (_file, client) = client_memfd(4);
+        let base = client.addr() as u64;
+        let cm = ClientMemory::new();
+        let a = cm.alias(pid(), base, PAGE as u64).unwrap();
+        let b = cm
+            .alias(pid(), base + 3 * PAGE as u64, PAGE as u64)
+            .unwrap();
+        assert_ne!(a.token, b.token);
+        assert_eq!(cm.mapping_count(), 1, "one area, one daemon mapping");
+        assert_eq!(cm.alias_count(), 2);
+        let da = a.segments[0].daemon_vaddr;
+        assert_eq!(b.segments[0].daemon_vaddr, da + 3 * PAGE as u64);
+        assert_eq!(b.segments[0].offset, 0);
+
+        cm.release(&a);
+        assert_eq!(cm.mapping_count(), 1);
+        assert!(self_maps_has(da), "still used by b");
+        // A second release of the same alias is ignored, not a double put.
+        cm.release(&a);
+        assert!(self_maps_has(da));
+        cm.release(&b);
+        assert_eq!((cm.mapping_count(), cm.alias_count()), (0, 0));
+        assert!(!self_maps_has(da));
+    }
+
+    #[test]
+    fn a_range_over_two_areas_gives_two_segments() {
+        if !is_root() {
+            eprintln!("skipped: needs root (map_files)");
+            return;
+        }
+        let (file, client) = client_memfd(4);
+        // Split the area: pages 2-3 become read-only, a separate VMA.
+        client.protect_read_only(2 * PAGE, 2 * PAGE).unwrap();
+        file.write_all_at(b"page three", 3 * PAGE as u64).unwrap();
+        let base = client.addr() as u64;
+        let cm = ClientMemory::new();
+        let a = cm
+            .alias(pid(), base + PAGE as u64, 3 * PAGE as u64)
+            .unwrap();
+        assert_eq!(a.segments.len(), 2);
+        assert_eq!(a.segments[0].offset, 0);
+        assert_eq!(a.segments[0].len, PAGE as u64);
+        assert_eq!(a.segments[1].offset, PAGE as u64);
+        assert_eq!(a.segments[1].len, 2 * PAGE as u64);
+        assert_eq!(cm.mapping_count(), 2);
+        // The second segment maps file offset 2 pages: page three is one page in.
+        let mut buf = [0u8; 10];
+        mem()
+            .read_exact_at(&mut buf, a.segments[1].daemon_vaddr + PAGE as u64)
+            .unwrap();
+        assert_eq!(&buf, b"page three");
+        // The read-only part is aliased read-only.
+        let line = std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .filter_map(parse_maps_line_pub)
+            .find(|v| v.start == a.segments[1].daemon_vaddr)
+            .unwrap();
+        assert!(line.read && !line.write && line.shared);
+        cm.release(&a);
+        assert_eq!(cm.mapping_count(), 0);
+    }
+
+    fn parse_maps_line_pub(l: &str) -> Option<Vma> {
+        crate::maps::parse_maps_line(l)
+    }
+
+    #[test]
+    fn private_memory_is_refused_with_efault_and_advice() {
+        let heap = vec![7u8; 3 * PAGE];
+        let cm = ClientMemory::new();
+        let e = cm
+            .alias(pid(), heap.as_ptr() as u64, PAGE as u64)
+            .unwrap_err();
+        assert_eq!(e.errno, Errno::EFAULT);
+        assert!(e.message.contains("MAP_SHARED"), "{}", e.message);
+        assert!(e.message.contains("memfd"), "{}", e.message);
+        assert_eq!(cm.mapping_count(), 0);
+    }
+
+    #[test]
+    fn unmapped_ranges_and_bad_arguments_are_refused() {
+        if !is_root() {
+            eprintln!("skipped: needs root (map_files)");
+            return;
+        }
+        let cm = ClientMemory::new();
+        // Below vm.mmap_min_addr (64 KiB by default) nothing is ever mapped.
+        let e = cm.alias(pid(), 0x1000, 2 * PAGE as u64).unwrap_err();
+        assert_eq!(e.errno, Errno::EFAULT);
+        assert!(e.message.contains("not mapped"), "{}", e.message);
+        // A range whose first area is fine but which runs past the mapped
+        // memory fails as a whole and leaves nothing behind.
+        let text = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let last = parse_maps(&text).unwrap().last().unwrap().clone();
+        let e = cm.alias(pid(), last.start, last.end - last.start + PAGE as u64);
+        assert_eq!(e.unwrap_err().errno, Errno::EFAULT);
+        assert_eq!(cm.mapping_count(), 0, "nothing leaks from a failed alias");
+        assert_eq!(cm.alias(pid(), 0x1000, 0).unwrap_err().errno, Errno::EINVAL);
+        assert_eq!(
+            cm.alias(pid(), u64::MAX - 10, 100).unwrap_err().errno,
+            Errno::EFAULT
+        );
+        assert_eq!(
+            cm.alias(i32::MAX, 0x1000, 0x1000).unwrap_err().errno,
+            Errno::ESRCH
+        );
+    }
+
+    #[test]
+    fn cap_ipc_lock_is_bit_14_of_capeff() {
+        let s = "Name:\tx\nCapInh:\t0000000000000000\nCapPrm:\t0000000000004000\nCapEff:\t0000000000004000\n";
+        assert_eq!(status_has_cap_ipc_lock(s), Some(true));
+        let s = "CapPrm:\t0000000000004000\nCapEff:\t000001ffffffbfff\n";
+        assert_eq!(status_has_cap_ipc_lock(s), Some(false));
+        assert_eq!(status_has_cap_ipc_lock("Name:\tx\n"), None);
+    }
+}

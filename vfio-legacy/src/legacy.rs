@@ -1,0 +1,418 @@
+//! [`VfioLegacy`]: one type1v2 container per IOMMU group, kept for the
+//! object's whole life, and the engine's [`Backend`] on top of them.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use ioasid_engine::backend::{Alias, Backend, BackendError, DomainInfo, GroupId, Pid, Prot};
+use nix::errno::Errno;
+use vfio_bindings::bindings::vfio::{
+    vfio_device_info, vfio_iommu_type1_dma_map, vfio_iommu_type1_dma_unmap, vfio_region_info,
+    VFIO_TYPE1v2_IOMMU, VFIO_API_VERSION, VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE,
+    VFIO_DMA_UNMAP_FLAG_ALL, VFIO_GROUP_FLAGS_CONTAINER_SET, VFIO_GROUP_FLAGS_VIABLE,
+    VFIO_UNMAP_ALL,
+};
+
+use crate::alias::{memlock_limit, ClientMemory};
+use crate::discovery::Sysfs;
+use crate::error::{Context, Error, Result};
+use crate::iommu_info;
+use crate::sys;
+
+/// Where the system's files are. [`Paths::default`] is the real system.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    /// The VFIO directory (`/dev/vfio`).
+    pub dev_vfio: PathBuf,
+    /// sysfs, for error messages about groups (`/sys`).
+    pub sysfs: Sysfs,
+    /// procfs, for aliasing client memory (`/proc`).
+    pub proc_root: PathBuf,
+}
+
+impl Default for Paths {
+    fn default() -> Self {
+        Paths {
+            dev_vfio: PathBuf::from("/dev/vfio"),
+            sysfs: Sysfs::default(),
+            proc_root: PathBuf::from("/proc"),
+        }
+    }
+}
+
+/// One IOMMU group in its own type1v2 container.
+#[derive(Debug)]
+struct GroupDomain {
+    // Field order is drop order: the group leaves the container before the
+    // container closes.
+    group: File,
+    container: File,
+}
+
+/// The legacy VFIO backend: every managed IOMMU group sits in a type1v2
+/// container of its own for the object's whole life (an empty container
+/// blocks the group's DMA), and client memory is aliased through
+/// `/proc/<pid>/map_files`.
+///
+/// Dropping it unmaps every DMA mapping, closes groups and containers, and
+/// unmaps every alias.
+#[derive(Debug)]
+pub struct VfioLegacy {
+    // Field order is drop order: containers close (and unpin) before the
+    // aliases they pinned are unmapped.
+    domains: BTreeMap<GroupId, GroupDomain>,
+    memory: ClientMemory,
+    proc_root: PathBuf,
+}
+
+impl VfioLegacy {
+    /// Put each of `groups` into a type1v2 container of its own.
+    pub fn new(groups: &[GroupId]) -> Result<Self> {
+        Self::with_paths(groups, &Paths::default())
+    }
+
+    /// [`VfioLegacy::new`] with other system paths.
+    pub fn with_paths(groups: &[GroupId], paths: &Paths) -> Result<Self> {
+        let mut domains = BTreeMap::new();
+        for &g in groups {
+            if let std::collections::btree_map::Entry::Vacant(slot) = domains.entry(g) {
+                slot.insert(open_domain(g, paths)?);
+            }
+        }
+        tracing::info!(groups = ?domains.keys().collect::<Vec<_>>(), "VFIO groups in their containers");
+        Ok(VfioLegacy {
+            domains,
+            memory: ClientMemory::with_proc_root(&paths.proc_root),
+            proc_root: paths.proc_root.clone(),
+        })
+    }
+
+    /// The managed groups, ascending.
+    pub fn groups(&self) -> impl Iterator<Item = GroupId> + '_ {
+        self.domains.keys().copied()
+    }
+
+    /// The aliases of client memory, for inspection.
+    pub fn client_memory(&self) -> &ClientMemory {
+        &self.memory
+    }
+
+    fn domain(&self, group: GroupId) -> Result<&GroupDomain> {
+        self.domains.get(&group).ok_or_else(|| {
+            Error::new(
+                Errno::ENOENT,
+                format!("IOMMU group {group} is not managed by this daemon"),
+            )
+        })
+    }
+
+    /// Open device `bdf` of `group` (`VFIO_GROUP_GET_DEVICE_FD`). Closing
+    /// the returned fd resets the device.
+    pub fn open_device(&self, group: GroupId, bdf: &str) -> Result<OwnedFd> {
+        let d = self.domain(group)?;
+        let name = CString::new(bdf)
+            .map_err(|_| Error::new(Errno::EINVAL, format!("bad device name {bdf:?}")))?;
+        sys::group_get_device_fd(d.group.as_fd(), &name).context(|| {
+            format!("VFIO_GROUP_GET_DEVICE_FD {bdf} in group {group} (is it in this group, and not open elsewhere?)")
+        })
+    }
+
+    /// `VFIO_IOMMU_GET_INFO` of `group`'s container, with its capabilities.
+    pub fn iommu_info(&self, group: GroupId) -> Result<DomainInfo> {
+        let d = self.domain(group)?;
+        let mut buf = vec![0u8; iommu_info::BASE_SIZE];
+        // The kernel raises argsz when the capabilities do not fit; the
+        // chain cannot grow without a change of attached groups, but bound
+        // the retries anyway.
+        for _ in 0..4 {
+            sys::iommu_get_info(d.container.as_fd(), &mut buf)
+                .context(|| format!("VFIO_IOMMU_GET_INFO on group {group}'s container"))?;
+            if !iommu_info::needs_bigger_buffer(&buf) {
+                return iommu_info::parse(&buf);
+            }
+            let want = iommu_info::wanted_size(&buf).unwrap_or(buf.len());
+            buf = vec![0u8; want];
+        }
+        Err(Error::new(
+            Errno::EIO,
+            format!("VFIO_IOMMU_GET_INFO on group {group}: the reply kept growing"),
+        ))
+    }
+
+    /// `VFIO_IOMMU_MAP_DMA` in `group`'s container.
+    pub fn map_dma(
+        &self,
+        group: GroupId,
+        iova: u64,
+        vaddr: u64,
+        size: u64,
+        prot: Prot,
+    ) -> Result<()> {
+        let d = self.domain(group)?;
+        let mut flags = 0;
+        if prot.read {
+            flags |= VFIO_DMA_MAP_FLAG_READ;
+        }
+        if prot.write {
+            flags |= VFIO_DMA_MAP_FLAG_WRITE;
+        }
+        let map = vfio_iommu_type1_dma_map {
+            argsz: std::mem::size_of::<vfio_iommu_type1_dma_map>() as u32,
+            flags,
+            vaddr,
+            iova,
+            size,
+        };
+        sys::iommu_map_dma(d.container.as_fd(), &map).context(|| {
+            format!("VFIO_IOMMU_MAP_DMA iova {iova:#x} size {size:#x} vaddr {vaddr:#x} in group {group}")
+        })
+    }
+
+    /// `VFIO_IOMMU_UNMAP_DMA` in `group`'s container; the bytes unmapped.
+    pub fn unmap_dma(&self, group: GroupId, iova: u64, size: u64) -> Result<u64> {
+        self.unmap_raw(group, iova, size, 0)
+    }
+
+    /// `VFIO_IOMMU_UNMAP_DMA` with `VFIO_DMA_UNMAP_FLAG_ALL`.
+    pub fn unmap_all_dma(&self, group: GroupId) -> Result<u64> {
+        self.unmap_raw(group, 0, 0, VFIO_DMA_UNMAP_FLAG_ALL)
+    }
+
+    fn unmap_raw(&self, group: GroupId, iova: u64, size: u64, flags: u32) -> Result<u64> {
+        let d = self.domain(group)?;
+        let mut unmap = vfio_iommu_type1_dma_unmap {
+            argsz: std::mem::size_of::<vfio_iommu_type1_dma_unmap>() as u32,
+            flags,
+            iova,
+            size,
+            ..Default::default()
+        };
+        sys::iommu_unmap_dma(d.container.as_fd(), &mut unmap).context(|| {
+            if flags & VFIO_DMA_UNMAP_FLAG_ALL != 0 {
+                format!("VFIO_IOMMU_UNMAP_DMA (all) in group {group}")
+            } else {
+                format!("VFIO_IOMMU_UNMAP_DMA iova {iova:#x} size {size:#x} in group {group}")
+            }
+        })?;
+        Ok(unmap.size)
+    }
+}
+
+impl Drop for VfioLegacy {
+    fn drop(&mut self) {
+        for &g in self.domains.keys() {
+            if let Err(e) = self.unmap_all_dma(g) {
+                tracing::warn!("on shutdown: {e}");
+            }
+        }
+        // Then the fields drop: groups and containers close, aliases unmap.
+    }
+}
+
+fn open_vfio_file(path: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+}
+
+fn open_domain(g: GroupId, paths: &Paths) -> Result<GroupDomain> {
+    let cpath = paths.dev_vfio.join("vfio");
+    let container = open_vfio_file(&cpath).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::NotFound {
+            " (VFIO is not loaded: `modprobe vfio-pci` and bind the devices to vfio-pci)"
+        } else {
+            ""
+        };
+        Error::io(&e, format!("cannot open {}{hint}", cpath.display()))
+    })?;
+    let version = sys::get_api_version(container.as_fd())
+        .context(|| format!("VFIO_GET_API_VERSION on {}", cpath.display()))?;
+    if version != VFIO_API_VERSION as i32 {
+        return Err(Error::new(
+            Errno::EINVAL,
+            format!("VFIO API version {version}, expected {VFIO_API_VERSION}"),
+        ));
+    }
+    for (ext, name) in [
+        (VFIO_TYPE1v2_IOMMU, "VFIO_TYPE1v2_IOMMU"),
+        (VFIO_UNMAP_ALL, "VFIO_UNMAP_ALL"),
+    ] {
+        let ok = sys::check_extension(container.as_fd(), ext)
+            .context(|| format!("VFIO_CHECK_EXTENSION({name})"))?;
+        if !ok {
+            return Err(Error::new(
+                Errno::ENODEV,
+                format!(
+                    "the kernel's VFIO lacks {name} (load vfio_iommu_type1; Linux 5.13+ is \
+                     needed for VFIO_UNMAP_ALL)"
+                ),
+            ));
+        }
+    }
+
+    let gpath = paths.dev_vfio.join(g.to_string());
+    let group = open_vfio_file(&gpath).map_err(|e| {
+        let hint = match e.raw_os_error() {
+            Some(libc::ENOENT) => format!(" (no device of IOMMU group {g} is bound to vfio-pci)"),
+            Some(libc::EBUSY) => format!(
+                " (IOMMU group {g} is held by another VFIO user, e.g. QEMU or another daemon)"
+            ),
+            _ => String::new(),
+        };
+        Error::io(&e, format!("cannot open {}{hint}", gpath.display()))
+    })?;
+    let status = sys::group_get_status(group.as_fd())
+        .context(|| format!("VFIO_GROUP_GET_STATUS on group {g}"))?;
+    if status.flags & VFIO_GROUP_FLAGS_VIABLE == 0 {
+        let members = match paths.sysfs.group_members(g) {
+            Ok(m) => m
+                .iter()
+                .filter(|(_, drv)| drv.as_deref().is_some_and(|d| d != "vfio-pci"))
+                .map(|(bdf, drv)| format!("{bdf} (bound to {})", drv.as_deref().unwrap_or("")))
+                .collect::<Vec<_>>()
+                .join(", "),
+            Err(e) => format!("cannot list its devices: {e}"),
+        };
+        return Err(Error::new(
+            Errno::EPERM,
+            format!(
+                "IOMMU group {g} is not viable: every device in it must be bound to vfio-pci \
+                 (or to no driver); still bound elsewhere: {members}"
+            ),
+        ));
+    }
+    if status.flags & VFIO_GROUP_FLAGS_CONTAINER_SET != 0 {
+        return Err(Error::new(
+            Errno::EBUSY,
+            format!("IOMMU group {g} is already in a container"),
+        ));
+    }
+    sys::group_set_container(group.as_fd(), container.as_fd())
+        .context(|| format!("VFIO_GROUP_SET_CONTAINER for group {g}"))?;
+    sys::set_iommu(container.as_fd(), VFIO_TYPE1v2_IOMMU)
+        .context(|| format!("VFIO_SET_IOMMU(TYPE1v2) for group {g}"))?;
+    Ok(GroupDomain { group, container })
+}
+
+/// `VFIO_DEVICE_GET_INFO` of a device fd (base struct; capabilities not
+/// read).
+pub fn device_info(device: BorrowedFd<'_>) -> Result<vfio_device_info> {
+    sys::device_get_info(device).context(|| "VFIO_DEVICE_GET_INFO".to_string())
+}
+
+/// `VFIO_DEVICE_GET_REGION_INFO` of region `index` of a device fd (base
+/// struct; capabilities not read). `offset` is where the region starts for
+/// `pread`/`pwrite` on the device fd.
+pub fn region_info(device: BorrowedFd<'_>, index: u32) -> Result<vfio_region_info> {
+    sys::device_get_region_info(device, index)
+        .context(|| format!("VFIO_DEVICE_GET_REGION_INFO region {index}"))
+}
+
+impl Backend for VfioLegacy {
+    fn alias(&self, pid: Pid, vaddr: u64, size: u64) -> std::result::Result<Alias, BackendError> {
+        Ok(self.memory.alias(pid, vaddr, size)?)
+    }
+
+    fn release_alias(&self, alias: &Alias) {
+        self.memory.release(alias)
+    }
+
+    fn memlock_limit(&self, pid: Pid) -> std::result::Result<Option<u64>, BackendError> {
+        Ok(memlock_limit(&self.proc_root, pid)?)
+    }
+
+    fn domain_info(&self, group: GroupId) -> std::result::Result<DomainInfo, BackendError> {
+        Ok(self.iommu_info(group)?)
+    }
+
+    fn map(
+        &self,
+        group: GroupId,
+        iova: u64,
+        daemon_vaddr: u64,
+        size: u64,
+        prot: Prot,
+    ) -> std::result::Result<(), BackendError> {
+        Ok(self.map_dma(group, iova, daemon_vaddr, size, prot)?)
+    }
+
+    fn unmap(
+        &self,
+        group: GroupId,
+        iova: u64,
+        size: u64,
+    ) -> std::result::Result<u64, BackendError> {
+        Ok(self.unmap_dma(group, iova, size)?)
+    }
+
+    fn unmap_all(&self, group: GroupId) -> std::result::Result<(), BackendError> {
+        self.unmap_all_dma(group)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_vfio_paths(name: &str) -> Paths {
+        let dir =
+            std::env::temp_dir().join(format!("vfio-legacy-novfio-{name}-{}", std::process::id()));
+        Paths {
+            dev_vfio: dir,
+            ..Paths::default()
+        }
+    }
+
+    #[test]
+    fn missing_vfio_says_to_load_vfio_pci() {
+        let e = VfioLegacy::with_paths(&[3], &no_vfio_paths("missing")).unwrap_err();
+        assert_eq!(e.errno, Errno::ENOENT);
+        assert!(e.message.contains("modprobe vfio-pci"), "{}", e.message);
+    }
+
+    #[test]
+    fn no_groups_needs_no_vfio_and_rejects_unknown_groups() {
+        let v = VfioLegacy::with_paths(&[], &no_vfio_paths("none")).unwrap();
+        assert_eq!(v.groups().count(), 0);
+        let e = Backend::domain_info(&v, 4).unwrap_err();
+        assert_eq!(e.errno, libc::ENOENT);
+        assert!(e.message.contains("group 4"), "{}", e.message);
+        assert_eq!(
+            Backend::map(&v, 4, 0, 0x1000, 0x1000, Prot::default())
+                .unwrap_err()
+                .errno,
+            libc::ENOENT
+        );
+        assert_eq!(
+            v.open_device(4, "0000:00:03.0").unwrap_err().errno,
+            Errno::ENOENT
+        );
+    }
+
+    #[test]
+    fn memlock_limit_of_self_is_none_for_root_with_cap_ipc_lock() {
+        let v = VfioLegacy::with_paths(&[], &no_vfio_paths("memlock")).unwrap();
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let has_cap = crate::alias::status_has_cap_ipc_lock(&status).unwrap();
+        let got = Backend::memlock_limit(&v, std::process::id() as i32).unwrap();
+        if has_cap {
+            assert_eq!(got, None);
+        } else {
+            assert_eq!(
+                got,
+                sys::memlock_soft_limit(std::process::id() as i32).unwrap()
+            );
+        }
+        assert_eq!(
+            Backend::memlock_limit(&v, i32::MAX).unwrap_err().errno,
+            libc::ESRCH
+        );
+    }
+}

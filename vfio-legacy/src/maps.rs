@@ -1,0 +1,240 @@
+//! Reading a process's memory map (`/proc/<pid>/maps`) and naming its
+//! entries in `/proc/<pid>/map_files`.
+
+use nix::errno::Errno;
+
+use crate::error::{Error, Result};
+
+/// One line of `/proc/<pid>/maps`: a virtual memory area.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vma {
+    /// First address.
+    pub start: u64,
+    /// One past the last address.
+    pub end: u64,
+    /// Readable.
+    pub read: bool,
+    /// Writable.
+    pub write: bool,
+    /// Executable.
+    pub exec: bool,
+    /// `MAP_SHARED` (`s`) rather than private copy-on-write (`p`).
+    pub shared: bool,
+    /// Offset of `start` in the backing file, in bytes.
+    pub offset: u64,
+    /// Major number of the backing file's device.
+    pub dev_major: u32,
+    /// Minor number of the backing file's device.
+    pub dev_minor: u32,
+    /// Inode of the backing file; 0 for anonymous memory.
+    pub inode: u64,
+    /// The path column, verbatim (may contain spaces, may end in
+    /// ` (deleted)`, may be a pseudo name like `[heap]`); empty if none.
+    pub path: String,
+}
+
+impl Vma {
+    /// Whether a file backs the area (memfd, shm, hugetlbfs, a regular file,
+    /// or the shmem file behind `MAP_SHARED|MAP_ANONYMOUS`).
+    pub fn is_file_backed(&self) -> bool {
+        self.inode != 0
+    }
+
+    /// Whether another process can map the same pages: shared and backed
+    /// by a file it can open through `map_files`.
+    pub fn is_shareable(&self) -> bool {
+        self.shared && self.is_file_backed()
+    }
+
+    /// The entry's name in `/proc/<pid>/map_files`.
+    pub fn map_files_name(&self) -> String {
+        map_files_name(self.start, self.end)
+    }
+}
+
+/// The name the kernel gives an area in `/proc/<pid>/map_files`:
+/// `<start>-<end>` in lowercase hex without `0x` (`"%lx-%lx"`).
+pub fn map_files_name(start: u64, end: u64) -> String {
+    format!("{start:x}-{end:x}")
+}
+
+/// Split off the next whitespace-separated field.
+fn field(s: &str) -> Option<(&str, &str)> {
+    let s = s.trim_start_matches(' ');
+    if s.is_empty() {
+        return None;
+    }
+    let end = s.find(' ').unwrap_or(s.len());
+    Some((&s[..end], &s[end..]))
+}
+
+/// Parse one line of `/proc/<pid>/maps`; `None` if it is malformed.
+pub fn parse_maps_line(line: &str) -> Option<Vma> {
+    let (range, rest) = field(line)?;
+    let (perms, rest) = field(rest)?;
+    let (offset, rest) = field(rest)?;
+    let (dev, rest) = field(rest)?;
+    let (inode, rest) = field(rest)?;
+    // The path starts after the padding that follows the inode; only the
+    // padding is stripped, so a path's own spaces survive.
+    let path = rest.trim_start_matches(' ');
+
+    let (start, end) = range.split_once('-')?;
+    let start = u64::from_str_radix(start, 16).ok()?;
+    let end = u64::from_str_radix(end, 16).ok()?;
+    if end < start {
+        return None;
+    }
+    let p = perms.as_bytes();
+    if p.len() != 4 {
+        return None;
+    }
+    let (major, minor) = dev.split_once(':')?;
+    Some(Vma {
+        start,
+        end,
+        read: p[0] == b'r',
+        write: p[1] == b'w',
+        exec: p[2] == b'x',
+        shared: p[3] == b's',
+        offset: u64::from_str_radix(offset, 16).ok()?,
+        dev_major: u32::from_str_radix(major, 16).ok()?,
+        dev_minor: u32::from_str_radix(minor, 16).ok()?,
+        inode: inode.parse().ok()?,
+        path: path.to_string(),
+    })
+}
+
+/// Parse the whole of `/proc/<pid>/maps`.
+pub fn parse_maps(text: &str) -> Result<Vec<Vma>> {
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            parse_maps_line(l)
+                .ok_or_else(|| Error::new(Errno::EIO, format!("unparsable maps line {l:?}")))
+        })
+        .collect()
+}
+
+/// The areas covering `[start, end)`, in order. Fails with `EFAULT` if any
+/// byte of the range is not mapped. `vmas` must be sorted (as the kernel
+/// lists them).
+pub fn covering(vmas: &[Vma], start: u64, end: u64) -> Result<Vec<&Vma>> {
+    let mut out = Vec::new();
+    let mut at = start;
+    for vma in vmas {
+        if at >= end {
+            break;
+        }
+        if vma.end <= at {
+            continue;
+        }
+        if vma.start > at {
+            break;
+        }
+        out.push(vma);
+        at = vma.end;
+    }
+    if at < end {
+        return Err(Error::new(
+            Errno::EFAULT,
+            format!("address {at:#x} (in {start:#x}..{end:#x}) is not mapped"),
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Lines written in the kernel's format (show_map_vma: "%08lx-%08lx %c%c%c%c
+    // %08llx %02x:%02x %lu " then padding to a column, then the path).
+    const MAPS: &str = "\
+55d0c5a00000-55d0c5a21000 rw-p 00000000 00:00 0                          [heap]
+7f1000000000-7f1000200000 rw-s 00000000 00:01 4242                       /memfd:guest ram (deleted)
+7f1000200000-7f1000400000 rw-s 00200000 00:01 4242                       /memfd:guest ram (deleted)
+7f2000000000-7f2000400000 rw-s 00000000 00:10 77                         /dev/hugepages/my file
+7f3000000000-7f3000001000 rw-s 00000000 00:01 5151                       /dev/zero (deleted)
+7f4000000000-7f4000010000 rw-p 00000000 00:00 0 
+7f5000000000-7f5000001000 r--s 00003000 fe:01 1234567                    /srv/data/shared  file.bin
+7ffd1000000-7ffd1021000 rw-p 00000000 00:00 0                          [stack]
+";
+
+    #[test]
+    fn parses_heap_memfd_hugetlbfs_shared_anon_and_private_anon() {
+        let v = parse_maps(MAPS).unwrap();
+        assert_eq!(v.len(), 8);
+
+        assert_eq!(v[0].path, "[heap]");
+        assert!(!v[0].shared && !v[0].is_file_backed() && !v[0].is_shareable());
+
+        assert_eq!(v[1].start, 0x7f10_0000_0000);
+        assert_eq!(v[1].end, 0x7f10_0020_0000);
+        assert!(v[1].read && v[1].write && !v[1].exec && v[1].shared);
+        assert_eq!((v[1].dev_major, v[1].dev_minor, v[1].inode), (0, 1, 4242));
+        assert_eq!(v[1].path, "/memfd:guest ram (deleted)");
+        assert!(v[1].is_shareable());
+        assert_eq!(v[2].offset, 0x20_0000);
+
+        assert_eq!(v[3].path, "/dev/hugepages/my file");
+        assert_eq!(v[3].dev_minor, 0x10);
+        assert!(v[3].is_shareable());
+
+        assert_eq!(v[4].path, "/dev/zero (deleted)");
+        assert!(v[4].is_shareable(), "MAP_SHARED|MAP_ANONYMOUS is shmem");
+
+        assert_eq!(v[5].path, "");
+        assert!(!v[5].is_shareable());
+
+        assert_eq!(v[6].path, "/srv/data/shared  file.bin");
+        assert!(v[6].read && !v[6].write);
+        assert_eq!((v[6].dev_major, v[6].dev_minor), (0xfe, 1));
+        assert_eq!(v[6].inode, 1_234_567);
+        assert_eq!(v[6].offset, 0x3000);
+
+        assert_eq!(v[7].path, "[stack]");
+    }
+
+    #[test]
+    fn rejects_malformed_lines() {
+        assert_eq!(parse_maps_line(""), None);
+        assert_eq!(parse_maps_line("zz-10 rw-p 0 00:00 0"), None);
+        assert_eq!(parse_maps_line("10-0 rw-p 0 00:00 0"), None);
+        assert_eq!(parse_maps_line("0-10 rw-pq 0 00:00 0"), None);
+        assert_eq!(parse_maps_line("0-10 rw-p 0 0000 0"), None);
+        assert_eq!(parse_maps_line("0-10 rw-p 0 00:00"), None);
+        assert!(parse_maps("0-1000 rw-p 0 00:00 0\nnonsense\n").is_err());
+    }
+
+    #[test]
+    fn map_files_names_are_lowercase_hex_without_prefix() {
+        assert_eq!(
+            map_files_name(0x7F10_0000_0000, 0x7f10_0020_0000),
+            "7f1000000000-7f1000200000"
+        );
+        assert_eq!(map_files_name(0x1000, 0xabc000), "1000-abc000");
+        let v = parse_maps(MAPS).unwrap();
+        assert_eq!(v[4].map_files_name(), "7f3000000000-7f3000001000");
+    }
+
+    #[test]
+    fn covering_spans_adjacent_areas_and_reports_gaps() {
+        let v = parse_maps(MAPS).unwrap();
+        // Across the two adjacent memfd areas.
+        let c = covering(&v, 0x7f10_001f_f000, 0x7f10_0020_1000).unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].start, 0x7f10_0000_0000);
+        assert_eq!(c[1].start, 0x7f10_0020_0000);
+        // Exactly one area.
+        let c = covering(&v, 0x7f30_0000_0000, 0x7f30_0000_1000).unwrap();
+        assert_eq!(c.len(), 1);
+        // Running off the end of the memfd into unmapped space.
+        let e = covering(&v, 0x7f10_003f_f000, 0x7f10_0040_1000).unwrap_err();
+        assert_eq!(e.errno, Errno::EFAULT);
+        assert!(e.message.contains("0x7f1000400000"), "{}", e.message);
+        // Starting in a hole.
+        let e = covering(&v, 0x7f00_0000_0000, 0x7f00_0000_1000).unwrap_err();
+        assert_eq!(e.errno, Errno::EFAULT);
+    }
+}
