@@ -1,0 +1,754 @@
+//! Session layer: registering device nodes through `/dev/cuse`, serving
+//! them with a reader thread and a worker pool each, and shutting down.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use tracing::{debug, error, info, warn};
+
+use crate::device::Device;
+use crate::session::{init_reply, Channel, InitParams, Session, Work};
+use crate::sys;
+use crate::wire::{FuseInHeader, FuseWriteIn, FUSE_MIN_READ_BUFFER};
+use crate::Error;
+
+/// Largest transfer per READ/WRITE request the kernel allows (32 pages).
+pub const MAX_TRANSFER: u32 = 128 * 1024;
+
+/// How to register one device node.
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    name: String,
+    dev_major: u32,
+    dev_minor: u32,
+    max_read: u32,
+    max_write: u32,
+    max_workers: usize,
+    cuse_path: PathBuf,
+    sysfs_dir: PathBuf,
+    dev_dir: PathBuf,
+}
+
+impl DeviceConfig {
+    /// A node named `name` (the `DEVNAME`: `/dev/<name>`; slashes make
+    /// subdirectories, e.g. `vfio/devices/dev1`), with a device number
+    /// chosen by the kernel, 128 KiB transfers and up to 32 concurrent
+    /// handlers.
+    pub fn new(name: impl Into<String>) -> Self {
+        DeviceConfig {
+            name: name.into(),
+            dev_major: 0,
+            dev_minor: 0,
+            max_read: MAX_TRANSFER,
+            max_write: MAX_TRANSFER,
+            max_workers: 32,
+            cuse_path: PathBuf::from("/dev/cuse"),
+            sysfs_dir: PathBuf::from("/sys/class/cuse"),
+            dev_dir: PathBuf::from("/dev"),
+        }
+    }
+
+    /// Ask for a fixed device number (`major` 0 lets the kernel choose; a
+    /// taken number makes [`Server::register`] fail).
+    pub fn device_number(mut self, major: u32, minor: u32) -> Self {
+        self.dev_major = major;
+        self.dev_minor = minor;
+        self
+    }
+
+    /// Largest READ and WRITE request (at least 4096; the kernel caps the
+    /// size of one request at 128 KiB anyway).
+    pub fn max_transfer(mut self, max_read: u32, max_write: u32) -> Self {
+        self.max_read = max_read.max(4096);
+        self.max_write = max_write.max(4096);
+        self
+    }
+
+    /// How many requests of this node may be handled at once (at least 1).
+    pub fn max_workers(mut self, n: usize) -> Self {
+        self.max_workers = n.max(1);
+        self
+    }
+
+    /// The node name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        let bad = self.name.is_empty()
+            || self.name.starts_with('/')
+            || self.name.ends_with('/')
+            || self.name.contains('\0')
+            || self.name.contains("//")
+            || self.name.split('/').any(|c| c == "." || c == "..")
+            || self
+                .name
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+            || self.name.len() > 1024;
+        if bad {
+            return Err(Error::InvalidName(self.name.clone()));
+        }
+        Ok(())
+    }
+
+    /// sysfs replaces '/' in device names by '!'.
+    fn sysfs_name(&self) -> String {
+        self.name.replace('/', "!")
+    }
+
+    fn read_buffer_size(&self) -> usize {
+        let need = std::mem::size_of::<FuseInHeader>()
+            + std::mem::size_of::<FuseWriteIn>()
+            + self.max_write as usize;
+        need.max(FUSE_MIN_READ_BUFFER) + 4096
+    }
+}
+
+/// A device number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DeviceNumber {
+    /// Major number.
+    pub major: u32,
+    /// Minor number.
+    pub minor: u32,
+}
+
+impl DeviceNumber {
+    /// As a `dev_t` (compare with `st_rdev` of a file).
+    pub fn dev_t(self) -> libc::dev_t {
+        libc::makedev(self.major, self.minor)
+    }
+
+    /// From a `dev_t` (e.g. `st_rdev`).
+    pub fn from_dev_t(dev: libc::dev_t) -> Self {
+        DeviceNumber {
+            major: libc::major(dev),
+            minor: libc::minor(dev),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceNumber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.major, self.minor)
+    }
+}
+
+/// A registered, serving device node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// The `DEVNAME`.
+    pub name: String,
+    /// Its device number: a file whose `st_rdev` equals it is this node.
+    pub dev: DeviceNumber,
+    /// `/dev/<name>`.
+    pub path: PathBuf,
+    /// `/sys/class/cuse/<name with '/' as '!'>`.
+    pub sysfs: PathBuf,
+}
+
+/// The `/dev/cuse` fd of one node as a reply channel.
+struct FdChannel {
+    fd: OwnedFd,
+}
+
+impl Channel for FdChannel {
+    fn send(&self, parts: &[IoSlice<'_>]) -> Result<(), Errno> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        loop {
+            match sys::writev(self.fd.as_fd(), parts) {
+                Ok(n) if n == total => return Ok(()),
+                // /dev/cuse takes a message whole or not at all.
+                Ok(_) => return Err(Errno::EIO),
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+struct PoolState {
+    queue: VecDeque<Work>,
+    idle: usize,
+    threads: usize,
+    closed: bool,
+    handles: Vec<JoinHandle<()>>,
+}
+
+/// A growable pool of worker threads for one node.
+struct Pool {
+    name: String,
+    session: Arc<Session>,
+    max: usize,
+    state: Mutex<PoolState>,
+    work_cv: Condvar,
+    done_cv: Condvar,
+}
+
+impl Pool {
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn submit(self: &Arc<Self>, work: Work) {
+        let mut st = self.lock();
+        st.queue.push_back(work);
+        if st.queue.len() > st.idle && st.threads < self.max {
+            let pool = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("cuse-worker:{}", self.name))
+                .spawn(move || pool.worker());
+            match spawned {
+                Ok(h) => {
+                    st.threads += 1;
+                    st.handles.push(h);
+                }
+                Err(e) => warn!(node = %self.name, error = %e, "cannot spawn a worker thread"),
+            }
+        }
+        self.work_cv.notify_one();
+    }
+
+    fn worker(self: Arc<Self>) {
+        let mut st = self.lock();
+        loop {
+            if let Some(work) = st.queue.pop_front() {
+                drop(st);
+                self.session.run(work);
+                st = self.lock();
+                continue;
+            }
+            if st.closed {
+                st.threads -= 1;
+                self.done_cv.notify_all();
+                return;
+            }
+            st.idle += 1;
+            st = self.work_cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.idle -= 1;
+        }
+    }
+
+    /// Let the workers finish what is queued, then exit.
+    fn close(&self) {
+        self.lock().closed = true;
+        self.work_cv.notify_all();
+    }
+
+    /// Wait until every worker exited or `deadline` passed; true if all did.
+    fn wait_exit(&self, deadline: Instant) -> bool {
+        let mut st = self.lock();
+        while st.threads > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = match self.done_cv.wait_timeout(st, deadline - now) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        for h in st.handles.drain(..) {
+            let _ = h.join();
+        }
+        true
+    }
+}
+
+struct Node {
+    info: NodeInfo,
+    session: Arc<Session>,
+    pool: Arc<Pool>,
+    reader: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    stop: Mutex<bool>,
+    stop_cv: Condvar,
+    waker: sys::Waker,
+    torn_down: AtomicBool,
+}
+
+impl Shared {
+    fn request_stop(&self) {
+        let mut stop = self.stop.lock().unwrap_or_else(|e| e.into_inner());
+        if !*stop {
+            *stop = true;
+            if let Err(e) = self.waker.wake() {
+                error!(error = %e, "cannot wake the CUSE reader threads");
+            }
+        }
+        self.stop_cv.notify_all();
+    }
+
+    fn stopping(&self) -> bool {
+        *self.stop.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Asks a [`Server`] to stop; cheap to clone, callable from any thread
+/// (e.g. one that waits for SIGTERM with `sigwait`). Not async-signal-safe:
+/// do not call it from a signal handler.
+#[derive(Clone)]
+pub struct ShutdownHandle(Arc<Shared>);
+
+impl std::fmt::Debug for ShutdownHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShutdownHandle").finish_non_exhaustive()
+    }
+}
+
+impl ShutdownHandle {
+    /// Request the shutdown: every reader stops, [`Server::wait`] returns
+    /// after tearing everything down.
+    pub fn stop(&self) {
+        self.0.request_stop();
+    }
+}
+
+/// Serves any number of CUSE device nodes from this process.
+///
+/// Each node has its own `/dev/cuse` fd, one reader thread and its own pool
+/// of workers, so a blocked handler of one node never stops another node,
+/// and a slow handler never stops other requests of its node (up to
+/// [`DeviceConfig::max_workers`] at once).
+pub struct Server {
+    shared: Arc<Shared>,
+    nodes: Mutex<Vec<Node>>,
+    grace: Duration,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// A server with no nodes yet.
+    pub fn new() -> Result<Self, Error> {
+        let waker = sys::Waker::new().map_err(|e| Error::Io {
+            what: "eventfd",
+            errno: e,
+        })?;
+        Ok(Server {
+            shared: Arc::new(Shared {
+                stop: Mutex::new(false),
+                stop_cv: Condvar::new(),
+                waker,
+                torn_down: AtomicBool::new(false),
+            }),
+            nodes: Mutex::new(Vec::new()),
+            grace: Duration::from_secs(2),
+        })
+    }
+
+    /// How long shutdown waits for running handlers (which see their
+    /// requests interrupted) before aborting their connections (default 2 s).
+    pub fn set_shutdown_grace(&mut self, grace: Duration) {
+        self.grace = grace;
+    }
+
+    /// A handle that stops this server from another thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.shared.clone())
+    }
+
+    /// Register a node and start serving it. Returns once the kernel has
+    /// created the device (so `/dev/<name>` can be opened at once), or an
+    /// error if it refused (e.g. [`Error::Refused`] for a name or device
+    /// number already in use).
+    pub fn register<D: Device>(
+        &self,
+        config: DeviceConfig,
+        device: Arc<D>,
+    ) -> Result<NodeInfo, Error> {
+        config.validate()?;
+        if self.shared.stopping() {
+            return Err(Error::Stopped);
+        }
+        let fd = sys::open_cuse(&config.cuse_path).map_err(|errno| Error::Open {
+            path: config.cuse_path.clone(),
+            errno,
+        })?;
+        let mut buf = vec![0u8; config.read_buffer_size()];
+        let n = read_one(&fd, &mut buf, Duration::from_secs(5))?;
+        let reply = init_reply(
+            &buf[..n],
+            &InitParams {
+                name: &config.name,
+                dev_major: config.dev_major,
+                dev_minor: config.dev_minor,
+                max_read: config.max_read,
+                max_write: config.max_write,
+            },
+        )?;
+        let channel = Arc::new(FdChannel { fd });
+        channel
+            .send(&[IoSlice::new(&reply)])
+            .map_err(|errno| Error::Io {
+                what: "write CUSE_INIT reply",
+                errno,
+            })?;
+        // The kernel handles the reply inside our write(): by now the device
+        // exists, or the connection was aborted (poll reports an error and
+        // the next read would fail with ENODEV).
+        let ready = sys::poll_in(&[channel.fd.as_fd()], 0).map_err(|errno| Error::Io {
+            what: "poll /dev/cuse",
+            errno,
+        })?;
+        if ready[0].error {
+            return Err(Error::Refused {
+                name: config.name.clone(),
+            });
+        }
+        let info = node_info(&config)?;
+        info!(name = %info.name, dev = %info.dev, "CUSE device registered");
+
+        let session = Arc::new(Session::new(device, channel.clone()));
+        let pool = Arc::new(Pool {
+            name: config.name.clone(),
+            session: session.clone(),
+            max: config.max_workers,
+            state: Mutex::new(PoolState {
+                queue: VecDeque::new(),
+                idle: 0,
+                threads: 0,
+                closed: false,
+                handles: Vec::new(),
+            }),
+            work_cv: Condvar::new(),
+            done_cv: Condvar::new(),
+        });
+        let reader = {
+            let shared = self.shared.clone();
+            let session = session.clone();
+            let pool = pool.clone();
+            let name = config.name.clone();
+            std::thread::Builder::new()
+                .name(format!("cuse-reader:{name}"))
+                .spawn(move || reader_loop(&name, &channel, buf, &shared, &session, &pool))
+                .map_err(|e| Error::Io {
+                    what: "spawn reader thread",
+                    errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN)),
+                })?
+        };
+        self.lock_nodes().push(Node {
+            info: info.clone(),
+            session,
+            pool,
+            reader: Some(reader),
+        });
+        Ok(info)
+    }
+
+    fn lock_nodes(&self) -> MutexGuard<'_, Vec<Node>> {
+        self.nodes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The nodes registered so far.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        self.lock_nodes().iter().map(|n| n.info.clone()).collect()
+    }
+
+    /// Block until a [`ShutdownHandle::stop`] (or [`Server::stop`]), then
+    /// tear everything down as [`Server::stop`] does.
+    pub fn wait(&self) {
+        let mut stop = self.shared.stop.lock().unwrap_or_else(|e| e.into_inner());
+        while !*stop {
+            stop = self
+                .shared
+                .stop_cv
+                .wait(stop)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        drop(stop);
+        self.teardown();
+    }
+
+    /// Stop serving and remove every node. Readers stop reading; requests
+    /// being handled are marked interrupted and get up to the grace period
+    /// to answer; a node whose handlers are done is closed at once (its
+    /// node disappears; its clients' further operations fail with
+    /// `ENOTCONN`/`ENODEV`); a node still busy after the grace period has
+    /// its connection aborted (clients waiting get `ECONNABORTED`).
+    /// Idempotent.
+    pub fn stop(&self) {
+        self.shared.request_stop();
+        self.teardown();
+    }
+
+    fn teardown(&self) {
+        if self.shared.torn_down.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let mut nodes = std::mem::take(&mut *self.lock_nodes());
+        for node in &mut nodes {
+            if let Some(reader) = node.reader.take() {
+                if reader.join().is_err() {
+                    error!(node = %node.info.name, "reader thread panicked");
+                }
+            }
+            node.session.interrupt_all();
+            node.pool.close();
+        }
+        // Close idle nodes first: a handler of one node may be waiting for
+        // another node (e.g. an ioctl on the daemon's own device), which
+        // closing that node ends.
+        let deadline = Instant::now() + self.grace;
+        let mut busy = Vec::new();
+        while let Some(node) = nodes.pop() {
+            if node.pool.wait_exit(Instant::now()) {
+                close_node(node);
+            } else {
+                busy.push(node);
+            }
+            if nodes.is_empty() && !busy.is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+                nodes = std::mem::take(&mut busy);
+            }
+        }
+        for node in busy {
+            warn!(
+                node = %node.info.name,
+                in_flight = node.session.in_flight(),
+                "handlers still running after the shutdown grace period; aborting the connection"
+            );
+            if let Err(e) = std::fs::write(node.info.sysfs.join("abort"), "1") {
+                warn!(node = %node.info.name, error = %e, "cannot abort the connection");
+            }
+            if node.pool.wait_exit(Instant::now() + self.grace) {
+                close_node(node);
+            } else {
+                error!(
+                    node = %node.info.name,
+                    "handlers never returned; leaving their threads behind"
+                );
+            }
+        }
+    }
+}
+
+fn close_node(node: Node) {
+    let name = node.info.name.clone();
+    drop(node);
+    info!(name = %name, "CUSE device removed");
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Read one message, waiting at most `timeout`.
+fn read_one(fd: &OwnedFd, buf: &mut [u8], timeout: Duration) -> Result<usize, Error> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match sys::read(fd.as_fd(), buf) {
+            Ok(n) => return Ok(n),
+            Err(Errno::EAGAIN) | Err(Errno::EINTR) | Err(Errno::ENOENT) => {}
+            Err(errno) => {
+                return Err(Error::Io {
+                    what: "read CUSE_INIT",
+                    errno,
+                })
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::Protocol(
+                "no CUSE_INIT request from the kernel".into(),
+            ));
+        }
+        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
+        sys::poll_in(&[fd.as_fd()], ms).map_err(|errno| Error::Io {
+            what: "poll /dev/cuse",
+            errno,
+        })?;
+    }
+}
+
+/// Find the node's device number: sysfs first (bounded wait), then the
+/// node itself.
+fn node_info(config: &DeviceConfig) -> Result<NodeInfo, Error> {
+    let sysfs = config.sysfs_dir.join(config.sysfs_name());
+    let path = config.dev_dir.join(&config.name);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(sysfs.join("dev")) {
+            if let Some(dev) = parse_dev(&text) {
+                return Ok(NodeInfo {
+                    name: config.name.clone(),
+                    dev,
+                    path,
+                    sysfs,
+                });
+            }
+        }
+        if let Ok(meta) = std::fs::metadata(&path) {
+            use std::os::unix::fs::{FileTypeExt, MetadataExt};
+            if meta.file_type().is_char_device() {
+                return Ok(NodeInfo {
+                    name: config.name.clone(),
+                    dev: DeviceNumber::from_dev_t(meta.rdev()),
+                    path,
+                    sysfs,
+                });
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::NotCreated {
+                name: config.name.clone(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Parse sysfs `dev` text: "MAJOR:MINOR\n".
+fn parse_dev(text: &str) -> Option<DeviceNumber> {
+    let (major, minor) = text.trim().split_once(':')?;
+    Some(DeviceNumber {
+        major: major.parse().ok()?,
+        minor: minor.parse().ok()?,
+    })
+}
+
+fn reader_loop(
+    name: &str,
+    channel: &FdChannel,
+    mut buf: Vec<u8>,
+    shared: &Shared,
+    session: &Session,
+    pool: &Arc<Pool>,
+) {
+    let fd = channel.fd.as_fd();
+    loop {
+        let ready = match sys::poll_in(&[fd, shared.waker.fd()], -1) {
+            Ok(r) => r,
+            Err(e) => {
+                error!(node = %name, error = %e, "poll on /dev/cuse failed; node stops serving");
+                return;
+            }
+        };
+        if ready[1].readable || shared.stopping() {
+            debug!(node = %name, "reader stopping");
+            return;
+        }
+        if !ready[0].readable && !ready[0].error {
+            continue;
+        }
+        match sys::read(fd, &mut buf) {
+            Ok(n) => {
+                if let Some(work) = session.accept(&buf[..n]) {
+                    pool.submit(work);
+                }
+            }
+            // Nothing there after all, or the request went away before we
+            // got it (ENOENT): read again.
+            Err(Errno::EAGAIN) | Err(Errno::EINTR) | Err(Errno::ENOENT) => {}
+            Err(Errno::ENODEV) => {
+                warn!(node = %name, "CUSE connection aborted; node stops serving");
+                return;
+            }
+            Err(e) => {
+                error!(node = %name, error = %e, "read on /dev/cuse failed; node stops serving");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated() {
+        for good in ["ioasid", "vfio/devices/dev1", "scratch-1_a.b"] {
+            assert!(DeviceConfig::new(good).validate().is_ok(), "{good}");
+        }
+        for bad in [
+            "", "/abs", "trail/", "a//b", "a/../b", ".", "sp ace", "nul\0", "tab\t",
+        ] {
+            assert!(
+                matches!(
+                    DeviceConfig::new(bad).validate(),
+                    Err(Error::InvalidName(_))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn sysfs_name_and_buffer_size() {
+        let c = DeviceConfig::new("vfio/devices/dev3");
+        assert_eq!(c.sysfs_name(), "vfio!devices!dev3");
+        // The kernel refuses reads into buffers smaller than
+        // header + fuse_write_in + max_write.
+        assert!(c.read_buffer_size() >= 40 + 40 + 128 * 1024);
+        let small = DeviceConfig::new("x").max_transfer(1, 1);
+        assert!(small.read_buffer_size() >= FUSE_MIN_READ_BUFFER);
+    }
+
+    #[test]
+    fn dev_text_parses() {
+        assert_eq!(
+            parse_dev("234:0\n"),
+            Some(DeviceNumber {
+                major: 234,
+                minor: 0
+            })
+        );
+        assert_eq!(parse_dev("garbage"), None);
+        assert_eq!(parse_dev("1:x"), None);
+        let d = DeviceNumber {
+            major: 511,
+            minor: 70000,
+        };
+        assert_eq!(DeviceNumber::from_dev_t(d.dev_t()), d);
+        assert_eq!(d.to_string(), "511:70000");
+    }
+
+    #[test]
+    fn register_without_dev_cuse_is_a_clear_error() {
+        let server = Server::new().unwrap();
+        let mut config = DeviceConfig::new("nothing-here");
+        config.cuse_path = PathBuf::from("/nonexistent/cuse");
+        match server.register(config, Arc::new(Nop)) {
+            Err(Error::Open { errno, .. }) => assert_eq!(errno, Errno::ENOENT),
+            other => panic!("{other:?}"),
+        }
+        server.stop();
+        assert!(matches!(
+            server.register(DeviceConfig::new("late"), Arc::new(Nop)),
+            Err(Error::Stopped)
+        ));
+    }
+
+    #[test]
+    fn wait_returns_after_stop_from_another_thread() {
+        let server = Server::new().unwrap();
+        let handle = server.shutdown_handle();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            handle.stop();
+        });
+        server.wait();
+        t.join().unwrap();
+    }
+
+    struct Nop;
+    impl Device for Nop {}
+}
