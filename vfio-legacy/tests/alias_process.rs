@@ -1,1 +1,143 @@
-fn main() {}
+//! Aliasing the memory of a separate client process (this binary started
+//! again with `--client`), on the host: needs root (map_files), not VFIO.
+
+#[path = "support/client.rs"]
+mod client;
+
+use client::{pattern_page, read_self, self_maps_has, write_self, Client, PAGE};
+use ioasid_engine::backend::Backend;
+use vfio_legacy::{ClientMemory, Paths, VfioLegacy};
+
+fn exe() -> std::path::PathBuf {
+    std::env::current_exe().unwrap()
+}
+
+/// The daemon writes through its alias; the client sees it in its own page.
+fn shared_memory_round_trip(kind: &str) {
+    let mut c = Client::spawn(&exe(), kind, 2, 0x11);
+    let cm = ClientMemory::new();
+    let a = cm.alias(c.pid(), c.addr, c.len).unwrap();
+    assert_eq!(a.segments.len(), 1, "{kind}: one area");
+    let d = a.segments[0].daemon_vaddr;
+    // The alias shows the client's bytes.
+    assert_eq!(
+        read_self(d, PAGE),
+        pattern_page(0x11),
+        "{kind}: read through alias"
+    );
+    // Writing through the alias changes the client's second page.
+    write_self(d + PAGE as u64, &pattern_page(0x77));
+    assert_eq!(c.cmd(&format!("check 1 {} {PAGE}", 0x77)), "ok", "{kind}");
+    assert_eq!(c.cmd(&format!("check 0 {} {PAGE}", 0x11)), "ok", "{kind}");
+    // And the client's writes show in the alias.
+    assert_eq!(c.cmd(&format!("fill 0 {}", 0x22)), "ok");
+    assert_eq!(read_self(d, PAGE), pattern_page(0x22), "{kind}");
+    cm.release(&a);
+    assert!(!self_maps_has(d), "{kind}: release unmaps");
+    c.quit();
+}
+
+fn private_memory_is_refused() {
+    let c = Client::spawn(&exe(), "private", 1, 0x11);
+    let cm = ClientMemory::new();
+    let e = cm.alias(c.pid(), c.addr, c.len).unwrap_err();
+    assert_eq!(e.errno, nix::errno::Errno::EFAULT);
+    assert!(e.message.contains("MAP_SHARED"), "{}", e.message);
+    assert!(
+        e.message.contains("memory-backend-memfd,share=on"),
+        "{}",
+        e.message
+    );
+    assert_eq!(cm.mapping_count(), 0);
+    c.quit();
+}
+
+/// An alias keeps the pages alive after the client exits, until released.
+fn alias_outlives_the_client() {
+    let c = Client::spawn(&exe(), "memfd", 1, 0x33);
+    let cm = ClientMemory::new();
+    let a = cm.alias(c.pid(), c.addr, c.len).unwrap();
+    c.quit();
+    let d = a.segments[0].daemon_vaddr;
+    assert_eq!(read_self(d, PAGE), pattern_page(0x33));
+    cm.release(&a);
+    assert!(!self_maps_has(d));
+}
+
+/// Two clients' memory never shares a daemon mapping.
+fn two_clients_get_distinct_aliases() {
+    let c1 = Client::spawn(&exe(), "memfd", 1, 0x01);
+    let c2 = Client::spawn(&exe(), "memfd", 1, 0x02);
+    let cm = ClientMemory::new();
+    let a1 = cm.alias(c1.pid(), c1.addr, c1.len).unwrap();
+    let a2 = cm.alias(c2.pid(), c2.addr, c2.len).unwrap();
+    assert_ne!(a1.segments[0].daemon_vaddr, a2.segments[0].daemon_vaddr);
+    assert_eq!(cm.mapping_count(), 2);
+    assert_eq!(
+        read_self(a1.segments[0].daemon_vaddr, PAGE),
+        pattern_page(0x01)
+    );
+    assert_eq!(
+        read_self(a2.segments[0].daemon_vaddr, PAGE),
+        pattern_page(0x02)
+    );
+    cm.release(&a1);
+    cm.release(&a2);
+    c1.quit();
+    c2.quit();
+}
+
+/// The same through the engine's Backend trait, on a backend with no groups.
+fn backend_alias_and_memlock() {
+    let c = Client::spawn(&exe(), "memfd", 1, 0x44);
+    let v = VfioLegacy::with_paths(&[], &Paths::default()).unwrap();
+    let a = Backend::alias(&v, c.pid(), c.addr, c.len).unwrap();
+    assert_eq!(
+        read_self(a.segments[0].daemon_vaddr, PAGE),
+        pattern_page(0x44)
+    );
+    Backend::release_alias(&v, &a);
+    assert_eq!(v.client_memory().mapping_count(), 0);
+    // Root has CAP_IPC_LOCK: no limit.
+    assert_eq!(Backend::memlock_limit(&v, c.pid()).unwrap(), None);
+    c.quit();
+}
+
+fn main() {
+    client::serve_if_client();
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
+        println!("alias_process: skipped, needs root (opening /proc/<pid>/map_files)");
+        return;
+    }
+    let tests: &[(&str, fn())] = &[
+        ("memfd_round_trip", || shared_memory_round_trip("memfd")),
+        ("shared_anonymous_round_trip", || {
+            shared_memory_round_trip("shared-anon")
+        }),
+        ("private_memory_is_refused", private_memory_is_refused),
+        ("alias_outlives_the_client", alias_outlives_the_client),
+        (
+            "two_clients_get_distinct_aliases",
+            two_clients_get_distinct_aliases,
+        ),
+        ("backend_alias_and_memlock", backend_alias_and_memlock),
+    ];
+    let mut failed = 0;
+    for (name, t) in tests {
+        match std::panic::catch_unwind(t) {
+            Ok(()) => println!("test {name} ... ok"),
+            Err(_) => {
+                println!("test {name} ... FAILED");
+                failed += 1;
+            }
+        }
+    }
+    println!(
+        "alias_process: {} passed, {failed} failed",
+        tests.len() - failed
+    );
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
