@@ -1,1 +1,3 @@
 //! The cuse-ioasid daemon: /dev/ioasid and the device nodes, served from user space over CUSE.
+
+pub mod ioctl;

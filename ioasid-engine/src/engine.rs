@@ -99,7 +99,7 @@ pub struct IoasidInfo {
     /// Devices attached now, by device then PASID (RID first).
     pub devices: Vec<Attachment>,
     /// How many more mappings fit: the minimum over the realising domains,
-    /// when they say.
+    /// when they say (the last known value when no group realises it).
     pub dma_avail: Option<u32>,
 }
 
@@ -1148,8 +1148,14 @@ impl Engine {
                 ..IoasidInfo::default()
             });
         };
-        let mut dma_avail = None;
-        for g in c.groups_of(ioasid) {
+        let groups = c.groups_of(ioasid);
+        // With no realising group, report what was last known.
+        let mut dma_avail = if groups.is_empty() {
+            known.dma_avail
+        } else {
+            None
+        };
+        for g in groups {
             let now = self.backend.domain_info(g)?.dma_avail;
             dma_avail = match (dma_avail, now) {
                 (Some(a), Some(b)) => Some(std::cmp::min(a, b)),

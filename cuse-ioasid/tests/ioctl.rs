@@ -1,0 +1,735 @@
+//! The `/dev/ioasid` decode layer against the engine's fake backend and a
+//! fake caller memory: argument sizes, flags, reserved fields, addresses,
+//! and the full happy path with the bytes written back decoded.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use cuse_ioasid::ioctl::{dispatch, CallerMemory, MAX_TAIL};
+use ioasid_engine::fake::{FakeBackend, FAKE_IOVA_RANGES, FAKE_PGSIZES};
+use ioasid_engine::{ContextId, DeviceId, DeviceSpec, Engine};
+use ioasid_uapi::*;
+use nix::errno::Errno;
+use zerocopy::{FromBytes, IntoBytes};
+
+const PID: i32 = 4242;
+/// Shared memory of PID, for maps.
+const MEM: u64 = 0x4000_0000;
+const K4: u64 = 4096;
+/// The fake caller memory: `[BASE, BASE + LEN)`.
+const BASE: u64 = 0x10_0000;
+const LEN: usize = 0x8000;
+/// Where the argument struct goes.
+const ARG: u64 = BASE + 0x100;
+const DEV: DeviceId = DeviceId(1);
+
+/// A caller's memory: one byte buffer; everything else faults.
+struct Caller {
+    bytes: RefCell<Vec<u8>>,
+    writable: bool,
+    /// Every (address, length) written.
+    writes: RefCell<Vec<(u64, usize)>>,
+}
+
+impl Caller {
+    fn new() -> Self {
+        Caller {
+            bytes: RefCell::new(vec![0; LEN]),
+            writable: true,
+            writes: RefCell::new(Vec::new()),
+        }
+    }
+
+    fn range(addr: u64, len: usize) -> Result<std::ops::Range<usize>, Errno> {
+        let start = addr.checked_sub(BASE).ok_or(Errno::EFAULT)? as usize;
+        let end = start.checked_add(len).ok_or(Errno::EFAULT)?;
+        if end > LEN {
+            return Err(Errno::EFAULT);
+        }
+        Ok(start..end)
+    }
+
+    /// Put `bytes` at `addr`.
+    fn put(&self, addr: u64, bytes: &[u8]) {
+        let r = Self::range(addr, bytes.len()).unwrap();
+        self.bytes.borrow_mut()[r].copy_from_slice(bytes);
+    }
+
+    /// Zero everything.
+    fn clear(&self) {
+        self.bytes.borrow_mut().fill(0);
+    }
+
+    fn get(&self, addr: u64, len: usize) -> Vec<u8> {
+        let r = Self::range(addr, len).unwrap();
+        self.bytes.borrow()[r].to_vec()
+    }
+
+    fn struct_at<T: FromBytes>(&self, addr: u64) -> T {
+        T::read_from_bytes(&self.get(addr, std::mem::size_of::<T>())).unwrap()
+    }
+}
+
+impl CallerMemory for Caller {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        let r = Self::range(addr, buf.len())?;
+        buf.copy_from_slice(&self.bytes.borrow()[r]);
+        Ok(())
+    }
+
+    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), Errno> {
+        if !self.writable {
+            return Err(Errno::EFAULT);
+        }
+        let r = Self::range(addr, buf.len())?;
+        self.bytes.borrow_mut()[r].copy_from_slice(buf);
+        self.writes.borrow_mut().push((addr, buf.len()));
+        Ok(())
+    }
+}
+
+struct Fixture {
+    fake: Arc<FakeBackend>,
+    engine: Engine,
+    ctx: ContextId,
+    mem: Caller,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let fake = Arc::new(FakeBackend::new());
+        fake.share(PID, MEM, 16 << 20);
+        let engine = Engine::new(
+            fake.clone(),
+            vec![DeviceSpec {
+                id: DEV,
+                name: "0000:00:03.0".into(),
+                group: 3,
+            }],
+        )
+        .unwrap();
+        let ctx = engine.open_context();
+        Fixture {
+            fake,
+            engine,
+            ctx,
+            mem: Caller::new(),
+        }
+    }
+
+    /// A fixture with IOASID 1 attached to the device.
+    fn attached() -> Self {
+        let f = Self::new();
+        assert_eq!(f.ioctl(IOASID_ALLOC, 0), Ok(1));
+        f.engine.bind(DEV, f.ctx).unwrap();
+        f.engine.attach(DEV, f.ctx, 1, None).unwrap();
+        f
+    }
+
+    fn ioctl(&self, cmd: u32, arg: u64) -> Result<i32, Errno> {
+        dispatch(&self.engine, self.ctx, &self.mem, PID, cmd, arg)
+    }
+
+    fn ioctl_struct<T: IntoBytes + zerocopy::Immutable>(
+        &self,
+        cmd: u32,
+        s: &T,
+    ) -> Result<i32, Errno> {
+        self.mem.put(ARG, s.as_bytes());
+        self.ioctl(cmd, ARG)
+    }
+}
+
+fn map(ioasid: u32, iova: u64, vaddr: u64, size: u64) -> IoasidDmaMap {
+    IoasidDmaMap {
+        argsz: std::mem::size_of::<IoasidDmaMap>() as u32,
+        flags: IOASID_DMA_MAP_FLAG_READ | IOASID_DMA_MAP_FLAG_WRITE,
+        ioasid,
+        reserved: 0,
+        vaddr,
+        iova,
+        size,
+    }
+}
+
+fn unmap(ioasid: u32, iova: u64, size: u64) -> IoasidDmaUnmap {
+    IoasidDmaUnmap {
+        argsz: std::mem::size_of::<IoasidDmaUnmap>() as u32,
+        flags: 0,
+        ioasid,
+        reserved: 0,
+        iova,
+        size,
+    }
+}
+
+fn reg(vaddr: u64, size: u64) -> IoasidRegisterMemory {
+    IoasidRegisterMemory {
+        argsz: std::mem::size_of::<IoasidRegisterMemory>() as u32,
+        flags: 0,
+        vaddr,
+        size,
+    }
+}
+
+fn info(ioasid: u32, argsz: u32) -> IoasidInfo {
+    IoasidInfo {
+        argsz,
+        flags: 0,
+        ioasid,
+        cap_offset: 0,
+        pgsize_bitmap: 0,
+    }
+}
+
+/// A struct command, prepared so that it succeeds on a fresh fixture.
+struct Case {
+    name: &'static str,
+    cmd: u32,
+    size: usize,
+    /// Sets the fixture up and returns the struct's bytes (argsz excluded:
+    /// the test sets it).
+    prepare: fn(&Fixture) -> Vec<u8>,
+    /// Bytes past the struct are an output buffer, never checked.
+    tail_is_output: bool,
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "REGISTER_MEMORY",
+            cmd: IOASID_REGISTER_MEMORY,
+            size: 24,
+            prepare: |_| reg(MEM, 0x10000).as_bytes().to_vec(),
+            tail_is_output: false,
+        },
+        Case {
+            name: "UNREGISTER_MEMORY",
+            cmd: IOASID_UNREGISTER_MEMORY,
+            size: 24,
+            prepare: |f| {
+                f.engine.register_memory(f.ctx, PID, MEM, 0x10000).unwrap();
+                reg(MEM, 0x10000).as_bytes().to_vec()
+            },
+            tail_is_output: false,
+        },
+        Case {
+            name: "MAP_DMA",
+            cmd: IOASID_MAP_DMA,
+            size: 40,
+            prepare: |_| map(1, 0x10_0000, MEM, 0x4000).as_bytes().to_vec(),
+            tail_is_output: false,
+        },
+        Case {
+            name: "UNMAP_DMA",
+            cmd: IOASID_UNMAP_DMA,
+            size: 32,
+            prepare: |f| {
+                assert_eq!(
+                    f.ioctl_struct(IOASID_MAP_DMA, &map(1, 0x10_0000, MEM, 0x4000)),
+                    Ok(0)
+                );
+                unmap(1, 0x10_0000, 0x4000).as_bytes().to_vec()
+            },
+            tail_is_output: false,
+        },
+        Case {
+            name: "GET_INFO",
+            cmd: IOASID_GET_INFO,
+            size: 24,
+            prepare: |_| info(1, 0).as_bytes().to_vec(),
+            tail_is_output: true,
+        },
+    ]
+}
+
+/// Run `case` with `argsz` and `tail` (bytes right after the struct).
+fn run(case: &Case, argsz: u32, tail: &[u8]) -> Result<i32, Errno> {
+    let f = Fixture::attached();
+    let mut bytes = (case.prepare)(&f);
+    assert_eq!(bytes.len(), case.size, "{}", case.name);
+    bytes[..4].copy_from_slice(&argsz.to_ne_bytes());
+    f.mem.clear();
+    f.mem.put(ARG, &bytes);
+    f.mem.put(ARG + case.size as u64, tail);
+    f.ioctl(case.cmd, ARG)
+}
+
+#[test]
+fn struct_sizes_match_the_header() {
+    for c in cases() {
+        let known = match c.cmd {
+            IOASID_REGISTER_MEMORY | IOASID_UNREGISTER_MEMORY => {
+                std::mem::size_of::<IoasidRegisterMemory>()
+            }
+            IOASID_MAP_DMA => std::mem::size_of::<IoasidDmaMap>(),
+            IOASID_UNMAP_DMA => std::mem::size_of::<IoasidDmaUnmap>(),
+            _ => std::mem::size_of::<IoasidInfo>(),
+        };
+        assert_eq!(c.size, known, "{}", c.name);
+    }
+}
+
+#[test]
+fn test_length_every_struct_command() {
+    for c in cases() {
+        let size = c.size as u32;
+        let name = c.name;
+        assert_eq!(run(&c, size - 1, &[]), Err(Errno::EINVAL), "{name} min-1");
+        assert_eq!(run(&c, 0, &[]), Err(Errno::EINVAL), "{name} argsz 0");
+        assert_eq!(run(&c, 4, &[]), Err(Errno::EINVAL), "{name} argsz 4");
+        assert_eq!(run(&c, size, &[]), Ok(0), "{name} exact");
+        assert_eq!(
+            run(&c, size, &[0xff; 8]),
+            Ok(0),
+            "{name} exact, garbage after"
+        );
+        assert_eq!(
+            run(&c, size + 8, &[0; 8]),
+            Ok(0),
+            "{name} oversized, zero tail"
+        );
+        // A tail longer than one read chunk, zero: still fine.
+        assert_eq!(
+            run(&c, size + 9000, &[0; 9000]),
+            Ok(0),
+            "{name} long zero tail"
+        );
+        let mut tail = vec![0u8; 9000];
+        tail[8999] = 1;
+        let want = if c.tail_is_output {
+            Ok(0)
+        } else {
+            Err(Errno::E2BIG)
+        };
+        assert_eq!(
+            run(&c, size + 9000, &tail),
+            want,
+            "{name} non-zero far in the tail"
+        );
+        assert_eq!(
+            run(&c, size + 8, &[0, 0, 0, 0, 0, 0, 0, 1]),
+            want,
+            "{name} non-zero tail"
+        );
+        assert_eq!(run(&c, size + 1, &[1]), want, "{name} one odd byte");
+        // A tail past the readable memory: EFAULT, or nothing to check.
+        let huge = LEN as u32;
+        let want_far = if c.tail_is_output {
+            Ok(0)
+        } else {
+            Err(Errno::EFAULT)
+        };
+        assert_eq!(run(&c, huge, &[]), want_far, "{name} tail past memory");
+        // Beyond the cap, refused unread.
+        let want_cap = if c.tail_is_output {
+            Ok(0)
+        } else {
+            Err(Errno::E2BIG)
+        };
+        assert_eq!(
+            run(&c, size + MAX_TAIL as u32 + 1, &[]),
+            want_cap,
+            "{name} tail above the cap"
+        );
+        assert_eq!(run(&c, u32::MAX, &[]), want_cap, "{name} argsz u32::MAX");
+    }
+}
+
+#[test]
+fn unreadable_arguments_are_efault() {
+    for c in cases() {
+        let f = Fixture::attached();
+        (c.prepare)(&f);
+        assert_eq!(f.ioctl(c.cmd, 0), Err(Errno::EFAULT), "{} NULL", c.name);
+        assert_eq!(f.ioctl(c.cmd, BASE - 4), Err(Errno::EFAULT), "{}", c.name);
+        // argsz readable, the rest not.
+        let last = BASE + LEN as u64 - 4;
+        f.mem.put(last, &(c.size as u32).to_ne_bytes());
+        assert_eq!(
+            f.ioctl(c.cmd, last),
+            Err(Errno::EFAULT),
+            "{} straddling",
+            c.name
+        );
+    }
+}
+
+#[test]
+fn unknown_flags_and_reserved_fields_are_einval() {
+    let f = Fixture::attached();
+    let mut m = map(1, 0, MEM, K4);
+    m.flags |= 1 << 2;
+    assert_eq!(f.ioctl_struct(IOASID_MAP_DMA, &m), Err(Errno::EINVAL));
+    m.flags = 1 << 31 | IOASID_DMA_MAP_FLAG_READ;
+    assert_eq!(f.ioctl_struct(IOASID_MAP_DMA, &m), Err(Errno::EINVAL));
+    let mut m = map(1, 0, MEM, K4);
+    m.reserved = 1;
+    assert_eq!(f.ioctl_struct(IOASID_MAP_DMA, &m), Err(Errno::EINVAL));
+    // Neither read nor write.
+    let mut m = map(1, 0, MEM, K4);
+    m.flags = 0;
+    assert_eq!(f.ioctl_struct(IOASID_MAP_DMA, &m), Err(Errno::EINVAL));
+    assert!(f.fake.entries(3).is_empty());
+
+    let mut u = unmap(1, 0, K4);
+    u.flags = 1;
+    assert_eq!(f.ioctl_struct(IOASID_UNMAP_DMA, &u), Err(Errno::EINVAL));
+    let mut u = unmap(1, 0, K4);
+    u.reserved = 0x100;
+    assert_eq!(f.ioctl_struct(IOASID_UNMAP_DMA, &u), Err(Errno::EINVAL));
+    // FLAG_ALL wants iova and size 0.
+    let mut u = unmap(1, 0, K4);
+    u.flags = IOASID_DMA_UNMAP_FLAG_ALL;
+    assert_eq!(f.ioctl_struct(IOASID_UNMAP_DMA, &u), Err(Errno::EINVAL));
+    let mut u = unmap(1, K4, 0);
+    u.flags = IOASID_DMA_UNMAP_FLAG_ALL;
+    assert_eq!(f.ioctl_struct(IOASID_UNMAP_DMA, &u), Err(Errno::EINVAL));
+
+    for cmd in [IOASID_REGISTER_MEMORY, IOASID_UNREGISTER_MEMORY] {
+        let mut r = reg(MEM, K4);
+        r.flags = 1;
+        assert_eq!(f.ioctl_struct(cmd, &r), Err(Errno::EINVAL));
+    }
+    assert_eq!(f.fake.live_aliases(), 0);
+
+    // GET_INFO's flags are output only: garbage in is ignored.
+    let mut i = info(1, 24);
+    i.flags = 0xffff_ffff;
+    assert_eq!(f.ioctl_struct(IOASID_GET_INFO, &i), Ok(0));
+}
+
+#[test]
+fn unknown_and_unimplemented_commands_are_enotty() {
+    let f = Fixture::attached();
+    for cmd in [
+        0,
+        0x1234,
+        io(IOASID_TYPE, IOASID_BASE + 14),
+        io(IOASID_TYPE, IOASID_BASE + 62),
+        VFIO_ATTACH_IOASID,
+        vfio::VFIO_GET_API_VERSION,
+    ] {
+        assert_eq!(f.ioctl(cmd, 0), Err(Errno::ENOTTY), "{cmd:#x}");
+    }
+    // The next issue's commands: their extensions report 0.
+    for cmd in [
+        IOASID_CREATE_NESTING,
+        IOASID_BIND_PGTABLE,
+        IOASID_UNBIND_PGTABLE,
+        IOASID_BIND_PASID_TABLE,
+        IOASID_UNBIND_PASID_TABLE,
+        IOASID_INVALIDATE_CACHE,
+    ] {
+        assert_eq!(f.ioctl(cmd, 1), Err(Errno::ENOTTY), "{cmd:#x}");
+        let cmd = IoasidCmd::try_from(cmd).unwrap();
+        let ext = cmd.extension().unwrap();
+        assert_eq!(
+            f.ioctl(IOASID_CHECK_EXTENSION, ext.into()),
+            Ok(0),
+            "{}",
+            cmd.name()
+        );
+    }
+}
+
+#[test]
+fn check_extension_reports_what_is_implemented() {
+    let f = Fixture::new();
+    let ext = |e: u64| f.ioctl(IOASID_CHECK_EXTENSION, e).unwrap();
+    assert_eq!(ext(IOASID_EXT_TYPE1V2_DMA.into()), 1);
+    assert_eq!(ext(IOASID_EXT_REGISTER_MEMORY.into()), 1);
+    assert_eq!(ext(IOASID_EXT_USER_PASID_TRACKED.into()), 1);
+    for e in [
+        0,
+        IOASID_EXT_NESTING_SOFTWARE,
+        IOASID_EXT_NESTING_HARDWARE,
+        IOASID_EXT_BIND_PGTABLE_SHADOW,
+        IOASID_EXT_BIND_PASID_TABLE_SHADOW,
+        IOASID_EXT_PASID_DMA_ROUTING,
+        99,
+    ] {
+        assert_eq!(ext(e.into()), 0, "extension {e}");
+    }
+    assert_eq!(ext((1 << 32) | 1), 0, "high bits are not ignored");
+}
+
+#[test]
+fn alloc_free_and_identify_take_integers() {
+    let f = Fixture::new();
+    // ALLOC ignores its argument (whatever a two-argument call left there).
+    assert_eq!(f.ioctl(IOASID_ALLOC, 0xdead_beef), Ok(1));
+    assert_eq!(f.ioctl(IOASID_ALLOC, 0), Ok(2));
+    assert_eq!(f.ioctl(IOASID_FREE, 1), Ok(0));
+    assert_eq!(f.ioctl(IOASID_FREE, 1), Err(Errno::ENOENT));
+    assert_eq!(f.ioctl(IOASID_FREE, 0), Err(Errno::ENOENT));
+    assert_eq!(f.ioctl(IOASID_FREE, (1 << 32) | 2), Err(Errno::ENOENT));
+    assert_eq!(f.ioctl(IOASID_ALLOC, 0), Ok(1));
+    // IDENTIFY answers the daemon only.
+    let me = std::process::id() as i32;
+    let id = dispatch(&f.engine, f.ctx, &f.mem, me, IOASID_DAEMON_IDENTIFY, 7);
+    assert_eq!(id, Ok(f.ctx.0 as i32));
+    assert_eq!(f.ioctl(IOASID_DAEMON_IDENTIFY, 0), Err(Errno::EPERM));
+    let other = f.engine.open_context();
+    assert_eq!(
+        dispatch(&f.engine, other, &f.mem, me, IOASID_DAEMON_IDENTIFY, 0),
+        Ok(other.0 as i32)
+    );
+    assert!(f.mem.writes.borrow().is_empty());
+}
+
+#[test]
+fn engine_errnos_come_through() {
+    let f = Fixture::new();
+    assert_eq!(f.ioctl(IOASID_ALLOC, 0), Ok(1));
+    let m = map(1, 0, MEM, K4);
+    assert_eq!(f.ioctl_struct(IOASID_MAP_DMA, &m), Err(Errno::ENODEV));
+    assert_eq!(
+        f.ioctl_struct(IOASID_UNMAP_DMA, &unmap(1, 0, K4)),
+        Err(Errno::ENODEV)
+    );
+    assert_eq!(
+        f.ioctl_struct(IOASID_MAP_DMA, &map(2, 0, MEM, K4)),
+        Err(Errno::ENOENT)
+    );
+    assert_eq!(
+        f.ioctl_struct(IOASID_GET_INFO, &info(2, 24)),
+        Err(Errno::ENOENT)
+    );
+    f.engine.bind(DEV, f.ctx).unwrap();
+    f.engine.attach(DEV, f.ctx, 1, None).unwrap();
+    assert_eq!(f.ioctl_struct(IOASID_MAP_DMA, &m), Ok(0));
+    assert_eq!(f.ioctl_struct(IOASID_MAP_DMA, &m), Err(Errno::EEXIST));
+    assert_eq!(f.ioctl(IOASID_FREE, 1), Err(Errno::EBUSY));
+    assert_eq!(
+        f.ioctl_struct(IOASID_MAP_DMA, &map(1, K4, 0x9000_0000, K4)),
+        Err(Errno::EFAULT)
+    );
+    f.fake.set_memlock(PID, Some(K4));
+    assert_eq!(
+        f.ioctl_struct(IOASID_MAP_DMA, &map(1, K4, MEM, K4)),
+        Err(Errno::ENOMEM)
+    );
+    assert_eq!(
+        f.ioctl_struct(IOASID_UNREGISTER_MEMORY, &reg(MEM, K4)),
+        Err(Errno::ENOENT)
+    );
+}
+
+#[test]
+fn get_info_of_a_never_attached_ioasid_is_empty() {
+    let f = Fixture::new();
+    assert_eq!(f.ioctl(IOASID_ALLOC, 0), Ok(1));
+    let mut i = info(1, 256);
+    i.cap_offset = 77;
+    i.pgsize_bitmap = 0x1234;
+    i.flags = 5;
+    f.mem.put(ARG + 24, &[0xaa; 232]);
+    assert_eq!(f.ioctl_struct(IOASID_GET_INFO, &i), Ok(0));
+    let out: IoasidInfo = f.mem.struct_at(ARG);
+    assert_eq!(out, info(1, 256));
+    assert_eq!(
+        f.mem.get(ARG + 24, 232),
+        vec![0xaa; 232],
+        "no capability written"
+    );
+}
+
+/// Walk a capability chain in the caller's buffer at `ARG`; returns
+/// (id, offset) in chain order.
+fn walk_chain(mem: &Caller, first: u32) -> Vec<(u16, u64)> {
+    let mut out = Vec::new();
+    let mut at = first;
+    while at != 0 {
+        assert_eq!(at % 8, 0, "capabilities are 8-byte aligned");
+        let h: IoasidInfoCapHeader = mem.struct_at(ARG + u64::from(at));
+        assert_eq!(h.version, 1);
+        out.push((h.id, ARG + u64::from(at)));
+        assert!(out.len() < 16, "chain loops");
+        at = h.next;
+    }
+    out
+}
+
+#[test]
+fn happy_path_with_get_info_decoded() {
+    let f = Fixture::new();
+    assert_eq!(f.ioctl(IOASID_ALLOC, 0), Ok(1));
+    f.engine.bind(DEV, f.ctx).unwrap();
+    f.engine.attach(DEV, f.ctx, 1, None).unwrap();
+    f.engine.attach(DEV, f.ctx, 1, Some(5)).unwrap();
+    assert_eq!(
+        f.ioctl_struct(IOASID_MAP_DMA, &map(1, 0x10_0000, MEM, 0x4000)),
+        Ok(0)
+    );
+    assert_eq!(
+        f.ioctl_struct(IOASID_MAP_DMA, &map(1, 0x20_0000, MEM, K4)),
+        Ok(0)
+    );
+    assert!(
+        f.mem.writes.borrow().is_empty(),
+        "MAP_DMA writes nothing back"
+    );
+    assert_eq!(f.fake.entries(3).len(), 2);
+
+    // GET_INFO with only the struct: told the size needed, nothing past it.
+    f.mem.put(ARG + 24, &[0xaa; 512]);
+    assert_eq!(f.ioctl_struct(IOASID_GET_INFO, &info(1, 24)), Ok(0));
+    let out: IoasidInfo = f.mem.struct_at(ARG);
+    assert_eq!(
+        out.flags,
+        IOASID_INFO_PGSIZES | IOASID_INFO_MAP_DMA | IOASID_INFO_CAPS
+    );
+    assert_eq!(out.cap_offset, 0);
+    assert_eq!(out.pgsize_bitmap, FAKE_PGSIZES);
+    assert_eq!(out.ioasid, 1);
+    // Ranges cap 16 + 2 ranges * 16, dma_avail 16, pasid 24.
+    let needed = 24 + 16 + 32 + 16 + 24;
+    assert_eq!(out.argsz, needed);
+    assert_eq!(f.mem.get(ARG + 24, 512), vec![0xaa; 512]);
+    for &(addr, len) in f.mem.writes.borrow().iter() {
+        assert!(
+            addr >= ARG && addr + len as u64 <= ARG + 24,
+            "wrote {addr:#x}+{len}"
+        );
+    }
+
+    // Again with the size asked for (the same struct passed back as is).
+    f.mem.writes.borrow_mut().clear();
+    assert_eq!(f.ioctl(IOASID_GET_INFO, ARG), Ok(0));
+    let out: IoasidInfo = f.mem.struct_at(ARG);
+    assert_eq!(out.argsz, needed);
+    assert_eq!(out.cap_offset, 24);
+    assert_eq!(
+        out.flags,
+        IOASID_INFO_PGSIZES | IOASID_INFO_MAP_DMA | IOASID_INFO_CAPS
+    );
+    let chain = walk_chain(&f.mem, out.cap_offset);
+    let ids: Vec<u16> = chain.iter().map(|c| c.0).collect();
+    assert_eq!(
+        ids,
+        vec![
+            IOASID_INFO_CAP_IOVA_RANGES,
+            IOASID_INFO_CAP_DMA_AVAIL,
+            IOASID_INFO_CAP_PASID
+        ]
+    );
+    let ranges: IoasidInfoCapIovaRanges = f.mem.struct_at(chain[0].1);
+    assert_eq!(ranges.nr_ranges as usize, FAKE_IOVA_RANGES.len());
+    assert_eq!(ranges.reserved, 0);
+    for (i, &(start, last)) in FAKE_IOVA_RANGES.iter().enumerate() {
+        let r: IoasidIovaRange = f.mem.struct_at(chain[0].1 + 16 + 16 * i as u64);
+        assert_eq!((r.start, r.last), (start, last));
+    }
+    let avail: IoasidInfoCapDmaAvail = f.mem.struct_at(chain[1].1);
+    assert_eq!(avail.avail, 65535 - 2);
+    let pasid: IoasidInfoCapPasid = f.mem.struct_at(chain[2].1);
+    assert_eq!(pasid.flags, IOASID_PASID_ATTACH_TRACKED);
+    assert_eq!(pasid.pasid_bits, 20);
+    assert_eq!(pasid.pasid_table_format, 0);
+    let end = chain[2].1 + 24;
+    assert_eq!(end, ARG + u64::from(needed));
+    assert_eq!(f.mem.get(end, 64), vec![0xaa; 64], "nothing past the chain");
+    assert!(
+        !f.mem
+            .writes
+            .borrow()
+            .iter()
+            .any(|&(a, l)| a <= ARG + 8 && a + l as u64 > ARG + 8),
+        "ioasid (input) not written"
+    );
+
+    // A larger buffer: same answer, argsz left as given.
+    assert_eq!(f.ioctl_struct(IOASID_GET_INFO, &info(1, 400)), Ok(0));
+    let out: IoasidInfo = f.mem.struct_at(ARG);
+    assert_eq!((out.argsz, out.cap_offset), (400, 24));
+
+    // Unmap reports the bytes, writing only the size field.
+    f.mem.writes.borrow_mut().clear();
+    assert_eq!(
+        f.ioctl_struct(IOASID_UNMAP_DMA, &unmap(1, 0, 0x18_0000)),
+        Ok(0)
+    );
+    let out: IoasidDmaUnmap = f.mem.struct_at(ARG);
+    assert_eq!(out.size, 0x4000);
+    assert_eq!(out.iova, 0);
+    assert_eq!(*f.mem.writes.borrow(), vec![(ARG + 24, 8)]);
+    // Nothing there any more: type1v2 says 0 bytes.
+    assert_eq!(
+        f.ioctl_struct(IOASID_UNMAP_DMA, &unmap(1, 0, 0x18_0000)),
+        Ok(0)
+    );
+    assert_eq!(f.mem.struct_at::<IoasidDmaUnmap>(ARG).size, 0);
+    // Unmap all.
+    let mut all = unmap(1, 0, 0);
+    all.flags = IOASID_DMA_UNMAP_FLAG_ALL;
+    assert_eq!(f.ioctl_struct(IOASID_UNMAP_DMA, &all), Ok(0));
+    assert_eq!(f.mem.struct_at::<IoasidDmaUnmap>(ARG).size, K4);
+    assert!(f.fake.entries(3).is_empty());
+
+    // Registration through the ioctls.
+    assert_eq!(
+        f.ioctl_struct(IOASID_REGISTER_MEMORY, &reg(MEM, 0x10000)),
+        Ok(0)
+    );
+    assert_eq!(f.engine.pinned_bytes(f.ctx).unwrap(), 0x10000);
+    assert_eq!(
+        f.ioctl_struct(IOASID_REGISTER_MEMORY, &reg(MEM, 0x10000)),
+        Err(Errno::EEXIST)
+    );
+    assert_eq!(
+        f.ioctl_struct(IOASID_UNREGISTER_MEMORY, &reg(MEM, 0x10000)),
+        Ok(0)
+    );
+
+    f.engine.detach(DEV, f.ctx, 1, None).unwrap();
+    f.engine.detach(DEV, f.ctx, 1, Some(5)).unwrap();
+    assert_eq!(f.ioctl(IOASID_FREE, 1), Ok(0));
+    assert_eq!(
+        f.ioctl_struct(IOASID_GET_INFO, &info(1, 24)),
+        Err(Errno::ENOENT)
+    );
+    assert_eq!(f.fake.live_aliases(), 0);
+}
+
+#[test]
+fn unwritable_results_are_efault() {
+    let mut f = Fixture::attached();
+    assert_eq!(f.ioctl_struct(IOASID_MAP_DMA, &map(1, 0, MEM, K4)), Ok(0));
+    f.mem.writable = false;
+    assert_eq!(
+        f.ioctl_struct(IOASID_GET_INFO, &info(1, 24)),
+        Err(Errno::EFAULT)
+    );
+    assert_eq!(
+        f.ioctl_struct(IOASID_UNMAP_DMA, &unmap(1, 0, K4)),
+        Err(Errno::EFAULT)
+    );
+}
+
+#[test]
+fn group_rule_reaches_the_client_as_ebusy() {
+    let fake = Arc::new(FakeBackend::new());
+    fake.share(PID, MEM, 1 << 20);
+    let spec = |id, name: &str| DeviceSpec {
+        id: DeviceId(id),
+        name: name.into(),
+        group: 9,
+    };
+    let engine = Engine::new(fake, vec![spec(1, "0000:01:00.0"), spec(2, "0000:01:00.1")]).unwrap();
+    let ctx = engine.open_context();
+    let mem = Caller::new();
+    let call = |cmd, arg| dispatch(&engine, ctx, &mem, PID, cmd, arg);
+    assert_eq!(call(IOASID_ALLOC, 0), Ok(1));
+    engine.bind(DeviceId(1), ctx).unwrap();
+    engine.bind(DeviceId(2), ctx).unwrap();
+    engine.attach(DeviceId(1), ctx, 1, None).unwrap();
+    mem.put(ARG, map(1, 0, MEM, K4).as_bytes());
+    assert_eq!(call(IOASID_MAP_DMA, ARG), Err(Errno::EBUSY));
+    mem.put(ARG, info(1, 24).as_bytes());
+    assert_eq!(call(IOASID_GET_INFO, ARG), Err(Errno::EBUSY));
+    assert_eq!(call(IOASID_FREE, 1), Err(Errno::EBUSY));
+    engine.attach(DeviceId(2), ctx, 1, None).unwrap();
+    mem.put(ARG, map(1, 0, MEM, K4).as_bytes());
+    assert_eq!(call(IOASID_MAP_DMA, ARG), Ok(0));
+}
