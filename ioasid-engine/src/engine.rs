@@ -35,6 +35,9 @@ use slab::Slab;
 use crate::backend::{Alias, Backend, DomainInfo, GroupId, Pid, Prot, Segment};
 use crate::error::{err, EngineError};
 
+/// Width of a PCIe PASID.
+pub const PASID_BITS: u32 = 20;
+
 /// An fd-local IOASID number. The first one allocated is 1; freed numbers
 /// may be reused.
 pub type IoasidId = u32;
@@ -163,6 +166,8 @@ struct Realising {
 
 #[derive(Debug, Default)]
 struct Context {
+    /// Set by `close_context`; every later operation fails.
+    closed: bool,
     /// Slab key `k` is IOASID `k + 1`.
     ioasids: Slab<Ioasid>,
     bound: BTreeMap<DeviceId, BoundDevice>,
@@ -261,6 +266,13 @@ fn ioasid_key(id: IoasidId) -> Option<usize> {
 }
 
 impl Context {
+    fn check_open(&self, ctx: ContextId) -> Result<(), EngineError> {
+        if self.closed {
+            return Err(not_open(ctx));
+        }
+        Ok(())
+    }
+
     fn ioasid(&self, id: IoasidId) -> Result<&Ioasid, EngineError> {
         ioasid_key(id)
             .and_then(|k| self.ioasids.get(k))
@@ -349,7 +361,7 @@ impl Engine {
             .unwrap_or_else(|e| e.into_inner())
             .get(&ctx)
             .cloned()
-            .ok_or_else(|| err(EINVAL, format!("ioasid context {} is not open", ctx.0)))
+            .ok_or_else(|| not_open(ctx))
     }
 
     fn name(&self, dev: DeviceId) -> &str {
@@ -381,8 +393,11 @@ impl Engine {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&ctx)
-            .ok_or_else(|| err(EINVAL, format!("ioasid context {} is not open", ctx.0)))?;
+            .ok_or_else(|| not_open(ctx))?;
         let mut c = lock(&arc);
+        // Operations that looked the context up before it left the table
+        // find it closed once they get the lock.
+        c.closed = true;
         let mut closed = ClosedContext::default();
         for (group, _) in std::mem::take(&mut c.realising) {
             if let Err(e) = self.backend.unmap_all(group) {
@@ -427,6 +442,7 @@ impl Engine {
         let spec = self.spec(dev)?;
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
+        c.check_open(ctx)?;
         let mut reg = lock(&self.registry);
         if reg.out_of_service.contains(&spec.group) {
             return Err(err(
@@ -478,6 +494,7 @@ impl Engine {
         let spec = self.spec(dev)?;
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
+        c.check_open(ctx)?;
         let bd = c.bound.get(&dev).ok_or_else(|| not_bound(spec))?;
         if let Some(id) = bd.rid {
             self.detach_rid(&mut c, spec, id)?;
@@ -490,8 +507,8 @@ impl Engine {
     /// Attach device `dev`, bound to `ctx`, to IOASID `ioasid`: by RID when
     /// `pasid` is `None`, else under that PASID.
     ///
-    /// `EINVAL` if the device is not bound to `ctx`; `ENOENT` if the IOASID
-    /// does not exist; `EBUSY` for a second RID attachment of the device,
+    /// `EINVAL` if the device is not bound to `ctx` or the PASID does not
+    /// fit [`PASID_BITS`]; `ENOENT` if the IOASID does not exist; `EBUSY` for a second RID attachment of the device,
     /// a RID attachment to another IOASID than the rest of its group's, or
     /// a (device, PASID) pair attached already. Replaying the IOASID's
     /// mappings into a newly realising group is all or nothing; its
@@ -506,11 +523,18 @@ impl Engine {
         let spec = self.spec(dev)?;
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
+        c.check_open(ctx)?;
         let bd = c.bound.get(&dev).ok_or_else(|| not_bound(spec))?;
         c.ioasid(ioasid)?;
         let Some(pasid) = pasid else {
             return self.attach_rid(&mut c, spec, ioasid);
         };
+        if pasid >= 1 << PASID_BITS {
+            return Err(err(
+                EINVAL,
+                format!("PASID {pasid:#x} does not fit {PASID_BITS} bits"),
+            ));
+        }
         if let Some(other) = bd.pasids.get(&pasid) {
             return Err(err(
                 EBUSY,
@@ -628,8 +652,8 @@ impl Engine {
     }
 
     /// Detach device `dev` from IOASID `ioasid` (RID when `pasid` is
-    /// `None`). `EINVAL` if the device is not bound to `ctx` or not
-    /// attached that way; `ENOENT` if the IOASID does not exist.
+    /// `None`). `EINVAL` if the device is not bound to `ctx`; `ENOENT` if
+    /// the IOASID does not exist or the device is not attached that way.
     pub fn detach(
         &self,
         dev: DeviceId,
@@ -640,6 +664,7 @@ impl Engine {
         let spec = self.spec(dev)?;
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
+        c.check_open(ctx)?;
         let bd = c.bound.get(&dev).ok_or_else(|| not_bound(spec))?;
         c.ioasid(ioasid)?;
         match pasid {
@@ -649,7 +674,7 @@ impl Engine {
                 Ok(())
             }
             _ => Err(err(
-                EINVAL,
+                ENOENT,
                 format!(
                     "device {} is not attached to IOASID {ioasid}{}",
                     spec.name,
@@ -708,6 +733,7 @@ impl Engine {
     pub fn alloc(&self, ctx: ContextId) -> Result<IoasidId, EngineError> {
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
+        c.check_open(ctx)?;
         let entry = c.ioasids.vacant_entry();
         let id = u32::try_from(entry.key() + 1)
             .ok()
@@ -722,6 +748,7 @@ impl Engine {
     pub fn free(&self, ctx: ContextId, ioasid: IoasidId) -> Result<(), EngineError> {
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
+        c.check_open(ctx)?;
         c.ioasid(ioasid)?;
         self.check_group_rule(&c, ioasid)?;
         let users: Vec<&str> = c
@@ -798,6 +825,7 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
+        c.check_open(ctx)?;
         let (groups, known) = self.usable(&c, ioasid)?;
         let DmaMap {
             iova,
@@ -937,6 +965,7 @@ impl Engine {
     ) -> Result<u64, EngineError> {
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
+        c.check_open(ctx)?;
         let (groups, known) = self.usable(&c, ioasid)?;
         if size == 0 {
             return Err(err(EINVAL, "cannot unmap 0 bytes"));
@@ -989,6 +1018,7 @@ impl Engine {
     pub fn unmap_all_dma(&self, ctx: ContextId, ioasid: IoasidId) -> Result<u64, EngineError> {
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
+        c.check_open(ctx)?;
         let (groups, _) = self.usable(&c, ioasid)?;
         let gone: Vec<u64> = c.ioasid(ioasid)?.mappings.keys().copied().collect();
         if gone.is_empty() {
@@ -1049,6 +1079,7 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
+        c.check_open(ctx)?;
         if size == 0 || (vaddr | size) & 4095 != 0 {
             return Err(err(
                 EINVAL,
@@ -1093,6 +1124,7 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
+        c.check_open(ctx)?;
         let r = c
             .registrations
             .get(&vaddr)
@@ -1123,6 +1155,7 @@ impl Engine {
     pub fn info(&self, ctx: ContextId, ioasid: IoasidId) -> Result<IoasidInfo, EngineError> {
         let arc = self.context(ctx)?;
         let c = lock(&arc);
+        c.check_open(ctx)?;
         let io = c.ioasid(ioasid)?;
         self.check_group_rule(&c, ioasid)?;
         let mut devices: Vec<Attachment> = Vec::new();
@@ -1178,8 +1211,13 @@ impl Engine {
     pub fn pinned_bytes(&self, ctx: ContextId) -> Result<u64, EngineError> {
         let arc = self.context(ctx)?;
         let c = lock(&arc);
+        c.check_open(ctx)?;
         Ok(c.pinned())
     }
+}
+
+fn not_open(ctx: ContextId) -> EngineError {
+    err(EINVAL, format!("ioasid context {} is not open", ctx.0))
 }
 
 fn not_bound(spec: &DeviceSpec) -> EngineError {

@@ -13,6 +13,6 @@ pub mod fake;
 
 pub use engine::{
     Attachment, ClosedContext, ContextId, DeviceId, DeviceSpec, DmaMap, Engine, IoasidId,
-    IoasidInfo,
+    IoasidInfo, PASID_BITS,
 };
 pub use error::EngineError;

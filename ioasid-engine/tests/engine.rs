@@ -482,7 +482,7 @@ fn replay_failure_rolls_back_and_fails_the_attach() {
     assert!(f.fake.entries(4).is_empty(), "no half-realised domain");
     assert_eq!(f.engine.info(ctx, io).unwrap().devices.len(), 1);
     // Not attached: a detach says so, and a retry works.
-    assert_eq!(errno(f.engine.detach(DEV_B, ctx, io, None)), EINVAL);
+    assert_eq!(errno(f.engine.detach(DEV_B, ctx, io, None)), ENOENT);
     f.engine.attach(DEV_B, ctx, io, None).unwrap();
     assert_eq!(f.fake.entries(4), f.fake.entries(3));
 }
@@ -597,13 +597,13 @@ fn bind_attach_detach_errnos() {
     f.engine.attach(DEV_A, ctx, io, None).unwrap();
     assert_eq!(errno(f.engine.attach(DEV_A, ctx, io, None)), EBUSY);
     assert_eq!(errno(f.engine.attach(DEV_A, ctx, io2, None)), EBUSY);
-    assert_eq!(errno(f.engine.detach(DEV_A, ctx, io2, None)), EINVAL);
+    assert_eq!(errno(f.engine.detach(DEV_A, ctx, io2, None)), ENOENT);
     assert_eq!(errno(f.engine.detach(DEV_A, ctx, 77, None)), ENOENT);
     let e = f.engine.free(ctx, io).unwrap_err();
     assert_eq!(e.errno, EBUSY);
     assert!(e.message.contains("0000:00:03.0"), "{}", e.message);
     f.engine.detach(DEV_A, ctx, io, None).unwrap();
-    assert_eq!(errno(f.engine.detach(DEV_A, ctx, io, None)), EINVAL);
+    assert_eq!(errno(f.engine.detach(DEV_A, ctx, io, None)), ENOENT);
     f.engine.free(ctx, io).unwrap();
 }
 
@@ -618,6 +618,16 @@ fn pasid_attachments_are_recorded_without_touching_the_domain() {
     let io2 = f.engine.alloc(ctx).unwrap();
     assert_eq!(errno(f.engine.attach(DEV_A, ctx, io2, Some(7))), EBUSY);
     f.engine.attach(DEV_A, ctx, io, Some(8)).unwrap();
+    assert_eq!(
+        errno(f.engine.attach(DEV_A, ctx, io, Some(1 << 20))),
+        EINVAL
+    );
+    f.engine
+        .attach(DEV_A, ctx, io2, Some((1 << 20) - 1))
+        .unwrap();
+    f.engine
+        .detach(DEV_A, ctx, io2, Some((1 << 20) - 1))
+        .unwrap();
     // The IOASID now accepts maps, kept in software only.
     f.engine.map_dma(ctx, PID, io, m(0, MEM, K4)).unwrap();
     assert!(f.fake.entries(3).is_empty());
@@ -642,8 +652,8 @@ fn pasid_attachments_are_recorded_without_touching_the_domain() {
         ]
     );
     assert_eq!(errno(f.engine.free(ctx, io)), EBUSY);
-    assert_eq!(errno(f.engine.detach(DEV_A, ctx, io, Some(9))), EINVAL);
-    assert_eq!(errno(f.engine.detach(DEV_A, ctx, io, None)), EINVAL);
+    assert_eq!(errno(f.engine.detach(DEV_A, ctx, io, Some(9))), ENOENT);
+    assert_eq!(errno(f.engine.detach(DEV_A, ctx, io, None)), ENOENT);
     f.engine.detach(DEV_A, ctx, io, Some(7)).unwrap();
     f.engine.detach(DEV_A, ctx, io, Some(8)).unwrap();
     f.engine.free(ctx, io).unwrap();
