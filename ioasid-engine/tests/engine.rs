@@ -909,3 +909,105 @@ fn two_contexts_map_concurrently() {
     }
     assert_eq!(f.fake.live_aliases(), 0);
 }
+
+/// A fake whose next `alias` waits until the test opens the gate.
+struct GatedBackend {
+    fake: FakeBackend,
+    gate: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+}
+
+impl ioasid_engine::backend::Backend for GatedBackend {
+    fn alias(
+        &self,
+        pid: i32,
+        vaddr: u64,
+        size: u64,
+    ) -> Result<ioasid_engine::backend::Alias, ioasid_engine::backend::BackendError> {
+        let gate = self.gate.lock().unwrap().take();
+        if let Some(rx) = gate {
+            rx.recv().unwrap();
+        }
+        self.fake.alias(pid, vaddr, size)
+    }
+    fn release_alias(&self, alias: &ioasid_engine::backend::Alias) {
+        self.fake.release_alias(alias)
+    }
+    fn memlock_limit(&self, pid: i32) -> Result<Option<u64>, ioasid_engine::backend::BackendError> {
+        self.fake.memlock_limit(pid)
+    }
+    fn domain_info(
+        &self,
+        group: u32,
+    ) -> Result<ioasid_engine::backend::DomainInfo, ioasid_engine::backend::BackendError> {
+        self.fake.domain_info(group)
+    }
+    fn map(
+        &self,
+        group: u32,
+        iova: u64,
+        daemon_vaddr: u64,
+        size: u64,
+        prot: Prot,
+    ) -> Result<(), ioasid_engine::backend::BackendError> {
+        self.fake.map(group, iova, daemon_vaddr, size, prot)
+    }
+    fn unmap(
+        &self,
+        group: u32,
+        iova: u64,
+        size: u64,
+    ) -> Result<u64, ioasid_engine::backend::BackendError> {
+        self.fake.unmap(group, iova, size)
+    }
+    fn unmap_all(&self, group: u32) -> Result<(), ioasid_engine::backend::BackendError> {
+        self.fake.unmap_all(group)
+    }
+}
+
+/// Whichever of bind and close gets the context lock first, nothing is
+/// left behind. (The order is up to the scheduler, so this is a smoke test
+/// of the invariant, not a proof that both orders were exercised.)
+#[test]
+fn operations_racing_close_leave_nothing_behind() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let backend = Arc::new(GatedBackend {
+        fake: FakeBackend::new(),
+        gate: std::sync::Mutex::new(Some(rx)),
+    });
+    backend.fake.share(PID, MEM, PIECE);
+    let spec = DeviceSpec {
+        id: DEV_A,
+        name: "0000:00:03.0".into(),
+        group: 3,
+    };
+    let engine = Arc::new(Engine::new(backend.clone(), vec![spec]).unwrap());
+    let ctx = engine.open_context();
+    // A holds the context lock, waiting in the backend.
+    let a = {
+        let e = engine.clone();
+        std::thread::spawn(move || e.register_memory(ctx, PID, MEM, K4))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    // B has looked the context up and waits for its lock; so does close.
+    let b = {
+        let e = engine.clone();
+        std::thread::spawn(move || e.bind(DEV_A, ctx))
+    };
+    let c = {
+        let e = engine.clone();
+        std::thread::spawn(move || e.close_context(ctx))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    tx.send(()).unwrap();
+    a.join().unwrap().unwrap();
+    let bound = b.join().unwrap();
+    let closed = c.join().unwrap().unwrap();
+    match bound {
+        Ok(()) => assert_eq!(closed.unbound, vec![DEV_A]),
+        Err(e) => assert_eq!(e.errno, EINVAL),
+    }
+    assert_eq!(engine.bound_context(DEV_A), None);
+    assert_eq!(backend.fake.live_aliases(), 0);
+    let next = engine.open_context();
+    engine.bind(DEV_A, next).unwrap();
+}
