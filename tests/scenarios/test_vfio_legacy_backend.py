@@ -31,6 +31,7 @@ CHECKS = [
     "ok: device 2 wrote client 2's page through group 2's container (control)",
     "ok: page B still alone",
     "ok: unmap_all emptied both containers",
+    "ok: groups released on drop and reusable",
     "alias_dma: PASS",
 ]
 
@@ -69,6 +70,18 @@ def test_dma_with_a_device_of_the_shared_group():
     r = run_example("0000:01:01.0", "0000:00:0c.0")
     assert_all_checks(r)
     assert "devices: 0000:00:0c.0" in r.stdout and "0000:01:01.0" in r.stdout
+
+
+def test_dma_through_aliased_hugetlbfs_memory():
+    nr = Path("/proc/sys/vm/nr_hugepages")
+    before = nr.read_text()
+    nr.write_text("2\n")
+    try:
+        r = run_example("--hugetlb")
+    finally:
+        nr.write_text(before)
+    assert_all_checks(r)
+    assert "ok: client 1's hugetlbfs memory aliased at a 2 MiB aligned address" in r.stdout
 
 
 def test_device_not_bound_to_vfio_pci_is_refused_with_advice():

@@ -13,8 +13,10 @@
 //! 3. client 2's page, mapped only in group 2's container, is out of device
 //!    1's reach at the same IOVA; device 2 can write it (control).
 //!
-//! Usage: `alias_dma [BDF1 BDF2]` (default: the first two `edu` devices, in
-//! distinct IOMMU groups, bound to vfio-pci).
+//! Usage: `alias_dma [--hugetlb] [BDF1 BDF2]` (default: the first two `edu`
+//! devices, in distinct IOMMU groups, bound to vfio-pci). With `--hugetlb`,
+//! client 1's memory is a 2 MiB hugetlbfs memfd (needs a free huge page:
+//! `echo 2 > /proc/sys/vm/nr_hugepages`).
 
 #[path = "../tests/support/client.rs"]
 mod client;
@@ -25,7 +27,7 @@ use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use client::{Client, PAGE};
+use client::{Client, HUGE_PAGE, PAGE};
 use ioasid_engine::backend::{Backend, GroupId, Prot};
 use vfio_legacy::{device_info, region_info, PciDevice, Sysfs, VfioLegacy};
 
@@ -164,7 +166,10 @@ fn expect(client: &mut Client, cmd: &str, what: &str) -> Result<()> {
 
 fn pick_devices() -> Result<(PciDevice, PciDevice)> {
     let sysfs = Sysfs::default();
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     let devs = if args.is_empty() {
         sysfs.discover()?
     } else {
@@ -226,7 +231,9 @@ fn run() -> Result<()> {
     let avail_before = info.dma_avail.context("no DMA_AVAIL capability")?;
 
     // Client 1: pages A and B. Client 2: page C.
-    let mut c1 = Client::spawn(&exe, "memfd", 2, SEED_A);
+    let hugetlb = std::env::args().any(|a| a == "--hugetlb");
+    let kind1 = if hugetlb { "hugetlb" } else { "memfd" };
+    let mut c1 = Client::spawn(&exe, kind1, 2, SEED_A);
     expect(
         &mut c1,
         &format!("fill 1 {SEED_B}"),
@@ -242,6 +249,18 @@ fn run() -> Result<()> {
         .map_err(anyhow::Error::msg)?;
     ensure!(a1.segments.len() == 1 && a2.segments.len() == 1);
     let daemon_a = a1.segments[0].daemon_vaddr;
+    if hugetlb {
+        ensure!(
+            c1.len == HUGE_PAGE as u64,
+            "client 1 has {:#x} bytes",
+            c1.len
+        );
+        ensure!(
+            daemon_a % HUGE_PAGE as u64 == 0,
+            "hugetlbfs alias at {daemon_a:#x} is not 2 MiB aligned"
+        );
+        println!("ok: client 1's hugetlbfs memory aliased at a 2 MiB aligned address");
+    }
     let daemon_b = daemon_a + PAGE as u64;
     let daemon_c = a2.segments[0].daemon_vaddr;
     let rw = Prot {
@@ -355,6 +374,13 @@ fn run() -> Result<()> {
     );
     c1.quit();
     c2.quit();
+
+    // Dropping the backend closes groups and containers: the groups can be
+    // taken again.
+    drop(v);
+    let again = VfioLegacy::new(&groups)?;
+    drop(again);
+    println!("ok: groups released on drop and reusable");
     Ok(())
 }
 

@@ -87,6 +87,33 @@ fn two_clients_get_distinct_aliases() {
     c2.quit();
 }
 
+/// A client that replaces its memory by another file at the same address
+/// gets a new alias of the new pages; the old alias keeps the old pages.
+fn replaced_memory_gets_a_new_alias() {
+    let mut c = Client::spawn(&exe(), "memfd", 1, 0x05);
+    let cm = ClientMemory::new();
+    let old = cm.alias(c.pid(), c.addr, c.len).unwrap();
+    assert_eq!(c.cmd("remap 6"), "ok");
+    let new = cm.alias(c.pid(), c.addr, c.len).unwrap();
+    assert_ne!(old.segments[0].daemon_vaddr, new.segments[0].daemon_vaddr);
+    assert_eq!(cm.mapping_count(), 2);
+    assert_eq!(
+        read_self(new.segments[0].daemon_vaddr, PAGE),
+        pattern_page(6)
+    );
+    assert_eq!(
+        read_self(old.segments[0].daemon_vaddr, PAGE),
+        pattern_page(5)
+    );
+    // The new alias reaches the client's current page.
+    write_self(new.segments[0].daemon_vaddr, &pattern_page(7));
+    assert_eq!(c.cmd(&format!("check 0 7 {PAGE}")), "ok");
+    cm.release(&old);
+    cm.release(&new);
+    assert_eq!(cm.mapping_count(), 0);
+    c.quit();
+}
+
 /// The same through the engine's Backend trait, on a backend with no groups.
 fn backend_alias_and_memlock() {
     let c = Client::spawn(&exe(), "memfd", 1, 0x44);
@@ -120,6 +147,10 @@ fn main() {
         (
             "two_clients_get_distinct_aliases",
             two_clients_get_distinct_aliases,
+        ),
+        (
+            "replaced_memory_gets_a_new_alias",
+            replaced_memory_gets_a_new_alias,
         ),
         ("backend_alias_and_memlock", backend_alias_and_memlock),
     ];

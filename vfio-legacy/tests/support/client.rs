@@ -3,7 +3,8 @@
 //! so the test can check what happened to that memory *from the client's
 //! side*.
 //!
-//! Started as `<exe> --client <memfd|shared-anon|private> <pages> <seed>`:
+//! Started as `<exe> --client <memfd|hugetlb|shared-anon|private> <pages>
+//! <seed>` (hugetlb: a 2 MiB hugetlbfs memfd, length rounded up):
 //! maps `pages` pages of the given kind, fills every page with the pattern
 //! of `seed`, prints `ready <addr hex> <len>` and then serves one command per
 //! line:
@@ -11,6 +12,8 @@
 //! - `fill <page> <seed>`: fill the page with the pattern of `seed`;
 //! - `check <page> <seed> <n>`: are the first `n` bytes of the page the
 //!   pattern of `seed`? Prints `ok` or `bad <index> <got> <want>`;
+//! - `remap <seed>`: replace the memory by a new mapping of the same kind
+//!   (a new file) at the same address, filled with the pattern of `seed`;
 //! - `quit`: exit 0.
 //!
 //! The client reads and writes its own memory through `/proc/self/mem`, so
@@ -40,29 +43,41 @@ pub fn pattern_page(seed: u8) -> Vec<u8> {
     (0..PAGE).map(|i| pattern(seed, i)).collect()
 }
 
-fn map(kind: &str, len: usize) -> (usize, Option<OwnedFd>) {
-    let (flags, fd) = match kind {
-        "memfd" => {
-            let fd = nix::sys::memfd::memfd_create(
-                "alias-client",
-                nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-            )
-            .expect("memfd_create");
-            let f = File::from(fd);
-            f.set_len(len as u64).expect("ftruncate");
-            (libc::MAP_SHARED, Some(OwnedFd::from(f)))
-        }
+/// Huge page size used by the `hugetlb` kind.
+pub const HUGE_PAGE: usize = 2 << 20;
+
+/// Map `len` bytes of memory of `kind`; at `at` (replacing what is there)
+/// if given.
+fn map(kind: &str, len: usize, at: Option<usize>) -> (usize, Option<OwnedFd>) {
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    let memfd = |flags: MFdFlags| {
+        let fd = memfd_create("alias-client", MFdFlags::MFD_CLOEXEC | flags).expect("memfd_create");
+        let f = File::from(fd);
+        f.set_len(len as u64).expect("ftruncate");
+        Some(OwnedFd::from(f))
+    };
+    let (mut flags, fd) = match kind {
+        "memfd" => (libc::MAP_SHARED, memfd(MFdFlags::empty())),
+        "hugetlb" => (
+            libc::MAP_SHARED,
+            memfd(MFdFlags::MFD_HUGETLB | MFdFlags::MFD_HUGE_2MB),
+        ),
         "shared-anon" => (libc::MAP_SHARED | libc::MAP_ANONYMOUS, None),
         "private" => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None),
         other => panic!("unknown memory kind {other}"),
     };
+    if at.is_some() {
+        flags |= libc::MAP_FIXED;
+    }
     let raw = fd.as_ref().map_or(-1, |f| f.as_raw_fd());
-    // SAFETY: a fresh mapping at an address of the kernel's choosing (no
-    // MAP_FIXED) overlaps nothing; the fd, if any, is valid; the result is
-    // checked. The memory is only touched through /proc/self/mem.
+    // SAFETY: without `at`, a fresh mapping at an address of the kernel's
+    // choosing overlaps nothing; with `at`, MAP_FIXED replaces exactly this
+    // client's own earlier mapping of `len` bytes there, which no Rust
+    // reference points into (the memory is only touched through
+    // /proc/self/mem). The fd, if any, is valid; the result is checked.
     let p = unsafe {
         libc::mmap(
-            std::ptr::null_mut(),
+            at.map_or(std::ptr::null_mut(), |a| a as *mut libc::c_void),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
             flags,
@@ -81,8 +96,11 @@ fn map(kind: &str, len: usize) -> (usize, Option<OwnedFd>) {
 
 /// Be the client (never returns).
 pub fn serve(kind: &str, pages: usize, seed: u8) -> ! {
-    let len = pages * PAGE;
-    let (addr, _fd) = map(kind, len);
+    let mut len = pages * PAGE;
+    if kind == "hugetlb" {
+        len = len.div_ceil(HUGE_PAGE) * HUGE_PAGE;
+    }
+    let (addr, mut _fd) = map(kind, len, None);
     let mem = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -116,6 +134,17 @@ pub fn serve(kind: &str, pages: usize, seed: u8) -> ! {
                     None => "ok".to_string(),
                     Some(i) => format!("bad {i} {} {}", buf[i], pattern(seed, i)),
                 }
+            }
+            Some("remap") => {
+                // A new file at the same addresses: what a client replacing
+                // its memory between two calls does.
+                let (_, fd) = map(kind, len, Some(addr));
+                _fd = fd;
+                for p in 0..pages {
+                    mem.write_all_at(&pattern_page(num(1) as u8), (addr + p * PAGE) as u64)
+                        .expect("fill");
+                }
+                "ok".to_string()
             }
             Some("quit") => std::process::exit(0),
             _ => format!("error unknown command {line:?}"),
