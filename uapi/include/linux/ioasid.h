@@ -76,7 +76,7 @@
  *   EFAULT  the argument cannot be read or written; memory the daemon
  *           cannot share (private or anonymous-private mappings: use
  *           memfd, shm, hugetlbfs, a shared file or MAP_SHARED|MAP_ANONYMOUS)
- *   ENOENT  unknown IOASID; no such registration or attachment; a map
+ *   ENOENT  unknown IOASID; no such registration or bound table; a map
  *           outside the registered ranges of a file that registers memory
  *   EEXIST  a map overlapping an existing mapping; a registration
  *           overlapping an existing registration
@@ -95,8 +95,8 @@
  * ';' 0x64-0x7F for linux/vfio.h and ';' 0x80-0xFF for linux/iommufd.h,
  * and nothing else under ';'. Read from the Linux 6.12 headers:
  *   - vfio.h: every command is _IO(';', VFIO_BASE + n) with VFIO_BASE 100
- *     and n = 0..21, i.e. 0x64..0x79 (several n are shared by commands on
- *     different file types: 12..14, 17..21);
+ *     and n = 0..21, i.e. 0x64..0x79 (n = 12..21 each serve commands on
+ *     several file types: container, device, migration fd);
  *   - iommufd.h: every command is _IO(';', IOMMUFD_CMD_*) with values from
  *     IOMMUFD_CMD_BASE 0x80 (DESTROY) to 0x8e (FAULT_QUEUE_ALLOC); later
  *     kernels continue upwards from there.
@@ -655,9 +655,9 @@ struct ioasid_invalidate_cache {
  * Argument: struct vfio_attach_ioasid naming the attachment (ioasid, and
  * the PASID if IOASID_ATTACH_USER_PASID). Returns 0. The last device of a
  * group detached leaves the group with no DMA at all.
- * Errors: EINVAL (argsz, flags, reserved, device not bound), E2BIG, EFAULT,
- * ENOENT (no such attachment), EBUSY (the device is still attached to a
- * child of this IOASID).
+ * Errors: EINVAL (argsz, flags, reserved, device not bound, the device
+ * has no such attachment), E2BIG, EFAULT, ENOENT (unknown IOASID), EBUSY
+ * (the device is still attached to a child of this IOASID).
  */
 struct vfio_attach_ioasid {
 	__u32	argsz;
