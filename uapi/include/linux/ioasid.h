@@ -74,8 +74,9 @@
  *           ranges; an unmap that would split a mapping; a bad format
  *   E2BIG   non-zero bytes past the known struct
  *   EFAULT  the argument cannot be read or written; memory the daemon
- *           cannot share (private or anonymous-private mappings: use
- *           memfd, shm, hugetlbfs, a shared file or MAP_SHARED|MAP_ANONYMOUS)
+ *           cannot share (MAP_PRIVATE mappings, including ordinary
+ *           anonymous memory: use memfd, shm, hugetlbfs, a shared file or
+ *           MAP_SHARED|MAP_ANONYMOUS)
  *   ENOENT  unknown IOASID; no such registration or bound table; a map
  *           outside the registered ranges of a file that registers memory
  *   EEXIST  a map overlapping an existing mapping; a registration
@@ -99,7 +100,8 @@
  *     several file types: container, device, migration fd);
  *   - iommufd.h: every command is _IO(';', IOMMUFD_CMD_*) with values from
  *     IOMMUFD_CMD_BASE 0x80 (DESTROY) to 0x8e (FAULT_QUEUE_ALLOC); later
- *     kernels continue upwards from there.
+ *     kernels continue upwards (0x8f IOAS_MAP_FILE ... 0x94 HW_QUEUE_ALLOC
+ *     at the time of writing).
  * IOASID_BASE is 0x20: the whole block IOASID_BASE + 0..63 = 0x20..0x5f
  * lies in the unregistered part 0x00..0x63 of ';', below VFIO's first
  * number; it holds the 14 RFC commands (0x20..0x2d), IOASID_DAEMON_IDENTIFY
