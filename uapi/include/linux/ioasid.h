@@ -29,6 +29,7 @@
  *     all be zero (then they are ignored)                    -> else E2BIG
  *     (except IOASID_GET_INFO, where they are the output buffer of the
  *     capability chain and are not checked)
+ *   - argsz more than 64 KiB above it (the daemon reads no further) -> E2BIG
  *   - a flag bit this header does not define                 -> EINVAL
  *   - a __reserved field that is not zero                    -> EINVAL
  *   - the struct cannot be read or written                   -> EFAULT
