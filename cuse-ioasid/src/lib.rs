@@ -1,3 +1,4 @@
 //! The cuse-ioasid daemon: /dev/ioasid and the device nodes, served from user space over CUSE.
 
 pub mod ioctl;
+pub mod node;

@@ -1,0 +1,201 @@
+//! `cuse-ioasid`: serve the 2021 `/dev/ioasid` uAPI proposal from user space.
+//!
+//! Registers `/dev/ioasid` and one `/dev/vfio/devices/devN` per VFIO device
+//! with CUSE and realises the I/O address spaces on legacy VFIO containers.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use cuse_server::{DeviceConfig, Server};
+use ioasid_engine::{DeviceId, DeviceSpec, Engine};
+use nix::sys::signal::{SigSet, Signal};
+use vfio_legacy::{PciDevice, Sysfs, VfioLegacy};
+
+use cuse_ioasid::node::IoasidNode;
+
+/// Serve /dev/ioasid and /dev/vfio/devices/devN over CUSE, on top of the
+/// legacy VFIO container/group interface.
+///
+/// Needs root, the `cuse` module and devices bound to `vfio-pci`. Every
+/// device bound to vfio-pci is served unless --device names some; the nodes
+/// are numbered dev1, dev2, ... in PCI address order. `--list` prints which
+/// node is which device; the daemon also logs the table at start. Stop it
+/// with SIGTERM or SIGINT: the nodes disappear and clients get ENODEV.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Serve only this device (PCI address such as 0000:00:03.0);
+    /// repeatable. Default: every device bound to vfio-pci.
+    #[arg(long = "device", value_name = "BDF")]
+    devices: Vec<String>,
+
+    /// Print the device nodes the daemon would create (node, PCI address,
+    /// IOMMU group) and exit without serving.
+    #[arg(long)]
+    list: bool,
+
+    /// Name of the ioasid node under /dev.
+    #[arg(long, default_value = "ioasid", value_name = "NAME")]
+    ioasid_name: String,
+
+    /// Device nodes are named PREFIX1, PREFIX2, ... under /dev.
+    #[arg(long, default_value = "vfio/devices/dev", value_name = "PREFIX")]
+    node_prefix: String,
+
+    /// Permissions to give the nodes (octal, e.g. 0666). Default: the
+    /// kernel's 0600, root only.
+    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    node_mode: Option<u32>,
+
+    /// Log filter (tracing-subscriber syntax, e.g. `debug` or
+    /// `cuse_ioasid=debug,info`); RUST_LOG overrides it.
+    #[arg(long, default_value = "info", value_name = "FILTER")]
+    log: String,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("{s:?} is not an octal file mode"))
+}
+
+fn main() {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(args) {
+        tracing::error!("{e:#}");
+        eprintln!("cuse-ioasid: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The devices to serve, in node order.
+fn select_devices(args: &Args) -> Result<Vec<PciDevice>> {
+    let sysfs = Sysfs::default();
+    let devices = if args.devices.is_empty() {
+        sysfs
+            .discover()
+            .context("listing devices bound to vfio-pci")?
+    } else {
+        sysfs
+            .devices(&args.devices)
+            .context("looking up the devices given with --device")?
+    };
+    Ok(devices)
+}
+
+fn run(args: Args) -> Result<()> {
+    let devices = select_devices(&args)?;
+    let nodes: Vec<String> = (1..=devices.len())
+        .map(|n| format!("{}{n}", args.node_prefix))
+        .collect();
+    if args.list {
+        println!(
+            "{:<24} {:<14} {:>5}  vendor:device",
+            "node", "PCI address", "group"
+        );
+        for (node, d) in nodes.iter().zip(&devices) {
+            println!(
+                "{:<24} {:<14} {:>5}  {:04x}:{:04x}",
+                format!("/dev/{node}"),
+                d.bdf,
+                d.group,
+                d.vendor,
+                d.device
+            );
+        }
+        return Ok(());
+    }
+    if devices.is_empty() {
+        tracing::warn!(
+            "no device is bound to vfio-pci: serving /dev/ioasid only (bind one with \
+             `echo vfio-pci > /sys/bus/pci/devices/BDF/driver_override; \
+             echo BDF > /sys/bus/pci/drivers_probe`)"
+        );
+    }
+
+    // Block the stop signals in every thread (the mask is inherited by the
+    // threads the server starts); one thread waits for them below.
+    let mut stop_signals = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        stop_signals.add(s);
+    }
+    stop_signals
+        .thread_block()
+        .context("blocking the stop signals")?;
+
+    let groups: Vec<u32> = devices
+        .iter()
+        .map(|d| d.group)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let backend = Arc::new(VfioLegacy::new(&groups).context("setting up VFIO containers")?);
+    let specs: Vec<DeviceSpec> = devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| DeviceSpec {
+            id: DeviceId(i as u32 + 1),
+            name: d.bdf.clone(),
+            group: d.group,
+        })
+        .collect();
+    let engine =
+        Arc::new(Engine::new(backend.clone(), specs.clone()).map_err(|e| anyhow::anyhow!("{e}"))?);
+
+    let server = Server::new().context("starting the CUSE server")?;
+    let ioasid = server
+        .register(
+            DeviceConfig::new(&args.ioasid_name),
+            Arc::new(IoasidNode::new(engine.clone(), Box::new(|_closed| {}))),
+        )
+        .with_context(|| {
+            format!(
+                "registering /dev/{} (is the cuse module loaded?)",
+                args.ioasid_name
+            )
+        })?;
+    set_mode(&ioasid.path, args.node_mode)?;
+    tracing::info!(node = %ioasid.path.display(), dev = %ioasid.dev, "serving");
+
+    // DEVICE-NODES-TODO
+    let _ = (&nodes, &specs, &backend);
+
+    let stop = server.shutdown_handle();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || match stop_signals.wait() {
+            Ok(sig) => {
+                tracing::info!("{sig}: stopping");
+                stop.stop();
+            }
+            Err(e) => {
+                tracing::error!("waiting for signals failed: {e}; stopping");
+                stop.stop();
+            }
+        })
+        .context("starting the signal thread")?;
+
+    server.wait();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn set_mode(path: &Path, mode: Option<u32>) -> Result<()> {
+    let Some(mode) = mode else { return Ok(()) };
+    if !path.exists() {
+        bail!("{} did not appear", path.display());
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {:o} {}", mode, path.display()))
+}
