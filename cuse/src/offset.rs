@@ -146,18 +146,37 @@ pub(crate) fn offset_from_syscall_line(line: &str, dir: Direction, within: u64) 
     }
 }
 
+/// How long [`resolve`] waits for a caller that is still running.
+const RUNNING_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Read `/proc/<tid>/syscall` under `proc_root` and interpret it.
+///
+/// The kernel queues the request before the caller goes to sleep, so a
+/// server on another CPU can get here while the caller still runs; the file
+/// then says "running". That state lasts microseconds: read again, with a
+/// growing pause, for up to [`RUNNING_PATIENCE`].
 pub(crate) fn resolve(proc_root: &Path, tid: u32, dir: Direction, within: u64) -> Offset {
     let path = proc_root.join(tid.to_string()).join("syscall");
-    match std::fs::read_to_string(&path) {
-        Ok(text) => offset_from_syscall_line(&text, dir, within),
-        Err(e) => Offset::Unknown {
-            within,
-            reason: OffsetError::Unreadable {
-                tid,
-                errno: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
-            },
-        },
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_micros(20);
+    loop {
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) => {
+                return Offset::Unknown {
+                    within,
+                    reason: OffsetError::Unreadable {
+                        tid,
+                        errno: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+                    },
+                }
+            }
+        };
+        if text.trim() != "running" || start.elapsed() >= RUNNING_PATIENCE {
+            return offset_from_syscall_line(&text, dir, within);
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(5));
     }
 }
 
@@ -311,6 +330,36 @@ mod tests {
             } => assert_eq!(errno, nix::errno::Errno::ENOENT),
             other => panic!("{other:?}"),
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn resolve_waits_for_a_running_caller_then_gives_up() {
+        let dir = std::env::temp_dir().join(format!("cuse-offset-run-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("7")).unwrap();
+        let file = dir.join("7/syscall");
+        std::fs::write(&file, "running\n").unwrap();
+        // The caller goes to sleep in pread64 a little later.
+        let writer = {
+            let file = file.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(30));
+                std::fs::write(&file, line(17, 0x99)).unwrap();
+            })
+        };
+        assert_eq!(resolve(&dir, 7, Read, 1), Offset::At(0x9a));
+        writer.join().unwrap();
+        // Still running after the patience: NotInSyscall, not a guess.
+        std::fs::write(&file, "running\n").unwrap();
+        let t0 = std::time::Instant::now();
+        assert_eq!(
+            resolve(&dir, 7, Read, 0),
+            Offset::Unknown {
+                within: 0,
+                reason: OffsetError::NotInSyscall
+            }
+        );
+        assert!(t0.elapsed() >= RUNNING_PATIENCE);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1,0 +1,444 @@
+"""The CUSE server library (crate cuse-server) against the real kernel.
+
+Runs the crate's `scratchpad` example (built on the host with
+`cargo build -p cuse-server --examples`) inside the test VM and drives its
+node like any client would: open, ioctls that read and write the caller's
+structs, positional and stream I/O, poll, signals, many clients at once,
+a refused duplicate, and a shutdown under open files.
+
+    scripts/vm -- python3 -m pytest -v tests/scenarios/test_cuse_scratchpad.py
+"""
+
+import ctypes
+import errno
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "target" / "debug" / "examples" / "scratchpad"
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/dev/cuse"),
+    reason="needs /dev/cuse: run inside the test VM (scripts/vm)",
+)
+
+# ---- the example's ABI -------------------------------------------------------
+
+IOC_NONE, IOC_WRITE, IOC_READ = 0, 1, 2
+
+
+def ioc(direction, nr, size):
+    return (direction << 30) | (size << 16) | (ord("S") << 8) | nr
+
+
+XFORM = struct.Struct("<IIQ16s")  # argsz, flags, value, text
+STATS = struct.Struct("<6Q")  # opens, releases, reads, writes, ioctls, polls
+WHO = struct.Struct("<4I")  # tid, pid, uid, gid
+
+SCRATCH_TRANSFORM = ioc(IOC_READ | IOC_WRITE, 1, XFORM.size)
+SCRATCH_STATS = ioc(IOC_READ, 2, STATS.size)
+SCRATCH_SLOW = ioc(IOC_NONE, 3, 0)
+SCRATCH_RING = ioc(IOC_NONE, 4, 0)
+SCRATCH_ACK = ioc(IOC_NONE, 5, 0)
+SCRATCH_GREET = ioc(IOC_NONE, 6, 0)
+SCRATCH_WHOAMI = ioc(IOC_READ, 7, WHO.size)
+
+STAT_NAMES = ("opens", "releases", "reads", "writes", "ioctls", "polls")
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
+libc.ioctl.restype = ctypes.c_int
+
+
+def raw_ioctl(fd, cmd, arg):
+    """ioctl(2) without Python's retry or copy logic: (ret, errno)."""
+    ret = libc.ioctl(fd, cmd, arg)
+    return ret, (ctypes.get_errno() if ret < 0 else 0)
+
+
+def transform(fd, value, text):
+    buf = bytearray(XFORM.pack(XFORM.size, 0, value, text))
+    assert fcntl_ioctl(fd, SCRATCH_TRANSFORM, buf) == 0
+    return XFORM.unpack(buf)
+
+
+def stats(fd):
+    buf = bytearray(STATS.size)
+    assert fcntl_ioctl(fd, SCRATCH_STATS, buf) == 0
+    return dict(zip(STAT_NAMES, STATS.unpack(buf)))
+
+
+def fcntl_ioctl(fd, cmd, arg):
+    import fcntl
+
+    if isinstance(arg, bytearray):
+        return fcntl.ioctl(fd, cmd, arg, True)
+    return fcntl.ioctl(fd, cmd, arg)
+
+
+# ---- the daemon -----------------------------------------------------------------
+
+
+class Scratchpad:
+    def __init__(self, name, workers=16):
+        if not EXAMPLE.exists():
+            pytest.fail(f"{EXAMPLE} missing: run `cargo build -p cuse-server --examples` on the host")
+        self.name = name
+        self.path = Path("/dev") / name
+        self.proc = subprocess.Popen(
+            [str(EXAMPLE), "--name", name, "--workers", str(workers)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        line = read_line(self.proc.stdout, timeout=60)
+        if not line.startswith("ready "):
+            self.proc.kill()
+            _, err = self.proc.communicate(timeout=30)
+            pytest.fail(f"scratchpad did not start: {line!r} {err}")
+        _, _, self.dev = line.split()
+        assert self.path.exists(), "the node must exist once registration returned"
+
+    def open(self):
+        return os.open(self.path, os.O_RDWR)
+
+    def stop(self, timeout=30):
+        """SIGTERM; returns (exit status, stderr)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, err
+
+
+def read_line(stream, timeout):
+    ready, _, _ = select.select([stream], [], [], timeout)
+    if not ready:
+        return ""
+    return stream.readline().strip()
+
+
+@pytest.fixture
+def pad(request):
+    name = "cusetest/" + request.node.name.replace("test_", "")[:40]
+    daemon = Scratchpad(name)
+    yield daemon
+    status, err = daemon.stop()
+    sys.stderr.write(err)
+    assert status == 0, f"scratchpad exited {status}"
+    assert not daemon.path.exists(), "node must disappear at shutdown"
+
+
+# ---- tests ------------------------------------------------------------------------
+
+
+def test_open_identity_from_threads(pad):
+    fd = pad.open()
+    try:
+        seen = {}
+
+        def who(key):
+            buf = bytearray(WHO.size)
+            assert fcntl_ioctl(fd, SCRATCH_WHOAMI, buf) == 0
+            seen[key] = (WHO.unpack(buf), threading.get_native_id())
+
+        who("main")
+        t = threading.Thread(target=who, args=("thread",))
+        t.start()
+        t.join()
+        for key, ((tid, pid, uid, gid), native) in seen.items():
+            assert tid == native, key
+            assert pid == os.getpid(), key
+            assert (uid, gid) == (os.geteuid(), os.getegid()), key
+        assert seen["main"][0][0] != seen["thread"][0][0]
+        # The device number the daemon reported is the node's.
+        st = os.stat(pad.path)
+        assert f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}" == pad.dev
+    finally:
+        os.close(fd)
+
+
+def test_struct_ioctl_costs_one_request(pad):
+    fd = pad.open()
+    try:
+        before = stats(fd)
+        argsz, flags, value, text = transform(fd, 20, b"hello cuse\0\0\0\0\0\0")
+        after = stats(fd)
+        assert (argsz, flags, value) == (XFORM.size, 1 << 31, 41)
+        assert text == b"HELLO CUSE\0\0\0\0\0\0"
+        # Between the two STATS calls: exactly the TRANSFORM, plus the second
+        # STATS itself. No FUSE_IOCTL_RETRY round trip.
+        assert after["ioctls"] - before["ioctls"] == 2
+        # A too-small argsz is refused; unknown commands are ENOTTY.
+        buf = bytearray(XFORM.pack(8, 0, 1, b""))
+        with pytest.raises(OSError) as e:
+            fcntl_ioctl(fd, SCRATCH_TRANSFORM, buf)
+        assert e.value.errno == errno.EINVAL
+        with pytest.raises(OSError) as e:
+            fcntl_ioctl(fd, ioc(IOC_NONE, 99, 0), 0)
+        assert e.value.errno == errno.ENOTTY
+        # A bad pointer is EFAULT, from the daemon's process_vm_readv.
+        ret, err = raw_ioctl(fd, SCRATCH_TRANSFORM, 8)
+        assert (ret, err) == (-1, errno.EFAULT)
+    finally:
+        os.close(fd)
+
+
+def test_pread_pwrite_at_real_offsets(pad):
+    fd = pad.open()
+    try:
+        assert os.pwrite(fd, b"small offset", 0x12345) == 12
+        assert os.pwrite(fd, b"region three", 0x30000000010) == 12
+        assert os.pread(fd, 12, 0x12345) == b"small offset"
+        assert os.pread(fd, 12, 0x30000000010) == b"region three"
+        # Partial and surrounding reads land exactly.
+        assert os.pread(fd, 8, 0x3000000000E) == b"\0\0region"
+        assert os.pread(fd, 4, 0x12345 + 6) == b"offs"
+        assert os.pread(fd, 16, 0x7000) == bytes(16)
+    finally:
+        os.close(fd)
+
+
+def test_transfers_above_128k_are_split_at_the_right_offsets(pad):
+    fd = pad.open()
+    try:
+        base = 0x30000000010 - 5
+        data = os.urandom(300 * 1024 + 77)
+        before = stats(fd)
+        assert os.pwrite(fd, data, base) == len(data)
+        mid = stats(fd)
+        # 300 KiB in requests of at most 128 KiB: three WRITE requests.
+        assert mid["writes"] - before["writes"] == 3
+        assert os.pread(fd, len(data), base) == data
+        after = stats(fd)
+        assert after["reads"] - mid["reads"] == 3
+        # Pieces read back from inside the second and third requests.
+        for off in (131072 - 3, 200000, 2 * 131072 + 1):
+            assert os.pread(fd, 1000, base + off) == data[off : off + 1000]
+    finally:
+        os.close(fd)
+
+
+def test_preadv_pwritev(pad):
+    fd = pad.open()
+    try:
+        assert os.pwritev(fd, [b"abc", b"defgh"], 0x5000) == 8
+        a, b = bytearray(4), bytearray(4)
+        assert os.preadv(fd, [a, b], 0x5000) == 8
+        assert (bytes(a), bytes(b)) == (b"abcd", b"efgh")
+        assert os.pread(fd, 8, 0x5000) == b"abcdefgh"
+    finally:
+        os.close(fd)
+
+
+def test_plain_read_write_stream(pad):
+    fd = pad.open()
+    try:
+        # No file position under CUSE: the example treats plain transfers as
+        # starting at 0.
+        assert os.write(fd, b"stream data") == 11
+        assert os.read(fd, 11) == b"stream data"
+        assert os.pread(fd, 6, 0) == b"stream"
+        assert os.writev(fd, [b"ab", b"cd"]) == 4
+        assert os.readv(fd, [bytearray(4)]) == 4
+        assert os.pread(fd, 4, 0) == b"abcd"
+    finally:
+        os.close(fd)
+
+
+RING_SCRIPT = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.ioctl(fd, int(sys.argv[2]), 0)
+os.close(fd)
+"""
+
+
+def test_poll_wakes_when_another_process_rings(pad):
+    fd = pad.open()
+    try:
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        assert p.poll(0) == []  # nothing rung yet
+        result = {}
+
+        def waiter():
+            t0 = time.monotonic()
+            result["events"] = p.poll(60_000)
+            result["waited"] = time.monotonic() - t0
+
+        t = threading.Thread(target=waiter)
+        t.start()
+        time.sleep(1.0)  # the waiter is asleep in poll
+        assert t.is_alive()
+        subprocess.run([sys.executable, "-c", RING_SCRIPT, str(pad.path), str(SCRATCH_RING)], check=True, timeout=60)
+        t.join(timeout=30)
+        assert not t.is_alive(), "poll was not woken by the ring"
+        assert result["events"] and result["events"][0][0] == fd
+        assert result["events"][0][1] & select.POLLIN
+        assert result["waited"] >= 0.9
+        # Acknowledged: not readable any more; still writable.
+        assert fcntl_ioctl(fd, SCRATCH_ACK, 0) == 0
+        assert p.poll(0) == []
+        q = select.poll()
+        q.register(fd, select.POLLOUT)
+        assert q.poll(0)[0][1] & select.POLLOUT
+    finally:
+        os.close(fd)
+
+
+def test_signal_interrupts_a_slow_ioctl(pad):
+    fd = pad.open()
+    old = signal.signal(signal.SIGALRM, lambda *_: None)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        t0 = time.monotonic()
+        ret, err = raw_ioctl(fd, SCRATCH_SLOW, 30_000)
+        elapsed = time.monotonic() - t0
+        assert (ret, err) == (-1, errno.EINTR)
+        assert 0.4 <= elapsed < 10, elapsed
+        # The daemon is healthy: a short slow ioctl completes, others work.
+        assert raw_ioctl(fd, SCRATCH_SLOW, 100) == (0, 0)
+        assert transform(fd, 1, b"x")[2] == 3
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        os.close(fd)
+
+
+CLIENT_SCRIPT = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+k = int(sys.argv[2])
+for i in range(20):
+    off = 0x100000000 * (k + 1) + i * 4096
+    data = os.urandom(100 + i)
+    assert os.pwrite(fd, data, off) == len(data)
+    assert os.pread(fd, len(data), off) == data, (k, i)
+os.close(fd)
+"""
+
+
+def test_many_clients_at_once_and_a_slow_one_blocks_nobody(pad):
+    slow_fd = pad.open()
+    slow = {}
+
+    def slow_call():
+        t0 = time.monotonic()
+        slow["ret"] = raw_ioctl(slow_fd, SCRATCH_SLOW, 8000)
+        slow["done"] = time.monotonic() - t0
+
+    slow_thread = threading.Thread(target=slow_call)
+    slow_thread.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    errors = []
+
+    def thread_client(k):
+        try:
+            fd = pad.open()
+            try:
+                for i in range(20):
+                    off = 0x10000 * (k + 1) + i * 512
+                    data = bytes([k]) * (64 + i)
+                    assert os.pwrite(fd, data, off) == len(data)
+                    assert os.pread(fd, len(data), off) == data
+                    assert transform(fd, k, b"t")[2] == 2 * k + 1
+            finally:
+                os.close(fd)
+        except Exception as e:  # collected and asserted below
+            errors.append((k, repr(e)))
+
+    threads = [threading.Thread(target=thread_client, args=(k,)) for k in range(6)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, str(pad.path), str(k)]) for k in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    others_done = time.monotonic() - t0
+    assert errors == []
+    assert slow_thread.is_alive(), f"the others took {others_done:.1f}s, longer than the slow ioctl"
+    slow_thread.join(timeout=60)
+    assert slow["ret"] == (0, 0)
+    os.close(slow_fd)
+
+
+def test_fd_of_the_caller_reaches_the_daemon(pad):
+    fd = pad.open()
+    r, w = os.pipe()
+    try:
+        assert fcntl_ioctl(fd, SCRATCH_GREET, w) == 22
+        assert os.read(r, 100) == b"hello from scratchpad\n"
+        with pytest.raises(OSError) as e:
+            fcntl_ioctl(fd, SCRATCH_GREET, 999)
+        assert e.value.errno == errno.EBADF
+    finally:
+        for x in (fd, r, w):
+            os.close(x)
+
+
+def test_duplicate_name_is_refused_at_registration(pad):
+    r = subprocess.run(
+        [str(EXAMPLE), "--name", pad.name], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2
+    assert "refused" in r.stderr and pad.name in r.stderr
+    assert "ready" not in r.stdout
+    # The first daemon is unaffected.
+    fd = pad.open()
+    try:
+        assert transform(fd, 5, b"ok")[2] == 11
+    finally:
+        os.close(fd)
+
+
+def test_shutdown_with_clients_holding_the_node_open():
+    daemon = Scratchpad("cusetest/shutdown")
+    fd_busy, fd_idle = daemon.open(), daemon.open()
+    assert os.pwrite(fd_idle, b"x", 0) == 1
+    busy = {}
+
+    def slow_call():
+        t0 = time.monotonic()
+        busy["ret"] = raw_ioctl(fd_busy, SCRATCH_SLOW, 60_000)
+        busy["took"] = time.monotonic() - t0
+
+    t = threading.Thread(target=slow_call)
+    t.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    status, err = daemon.stop(timeout=60)
+    stop_took = time.monotonic() - t0
+    sys.stderr.write(err)
+    t.join(timeout=30)
+    assert not t.is_alive(), "the in-flight ioctl must not hang"
+    assert status == 0
+    assert stop_took < 20, stop_took
+    # The request in flight was interrupted by the shutdown.
+    assert busy["ret"][0] == -1
+    assert busy["ret"][1] in (errno.EINTR, errno.ECONNABORTED), busy
+    assert busy["took"] < 30
+    # The idle client's next operation fails; nothing hangs.
+    with pytest.raises(OSError) as e:
+        os.pread(fd_idle, 1, 0)
+    assert e.value.errno in (errno.ENOTCONN, errno.ENODEV, errno.ECONNABORTED)
+    ret, err_no = raw_ioctl(fd_idle, SCRATCH_RING, 0)
+    assert ret == -1 and err_no in (errno.ENOTCONN, errno.ENODEV)
+    os.close(fd_busy)
+    os.close(fd_idle)
+    # The node is gone and cannot be opened.
+    assert not daemon.path.exists()
+    with pytest.raises(FileNotFoundError):
+        os.open(daemon.path, os.O_RDWR)
