@@ -658,9 +658,9 @@ struct ioasid_invalidate_cache {
  * Argument: struct vfio_attach_ioasid naming the attachment (ioasid, and
  * the PASID if IOASID_ATTACH_USER_PASID). Returns 0. The last device of a
  * group detached leaves the group with no DMA at all.
- * Errors: EINVAL (argsz, flags, reserved, device not bound, the device
- * has no such attachment), E2BIG, EFAULT, ENOENT (unknown IOASID), EBUSY
- * (the device is still attached to a child of this IOASID).
+ * Errors: EINVAL (argsz, flags, reserved, device not bound), E2BIG,
+ * EFAULT, ENOENT (unknown IOASID, or the device has no such attachment),
+ * EBUSY (the device is still attached to a child of this IOASID).
  */
 struct vfio_attach_ioasid {
 	__u32	argsz;
