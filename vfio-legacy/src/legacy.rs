@@ -270,22 +270,7 @@ fn open_domain(g: GroupId, paths: &Paths) -> Result<GroupDomain> {
     let status = sys::group_get_status(group.as_fd())
         .context(|| format!("VFIO_GROUP_GET_STATUS on group {g}"))?;
     if status.flags & VFIO_GROUP_FLAGS_VIABLE == 0 {
-        let members = match paths.sysfs.group_members(g) {
-            Ok(m) => m
-                .iter()
-                .filter(|(_, drv)| drv.as_deref().is_some_and(|d| d != "vfio-pci"))
-                .map(|(bdf, drv)| format!("{bdf} (bound to {})", drv.as_deref().unwrap_or("")))
-                .collect::<Vec<_>>()
-                .join(", "),
-            Err(e) => format!("cannot list its devices: {e}"),
-        };
-        return Err(Error::new(
-            Errno::EPERM,
-            format!(
-                "IOMMU group {g} is not viable: every device in it must be bound to vfio-pci \
-                 (or to no driver); still bound elsewhere: {members}"
-            ),
-        ));
+        return Err(not_viable(g, &paths.sysfs));
     }
     if status.flags & VFIO_GROUP_FLAGS_CONTAINER_SET != 0 {
         return Err(Error::new(
@@ -298,6 +283,35 @@ fn open_domain(g: GroupId, paths: &Paths) -> Result<GroupDomain> {
     sys::set_iommu(container.as_fd(), VFIO_TYPE1v2_IOMMU)
         .context(|| format!("VFIO_SET_IOMMU(TYPE1v2) for group {g}"))?;
     Ok(GroupDomain { group, container })
+}
+
+/// The error for a group the kernel says is not viable, naming the devices
+/// of the group bound to other drivers.
+fn not_viable(g: GroupId, sysfs: &Sysfs) -> Error {
+    let culprits = match sysfs.group_members(g) {
+        Ok(members) => {
+            let list: Vec<String> = members
+                .iter()
+                .filter_map(|(bdf, drv)| match drv.as_deref() {
+                    Some(d) if d != "vfio-pci" => Some(format!("{bdf} (bound to {d})")),
+                    _ => None,
+                })
+                .collect();
+            if list.is_empty() {
+                "none found in sysfs".to_string()
+            } else {
+                list.join(", ")
+            }
+        }
+        Err(e) => format!("cannot list its devices: {e}"),
+    };
+    Error::new(
+        Errno::EPERM,
+        format!(
+            "IOMMU group {g} is not viable: every device in it must be bound to vfio-pci \
+             (or to no driver); bound elsewhere: {culprits}"
+        ),
+    )
 }
 
 /// `VFIO_DEVICE_GET_INFO` of a device fd (base struct; capabilities not
@@ -368,6 +382,43 @@ mod tests {
             dev_vfio: dir,
             ..Paths::default()
         }
+    }
+
+    #[test]
+    fn not_viable_names_the_devices_to_rebind() {
+        let root = std::env::temp_dir().join(format!("vfio-legacy-viable-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let devs = root.join("kernel/iommu_groups/9/devices");
+        std::fs::create_dir_all(&devs).unwrap();
+        for (bdf, drv) in [
+            ("0000:01:01.0", Some("vfio-pci")),
+            ("0000:01:02.0", Some("e1000e")),
+            ("0000:01:03.0", None),
+        ] {
+            let dev = root.join("devices").join(bdf);
+            std::fs::create_dir_all(&dev).unwrap();
+            if let Some(d) = drv {
+                let ddir = root.join("bus/pci/drivers").join(d);
+                std::fs::create_dir_all(&ddir).unwrap();
+                std::os::unix::fs::symlink(&ddir, dev.join("driver")).unwrap();
+            }
+            std::os::unix::fs::symlink(&dev, devs.join(bdf)).unwrap();
+        }
+        let e = not_viable(9, &Sysfs::new(&root));
+        let _ = std::fs::remove_dir_all(&root);
+        assert_eq!(e.errno, Errno::EPERM);
+        assert!(e.message.contains("group 9 is not viable"), "{}", e.message);
+        assert!(
+            e.message.contains("must be bound to vfio-pci"),
+            "{}",
+            e.message
+        );
+        assert!(
+            e.message
+                .ends_with("bound elsewhere: 0000:01:02.0 (bound to e1000e)"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

@@ -130,6 +130,57 @@ fn backend_alias_and_memlock() {
     c.quit();
 }
 
+/// A `sleep` started by `setpriv --bounding-set -ipc_lock` (root without
+/// CAP_IPC_LOCK), whose memlock limit is then set to `limit` with util-linux
+/// `prlimit --pid`.
+fn without_ipc_lock(limit: &str) -> std::process::Child {
+    let child = std::process::Command::new("setpriv")
+        .args(["--bounding-set", "-ipc_lock", "sleep", "30"])
+        .spawn()
+        .expect("setpriv (util-linux)");
+    let comm = format!("/proc/{}/comm", child.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_to_string(&comm).unwrap_or_default().trim() != "sleep" {
+        assert!(std::time::Instant::now() < deadline, "sleep did not start");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let status = std::process::Command::new("prlimit")
+        .arg(format!("--pid={}", child.id()))
+        .arg(format!("--memlock={limit}"))
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(status.success());
+    child
+}
+
+/// memlock_limit reads the soft limit of a process without CAP_IPC_LOCK,
+/// and reports none for unlimited.
+fn memlock_limit_of_a_process_without_cap_ipc_lock() {
+    let v = VfioLegacy::with_paths(&[], &Paths::default()).unwrap();
+    let mut limited = without_ipc_lock("65536:131072");
+    let got = Backend::memlock_limit(&v, limited.id() as i32);
+    let _ = limited.kill();
+    let _ = limited.wait();
+    assert_eq!(got.unwrap(), Some(65536));
+    // Raising a hard limit to unlimited needs CAP_SYS_RESOURCE (bit 24),
+    // which some sandboxes drop even for root.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|h| u64::from_str_radix(h.trim(), 16).unwrap())
+        .unwrap();
+    if cap_eff & (1 << 24) == 0 {
+        println!("  (unlimited case skipped: no CAP_SYS_RESOURCE here)");
+        return;
+    }
+    let mut unlimited = without_ipc_lock("unlimited");
+    let got = Backend::memlock_limit(&v, unlimited.id() as i32);
+    let _ = unlimited.kill();
+    let _ = unlimited.wait();
+    assert_eq!(got.unwrap(), None);
+}
+
 fn main() {
     client::serve_if_client();
     use std::os::unix::fs::MetadataExt;
@@ -153,6 +204,10 @@ fn main() {
             replaced_memory_gets_a_new_alias,
         ),
         ("backend_alias_and_memlock", backend_alias_and_memlock),
+        (
+            "memlock_limit_of_a_process_without_cap_ipc_lock",
+            memlock_limit_of_a_process_without_cap_ipc_lock,
+        ),
     ];
     let mut failed = 0;
     for (name, t) in tests {
