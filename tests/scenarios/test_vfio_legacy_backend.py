@@ -19,6 +19,7 @@ EXAMPLE = REPO / "target" / "debug" / "examples" / "alias_dma"
 # Lines the example prints after each check passed, in order.
 CHECKS = [
     "ok: a second user of group",
+    "ok: a group with no vfio-pci device gets ENOENT",
     "ok: overlapping map refused with EEXIST",
     "ok: dma_avail went from",
     "ok: both devices opened",

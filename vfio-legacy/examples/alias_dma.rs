@@ -211,6 +211,12 @@ fn run() -> Result<()> {
         d1.group
     );
     println!("ok: a second user of group {} gets EBUSY: {e}", d1.group);
+    let e = VfioLegacy::new(&[9999]).unwrap_err();
+    ensure!(
+        e.errno == nix::errno::Errno::ENOENT && e.message.contains("bound to vfio-pci"),
+        "unknown group: {e}"
+    );
+    println!("ok: a group with no vfio-pci device gets ENOENT: {e}");
 
     let info = v.domain_info(d1.group).map_err(anyhow::Error::msg)?;
     println!(
