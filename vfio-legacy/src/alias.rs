@@ -199,7 +199,11 @@ impl ClientMemory {
             )
         })?;
         for vma in &areas {
-            check_shareable(pid, vma)?;
+            if let Err(e) = check_shareable(pid, vma) {
+                // The design asks for a log line telling the user what to do.
+                tracing::warn!("{}", e.message);
+                return Err(e.into());
+            }
         }
 
         let mut taken: Vec<Key> = Vec::with_capacity(areas.len());
