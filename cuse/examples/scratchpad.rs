@@ -3,10 +3,12 @@
 //! drives it.
 //!
 //! ```text
-//! scratchpad [--name NAME] [--workers N]
+//! scratchpad [--name NAME]... [--workers N]
 //! ```
 //!
-//! Prints `ready NAME MAJOR:MINOR` on stdout once `/dev/NAME` exists;
+//! Serves one node per `--name` (default `scratchpad`), each with its own
+//! store. Prints `ready NAME MAJOR:MINOR` on stdout per node once
+//! `/dev/NAME` exists;
 //! SIGTERM or SIGINT removes the node and exits 0. A refused registration
 //! (name in use) exits 2 with the reason on stderr.
 //!
@@ -26,6 +28,12 @@
 //!   - `SCRATCH_GREET` `_IO('S', 6)`, arg = an fd of the caller: writes
 //!     "hello from scratchpad\n" to it; returns the bytes written.
 //!   - `SCRATCH_WHOAMI` `_IOR('S', 7, struct who { u32 tid, pid, uid, gid })`.
+//!   - `SCRATCH_RELAY` `_IOWR('S', 8, struct relay { i32 fd; u32 flags;
+//!     u32 major, minor; struct who who; })`: copies the caller's `fd`,
+//!     checks it is a node of this daemon (`EINVAL` otherwise), issues
+//!     `SCRATCH_WHOAMI` on it from inside the handler, and returns the
+//!     node's device number and the answer (whose pid is the daemon's):
+//!     the pattern of a daemon asking its own node who a file is.
 //!
 //! `struct xform { u32 argsz; u32 flags; u64 value; u8 text[16]; }` (32
 //! bytes); `struct stats { u64 opens, releases, reads, writes, ioctls,
@@ -33,14 +41,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
 use cuse_server::{
-    Device, DeviceConfig, Errno, IoctlArgs, IoctlResult, Offset, OpenFlags, PollHandle, Request,
-    Server,
+    Device, DeviceConfig, DeviceNumber, Errno, IoctlArgs, IoctlResult, Offset, OpenFlags,
+    PollHandle, Request, Server,
 };
 use nix::sys::signal::{SigSet, Signal};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
@@ -59,6 +68,19 @@ const SCRATCH_RING: u32 = ioc(IOC_NONE, 4, 0);
 const SCRATCH_ACK: u32 = ioc(IOC_NONE, 5, 0);
 const SCRATCH_GREET: u32 = ioc(IOC_NONE, 6, 0);
 const SCRATCH_WHOAMI: u32 = ioc(IOC_READ, 7, std::mem::size_of::<Who>());
+const SCRATCH_RELAY: u32 = ioc(IOC_READ | IOC_WRITE, 8, std::mem::size_of::<Relay>());
+
+nix::ioctl_read!(scratch_whoami, b'S', 7, Who);
+
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
+struct Relay {
+    fd: i32,
+    flags: u32,
+    major: u32,
+    minor: u32,
+    who: Who,
+}
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
@@ -111,6 +133,8 @@ struct Rings {
 
 #[derive(Default)]
 struct Scratchpad {
+    /// Device numbers of every node of this daemon.
+    nodes: Arc<Mutex<Vec<DeviceNumber>>>,
     pages: Mutex<BTreeMap<u64, Box<[u8; PAGE as usize]>>>,
     counters: Counters,
     rings: Mutex<Rings>,
@@ -264,6 +288,26 @@ impl Device for Scratchpad {
                 req.write_obj(args.arg, &who)?;
                 Ok(IoctlResult::value(0))
             }
+            SCRATCH_RELAY => {
+                let mut relay: Relay = req.read_obj(args.arg)?;
+                let file = req.get_fd(relay.fd)?;
+                let st = nix::sys::stat::fstat(&file)?;
+                let dev = DeviceNumber::from_dev_t(st.st_rdev);
+                let is_char = st.st_mode & libc::S_IFMT == libc::S_IFCHR;
+                if !is_char || !self.nodes.lock().unwrap().contains(&dev) {
+                    return Err(Errno::EINVAL);
+                }
+                let mut who = Who::default();
+                // SAFETY: `file` is an open fd for the duration of the call;
+                // `who` is a live, writable `Who`, the size encoded in the
+                // command; the result is checked.
+                unsafe { scratch_whoami(file.as_raw_fd(), &mut who) }?;
+                relay.major = dev.major;
+                relay.minor = dev.minor;
+                relay.who = who;
+                req.write_obj(args.arg, &relay)?;
+                Ok(IoctlResult::value(0))
+            }
             _ => Err(Errno::ENOTTY),
         }
     }
@@ -296,9 +340,10 @@ impl Device for Scratchpad {
 #[derive(Parser)]
 #[command(about = "A scratchpad character device served over CUSE")]
 struct Args {
-    /// Device name: the node is /dev/NAME (slashes allowed).
-    #[arg(long, default_value = "scratchpad")]
-    name: String,
+    /// Device name: the node is /dev/NAME (slashes allowed); repeat for
+    /// several nodes.
+    #[arg(long = "name", default_value = "scratchpad")]
+    names: Vec<String>,
     /// Requests handled at once.
     #[arg(long, default_value_t = 16)]
     workers: usize,
@@ -331,16 +376,25 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let config = DeviceConfig::new(&args.name).max_workers(args.workers);
-    let node = match server.register(config, Arc::new(Scratchpad::default())) {
-        Ok(n) => n,
-        Err(e) => {
-            eprintln!("scratchpad: {e}");
-            std::process::exit(2);
+    let ours = Arc::new(Mutex::new(Vec::new()));
+    for name in &args.names {
+        let config = DeviceConfig::new(name).max_workers(args.workers);
+        let device = Scratchpad {
+            nodes: ours.clone(),
+            ..Default::default()
+        };
+        match server.register(config, Arc::new(device)) {
+            Ok(node) => {
+                ours.lock().unwrap().push(node.dev);
+                println!("ready {} {}", node.name, node.dev);
+                let _ = std::io::stdout().flush();
+            }
+            Err(e) => {
+                eprintln!("scratchpad: {e}");
+                std::process::exit(2);
+            }
         }
-    };
-    println!("ready {} {}", node.name, node.dev);
-    let _ = std::io::stdout().flush();
+    }
 
     let stop = server.shutdown_handle();
     std::thread::spawn(move || {

@@ -442,13 +442,22 @@ impl Server {
                     errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN)),
                 })?
         };
-        self.lock_nodes().push(Node {
+        let node = Node {
             info: info.clone(),
             session,
             pool,
             reader: Some(reader),
-        });
-        Ok(info)
+        };
+        {
+            let mut nodes = self.lock_nodes();
+            if !self.shared.torn_down.load(Ordering::SeqCst) {
+                nodes.push(node);
+                return Ok(info);
+            }
+        }
+        // The server stopped while this node was being registered.
+        shutdown_nodes(vec![node], self.grace);
+        Err(Error::Stopped)
     }
 
     fn lock_nodes(&self) -> MutexGuard<'_, Vec<Node>> {
@@ -488,52 +497,61 @@ impl Server {
     }
 
     fn teardown(&self) {
-        if self.shared.torn_down.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        let mut nodes = std::mem::take(&mut *self.lock_nodes());
-        for node in &mut nodes {
-            if let Some(reader) = node.reader.take() {
-                if reader.join().is_err() {
-                    error!(node = %node.info.name, "reader thread panicked");
-                }
+        let nodes = {
+            let mut nodes = self.lock_nodes();
+            if self.shared.torn_down.swap(true, Ordering::SeqCst) {
+                return;
             }
-            node.session.interrupt_all();
-            node.pool.close();
-        }
-        // Close idle nodes first: a handler of one node may be waiting for
-        // another node (e.g. an ioctl on the daemon's own device), which
-        // closing that node ends.
-        let deadline = Instant::now() + self.grace;
-        let mut busy = Vec::new();
-        while let Some(node) = nodes.pop() {
-            if node.pool.wait_exit(Instant::now()) {
-                close_node(node);
-            } else {
-                busy.push(node);
-            }
-            if nodes.is_empty() && !busy.is_empty() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-                nodes = std::mem::take(&mut busy);
+            std::mem::take(&mut *nodes)
+        };
+        shutdown_nodes(nodes, self.grace);
+    }
+}
+
+/// Stop serving `nodes` (their readers have been told to stop) and close
+/// them, waiting at most `grace` for running handlers before aborting.
+fn shutdown_nodes(mut nodes: Vec<Node>, grace: Duration) {
+    for node in &mut nodes {
+        if let Some(reader) = node.reader.take() {
+            if reader.join().is_err() {
+                error!(node = %node.info.name, "reader thread panicked");
             }
         }
-        for node in busy {
-            warn!(
+        node.session.interrupt_all();
+        node.pool.close();
+    }
+    // Close idle nodes first: a handler of one node may be waiting for
+    // another node (e.g. an ioctl on the daemon's own device), which
+    // closing that node ends.
+    let deadline = Instant::now() + grace;
+    let mut busy = Vec::new();
+    while let Some(node) = nodes.pop() {
+        if node.pool.wait_exit(Instant::now()) {
+            close_node(node);
+        } else {
+            busy.push(node);
+        }
+        if nodes.is_empty() && !busy.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            nodes = std::mem::take(&mut busy);
+        }
+    }
+    for node in busy {
+        warn!(
+            node = %node.info.name,
+            in_flight = node.session.in_flight(),
+            "handlers still running after the shutdown grace period; aborting the connection"
+        );
+        if let Err(e) = std::fs::write(node.info.sysfs.join("abort"), "1") {
+            warn!(node = %node.info.name, error = %e, "cannot abort the connection");
+        }
+        if node.pool.wait_exit(Instant::now() + grace) {
+            close_node(node);
+        } else {
+            error!(
                 node = %node.info.name,
-                in_flight = node.session.in_flight(),
-                "handlers still running after the shutdown grace period; aborting the connection"
+                "handlers never returned; leaving their threads behind"
             );
-            if let Err(e) = std::fs::write(node.info.sysfs.join("abort"), "1") {
-                warn!(node = %node.info.name, error = %e, "cannot abort the connection");
-            }
-            if node.pool.wait_exit(Instant::now() + self.grace) {
-                close_node(node);
-            } else {
-                error!(
-                    node = %node.info.name,
-                    "handlers never returned; leaving their threads behind"
-                );
-            }
         }
     }
 }
