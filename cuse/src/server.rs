@@ -413,12 +413,23 @@ impl Server {
         }
         let info = node_info(&config)?;
         info!(name = %info.name, dev = %info.dev, "CUSE device registered");
+        self.serve(info, channel, buf, device, config.max_workers)
+    }
 
+    /// Serve an initialised connection: a reader thread and a worker pool.
+    fn serve(
+        &self,
+        info: NodeInfo,
+        channel: Arc<FdChannel>,
+        buf: Vec<u8>,
+        device: Arc<dyn Device>,
+        max_workers: usize,
+    ) -> Result<NodeInfo, Error> {
         let session = Arc::new(Session::new(device, channel.clone()));
         let pool = Arc::new(Pool {
-            name: config.name.clone(),
+            name: info.name.clone(),
             session: session.clone(),
-            max: config.max_workers,
+            max: max_workers,
             state: Mutex::new(PoolState {
                 queue: VecDeque::new(),
                 idle: 0,
@@ -433,7 +444,7 @@ impl Server {
             let shared = self.shared.clone();
             let session = session.clone();
             let pool = pool.clone();
-            let name = config.name.clone();
+            let name = info.name.clone();
             std::thread::Builder::new()
                 .name(format!("cuse-reader:{name}"))
                 .spawn(move || reader_loop(&name, &channel, buf, &shared, &session, &pool))
@@ -667,6 +678,10 @@ fn reader_loop(
             continue;
         }
         match sys::read(fd, &mut buf) {
+            Ok(0) => {
+                warn!(node = %name, "end of file on /dev/cuse; node stops serving");
+                return;
+            }
             Ok(n) => {
                 if let Some(work) = session.accept(&buf[..n]) {
                     pool.submit(work);
@@ -769,4 +784,191 @@ mod tests {
 
     struct Nop;
     impl Device for Nop {}
+
+    use crate::{IoctlArgs, IoctlResult, Request};
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+    /// A node served over one end of a SEQPACKET socket pair; the test
+    /// plays the kernel on the other end.
+    fn fake_node(server: &Server, device: Arc<dyn Device>, workers: usize) -> OwnedFd {
+        let (ours, kernel) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        nix::fcntl::fcntl(
+            &ours,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .unwrap();
+        let info = NodeInfo {
+            name: "fake".into(),
+            dev: DeviceNumber { major: 0, minor: 0 },
+            path: PathBuf::from("/nonexistent/fake"),
+            sysfs: PathBuf::from("/nonexistent/sysfs/fake"),
+        };
+        let channel = Arc::new(FdChannel { fd: ours });
+        server
+            .serve(info, channel, vec![0; 1 << 17], device, workers)
+            .unwrap();
+        kernel
+    }
+
+    fn ioctl_request(unique: u64, cmd: u32) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend(72u32.to_le_bytes());
+        m.extend(39u32.to_le_bytes()); // FUSE_IOCTL
+        m.extend(unique.to_le_bytes());
+        m.extend([0u8; 8 + 4 + 4 + 4 + 4]); // nodeid uid gid pid extlen+pad
+        m.extend(1u64.to_le_bytes()); // fh
+        m.extend(2u32.to_le_bytes()); // flags: UNRESTRICTED
+        m.extend(cmd.to_le_bytes());
+        m.extend([0u8; 16]); // arg, in_size, out_size
+        m
+    }
+
+    fn interrupt_request(unique: u64, target: u64) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend(48u32.to_le_bytes());
+        m.extend(36u32.to_le_bytes()); // FUSE_INTERRUPT
+        m.extend(unique.to_le_bytes());
+        m.extend([0u8; 24]);
+        m.extend(target.to_le_bytes());
+        m
+    }
+
+    /// The next message from the server: (unique, error, ioctl result), or
+    /// None at end of file or after `timeout`.
+    fn recv(kernel: &OwnedFd, timeout: Duration) -> Option<(u64, i32, Option<i32>)> {
+        let ms = timeout.as_millis() as i32;
+        let ready = sys::poll_in(&[kernel.as_fd()], ms).unwrap();
+        if !ready[0].readable && !ready[0].error {
+            return None;
+        }
+        let mut buf = [0u8; 256];
+        let n = nix::unistd::read(kernel, &mut buf).unwrap();
+        if n == 0 {
+            return None;
+        }
+        let error = i32::from_le_bytes(buf[4..8].try_into().unwrap());
+        let unique = u64::from_le_bytes(buf[8..16].try_into().unwrap());
+        let result = (n >= 20).then(|| i32::from_le_bytes(buf[16..20].try_into().unwrap()));
+        Some((unique, error, result))
+    }
+
+    fn send(kernel: &OwnedFd, msg: &[u8]) {
+        assert_eq!(nix::unistd::write(kernel, msg).unwrap(), msg.len());
+    }
+
+    /// cmd 1: waits (up to 20 s) until interrupted, then EINTR; cmd 2:
+    /// answers 7 at once; cmd 3: sleeps 1.5 s ignoring interrupts.
+    struct Waiter;
+    impl Device for Waiter {
+        fn ioctl(&self, req: &Request, _fh: u64, a: IoctlArgs<'_>) -> Result<IoctlResult, Errno> {
+            match a.cmd {
+                1 => {
+                    if req.wait_interrupted(Duration::from_secs(20)) {
+                        Err(Errno::EINTR)
+                    } else {
+                        Ok(IoctlResult::value(1))
+                    }
+                }
+                2 => Ok(IoctlResult::value(7)),
+                3 => {
+                    std::thread::sleep(Duration::from_millis(1500));
+                    Ok(IoctlResult::value(3))
+                }
+                _ => Err(Errno::ENOTTY),
+            }
+        }
+    }
+
+    const T: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn served_concurrently_interrupted_and_stopped_over_a_real_fd() {
+        let server = Server::new().unwrap();
+        let kernel = fake_node(&server, Arc::new(Waiter), 4);
+        // A slow request does not hold up a fast one.
+        send(&kernel, &ioctl_request(2, 1));
+        send(&kernel, &ioctl_request(4, 2));
+        assert_eq!(recv(&kernel, T), Some((4, 0, Some(7))));
+        // INTERRUPT for the slow one: it answers EINTR; the interrupt itself
+        // gets no answer.
+        send(&kernel, &interrupt_request(3, 2));
+        assert_eq!(recv(&kernel, T), Some((2, -libc::EINTR, None)));
+        assert_eq!(recv(&kernel, Duration::from_millis(200)), None);
+        // An INTERRUPT for an unknown request: EAGAIN (kernel requeues).
+        send(&kernel, &interrupt_request(9, 8));
+        assert_eq!(recv(&kernel, T), Some((9, -libc::EAGAIN, None)));
+        // Stop with a request in flight: it is interrupted and answered,
+        // then the fd is closed (end of file for the "kernel").
+        send(&kernel, &ioctl_request(6, 1));
+        std::thread::sleep(Duration::from_millis(100));
+        let t0 = Instant::now();
+        server.stop();
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        assert_eq!(recv(&kernel, T), Some((6, -libc::EINTR, None)));
+        assert_eq!(recv(&kernel, T), None);
+        let mut b = [0u8; 8];
+        assert_eq!(
+            nix::unistd::read(&kernel, &mut b),
+            Ok(0),
+            "server end closed"
+        );
+    }
+
+    #[test]
+    fn a_handler_that_ignores_interrupts_does_not_hang_shutdown() {
+        let mut server = Server::new().unwrap();
+        server.set_shutdown_grace(Duration::from_millis(100));
+        let kernel = fake_node(&server, Arc::new(Waiter), 2);
+        send(&kernel, &ioctl_request(2, 3));
+        std::thread::sleep(Duration::from_millis(100));
+        let t0 = Instant::now();
+        server.stop();
+        // Two grace periods (wait, then abort and wait), not the handler's
+        // 1.5 s.
+        assert!(
+            t0.elapsed() < Duration::from_millis(1000),
+            "{:?}",
+            t0.elapsed()
+        );
+        // The handler still answers when it is done, and the fd then closes.
+        assert_eq!(recv(&kernel, T), Some((2, 0, Some(3))));
+        assert_eq!(recv(&kernel, T), None);
+    }
+
+    #[test]
+    fn the_pool_grows_to_its_limit_and_no_further() {
+        let server = Server::new().unwrap();
+        let kernel = fake_node(&server, Arc::new(Waiter), 2);
+        // Two slow requests take both workers; a fast one must wait.
+        send(&kernel, &ioctl_request(2, 1));
+        send(&kernel, &ioctl_request(4, 1));
+        send(&kernel, &ioctl_request(6, 2));
+        assert_eq!(recv(&kernel, Duration::from_millis(300)), None);
+        send(&kernel, &interrupt_request(3, 2));
+        let mut got = vec![recv(&kernel, T), recv(&kernel, T)];
+        got.sort();
+        assert_eq!(
+            got,
+            vec![Some((2, -libc::EINTR, None)), Some((6, 0, Some(7)))]
+        );
+        server.stop();
+        assert_eq!(recv(&kernel, T), Some((4, -libc::EINTR, None)));
+    }
+
+    #[test]
+    fn the_reader_stops_at_end_of_file() {
+        let server = Server::new().unwrap();
+        let kernel = fake_node(&server, Arc::new(Waiter), 2);
+        drop(kernel);
+        // stop() must not hang on a reader that already left.
+        let t0 = Instant::now();
+        server.stop();
+        assert!(t0.elapsed() < Duration::from_secs(5));
+    }
 }
