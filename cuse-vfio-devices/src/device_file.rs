@@ -1,0 +1,194 @@
+//! The seams between a node and the system: the real VFIO device file
+//! ([`DeviceFile`], opened by a [`DeviceOpener`]) and the lookup of the
+//! ioasid context behind a file descriptor ([`ContextLookup`]). The real
+//! implementations are [`VfioLegacy`] / [`VfioDeviceFd`] and
+//! [`IoasidIdentify`]; unit tests use fakes.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::OnceLock;
+
+use cuse_server::DeviceNumber;
+use ioasid_engine::{ContextId, DeviceSpec};
+use nix::errno::Errno;
+use nix::sys::stat::{fstat, SFlag};
+use vfio_legacy::VfioLegacy;
+
+use crate::error::{Error, Result};
+use crate::sys;
+
+/// An open VFIO device: what a bound node forwards to.
+pub trait DeviceFile: Send + Sync + std::fmt::Debug {
+    /// An ioctl whose argument is the struct in `buf` (the struct's `argsz`
+    /// is at most `buf.len()`). Returns the ioctl's value.
+    fn ioctl_buf(&self, cmd: u32, buf: &mut [u8]) -> std::result::Result<i32, Errno>;
+    /// An ioctl without argument (`VFIO_DEVICE_RESET`).
+    fn ioctl_none(&self, cmd: u32) -> std::result::Result<i32, Errno>;
+    /// `pread` at `pos`.
+    fn read_at(&self, buf: &mut [u8], pos: u64) -> std::result::Result<usize, Errno>;
+    /// `pwrite` at `pos`.
+    fn write_at(&self, data: &[u8], pos: u64) -> std::result::Result<usize, Errno>;
+}
+
+/// Opens devices at bind time. Closing (dropping) the returned file resets
+/// the device.
+pub trait DeviceOpener: Send + Sync {
+    /// Open device `spec`.
+    fn open_device(&self, spec: &DeviceSpec) -> Result<Box<dyn DeviceFile>>;
+}
+
+/// A real VFIO device fd (from `VFIO_GROUP_GET_DEVICE_FD`).
+#[derive(Debug)]
+pub struct VfioDeviceFd(pub OwnedFd);
+
+impl DeviceFile for VfioDeviceFd {
+    fn ioctl_buf(&self, cmd: u32, buf: &mut [u8]) -> std::result::Result<i32, Errno> {
+        sys::ioctl_buf(self.0.as_fd(), cmd, buf)
+    }
+    fn ioctl_none(&self, cmd: u32) -> std::result::Result<i32, Errno> {
+        sys::ioctl_int(self.0.as_fd(), cmd, 0)
+    }
+    fn read_at(&self, buf: &mut [u8], pos: u64) -> std::result::Result<usize, Errno> {
+        let pos = i64::try_from(pos).map_err(|_| Errno::EINVAL)?;
+        nix::sys::uio::pread(&self.0, buf, pos)
+    }
+    fn write_at(&self, data: &[u8], pos: u64) -> std::result::Result<usize, Errno> {
+        let pos = i64::try_from(pos).map_err(|_| Errno::EINVAL)?;
+        nix::sys::uio::pwrite(&self.0, data, pos)
+    }
+}
+
+impl DeviceOpener for VfioLegacy {
+    fn open_device(&self, spec: &DeviceSpec) -> Result<Box<dyn DeviceFile>> {
+        let fd = VfioLegacy::open_device(self, spec.group, &spec.name)?;
+        Ok(Box::new(VfioDeviceFd(fd)))
+    }
+}
+
+/// Which ioasid context a file (copied from the caller) is.
+pub trait ContextLookup: Send + Sync {
+    /// `EINVAL` if `file` is not an ioasid file of this daemon.
+    fn context_of(&self, file: BorrowedFd<'_>) -> Result<ContextId>;
+}
+
+/// The real lookup: the file must be a character device with the device
+/// number of the daemon's `/dev/ioasid` node; it is then asked
+/// `IOASID_DAEMON_IDENTIFY`, which travels through the kernel back into
+/// the daemon's `/dev/ioasid` node and is answered with the context id
+/// (to the daemon's own process only).
+#[derive(Debug, Default)]
+pub struct IoasidIdentify {
+    dev: OnceLock<DeviceNumber>,
+}
+
+impl IoasidIdentify {
+    /// A lookup that knows the `/dev/ioasid` node's number.
+    pub fn new(dev: DeviceNumber) -> Self {
+        let me = Self::default();
+        let _ = me.dev.set(dev);
+        me
+    }
+
+    /// Set the `/dev/ioasid` node's number once it is registered. Fails
+    /// (returning the number given) if it was set already.
+    pub fn set_device(&self, dev: DeviceNumber) -> std::result::Result<(), DeviceNumber> {
+        self.dev.set(dev)
+    }
+
+    /// The number, once known.
+    pub fn device(&self) -> Option<DeviceNumber> {
+        self.dev.get().copied()
+    }
+}
+
+impl ContextLookup for IoasidIdentify {
+    fn context_of(&self, file: BorrowedFd<'_>) -> Result<ContextId> {
+        let Some(ours) = self.dev.get() else {
+            return Err(Error::new(
+                Errno::EINVAL,
+                "the /dev/ioasid node is not registered yet",
+            ));
+        };
+        let st = fstat(file).map_err(|e| Error::new(e, "fstat of the copied fd failed"))?;
+        let is_chr = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFCHR;
+        let rdev = DeviceNumber::from_dev_t(st.st_rdev);
+        if !is_chr || rdev != *ours {
+            return Err(Error::new(
+                Errno::EINVAL,
+                format!(
+                    "the fd is not a /dev/ioasid file of this daemon (it is {}, /dev/ioasid is \
+                     character device {ours}); pass an fd from open(\"/dev/ioasid\")",
+                    if is_chr {
+                        format!("character device {rdev}")
+                    } else {
+                        "not a character device".to_string()
+                    }
+                ),
+            ));
+        }
+        match sys::ioctl_int(file, ioasid_uapi::IOASID_DAEMON_IDENTIFY, 0) {
+            Ok(id) if id >= 0 => Ok(ContextId(id as u64)),
+            Ok(id) => Err(Error::new(
+                Errno::EINVAL,
+                format!("IOASID_DAEMON_IDENTIFY answered {id}"),
+            )),
+            Err(e) => Err(Error::new(
+                Errno::EINVAL,
+                format!(
+                    "the fd has /dev/ioasid's device number but IOASID_DAEMON_IDENTIFY failed \
+                     with {e}: not an ioasid file of this daemon (or it is closing)"
+                ),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    fn rdev_of(path: &str) -> DeviceNumber {
+        DeviceNumber::from_dev_t(nix::sys::stat::stat(path).unwrap().st_rdev)
+    }
+
+    #[test]
+    fn foreign_files_are_einval() {
+        let lookup = IoasidIdentify::new(DeviceNumber {
+            major: 10,
+            minor: 4242,
+        });
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let e = lookup.context_of(r.as_fd()).unwrap_err();
+        assert_eq!(e.errno, Errno::EINVAL);
+        assert!(
+            e.message.contains("not a character device"),
+            "{}",
+            e.message
+        );
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let e = lookup.context_of(null.as_fd()).unwrap_err();
+        assert_eq!(e.errno, Errno::EINVAL);
+        assert!(e.message.contains("character device 1:3"), "{}", e.message);
+    }
+
+    #[test]
+    fn right_number_but_no_identify_is_einval() {
+        // /dev/null posing as /dev/ioasid: passes the number check, then
+        // IOASID_DAEMON_IDENTIFY fails (ENOTTY) and the fd is refused.
+        let lookup = IoasidIdentify::default();
+        let null = std::fs::File::open("/dev/null").unwrap();
+        assert_eq!(
+            lookup.context_of(null.as_fd()).unwrap_err().errno,
+            Errno::EINVAL
+        );
+        lookup.set_device(rdev_of("/dev/null")).unwrap();
+        assert!(lookup.set_device(rdev_of("/dev/zero")).is_err());
+        let e = lookup.context_of(null.as_fd()).unwrap_err();
+        assert_eq!(e.errno, Errno::EINVAL);
+        assert!(
+            e.message.contains("IOASID_DAEMON_IDENTIFY failed"),
+            "{}",
+            e.message
+        );
+    }
+}

@@ -1,0 +1,730 @@
+//! [`DeviceNode`]: one `/dev/vfio/devices/devN`, and [`DeviceNodes`], the
+//! daemon's set of them.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cuse_server::{
+    Device, DeviceConfig, DeviceNumber, IoctlArgs, IoctlResult, NodeInfo, Offset, OpenFlags,
+    Request, Server,
+};
+use ioasid_engine::{ClosedContext, ContextId, DeviceId, DeviceSpec, Engine};
+use ioasid_uapi::vfio as nr;
+use ioasid_uapi::{VfioAttachIoasid, VfioDeviceCmd, IOASID_ATTACH_USER_PASID};
+use nix::errno::Errno;
+use vfio_bindings::bindings::vfio::{vfio_device_info, vfio_irq_info, vfio_pci_hot_reset_info};
+use vfio_legacy::VfioLegacy;
+
+use crate::binding::{BindState, Bound};
+use crate::caller::{self, Caller};
+use crate::device_file::{ContextLookup, DeviceFile, DeviceOpener, IoasidIdentify};
+use crate::error::{Error, Result};
+use crate::regions::{self, Access, Region, RegionTable};
+use crate::vfio_args::{self, IrqSet, IRQ_SET_HEADER, REGION_INFO_SIZE};
+
+/// Most regions read into the table at bind (vfio-pci has 9 plus
+/// device-specific ones).
+const MAX_REGIONS: u32 = 64;
+
+/// `offsetofend(struct vfio_device_info, num_irqs)`: VFIO's minimum argsz.
+const DEVICE_INFO_MIN: usize = std::mem::offset_of!(vfio_device_info, cap_offset);
+/// `sizeof(struct vfio_irq_info)`.
+const IRQ_INFO_MIN: usize = std::mem::size_of::<vfio_irq_info>();
+/// `sizeof(struct vfio_pci_hot_reset_info)` without the devices.
+const HOT_RESET_INFO_MIN: usize = std::mem::size_of::<vfio_pci_hot_reset_info>();
+
+/// What a binding owns: the real device file (closing it resets the
+/// device) and the region table read when it was opened.
+#[derive(Debug, Clone)]
+struct Opened {
+    device: Arc<dyn DeviceFile>,
+    regions: Arc<RegionTable>,
+}
+
+/// One `/dev/vfio/devices/devN` node: implements [`cuse_server::Device`].
+///
+/// See the crate documentation for the protocol. Every method takes
+/// `&self`; the bind state sits behind one mutex that is never held while
+/// a request waits for another CUSE node (the ioasid fd lookup and the
+/// closing of the caller's copied fds happen outside it).
+pub struct DeviceNode {
+    spec: DeviceSpec,
+    engine: Arc<Engine>,
+    opener: Arc<dyn DeviceOpener>,
+    lookup: Arc<dyn ContextLookup>,
+    state: Mutex<BindState<Opened>>,
+    next_fh: AtomicU64,
+}
+
+impl std::fmt::Debug for DeviceNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceNode")
+            .field("spec", &self.spec)
+            .field("state", &self.lock().bound().map(|b| (b.fh, b.ctx)))
+            .finish()
+    }
+}
+
+impl DeviceNode {
+    /// The node of device `spec` (one of `engine`'s devices), opening the
+    /// real device through `vfio` at bind time and recognising ioasid fds
+    /// by the `/dev/ioasid` node's device number `ioasid_dev`.
+    pub fn new(
+        engine: Arc<Engine>,
+        vfio: Arc<VfioLegacy>,
+        spec: DeviceSpec,
+        ioasid_dev: DeviceNumber,
+    ) -> Self {
+        Self::with_parts(
+            engine,
+            spec,
+            vfio,
+            Arc::new(IoasidIdentify::new(ioasid_dev)),
+        )
+    }
+
+    /// The node with explicit seams: how the device is opened and how an
+    /// ioasid fd is resolved to its context (fakes in tests).
+    pub fn with_parts(
+        engine: Arc<Engine>,
+        spec: DeviceSpec,
+        opener: Arc<dyn DeviceOpener>,
+        lookup: Arc<dyn ContextLookup>,
+    ) -> Self {
+        DeviceNode {
+            spec,
+            engine,
+            opener,
+            lookup,
+            state: Mutex::new(BindState::default()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    /// The device served.
+    pub fn spec(&self) -> &DeviceSpec {
+        &self.spec
+    }
+
+    /// The context the node is bound to, if any.
+    pub fn bound_context(&self) -> Option<ContextId> {
+        self.lock().bound().map(|b| b.ctx)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BindState<Opened>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forget the binding if the engine no longer binds the device to its
+    /// context (the context was closed). Closes the device fd (the kernel
+    /// resets the device). Returns whether a binding was dropped. The
+    /// daemon calls it through [`DeviceNodes::on_context_closed`]; every
+    /// request also checks, so a missed call only delays the reset.
+    pub fn forget_stale(&self) -> bool {
+        let gone = {
+            let mut st = self.lock();
+            self.take_stale(&mut st)
+        };
+        match gone {
+            Some(b) => {
+                tracing::info!(
+                    device = %self.spec.name,
+                    ctx = b.ctx.0,
+                    "ioasid fd closed: device unbound, device fd closed (the device is reset)"
+                );
+                drop(b);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn take_stale(&self, st: &mut BindState<Opened>) -> Option<Bound<Opened>> {
+        let now = self.engine.bound_context(self.spec.id);
+        st.forget_if(|ctx| now != Some(ctx))
+    }
+
+    /// The binding of open file `fh`, for a request that needs the device.
+    fn access(&self, fh: u64) -> Result<(ContextId, Opened)> {
+        let (r, stale) = {
+            let mut st = self.lock();
+            let stale = self.take_stale(&mut st);
+            (st.access(fh).map(|b| (b.ctx, b.payload.clone())), stale)
+        };
+        drop(stale);
+        r
+    }
+
+    fn log(&self, op: &str, fh: u64, e: &Error) {
+        if e.is_client_mistake() {
+            tracing::debug!(device = %self.spec.name, op, fh, errno = %e.errno, "{}", e.message);
+        } else {
+            tracing::warn!(device = %self.spec.name, op, fh, errno = %e.errno, "{}", e.message);
+        }
+    }
+
+    /// Handle ioctl `cmd` with argument `arg` from open file `fh`; the
+    /// whole ioctl path, with the caller behind a trait.
+    pub fn handle_ioctl(&self, caller: &dyn Caller, fh: u64, cmd: u32, arg: u64) -> Result<i32> {
+        match VfioDeviceCmd::try_from(cmd) {
+            Ok(VfioDeviceCmd::BindIoasidFd) => self.bind(caller, fh, arg),
+            Ok(VfioDeviceCmd::UnbindIoasidFd) => self.unbind(caller, fh, arg),
+            Ok(VfioDeviceCmd::AttachIoasid) => self.attach(caller, fh, arg, true),
+            Ok(VfioDeviceCmd::DetachIoasid) => self.attach(caller, fh, arg, false),
+            Err(cmd) => self.device_ioctl(caller, fh, cmd, arg),
+        }
+    }
+
+    /// The caller's fd number in an integer ioctl argument.
+    fn fd_arg(arg: u64) -> Result<i32> {
+        // An `int` passed as `unsigned long` arrives sign-extended.
+        i32::try_from(arg as i64)
+            .map_err(|_| Error::new(Errno::EBADF, format!("{arg:#x} is not a file descriptor")))
+    }
+
+    /// Copy the caller's fd and find its context. The copy is returned so
+    /// the caller of this function drops it *after* releasing the state
+    /// lock: if the client closed its ioasid fd meanwhile, dropping the
+    /// copy is the last close, which makes the kernel send RELEASE to the
+    /// `/dev/ioasid` node and wait for it; that release closes the context
+    /// and calls back into this node.
+    fn resolve(&self, caller: &dyn Caller, arg: u64) -> Result<(OwnedFd, ContextId)> {
+        let fd = Self::fd_arg(arg)?;
+        let file = caller.get_fd(fd).map_err(|e| {
+            let what = if e == Errno::EBADF {
+                "is not an open file descriptor of the caller".to_string()
+            } else {
+                format!("could not be copied from the caller: {e}")
+            };
+            Error::new(e, format!("ioasid fd {fd} {what}"))
+        })?;
+        let ctx = self.lookup.context_of(file.as_fd())?;
+        Ok((file, ctx))
+    }
+
+    fn bind(&self, caller: &dyn Caller, fh: u64, arg: u64) -> Result<i32> {
+        let (file, ctx) = self.resolve(caller, arg)?;
+        let (r, stale) = {
+            let mut st = self.lock();
+            let stale = self.take_stale(&mut st);
+            (self.bind_locked(&mut st, fh, ctx), stale)
+        };
+        drop(stale);
+        drop(file);
+        if r.is_ok() {
+            tracing::info!(device = %self.spec.name, fh, ctx = ctx.0, "bound");
+        }
+        r.map(|()| 0)
+    }
+
+    fn bind_locked(&self, st: &mut BindState<Opened>, fh: u64, ctx: ContextId) -> Result<()> {
+        st.check_bindable(fh)?;
+        self.engine.bind(self.spec.id, ctx)?;
+        let opened = self.open_device().inspect_err(|_| {
+            if let Err(e) = self.engine.unbind(self.spec.id, ctx) {
+                tracing::warn!(device = %self.spec.name, error = %e, "rollback of a bind failed");
+            }
+        })?;
+        st.bind(fh, ctx, opened)
+    }
+
+    /// Open the real device and read its region table.
+    fn open_device(&self) -> Result<Opened> {
+        let device: Arc<dyn DeviceFile> = Arc::from(self.opener.open_device(&self.spec)?);
+        let mut info = vec![0u8; std::mem::size_of::<vfio_device_info>()];
+        let len = info.len() as u32;
+        info[..4].copy_from_slice(&len.to_ne_bytes());
+        device
+            .ioctl_buf(nr::VFIO_DEVICE_GET_INFO, &mut info)
+            .map_err(|e| Error::new(e, "VFIO_DEVICE_GET_INFO on the opened device failed"))?;
+        let num_regions = u32::from_ne_bytes(info[8..12].try_into().expect("4 bytes"));
+        if num_regions > MAX_REGIONS {
+            tracing::warn!(
+                device = %self.spec.name,
+                num_regions,
+                "the device reports more regions than the daemon serves ({MAX_REGIONS}); the \
+                 rest cannot be read or written"
+            );
+        }
+        let mut regions = Vec::new();
+        for index in 0..num_regions.min(MAX_REGIONS) {
+            let mut b = vec![0u8; REGION_INFO_SIZE];
+            b[..4].copy_from_slice(&(REGION_INFO_SIZE as u32).to_ne_bytes());
+            b[8..12].copy_from_slice(&index.to_ne_bytes());
+            match device.ioctl_buf(nr::VFIO_DEVICE_GET_REGION_INFO, &mut b) {
+                Ok(_) => regions.push(Region {
+                    index,
+                    flags: u32::from_ne_bytes(b[4..8].try_into().expect("4 bytes")),
+                    size: u64::from_ne_bytes(b[16..24].try_into().expect("8 bytes")),
+                    offset: u64::from_ne_bytes(b[24..32].try_into().expect("8 bytes")),
+                }),
+                // vfio-pci answers EINVAL for regions a device lacks (VGA).
+                Err(e) => tracing::debug!(device = %self.spec.name, index, errno = %e, "no region"),
+            }
+        }
+        Ok(Opened {
+            device,
+            regions: Arc::new(RegionTable::new(regions)),
+        })
+    }
+
+    fn unbind(&self, caller: &dyn Caller, fh: u64, arg: u64) -> Result<i32> {
+        let (file, ctx) = self.resolve(caller, arg)?;
+        let (r, stale) = {
+            let mut st = self.lock();
+            let stale = self.take_stale(&mut st);
+            let r = st
+                .access(fh)
+                .and_then(|b| {
+                    if b.ctx == ctx {
+                        Ok(())
+                    } else {
+                        Err(Error::new(
+                            Errno::EINVAL,
+                            "VFIO_UNBIND_IOASID_FD: the fd is not the ioasid fd this device \
+                             is bound to",
+                        ))
+                    }
+                })
+                .and_then(|()| Ok(self.engine.unbind(self.spec.id, ctx)?))
+                .and_then(|()| st.unbind(fh, ctx));
+            (r, stale)
+        };
+        drop(stale);
+        drop(file);
+        // Dropping the binding closes the device fd: the kernel resets it.
+        let gone = r?;
+        tracing::info!(device = %self.spec.name, fh, ctx = ctx.0, "unbound");
+        drop(gone);
+        Ok(0)
+    }
+
+    fn attach(&self, caller: &dyn Caller, fh: u64, arg: u64, attach: bool) -> Result<i32> {
+        let (ctx, _) = self.access(fh)?;
+        let a: VfioAttachIoasid = caller::read_ext_struct(caller, arg)?;
+        let pasid = if a.flags & IOASID_ATTACH_USER_PASID != 0 {
+            Some(a.user_pasid)
+        } else if a.user_pasid != 0 {
+            return Err(Error::new(
+                Errno::EINVAL,
+                format!(
+                    "user_pasid is {:#x} without IOASID_ATTACH_USER_PASID; it must be 0",
+                    a.user_pasid
+                ),
+            ));
+        } else {
+            None
+        };
+        if attach {
+            self.engine.attach(self.spec.id, ctx, a.ioasid, pasid)?;
+            if let Some(p) = pasid {
+                tracing::info!(
+                    device = %self.spec.name,
+                    ioasid = a.ioasid,
+                    pasid = p,
+                    "PASID attachment recorded; legacy VFIO cannot route PASID-tagged DMA"
+                );
+            }
+        } else {
+            self.engine.detach(self.spec.id, ctx, a.ioasid, pasid)?;
+        }
+        Ok(0)
+    }
+
+    /// The device's own VFIO ioctls, forwarded to the real device fd.
+    fn device_ioctl(&self, caller: &dyn Caller, fh: u64, cmd: u32, arg: u64) -> Result<i32> {
+        let known = nr::ALL
+            .iter()
+            .find(|(_, n)| *n == cmd)
+            .map(|(name, _)| *name);
+        let Some(name) = known else {
+            return Err(Error::new(
+                Errno::ENOTTY,
+                format!("unknown ioctl {cmd:#x} on a VFIO device node"),
+            ));
+        };
+        // As the VFIO cdev: every device command needs the bind first.
+        let (_, opened) = self.access(fh)?;
+        let dev = &*opened.device;
+        match cmd {
+            nr::VFIO_DEVICE_GET_INFO => {
+                forward(caller, dev, cmd, arg, name, DEVICE_INFO_MIN, false)
+            }
+            nr::VFIO_DEVICE_GET_IRQ_INFO => {
+                forward(caller, dev, cmd, arg, name, IRQ_INFO_MIN, false)
+            }
+            nr::VFIO_DEVICE_GET_PCI_HOT_RESET_INFO => {
+                forward(caller, dev, cmd, arg, name, HOT_RESET_INFO_MIN, true)
+            }
+            nr::VFIO_DEVICE_GET_REGION_INFO => region_info(caller, dev, arg),
+            nr::VFIO_DEVICE_SET_IRQS => set_irqs(caller, dev, arg),
+            nr::VFIO_DEVICE_RESET => dev
+                .ioctl_none(cmd)
+                .map_err(|e| Error::new(e, format!("{name} failed on the device"))),
+            nr::VFIO_DEVICE_PCI_HOT_RESET => Err(Error::new(
+                Errno::EOPNOTSUPP,
+                "VFIO_DEVICE_PCI_HOT_RESET is not supported through a device node (the daemon \
+                 holds the group fds); use VFIO_DEVICE_RESET, or close the node: the device is \
+                 reset when the daemon closes it",
+            )),
+            _ => Err(Error::new(
+                Errno::ENOTTY,
+                format!("{name} is not available on a device node"),
+            )),
+        }
+    }
+
+    /// `pread` of `size` bytes at `offset` by open file `fh`.
+    pub fn handle_read(&self, fh: u64, size: u32, offset: &Offset) -> Result<Vec<u8>> {
+        let (_, opened) = self.access(fh)?;
+        let pos = regions::position(offset)?;
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        opened.regions.check(pos, u64::from(size), Access::Read)?;
+        let mut buf = vec![0u8; size as usize];
+        let n = opened
+            .device
+            .read_at(&mut buf, pos)
+            .map_err(|e| Error::new(e, format!("pread of {size} bytes at {pos:#x} failed")))?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// `pwrite` of `data` at `offset` by open file `fh`.
+    pub fn handle_write(&self, fh: u64, data: &[u8], offset: &Offset) -> Result<u32> {
+        let (_, opened) = self.access(fh)?;
+        let pos = regions::position(offset)?;
+        if data.is_empty() {
+            return Ok(0);
+        }
+        opened
+            .regions
+            .check(pos, data.len() as u64, Access::Write)?;
+        let n = opened.device.write_at(data, pos).map_err(|e| {
+            Error::new(
+                e,
+                format!("pwrite of {} bytes at {pos:#x} failed", data.len()),
+            )
+        })?;
+        Ok(n as u32)
+    }
+
+    /// The last close of open file `fh`: if it holds the binding, detach
+    /// and unbind the device and close the device fd (the kernel resets the
+    /// device).
+    pub fn handle_release(&self, fh: u64) {
+        let gone = self.lock().release(fh);
+        let Some(b) = gone else { return };
+        match self.engine.unbind(self.spec.id, b.ctx) {
+            Ok(()) => tracing::info!(device = %self.spec.name, fh, "released: unbound"),
+            Err(e) => {
+                // The context may be closing at the same time; it unbinds.
+                tracing::debug!(device = %self.spec.name, fh, error = %e, "unbind at release")
+            }
+        }
+        drop(b);
+    }
+}
+
+/// Read the caller's struct by its argsz, issue `cmd` on the device with
+/// the daemon's copy, write the struct back. With `enospc_writeback`, an
+/// `ENOSPC` answer still writes back (VFIO's hot-reset info raises `count`
+/// and fails with `ENOSPC`).
+fn forward(
+    caller: &dyn Caller,
+    dev: &dyn DeviceFile,
+    cmd: u32,
+    arg: u64,
+    name: &str,
+    min: usize,
+    enospc_writeback: bool,
+) -> Result<i32> {
+    let mut buf = caller::read_vfio_arg(caller, arg, name, min)?;
+    match dev.ioctl_buf(cmd, &mut buf) {
+        Ok(v) => {
+            caller::write(caller, arg, &buf)?;
+            Ok(v)
+        }
+        Err(Errno::ENOSPC) if enospc_writeback => {
+            caller::write(caller, arg, &buf)?;
+            Err(Error::new(
+                Errno::ENOSPC,
+                format!("{name}: the array is too small; count says how many are needed"),
+            ))
+        }
+        Err(e) => Err(Error::new(e, format!("{name} failed on the device"))),
+    }
+}
+
+/// `VFIO_DEVICE_GET_REGION_INFO`: ask the device with the daemon's own
+/// buffer (large enough for the whole chain), strip mmap, answer the
+/// caller by VFIO's rules for its argsz.
+fn region_info(caller: &dyn Caller, dev: &dyn DeviceFile, arg: u64) -> Result<i32> {
+    const NAME: &str = "VFIO_DEVICE_GET_REGION_INFO";
+    let given = caller::read_vfio_arg(caller, arg, NAME, REGION_INFO_SIZE)?;
+    let call = |size: usize| -> Result<Vec<u8>> {
+        let mut b = vec![0u8; size];
+        b[..REGION_INFO_SIZE].copy_from_slice(&given[..REGION_INFO_SIZE]);
+        b[..4].copy_from_slice(&(size as u32).to_ne_bytes());
+        dev.ioctl_buf(nr::VFIO_DEVICE_GET_REGION_INFO, &mut b)
+            .map_err(|e| Error::new(e, format!("{NAME} failed on the device")))?;
+        Ok(b)
+    };
+    let flags = |b: &[u8]| u32::from_ne_bytes(b[4..8].try_into().expect("4 bytes"));
+    let argsz = |b: &[u8]| u32::from_ne_bytes(b[..4].try_into().expect("4 bytes")) as usize;
+    let cap_offset = |b: &[u8]| u32::from_ne_bytes(b[12..16].try_into().expect("4 bytes"));
+    let mut full = call(REGION_INFO_SIZE)?;
+    let mut chain_end = REGION_INFO_SIZE;
+    if flags(&full) & vfio_bindings::bindings::vfio::VFIO_REGION_INFO_FLAG_CAPS != 0 {
+        let mut need = argsz(&full);
+        let mut got = None;
+        for _ in 0..3 {
+            if need <= REGION_INFO_SIZE || need > caller::MAX_ARG {
+                break;
+            }
+            let b = call(need)?;
+            if cap_offset(&b) != 0 {
+                got = Some(b);
+                break;
+            }
+            need = argsz(&b);
+        }
+        match got {
+            Some(b) => {
+                chain_end = need;
+                full = b;
+            }
+            None => {
+                tracing::warn!(
+                    need,
+                    "{NAME}: the device's capability chain could not be read; answering without it"
+                );
+                let f = flags(&full) & !vfio_bindings::bindings::vfio::VFIO_REGION_INFO_FLAG_CAPS;
+                full[4..8].copy_from_slice(&f.to_ne_bytes());
+                full[12..16].fill(0);
+            }
+        }
+    }
+    let stripped = vfio_args::strip_mmap(&mut full, chain_end);
+    if let Some(why) = &stripped.malformed {
+        tracing::warn!("{NAME}: malformed capability chain from the device dropped: {why}");
+    }
+    let out = vfio_args::region_info_reply(&full, given.len(), &stripped);
+    caller::write(caller, arg, &out)?;
+    Ok(0)
+}
+
+/// `VFIO_DEVICE_SET_IRQS`: eventfd numbers are the caller's; pass the
+/// daemon's copies (the kernel takes its own references, so the copies are
+/// closed right after the call). -1 (and any negative number) stays as is:
+/// it tears the trigger down.
+fn set_irqs(caller: &dyn Caller, dev: &dyn DeviceFile, arg: u64) -> Result<i32> {
+    const NAME: &str = "VFIO_DEVICE_SET_IRQS";
+    let mut buf = caller::read_vfio_arg(caller, arg, NAME, IRQ_SET_HEADER)?;
+    let header = IrqSet::parse(&buf)?;
+    let mut copies = Vec::new();
+    if header.has_eventfds() {
+        let theirs = header.eventfds(&buf)?;
+        let mut ours = Vec::with_capacity(theirs.len());
+        for fd in theirs {
+            if fd < 0 {
+                ours.push(fd);
+                continue;
+            }
+            let copy = caller.get_fd(fd).map_err(|e| {
+                Error::new(
+                    e,
+                    format!("{NAME}: eventfd {fd} could not be copied from the caller ({e})"),
+                )
+            })?;
+            ours.push(copy.as_raw_fd());
+            copies.push(copy);
+        }
+        IrqSet::put_eventfds(&mut buf, &ours);
+    }
+    let r = dev.ioctl_buf(nr::VFIO_DEVICE_SET_IRQS, &mut buf);
+    drop(copies);
+    r.map_err(|e| Error::new(e, format!("{NAME} failed on the device")))
+}
+
+impl Device for DeviceNode {
+    fn open(&self, _req: &Request, _flags: OpenFlags) -> std::result::Result<u64, Errno> {
+        Ok(self.next_fh.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        fh: u64,
+        size: u32,
+        offset: Offset,
+    ) -> std::result::Result<Vec<u8>, Errno> {
+        self.handle_read(fh, size, &offset).map_err(|e| {
+            self.log("read", fh, &e);
+            e.errno
+        })
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        fh: u64,
+        data: &[u8],
+        offset: Offset,
+    ) -> std::result::Result<u32, Errno> {
+        self.handle_write(fh, data, &offset).map_err(|e| {
+            self.log("write", fh, &e);
+            e.errno
+        })
+    }
+
+    fn ioctl(
+        &self,
+        req: &Request,
+        fh: u64,
+        args: IoctlArgs<'_>,
+    ) -> std::result::Result<IoctlResult, Errno> {
+        match self.handle_ioctl(req, fh, args.cmd, args.arg) {
+            Ok(v) => Ok(IoctlResult::value(v)),
+            Err(e) => {
+                let op = format!("ioctl {:#x}", args.cmd);
+                self.log(&op, fh, &e);
+                Err(e.errno)
+            }
+        }
+    }
+
+    fn release(&self, fh: u64) {
+        self.handle_release(fh)
+    }
+}
+
+/// The daemon's device nodes, one per engine device, sharing the way ioasid
+/// fds are recognised.
+pub struct DeviceNodes {
+    engine: Arc<Engine>,
+    opener: Arc<dyn DeviceOpener>,
+    lookup: Arc<dyn ContextLookup>,
+    identify: Option<Arc<IoasidIdentify>>,
+    nodes: Mutex<BTreeMap<DeviceId, Arc<DeviceNode>>>,
+}
+
+impl std::fmt::Debug for DeviceNodes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceNodes")
+            .field("nodes", &self.lock().keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl DeviceNodes {
+    /// Nodes for `engine`'s devices, opened through `vfio`. Ioasid fds are
+    /// recognised once [`DeviceNodes::set_ioasid_device`] is called (until
+    /// then every bind is `EINVAL`).
+    pub fn new(engine: Arc<Engine>, vfio: Arc<VfioLegacy>) -> Self {
+        let identify = Arc::new(IoasidIdentify::default());
+        DeviceNodes {
+            engine,
+            opener: vfio,
+            lookup: identify.clone(),
+            identify: Some(identify),
+            nodes: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Nodes with explicit seams (tests).
+    pub fn with_parts(
+        engine: Arc<Engine>,
+        opener: Arc<dyn DeviceOpener>,
+        lookup: Arc<dyn ContextLookup>,
+    ) -> Self {
+        DeviceNodes {
+            engine,
+            opener,
+            lookup,
+            identify: None,
+            nodes: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<DeviceId, Arc<DeviceNode>>> {
+        self.nodes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tell the nodes the device number of the registered `/dev/ioasid`
+    /// node. Once only; `Err(dev)` if already set or built by
+    /// [`DeviceNodes::with_parts`].
+    pub fn set_ioasid_device(&self, dev: DeviceNumber) -> std::result::Result<(), DeviceNumber> {
+        match &self.identify {
+            Some(i) => i.set_device(dev),
+            None => Err(dev),
+        }
+    }
+
+    /// The node of device `id`, created on first use. `EINVAL` if the
+    /// engine has no such device.
+    pub fn node(&self, id: DeviceId) -> Result<Arc<DeviceNode>> {
+        let spec = self.engine.device(id).cloned().ok_or_else(|| {
+            Error::new(Errno::EINVAL, format!("the engine has no device {}", id.0))
+        })?;
+        let mut nodes = self.lock();
+        let node = nodes.entry(id).or_insert_with(|| {
+            Arc::new(DeviceNode::with_parts(
+                self.engine.clone(),
+                spec,
+                self.opener.clone(),
+                self.lookup.clone(),
+            ))
+        });
+        Ok(node.clone())
+    }
+
+    /// Register a node for every engine device with `server`, named
+    /// `vfio/devices/dev<N>` with N the device id (`/dev/vfio/devices/devN`).
+    pub fn register_all(
+        &self,
+        server: &Server,
+    ) -> std::result::Result<Vec<NodeInfo>, cuse_server::Error> {
+        let ids: Vec<DeviceId> = self.engine.devices().map(|d| d.id).collect();
+        let mut infos = Vec::new();
+        for id in ids {
+            let node = self
+                .node(id)
+                .expect("the id comes from the engine's own list");
+            let info = server.register(DeviceConfig::new(node_name(id)), node.clone())?;
+            tracing::info!(
+                device = %node.spec().name,
+                path = %info.path.display(),
+                "device node registered"
+            );
+            infos.push(info);
+        }
+        Ok(infos)
+    }
+
+    /// The close hook: the `/dev/ioasid` front end calls it after
+    /// `Engine::close_context`; every node whose device the engine unbound
+    /// closes its device fd (the kernel resets the device) and forgets the
+    /// binding.
+    pub fn on_context_closed(&self, closed: &ClosedContext) {
+        let nodes: Vec<Arc<DeviceNode>> = {
+            let map = self.lock();
+            closed
+                .unbound
+                .iter()
+                .filter_map(|id| map.get(id).cloned())
+                .collect()
+        };
+        for node in nodes {
+            node.forget_stale();
+        }
+    }
+}
+
+/// The CUSE name of device `id`'s node: `vfio/devices/dev<id>`.
+pub fn node_name(id: DeviceId) -> String {
+    format!("vfio/devices/dev{}", id.0)
+}

@@ -1,0 +1,874 @@
+//! The node end to end on the host: the real engine over its fake backend,
+//! a fake VFIO device, a fake ioasid-fd lookup, and a caller made of a byte
+//! buffer (plus one test through `cuse_server::Device` with this process as
+//! the caller).
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cuse_server::{Device, IoctlArgs, Offset, OffsetError, Request};
+use ioasid_engine::fake::FakeBackend;
+use ioasid_engine::{ContextId, DeviceId, DeviceSpec, Engine};
+use ioasid_uapi::vfio as nr;
+use ioasid_uapi::{
+    VfioAttachIoasid, IOASID_ATTACH_USER_PASID, VFIO_ATTACH_IOASID, VFIO_BIND_IOASID_FD,
+    VFIO_DETACH_IOASID, VFIO_UNBIND_IOASID_FD,
+};
+use nix::errno::Errno;
+use vfio_bindings::bindings::vfio::{
+    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_REGION_INFO_CAP_SPARSE_MMAP,
+    VFIO_REGION_INFO_CAP_TYPE, VFIO_REGION_INFO_FLAG_CAPS, VFIO_REGION_INFO_FLAG_MMAP,
+    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+};
+use zerocopy::IntoBytes;
+
+use crate::caller::fake::FakeCaller;
+use crate::device_file::{ContextLookup, DeviceFile, DeviceOpener};
+use crate::error::{Error, Result};
+use crate::node::{DeviceNode, DeviceNodes};
+
+const DEV_A: DeviceId = DeviceId(1); // group 3
+const DEV_X: DeviceId = DeviceId(10); // group 7
+const DEV_Y: DeviceId = DeviceId(11); // group 7
+
+const R: u32 = VFIO_REGION_INFO_FLAG_READ;
+const W: u32 = VFIO_REGION_INFO_FLAG_WRITE;
+const BAR0: u64 = 0;
+const ROM: u64 = 6 << 40;
+const CONFIG: u64 = 7 << 40;
+
+/// Caller memory: the argument struct lives at ARG.
+const ARG: u64 = 0x5000_0000;
+
+// ---- a fake VFIO device ------------------------------------------------
+
+/// An fd number a SET_IRQS passed and the inode it named.
+type IrqFd = (i32, Option<u64>);
+
+#[derive(Debug, Default)]
+struct DeviceLog {
+    opens: AtomicUsize,
+    closes: AtomicUsize,
+    resets: AtomicUsize,
+    /// For each SET_IRQS: (fd number as passed, inode of the file or None).
+    irq_fds: Mutex<Vec<Vec<IrqFd>>>,
+    /// Region bytes by absolute offset.
+    mem: Mutex<HashMap<u64, u8>>,
+}
+
+#[derive(Debug)]
+struct FakeDevice {
+    log: Arc<DeviceLog>,
+}
+
+impl Drop for FakeDevice {
+    fn drop(&mut self) {
+        self.log.closes.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// (index, flags, size, offset) of the fake's regions; 9 regions, VGA (8)
+/// missing (EINVAL), BARs 1..5 empty.
+fn fake_region(index: u32) -> Option<(u32, u64, u64)> {
+    match index {
+        0 => Some((R | W | VFIO_REGION_INFO_FLAG_MMAP, 0x1000, BAR0)),
+        1..=5 => Some((0, 0, u64::from(index) << 40)),
+        6 => Some((R, 0x800, ROM)),
+        7 => Some((R | W, 0x100, CONFIG)),
+        _ => None,
+    }
+}
+
+fn put32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+}
+fn get32(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+fn inode(fd: BorrowedFd<'_>) -> Option<u64> {
+    nix::sys::stat::fstat(fd).ok().map(|s| s.st_ino)
+}
+
+impl DeviceFile for FakeDevice {
+    fn ioctl_buf(&self, cmd: u32, buf: &mut [u8]) -> std::result::Result<i32, Errno> {
+        let argsz = get32(buf, 0) as usize;
+        assert!(
+            argsz <= buf.len(),
+            "argsz {argsz} past the buffer {}",
+            buf.len()
+        );
+        match cmd {
+            nr::VFIO_DEVICE_GET_INFO => {
+                put32(buf, 4, 3); // RESET | PCI
+                put32(buf, 8, 9);
+                put32(buf, 12, 5);
+                Ok(0)
+            }
+            nr::VFIO_DEVICE_GET_REGION_INFO => {
+                let index = get32(buf, 8);
+                let (flags, size, offset) = fake_region(index).ok_or(Errno::EINVAL)?;
+                buf[16..24].copy_from_slice(&size.to_ne_bytes());
+                buf[24..32].copy_from_slice(&offset.to_ne_bytes());
+                put32(buf, 4, flags);
+                put32(buf, 12, 0);
+                if index == 0 {
+                    // sparse mmap (header, nr_areas 1, reserved, one area)
+                    // then a region type capability, as the kernel lays out.
+                    let mut chain = vec![0u8; 48];
+                    chain[0..2]
+                        .copy_from_slice(&(VFIO_REGION_INFO_CAP_SPARSE_MMAP as u16).to_ne_bytes());
+                    chain[2..4].copy_from_slice(&1u16.to_ne_bytes());
+                    put32(&mut chain, 4, 32 + 32);
+                    put32(&mut chain, 8, 1);
+                    chain[16..24].copy_from_slice(&0u64.to_ne_bytes());
+                    chain[24..32].copy_from_slice(&0x1000u64.to_ne_bytes());
+                    chain[32..34]
+                        .copy_from_slice(&(VFIO_REGION_INFO_CAP_TYPE as u16).to_ne_bytes());
+                    chain[34..36].copy_from_slice(&1u16.to_ne_bytes());
+                    put32(&mut chain, 40, 0x8086);
+                    put32(&mut chain, 44, 7);
+                    put32(buf, 4, flags | VFIO_REGION_INFO_FLAG_CAPS);
+                    if argsz < 32 + chain.len() {
+                        put32(buf, 0, (32 + chain.len()) as u32);
+                    } else {
+                        buf[32..80].copy_from_slice(&chain);
+                        put32(buf, 12, 32);
+                    }
+                }
+                Ok(0)
+            }
+            nr::VFIO_DEVICE_GET_IRQ_INFO => {
+                put32(buf, 12, if get32(buf, 8) == 2 { 8 } else { 1 });
+                Ok(0)
+            }
+            nr::VFIO_DEVICE_SET_IRQS => {
+                let count = get32(buf, 16) as usize;
+                let fds = (0..count)
+                    .map(|i| {
+                        let fd = get32(buf, 20 + 4 * i) as i32;
+                        let ino = (fd >= 0)
+                            // SAFETY: only inspected during the call, while the
+                            // node holds the copy open.
+                            .then(|| inode(unsafe { BorrowedFd::borrow_raw(fd) }))
+                            .flatten();
+                        (fd, ino)
+                    })
+                    .collect();
+                self.log.irq_fds.lock().unwrap().push(fds);
+                Ok(0)
+            }
+            nr::VFIO_DEVICE_GET_PCI_HOT_RESET_INFO => {
+                // One dependent device; room for it needs argsz >= 20.
+                put32(buf, 8, 1);
+                if argsz < 20 {
+                    return Err(Errno::ENOSPC);
+                }
+                put32(buf, 12, 7); // group
+                Ok(0)
+            }
+            _ => Err(Errno::ENOTTY),
+        }
+    }
+    fn ioctl_none(&self, cmd: u32) -> std::result::Result<i32, Errno> {
+        assert_eq!(cmd, nr::VFIO_DEVICE_RESET);
+        self.log.resets.fetch_add(1, Ordering::SeqCst);
+        Ok(0)
+    }
+    fn read_at(&self, buf: &mut [u8], pos: u64) -> std::result::Result<usize, Errno> {
+        let mem = self.log.mem.lock().unwrap();
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = *mem.get(&(pos + i as u64)).unwrap_or(&0xff);
+        }
+        Ok(buf.len())
+    }
+    fn write_at(&self, data: &[u8], pos: u64) -> std::result::Result<usize, Errno> {
+        let mut mem = self.log.mem.lock().unwrap();
+        for (i, b) in data.iter().enumerate() {
+            mem.insert(pos + i as u64, *b);
+        }
+        Ok(data.len())
+    }
+}
+
+#[derive(Default)]
+struct FakeOpener {
+    logs: Mutex<HashMap<DeviceId, Arc<DeviceLog>>>,
+    fail: Mutex<Option<Errno>>,
+}
+
+impl FakeOpener {
+    fn log(&self, id: DeviceId) -> Arc<DeviceLog> {
+        self.logs.lock().unwrap().entry(id).or_default().clone()
+    }
+}
+
+impl DeviceOpener for FakeOpener {
+    fn open_device(&self, spec: &DeviceSpec) -> Result<Box<dyn DeviceFile>> {
+        if let Some(e) = *self.fail.lock().unwrap() {
+            return Err(Error::new(e, "VFIO_GROUP_GET_DEVICE_FD failed (fake)"));
+        }
+        let log = self.log(spec.id);
+        log.opens.fetch_add(1, Ordering::SeqCst);
+        Ok(Box::new(FakeDevice { log }))
+    }
+}
+
+/// Ioasid files are memfds registered by inode.
+#[derive(Default)]
+struct FakeLookup {
+    contexts: Mutex<HashMap<u64, ContextId>>,
+}
+
+impl ContextLookup for FakeLookup {
+    fn context_of(&self, file: BorrowedFd<'_>) -> Result<ContextId> {
+        inode(file)
+            .and_then(|i| self.contexts.lock().unwrap().get(&i).copied())
+            .ok_or_else(|| Error::new(Errno::EINVAL, "not an ioasid file (fake)"))
+    }
+}
+
+// ---- fixture -------------------------------------------------------------
+
+struct Fx {
+    engine: Arc<Engine>,
+    opener: Arc<FakeOpener>,
+    lookup: Arc<FakeLookup>,
+    nodes: DeviceNodes,
+}
+
+impl Fx {
+    fn new() -> Self {
+        let fake = Arc::new(FakeBackend::new());
+        let dev = |id, name: &str, group| DeviceSpec {
+            id,
+            name: name.to_string(),
+            group,
+        };
+        let engine = Arc::new(
+            Engine::new(
+                fake,
+                vec![
+                    dev(DEV_A, "0000:00:03.0", 3),
+                    dev(DEV_X, "0000:01:01.0", 7),
+                    dev(DEV_Y, "0000:01:02.0", 7),
+                ],
+            )
+            .unwrap(),
+        );
+        let opener = Arc::new(FakeOpener::default());
+        let lookup = Arc::new(FakeLookup::default());
+        let nodes = DeviceNodes::with_parts(engine.clone(), opener.clone(), lookup.clone());
+        Fx {
+            engine,
+            opener,
+            lookup,
+            nodes,
+        }
+    }
+
+    fn node(&self, id: DeviceId) -> Arc<DeviceNode> {
+        self.nodes.node(id).unwrap()
+    }
+
+    /// A new context and a file standing for its ioasid fd.
+    fn context(&self) -> (ContextId, OwnedFd) {
+        let ctx = self.engine.open_context();
+        let f =
+            nix::sys::memfd::memfd_create(c"ioasid", nix::sys::memfd::MFdFlags::empty()).unwrap();
+        self.lookup
+            .contexts
+            .lock()
+            .unwrap()
+            .insert(inode(f.as_fd()).unwrap(), ctx);
+        (ctx, f)
+    }
+}
+
+/// A caller whose memory is `mem` at ARG, holding `fds` as (number, file).
+fn caller(mem: Vec<u8>, fds: &[(i32, &OwnedFd)]) -> FakeCaller {
+    let mut c = FakeCaller::new(ARG, mem);
+    for (n, f) in fds {
+        c.fds.push((*n, f.try_clone().unwrap()));
+    }
+    c
+}
+
+fn ioctl(node: &DeviceNode, c: &FakeCaller, fh: u64, cmd: u32, arg: u64) -> Result<i32> {
+    node.handle_ioctl(c, fh, cmd, arg)
+}
+
+fn errno(r: Result<impl std::fmt::Debug>) -> Errno {
+    r.unwrap_err().errno
+}
+
+fn bind(node: &DeviceNode, fh: u64, file: &OwnedFd) -> Result<i32> {
+    let c = caller(vec![], &[(5, file)]);
+    ioctl(node, &c, fh, VFIO_BIND_IOASID_FD, 5)
+}
+
+fn attach_arg(ioasid: u32, pasid: Option<u32>) -> Vec<u8> {
+    VfioAttachIoasid {
+        argsz: 16,
+        flags: if pasid.is_some() {
+            IOASID_ATTACH_USER_PASID
+        } else {
+            0
+        },
+        ioasid,
+        user_pasid: pasid.unwrap_or(0),
+    }
+    .as_bytes()
+    .to_vec()
+}
+
+fn region_info_arg(index: u32, argsz: u32) -> Vec<u8> {
+    let mut b = vec![0u8; argsz.max(32) as usize];
+    put32(&mut b, 0, argsz);
+    put32(&mut b, 8, index);
+    b
+}
+
+fn at(pos: u64) -> Offset {
+    Offset::At(pos)
+}
+
+// ---- tests ---------------------------------------------------------------
+
+#[test]
+fn unbound_node_refuses_everything_but_bind() {
+    let fx = Fx::new();
+    let node = fx.node(DEV_A);
+    let c = caller(region_info_arg(0, 32), &[]);
+    assert_eq!(
+        errno(ioctl(&node, &c, 1, nr::VFIO_DEVICE_GET_INFO, ARG)),
+        Errno::EINVAL
+    );
+    assert_eq!(
+        errno(ioctl(&node, &c, 1, nr::VFIO_DEVICE_GET_REGION_INFO, ARG)),
+        Errno::EINVAL
+    );
+    assert_eq!(
+        errno(node.handle_ioctl(&c, 1, nr::VFIO_DEVICE_RESET, 0)),
+        Errno::EINVAL
+    );
+    assert_eq!(errno(node.handle_read(1, 4, &at(BAR0))), Errno::EINVAL);
+    assert_eq!(errno(node.handle_write(1, &[1], &at(BAR0))), Errno::EINVAL);
+    let c = caller(attach_arg(1, None), &[]);
+    let e = ioctl(&node, &c, 1, VFIO_ATTACH_IOASID, ARG).unwrap_err();
+    assert_eq!(e.errno, Errno::EINVAL);
+    assert!(e.message.contains("not bound"), "{}", e.message);
+    let (_ctx, file) = fx.context();
+    let c = caller(vec![], &[(5, &file)]);
+    assert_eq!(
+        errno(ioctl(&node, &c, 1, VFIO_UNBIND_IOASID_FD, 5)),
+        Errno::EINVAL
+    );
+    // Not a VFIO device command at all: ENOTTY, bound or not.
+    assert_eq!(errno(ioctl(&node, &c, 1, 0x1234, 0)), Errno::ENOTTY);
+    assert_eq!(fx.opener.log(DEV_A).opens.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn bind_resolves_the_callers_fd() {
+    let fx = Fx::new();
+    let node = fx.node(DEV_A);
+    let (ctx, file) = fx.context();
+    // Not open in the caller: EBADF; negative: EBADF.
+    let c = caller(vec![], &[(5, &file)]);
+    assert_eq!(
+        errno(ioctl(&node, &c, 1, VFIO_BIND_IOASID_FD, 6)),
+        Errno::EBADF
+    );
+    assert_eq!(
+        errno(ioctl(&node, &c, 1, VFIO_BIND_IOASID_FD, -1i64 as u64)),
+        Errno::EBADF
+    );
+    assert_eq!(
+        errno(ioctl(&node, &c, 1, VFIO_BIND_IOASID_FD, 1 << 40)),
+        Errno::EBADF
+    );
+    // A foreign file: EINVAL.
+    let (pipe_r, _pipe_w) = nix::unistd::pipe().unwrap();
+    let c = caller(vec![], &[(7, &pipe_r)]);
+    assert_eq!(
+        errno(ioctl(&node, &c, 1, VFIO_BIND_IOASID_FD, 7)),
+        Errno::EINVAL
+    );
+    assert_eq!(node.bound_context(), None);
+    assert_eq!(fx.engine.bound_context(DEV_A), None);
+    // The real thing.
+    assert_eq!(bind(&node, 1, &file).unwrap(), 0);
+    assert_eq!(node.bound_context(), Some(ctx));
+    assert_eq!(fx.engine.bound_context(DEV_A), Some(ctx));
+    assert_eq!(fx.opener.log(DEV_A).opens.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn one_binding_at_a_time() {
+    let fx = Fx::new();
+    let node = fx.node(DEV_A);
+    let (ctx1, f1) = fx.context();
+    let (_ctx2, f2) = fx.context();
+    bind(&node, 1, &f1).unwrap();
+    // Again from the same open file, from another open file, to another context.
+    assert_eq!(errno(bind(&node, 1, &f1)), Errno::EBUSY);
+    assert_eq!(errno(bind(&node, 2, &f1)), Errno::EBUSY);
+    assert_eq!(errno(bind(&node, 2, &f2)), Errno::EBUSY);
+    assert_eq!(fx.engine.bound_context(DEV_A), Some(ctx1));
+    // Another open file may not use the device.
+    let c = caller(region_info_arg(0, 32), &[]);
+    assert_eq!(
+        errno(ioctl(&node, &c, 2, nr::VFIO_DEVICE_GET_INFO, ARG)),
+        Errno::EINVAL
+    );
+    assert_eq!(errno(node.handle_read(2, 4, &at(BAR0))), Errno::EINVAL);
+    assert!(node.handle_read(1, 4, &at(BAR0)).is_ok());
+    assert_eq!(fx.opener.log(DEV_A).opens.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn group_ownership_and_open_failure() {
+    let fx = Fx::new();
+    let (_c1, f1) = fx.context();
+    let (_c2, f2) = fx.context();
+    bind(&fx.node(DEV_X), 1, &f1).unwrap();
+    // Y shares X's group: another context may not bind it.
+    let e = bind(&fx.node(DEV_Y), 1, &f2).unwrap_err();
+    assert_eq!(e.errno, Errno::EBUSY);
+    assert!(e.message.contains("IOMMU group"), "{}", e.message);
+    bind(&fx.node(DEV_Y), 1, &f1).unwrap();
+    // The device cannot be opened: the bind is rolled back.
+    *fx.opener.fail.lock().unwrap() = Some(Errno::EBUSY);
+    let node = fx.node(DEV_A);
+    assert_eq!(errno(bind(&node, 1, &f2)), Errno::EBUSY);
+    assert_eq!(fx.engine.bound_context(DEV_A), None);
+    *fx.opener.fail.lock().unwrap() = None;
+    bind(&node, 1, &f2).unwrap();
+}
+
+#[test]
+fn unbind_release_and_reuse() {
+    let fx = Fx::new();
+    let node = fx.node(DEV_A);
+    let log = fx.opener.log(DEV_A);
+    let (ctx1, f1) = fx.context();
+    let (_ctx2, f2) = fx.context();
+    bind(&node, 1, &f1).unwrap();
+    let io = fx.engine.alloc(ctx1).unwrap();
+    let c = caller(attach_arg(io, None), &[]);
+    ioctl(&node, &c, 1, VFIO_ATTACH_IOASID, ARG).unwrap();
+    // Unbind naming another ioasid fd, or from another open file: EINVAL.
+    let c = caller(vec![], &[(5, &f2)]);
+    let e = ioctl(&node, &c, 1, VFIO_UNBIND_IOASID_FD, 5).unwrap_err();
+    assert_eq!(e.errno, Errno::EINVAL);
+    assert!(e.message.contains("not the ioasid fd"), "{}", e.message);
+    let c = caller(vec![], &[(5, &f1)]);
+    assert_eq!(
+        errno(ioctl(&node, &c, 2, VFIO_UNBIND_IOASID_FD, 5)),
+        Errno::EINVAL
+    );
+    assert_eq!(log.closes.load(Ordering::SeqCst), 0);
+    // The right one: detached, unbound, device closed.
+    ioctl(&node, &c, 1, VFIO_UNBIND_IOASID_FD, 5).unwrap();
+    assert_eq!(fx.engine.bound_context(DEV_A), None);
+    assert!(fx.engine.info(ctx1, io).unwrap().devices.is_empty());
+    assert_eq!(log.closes.load(Ordering::SeqCst), 1);
+    assert_eq!(errno(node.handle_read(1, 4, &at(BAR0))), Errno::EINVAL);
+    // Bind again from a new open file; release of another file does nothing.
+    bind(&node, 3, &f2).unwrap();
+    node.handle_release(1);
+    assert!(node.bound_context().is_some());
+    node.handle_release(3);
+    assert_eq!(node.bound_context(), None);
+    assert_eq!(fx.engine.bound_context(DEV_A), None);
+    assert_eq!(log.closes.load(Ordering::SeqCst), 2);
+    assert_eq!(log.opens.load(Ordering::SeqCst), 2);
+    // Reusable.
+    bind(&node, 4, &f1).unwrap();
+}
+
+#[test]
+fn context_closed_closes_the_device() {
+    let fx = Fx::new();
+    let node = fx.node(DEV_A);
+    let log = fx.opener.log(DEV_A);
+    let (ctx, f) = fx.context();
+    bind(&node, 1, &f).unwrap();
+    let closed = fx.engine.close_context(ctx).unwrap();
+    assert_eq!(closed.unbound, vec![DEV_A]);
+    fx.nodes.on_context_closed(&closed);
+    assert_eq!(log.closes.load(Ordering::SeqCst), 1);
+    assert_eq!(node.bound_context(), None);
+    // The old open file is now unbound; release later is harmless.
+    assert_eq!(errno(node.handle_read(1, 4, &at(BAR0))), Errno::EINVAL);
+    node.handle_release(1);
+    assert_eq!(log.closes.load(Ordering::SeqCst), 1);
+    let (_ctx2, f2) = fx.context();
+    bind(&node, 2, &f2).unwrap();
+}
+
+#[test]
+fn a_vanished_context_is_noticed_without_the_hook() {
+    let fx = Fx::new();
+    let node = fx.node(DEV_A);
+    let (ctx, f) = fx.context();
+    bind(&node, 1, &f).unwrap();
+    fx.engine.close_context(ctx).unwrap();
+    assert_eq!(errno(node.handle_read(1, 4, &at(BAR0))), Errno::EINVAL);
+    assert_eq!(fx.opener.log(DEV_A).closes.load(Ordering::SeqCst), 1);
+    let (_ctx2, f2) = fx.context();
+    bind(&node, 2, &f2).unwrap();
+}
+
+#[test]
+fn attach_and_detach() {
+    let fx = Fx::new();
+    let node = fx.node(DEV_A);
+    let (ctx, f) = fx.context();
+    bind(&node, 1, &f).unwrap();
+    let io = fx.engine.alloc(ctx).unwrap();
+    let run = |cmd, mem: Vec<u8>| ioctl(&node, &caller(mem, &[]), 1, cmd, ARG);
+    // Unknown IOASID: ENOENT.
+    assert_eq!(
+        errno(run(VFIO_ATTACH_IOASID, attach_arg(io + 5, None))),
+        Errno::ENOENT
+    );
+    // user_pasid without the flag.
+    let mut bad = attach_arg(io, None);
+    put32(&mut bad, 12, 9);
+    assert_eq!(errno(run(VFIO_ATTACH_IOASID, bad)), Errno::EINVAL);
+    // Bad argsz, unknown flag, non-zero tail.
+    let mut short = attach_arg(io, None);
+    put32(&mut short, 0, 15);
+    assert_eq!(errno(run(VFIO_ATTACH_IOASID, short)), Errno::EINVAL);
+    let mut flag = attach_arg(io, None);
+    put32(&mut flag, 4, 4);
+    assert_eq!(errno(run(VFIO_ATTACH_IOASID, flag)), Errno::EINVAL);
+    let mut long = attach_arg(io, None);
+    put32(&mut long, 0, 24);
+    long.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 1]);
+    assert_eq!(errno(run(VFIO_ATTACH_IOASID, long)), Errno::E2BIG);
+    // RID and PASID attachments.
+    run(VFIO_ATTACH_IOASID, attach_arg(io, None)).unwrap();
+    assert_eq!(
+        errno(run(VFIO_ATTACH_IOASID, attach_arg(io, None))),
+        Errno::EBUSY
+    );
+    run(VFIO_ATTACH_IOASID, attach_arg(io, Some(0x42))).unwrap();
+    let devices = fx.engine.info(ctx, io).unwrap().devices;
+    assert_eq!(devices.len(), 2);
+    assert_eq!(devices[1].pasid, Some(0x42));
+    run(VFIO_DETACH_IOASID, attach_arg(io, Some(0x42))).unwrap();
+    run(VFIO_DETACH_IOASID, attach_arg(io, None)).unwrap();
+    assert!(fx.engine.info(ctx, io).unwrap().devices.is_empty());
+    assert_eq!(
+        errno(run(VFIO_DETACH_IOASID, attach_arg(io, None))),
+        Errno::ENOENT
+    );
+    // A freed IOASID: ENOENT.
+    fx.engine.free(ctx, io).unwrap();
+    assert_eq!(
+        errno(run(VFIO_ATTACH_IOASID, attach_arg(io, None))),
+        Errno::ENOENT
+    );
+}
+
+#[test]
+fn region_info_never_advertises_mmap() {
+    let fx = Fx::new();
+    let node = fx.node(DEV_A);
+    let (_ctx, f) = fx.context();
+    bind(&node, 1, &f).unwrap();
+    // Big enough: the type capability survives at offset 32, alone.
+    let c = caller(region_info_arg(0, 256), &[]);
+    ioctl(&node, &c, 1, nr::VFIO_DEVICE_GET_REGION_INFO, ARG).unwrap();
+    let m = c.mem.borrow().clone();
+    let flags = get32(&m, 4);
+    assert_eq!(flags & VFIO_REGION_INFO_FLAG_MMAP, 0);
+    assert_eq!(flags & (R | W), R | W);
+    assert_ne!(flags & VFIO_REGION_INFO_FLAG_CAPS, 0);
+    assert_eq!(get32(&m, 0), 256, "argsz left as given");
+    let first = get32(&m, 12) as usize;
+    assert_eq!(first, 64, "the sparse cap (32..64) is unlinked");
+    assert_eq!(
+        u16::from_ne_bytes([m[first], m[first + 1]]) as u32,
+        VFIO_REGION_INFO_CAP_TYPE
+    );
+    assert_eq!(get32(&m, first + 4), 0);
+    assert!(m[32..64].iter().all(|&b| b == 0), "sparse cap zeroed");
+    assert_eq!(u64::from_ne_bytes(m[16..24].try_into().unwrap()), 0x1000);
+    // Too small: CAPS, cap_offset 0, argsz raised to what the kept chain needs.
+    let c = caller(region_info_arg(0, 32), &[]);
+    ioctl(&node, &c, 1, nr::VFIO_DEVICE_GET_REGION_INFO, ARG).unwrap();
+    let m = c.mem.borrow().clone();
+    assert_eq!(get32(&m, 0), 80);
+    assert_eq!(get32(&m, 12), 0);
+    assert_eq!(get32(&m, 4) & VFIO_REGION_INFO_FLAG_MMAP, 0);
+    // A region without caps; a missing region is the device's EINVAL.
+    let c = caller(region_info_arg(7, 32), &[]);
+    ioctl(&node, &c, 1, nr::VFIO_DEVICE_GET_REGION_INFO, ARG).unwrap();
+    assert_eq!(
+        u64::from_ne_bytes(c.mem.borrow()[24..32].try_into().unwrap()),
+        CONFIG
+    );
+    let c = caller(region_info_arg(8, 32), &[]);
+    assert_eq!(
+        errno(ioctl(&node, &c, 1, nr::VFIO_DEVICE_GET_REGION_INFO, ARG)),
+        Errno::EINVAL
+    );
+    // argsz rules.
+    let c = caller(region_info_arg(0, 31), &[]);
+    assert_eq!(
+        errno(ioctl(&node, &c, 1, nr::VFIO_DEVICE_GET_REGION_INFO, ARG)),
+        Errno::EINVAL
+    );
+    let c = caller(region_info_arg(0, 1 << 20), &[]);
+    assert_eq!(
+        errno(ioctl(&node, &c, 1, nr::VFIO_DEVICE_GET_REGION_INFO, ARG)),
+        Errno::E2BIG
+    );
+}
+
+#[test]
+fn region_access() {
+    let fx = Fx::new();
+    let node = fx.node(DEV_A);
+    let (_ctx, f) = fx.context();
+    bind(&node, 1, &f).unwrap();
+    assert_eq!(
+        node.handle_write(1, &[1, 2, 3, 4], &at(BAR0 + 0x10))
+            .unwrap(),
+        4
+    );
+    assert_eq!(
+        node.handle_read(1, 4, &at(BAR0 + 0x10)).unwrap(),
+        vec![1, 2, 3, 4]
+    );
+    assert_eq!(
+        node.handle_write(1, &[0xaa; 2], &at(CONFIG + 4)).unwrap(),
+        2
+    );
+    assert_eq!(
+        fx.opener.log(DEV_A).mem.lock().unwrap().get(&(CONFIG + 5)),
+        Some(&0xaa)
+    );
+    // Out of bounds, across the end, a missing region, a read-only one.
+    assert_eq!(
+        errno(node.handle_read(1, 8, &at(BAR0 + 0xffc))),
+        Errno::EINVAL
+    );
+    assert_eq!(
+        errno(node.handle_read(1, 1, &at(BAR0 + 0x1000))),
+        Errno::EINVAL
+    );
+    assert_eq!(errno(node.handle_read(1, 1, &at(1 << 40))), Errno::EINVAL);
+    assert_eq!(errno(node.handle_write(1, &[0], &at(ROM))), Errno::EINVAL);
+    assert_eq!(node.handle_read(1, 2, &at(ROM)).unwrap().len(), 2);
+    // No position, unknown position.
+    assert_eq!(
+        errno(node.handle_read(1, 4, &Offset::Stream { within: 0 })),
+        Errno::ESPIPE
+    );
+    let unknown = Offset::Unknown {
+        within: 0,
+        reason: OffsetError::NotInSyscall,
+    };
+    assert_eq!(errno(node.handle_write(1, &[0], &unknown)), Errno::EINVAL);
+    assert!(node.handle_read(1, 0, &at(BAR0)).unwrap().is_empty());
+}
+
+#[test]
+fn set_irqs_passes_the_daemons_copies() {
+    let fx = Fx::new();
+    let node = fx.node(DEV_A);
+    let (_ctx, f) = fx.context();
+    bind(&node, 1, &f).unwrap();
+    let ev = nix::sys::eventfd::EventFd::new().unwrap();
+    let ev_fd: OwnedFd = ev.into();
+    let ev_ino = inode(ev_fd.as_fd());
+    let mut arg = Vec::new();
+    for v in [
+        32u32,
+        VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+        2,
+        0,
+        3,
+    ] {
+        arg.extend_from_slice(&v.to_ne_bytes());
+    }
+    for fd in [40i32, -1, 40] {
+        arg.extend_from_slice(&fd.to_ne_bytes());
+    }
+    let c = caller(arg.clone(), &[(40, &ev_fd)]);
+    ioctl(&node, &c, 1, nr::VFIO_DEVICE_SET_IRQS, ARG).unwrap();
+    let seen = fx.opener.log(DEV_A).irq_fds.lock().unwrap().pop().unwrap();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[1], (-1, None), "-1 stays -1");
+    for (fd, ino) in [seen[0], seen[2]] {
+        assert_ne!(fd, 40, "the caller's number is not passed");
+        assert!(fd >= 0);
+        assert_eq!(ino, ev_ino, "the daemon's copy is the caller's eventfd");
+    }
+    assert_eq!(
+        c.mem.borrow().as_slice(),
+        arg.as_slice(),
+        "nothing written back"
+    );
+    // An fd the caller does not have: EBADF, nothing reaches the device.
+    let mut bad = arg.clone();
+    put32(&mut bad, 20, 41);
+    let c = caller(bad, &[(40, &ev_fd)]);
+    assert_eq!(
+        errno(ioctl(&node, &c, 1, nr::VFIO_DEVICE_SET_IRQS, ARG)),
+        Errno::EBADF
+    );
+    // A count that does not fit argsz.
+    let mut over = arg.clone();
+    put32(&mut over, 16, 4);
+    let c = caller(over, &[(40, &ev_fd)]);
+    assert_eq!(
+        errno(ioctl(&node, &c, 1, nr::VFIO_DEVICE_SET_IRQS, ARG)),
+        Errno::EINVAL
+    );
+    assert!(fx.opener.log(DEV_A).irq_fds.lock().unwrap().is_empty());
+}
+
+#[test]
+fn forwarded_info_reset_and_hot_reset() {
+    let fx = Fx::new();
+    let node = fx.node(DEV_A);
+    let (_ctx, f) = fx.context();
+    bind(&node, 1, &f).unwrap();
+    let mut info = vec![0u8; 24];
+    put32(&mut info, 0, 24);
+    let c = caller(info, &[]);
+    ioctl(&node, &c, 1, nr::VFIO_DEVICE_GET_INFO, ARG).unwrap();
+    assert_eq!(
+        (get32(&c.mem.borrow(), 8), get32(&c.mem.borrow(), 12)),
+        (9, 5)
+    );
+    let mut irq = vec![0u8; 16];
+    put32(&mut irq, 0, 16);
+    put32(&mut irq, 8, 2);
+    let c = caller(irq, &[]);
+    ioctl(&node, &c, 1, nr::VFIO_DEVICE_GET_IRQ_INFO, ARG).unwrap();
+    assert_eq!(get32(&c.mem.borrow(), 12), 8);
+    let c = caller(vec![], &[]);
+    ioctl(&node, &c, 1, nr::VFIO_DEVICE_RESET, 0).unwrap();
+    assert_eq!(fx.opener.log(DEV_A).resets.load(Ordering::SeqCst), 1);
+    // Hot reset info: ENOSPC still writes count back.
+    let mut hr = vec![0u8; 12];
+    put32(&mut hr, 0, 12);
+    let c = caller(hr, &[]);
+    assert_eq!(
+        errno(ioctl(
+            &node,
+            &c,
+            1,
+            nr::VFIO_DEVICE_GET_PCI_HOT_RESET_INFO,
+            ARG
+        )),
+        Errno::ENOSPC
+    );
+    assert_eq!(get32(&c.mem.borrow(), 8), 1);
+    let mut hr = vec![0u8; 20];
+    put32(&mut hr, 0, 20);
+    let c = caller(hr, &[]);
+    ioctl(&node, &c, 1, nr::VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, ARG).unwrap();
+    assert_eq!(get32(&c.mem.borrow(), 12), 7);
+    let c = caller(vec![0; 16], &[]);
+    assert_eq!(
+        errno(ioctl(&node, &c, 1, nr::VFIO_DEVICE_PCI_HOT_RESET, ARG)),
+        Errno::EOPNOTSUPP
+    );
+    assert_eq!(
+        errno(ioctl(&node, &c, 1, nr::VFIO_DEVICE_FEATURE, ARG)),
+        Errno::ENOTTY
+    );
+    // A container command on a device node: not forwarded.
+    assert_eq!(
+        errno(ioctl(&node, &c, 1, nr::VFIO_SET_IOMMU, 3)),
+        Errno::ENOTTY
+    );
+}
+
+/// Through `cuse_server::Device` with this process as the caller: the
+/// ioasid fd and the argument structs are really copied out of a process
+/// (`pidfd_getfd`, `process_vm_readv`).
+#[test]
+fn through_the_device_trait_with_a_real_caller() {
+    let fx = Fx::new();
+    let node = fx.node(DEV_A);
+    let req = Request::for_caller(nix::unistd::gettid().as_raw() as u32, 0, 0);
+    let (ctx, f) = fx.context();
+    let fh = node
+        .open(&req, cuse_server::OpenFlags(libc::O_RDWR as u32))
+        .unwrap();
+    let fh2 = node
+        .open(&req, cuse_server::OpenFlags(libc::O_RDWR as u32))
+        .unwrap();
+    assert_ne!(fh, fh2);
+    let args = |cmd, arg| IoctlArgs {
+        cmd,
+        arg,
+        input: &[],
+        out_size: 0,
+    };
+    let raw: RawFd = f.as_raw_fd();
+    assert_eq!(
+        node.ioctl(&req, fh, args(VFIO_BIND_IOASID_FD, raw as u64))
+            .unwrap()
+            .result,
+        0
+    );
+    assert_eq!(node.bound_context(), Some(ctx));
+    let io = fx.engine.alloc(ctx).unwrap();
+    let a = VfioAttachIoasid {
+        argsz: 16,
+        flags: 0,
+        ioasid: io,
+        user_pasid: 0,
+    };
+    node.ioctl(&req, fh, args(VFIO_ATTACH_IOASID, &a as *const _ as u64))
+        .unwrap();
+    assert_eq!(fx.engine.info(ctx, io).unwrap().devices.len(), 1);
+    let mut ri = [0u64; 4];
+    ri[0] = 32 | (7u64 << 32); // argsz 32, flags (input ignored)
+    ri[1] = 7; // index 7
+    node.ioctl(
+        &req,
+        fh,
+        args(nr::VFIO_DEVICE_GET_REGION_INFO, ri.as_mut_ptr() as u64),
+    )
+    .unwrap();
+    assert_eq!(ri[3], CONFIG, "offset written into our memory");
+    assert_eq!(
+        node.write(&req, fh, &[5, 6], Offset::At(CONFIG)).unwrap(),
+        2
+    );
+    assert_eq!(
+        node.read(&req, fh, 2, Offset::At(CONFIG)).unwrap(),
+        vec![5, 6]
+    );
+    assert_eq!(
+        node.read(&req, fh2, 2, Offset::At(CONFIG)),
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(
+        node.ioctl(&req, fh2, args(VFIO_BIND_IOASID_FD, raw as u64))
+            .unwrap_err(),
+        Errno::EBUSY
+    );
+    assert_eq!(
+        node.ioctl(&req, fh2, args(VFIO_BIND_IOASID_FD, 999_999))
+            .unwrap_err(),
+        Errno::EBADF
+    );
+    node.release(fh2);
+    node.release(fh);
+    assert_eq!(fx.engine.bound_context(DEV_A), None);
+    assert_eq!(fx.opener.log(DEV_A).closes.load(Ordering::SeqCst), 1);
+}
