@@ -212,7 +212,19 @@ impl Pool {
                     st.threads += 1;
                     st.handles.push(h);
                 }
-                Err(e) => warn!(node = %self.name, error = %e, "cannot spawn a worker thread"),
+                Err(e) => {
+                    warn!(node = %self.name, error = %e, "cannot spawn a worker thread");
+                    if st.threads == 0 {
+                        // Nobody would ever answer: run it here, on the
+                        // reader thread, rather than leave the caller hanging.
+                        let work = st.queue.pop_front();
+                        drop(st);
+                        if let Some(work) = work {
+                            self.session.run(work);
+                        }
+                        return;
+                    }
+                }
             }
         }
         self.work_cv.notify_one();
