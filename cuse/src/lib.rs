@@ -92,6 +92,13 @@
 //!   woken by anything, so readers `poll()` a nonblocking fd together with
 //!   an eventfd.
 //!
+//! # Testing a `Device`
+//!
+//! Handlers are plain methods: call them directly with
+//! [`Request::for_caller`] naming your own thread, and the memory and fd
+//! helpers act on the test process itself. To test the protocol level,
+//! drive a [`Session`] with request bytes and an in-memory [`Channel`].
+//!
 //! # Logging
 //!
 //! Through `tracing`: a bad request from a client is logged at `debug`, a

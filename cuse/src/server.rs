@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -628,6 +628,7 @@ fn node_info(config: &DeviceConfig) -> Result<NodeInfo, Error> {
     loop {
         if let Ok(text) = std::fs::read_to_string(sysfs.join("dev")) {
             if let Some(dev) = parse_dev(&text) {
+                check_node(&path, dev);
                 return Ok(NodeInfo {
                     name: config.name.clone(),
                     dev,
@@ -653,6 +654,20 @@ fn node_info(config: &DeviceConfig) -> Result<NodeInfo, Error> {
             });
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Warn if `/dev/<name>` is not the character device the kernel registered
+/// (devtmpfs creates it synchronously; without devtmpfs, or with a name
+/// clashing with an existing file, it may be missing).
+fn check_node(path: &Path, dev: DeviceNumber) {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    match std::fs::metadata(path) {
+        Ok(m) if m.file_type().is_char_device() && DeviceNumber::from_dev_t(m.rdev()) == dev => {}
+        Ok(_) => warn!(path = %path.display(), %dev, "node exists but is not this device"),
+        Err(e) => {
+            warn!(path = %path.display(), %dev, error = %e, "device registered but its node is missing")
+        }
     }
 }
 
