@@ -31,6 +31,7 @@ pub struct DeviceConfig {
     max_read: u32,
     max_write: u32,
     max_workers: usize,
+    worker_idle: Duration,
     cuse_path: PathBuf,
     sysfs_dir: PathBuf,
     dev_dir: PathBuf,
@@ -49,6 +50,7 @@ impl DeviceConfig {
             max_read: MAX_TRANSFER,
             max_write: MAX_TRANSFER,
             max_workers: 32,
+            worker_idle: Duration::from_secs(30),
             cuse_path: PathBuf::from("/dev/cuse"),
             sysfs_dir: PathBuf::from("/sys/class/cuse"),
             dev_dir: PathBuf::from("/dev"),
@@ -74,6 +76,13 @@ impl DeviceConfig {
     /// How many requests of this node may be handled at once (at least 1).
     pub fn max_workers(mut self, n: usize) -> Self {
         self.max_workers = n.max(1);
+        self
+    }
+
+    /// How long a worker thread beyond the first may stay idle before it
+    /// exits (default 30 s).
+    pub fn worker_idle_timeout(mut self, idle: Duration) -> Self {
+        self.worker_idle = idle;
         self
     }
 
@@ -189,6 +198,7 @@ struct Pool {
     name: String,
     session: Arc<Session>,
     max: usize,
+    idle_timeout: Duration,
     state: Mutex<PoolState>,
     work_cv: Condvar,
     done_cv: Condvar,
@@ -203,6 +213,7 @@ impl Pool {
         let mut st = self.lock();
         st.queue.push_back(work);
         if st.queue.len() > st.idle && st.threads < self.max {
+            st.handles.retain(|h| !h.is_finished());
             let pool = self.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("cuse-worker:{}", self.name))
@@ -245,8 +256,17 @@ impl Pool {
                 return;
             }
             st.idle += 1;
-            st = self.work_cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            let (guard, waited) = match self.work_cv.wait_timeout(st, self.idle_timeout) {
+                Ok(r) => r,
+                Err(e) => e.into_inner(),
+            };
+            st = guard;
             st.idle -= 1;
+            // Shrink back to one worker after a burst.
+            if waited.timed_out() && st.queue.is_empty() && !st.closed && st.threads > 1 {
+                st.threads -= 1;
+                return;
+            }
         }
     }
 
@@ -425,7 +445,14 @@ impl Server {
         }
         let info = node_info(&config)?;
         info!(name = %info.name, dev = %info.dev, "CUSE device registered");
-        self.serve(info, channel, buf, device, config.max_workers)
+        self.serve(
+            info,
+            channel,
+            buf,
+            device,
+            config.max_workers,
+            config.worker_idle,
+        )
     }
 
     /// Serve an initialised connection: a reader thread and a worker pool.
@@ -436,12 +463,14 @@ impl Server {
         buf: Vec<u8>,
         device: Arc<dyn Device>,
         max_workers: usize,
+        idle_timeout: Duration,
     ) -> Result<NodeInfo, Error> {
         let session = Arc::new(Session::new(device, channel.clone()));
         let pool = Arc::new(Pool {
             name: info.name.clone(),
             session: session.clone(),
             max: max_workers,
+            idle_timeout,
             state: Mutex::new(PoolState {
                 queue: VecDeque::new(),
                 idle: 0,
@@ -818,6 +847,15 @@ mod tests {
     /// A node served over one end of a SEQPACKET socket pair; the test
     /// plays the kernel on the other end.
     fn fake_node(server: &Server, device: Arc<dyn Device>, workers: usize) -> OwnedFd {
+        fake_node_idle(server, device, workers, Duration::from_secs(30))
+    }
+
+    fn fake_node_idle(
+        server: &Server,
+        device: Arc<dyn Device>,
+        workers: usize,
+        idle: Duration,
+    ) -> OwnedFd {
         let (ours, kernel) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -838,7 +876,7 @@ mod tests {
         };
         let channel = Arc::new(FdChannel { fd: ours });
         server
-            .serve(info, channel, vec![0; 1 << 17], device, workers)
+            .serve(info, channel, vec![0; 1 << 17], device, workers, idle)
             .unwrap();
         kernel
     }
@@ -986,6 +1024,33 @@ mod tests {
         );
         server.stop();
         assert_eq!(recv(&kernel, T), Some((4, -libc::EINTR, None)));
+    }
+
+    #[test]
+    fn idle_workers_beyond_the_first_exit() {
+        let server = Server::new().unwrap();
+        let kernel = fake_node_idle(&server, Arc::new(Waiter), 4, Duration::from_millis(50));
+        let threads = |s: &Server| s.lock_nodes()[0].pool.lock().threads;
+        for u in [2, 4, 6] {
+            send(&kernel, &ioctl_request(u, 1));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(threads(&server), 3, "one worker per concurrent request");
+        for (i, u) in [2u64, 4, 6].iter().enumerate() {
+            send(&kernel, &interrupt_request(11 + 2 * i as u64, *u));
+        }
+        for _ in 0..3 {
+            assert_eq!(recv(&kernel, T).map(|r| r.1), Some(-libc::EINTR));
+        }
+        let deadline = Instant::now() + T;
+        while threads(&server) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(threads(&server), 1);
+        // The remaining worker still serves, and new ones are spawned again.
+        send(&kernel, &ioctl_request(20, 2));
+        assert_eq!(recv(&kernel, T), Some((20, 0, Some(7))));
+        server.stop();
     }
 
     #[test]
