@@ -399,10 +399,10 @@ impl Server {
     /// created the device (so `/dev/<name>` can be opened at once), or an
     /// error if it refused (e.g. [`Error::Refused`] for a name or device
     /// number already in use).
-    pub fn register<D: Device>(
+    pub fn register(
         &self,
         config: DeviceConfig,
-        device: Arc<D>,
+        device: Arc<dyn Device>,
     ) -> Result<NodeInfo, Error> {
         config.validate()?;
         if self.shared.stopping() {
