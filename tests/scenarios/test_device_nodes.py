@@ -39,6 +39,8 @@ DAEMON = REPO / "target" / "debug" / "cuse-ioasid"
 
 ALONE_1 = "0000:00:0a.0"
 ALONE_2 = "0000:00:0b.0"
+SHARED_A = "0000:01:01.0"  # behind the PCI bridge: one IOMMU group with SHARED_B
+SHARED_B = "0000:01:02.0"
 LENGTH = 3000  # edu transfers stay below its 4096-byte buffer
 IOVA = 0x200000  # below the edu's 28-bit DMA mask
 
@@ -112,7 +114,7 @@ def nodes(daemon) -> dict[str, str]:
         m = re.match(r"(/dev/\S+)\s+([0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7])\s", line)
         if m:
             found[m.group(2)] = m.group(1)
-    for bdf in (ALONE_1, ALONE_2):
+    for bdf in (ALONE_1, ALONE_2, SHARED_A, SHARED_B):
         assert bdf in found, f"{bdf} missing from `cuse-ioasid --list`:\n{out}"
         assert os.path.exists(found[bdf]), f"{found[bdf]} ({bdf}) does not exist"
     return found
@@ -266,6 +268,24 @@ def test_one_binding_at_a_time(nodes, node):
         assert other.info().num_regions >= 8
     finally:
         other.close()
+        fd1.close()
+        fd2.close()
+
+
+def test_devices_of_one_group_bind_to_one_ioasid_fd(nodes):
+    a = vfio.Device.open_node(nodes[SHARED_A])
+    b = vfio.Device.open_node(nodes[SHARED_B])
+    fd1, fd2 = io.IoasidFd(), io.IoasidFd()
+    try:
+        io.bind_ioasid_fd(a.fd, fd1)
+        # SHARED_B's group is owned by fd1's context now.
+        assert errno_of(io.bind_ioasid_fd, b.fd, fd2) == errno.EBUSY
+        assert errno_of(b.info) == errno.EINVAL, "a refused bind leaves the node unbound"
+        io.bind_ioasid_fd(b.fd, fd1)
+        assert b.info().num_regions >= 8
+    finally:
+        a.close()
+        b.close()
         fd1.close()
         fd2.close()
 
