@@ -371,6 +371,43 @@ def test_irq_info_and_an_msi_through_an_eventfd(nodes):
         c.close()
 
 
+VFIO_DEVICE_GET_PCI_HOT_RESET_INFO = (ord(";") << 8) | (100 + 12)
+VFIO_DEVICE_PCI_HOT_RESET = (ord(";") << 8) | (100 + 13)
+
+
+def test_hot_reset_info_is_forwarded_and_hot_reset_refused(nodes):
+    """The two edu devices behind the bridge can be reset together (a bus
+    reset); the device alone on the root bus cannot (ENODEV)."""
+    a = vfio.Device.open_node(nodes[SHARED_A])
+    alone = vfio.Device.open_node(nodes[ALONE_1])
+    fd = io.IoasidFd()
+    try:
+        io.bind_ioasid_fd(a.fd, fd)
+        io.bind_ioasid_fd(alone.fd, fd)
+        # No room for the devices: ENOSPC, with count written back.
+        small = bytearray(struct.pack("=III", 12, 0, 0))
+        assert errno_of(io.fcntl.ioctl, a.fd, VFIO_DEVICE_GET_PCI_HOT_RESET_INFO,
+                        small) == errno.ENOSPC
+        count = struct.unpack_from("=I", small, 8)[0]
+        assert count == 2, f"count {count}: both devices behind the bridge"
+        # With room: both devices, in the same IOMMU group.
+        big = bytearray(12 + 8 * count)
+        struct.pack_into("=I", big, 0, len(big))
+        io.fcntl.ioctl(a.fd, VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, big)
+        devs = [struct.unpack_from("=IHBB", big, 12 + 8 * i) for i in range(count)]
+        assert {(bus, devfn) for _g, _seg, bus, devfn in devs} == {(1, 1 << 3), (1, 2 << 3)}
+        assert len({g for g, _seg, _bus, _devfn in devs}) == 1
+        assert errno_of(io.fcntl.ioctl, alone.fd, VFIO_DEVICE_GET_PCI_HOT_RESET_INFO,
+                        bytearray(struct.pack("=III", 12, 0, 0))) == errno.ENODEV
+        # The reset itself needs group fds the client does not have.
+        assert errno_of(io.fcntl.ioctl, a.fd, VFIO_DEVICE_PCI_HOT_RESET,
+                        bytearray(struct.pack("=III", 12, 0, 0))) == errno.EOPNOTSUPP
+    finally:
+        a.close()
+        alone.close()
+        fd.close()
+
+
 # ---------------------------------------------------------------------------
 # DMA and region access
 # ---------------------------------------------------------------------------
