@@ -34,6 +34,8 @@
 //!     `SCRATCH_WHOAMI` on it from inside the handler, and returns the
 //!     node's device number and the answer (whose pid is the daemon's):
 //!     the pattern of a daemon asking its own node who a file is.
+//!   - `SCRATCH_NOP` `_IO('S', 9)`: does nothing and returns 0 (a null
+//!     ioctl: `scripts/bench` times the bare round trip with it).
 //!
 //! `struct xform { u32 argsz; u32 flags; u64 value; u8 text[16]; }` (32
 //! bytes); `struct stats { u64 opens, releases, reads, writes, ioctls,
@@ -69,6 +71,7 @@ const SCRATCH_ACK: u32 = ioc(IOC_NONE, 5, 0);
 const SCRATCH_GREET: u32 = ioc(IOC_NONE, 6, 0);
 const SCRATCH_WHOAMI: u32 = ioc(IOC_READ, 7, std::mem::size_of::<Who>());
 const SCRATCH_RELAY: u32 = ioc(IOC_READ | IOC_WRITE, 8, std::mem::size_of::<Relay>());
+const SCRATCH_NOP: u32 = ioc(IOC_NONE, 9, 0);
 
 nix::ioctl_read!(scratch_whoami, b'S', 7, Who);
 
@@ -308,6 +311,7 @@ impl Device for Scratchpad {
                 req.write_obj(args.arg, &relay)?;
                 Ok(IoctlResult::value(0))
             }
+            SCRATCH_NOP => Ok(IoctlResult::value(0)),
             _ => Err(Errno::ENOTTY),
         }
     }
