@@ -50,10 +50,11 @@ def main() -> int:
         return 1
     node = nodes[0]
     say()
-    say(f"Now an ordinary C program (tests/c/flow_5_1.c) follows the proposal's flow 5.1 on")
-    say(f"{node}: bind the device to an ioasid file, create an I/O address space, attach")
-    say("the device, map two pages of its memory, then let the device copy bytes from page A")
-    say("into its own buffer and back into page B, through the IOMMU, and interrupt when done.")
+    say(f"Now an ordinary C program (tests/c/flow_5_1.c) follows the proposal's flow 5.1 on {node}:")
+    say("bind the device to an ioasid file, create an I/O address space, attach the device,")
+    say("map two pages of the program's memory at I/O addresses of its choosing, then let the")
+    say("device copy bytes from page A into its own buffer and back into page B - through the")
+    say("IOMMU, which translates each I/O address - and raise an interrupt when done.")
     say()
     if not FLOW.exists():
         say(f"FAILED: {FLOW} is missing: run tests/c/build on the host.")

@@ -218,7 +218,8 @@ GIOVA_DST = 0x3000
 GPA_ONLY = 0x100000  # an IOVA mapped in gpa and not in giova
 
 
-def test_flow_5_2_two_devices_then_a_shadow_address_space(nodes):
+def test_flow_5_2_two_devices_then_a_shadow_address_space(nodes, daemon):
+    before = locked_kib(daemon)
     dev1, dev2 = Node(nodes[ALONE_1]), Node(nodes[ALONE_2])
     ioasid_fd = io.IoasidFd()
     mem = vfio.DmaBuffer(BIG, name="guest-memory")
@@ -248,6 +249,10 @@ def test_flow_5_2_two_devices_then_a_shadow_address_space(nodes):
         io.attach_ioasid(dev2.fd, giova)
         ioasid_fd.map_dma(giova, iova=GIOVA_SRC, vaddr=mem.addr + SHADOW, size=PAGE)
         ioasid_fd.map_dma(giova, iova=GIOVA_DST, vaddr=mem.addr + SHADOW + PAGE, size=PAGE)
+        # The file registers memory, so a map of unregistered memory fails.
+        with vfio.DmaBuffer(PAGE, name="unregistered") as stray:
+            assert errno_of(ioasid_fd.map_dma, giova, iova=0x8000, vaddr=stray.addr,
+                            size=PAGE) == errno.ENOENT
 
         # dev2 translates through giova...
         pattern = copy_and_check(dev2.edu, mem, GIOVA_SRC, SHADOW, GIOVA_DST, SHADOW + PAGE)
@@ -288,6 +293,9 @@ def test_flow_5_2_two_devices_then_a_shadow_address_space(nodes):
         dev2.close()
         ioasid_fd.close()
         mem.close()
+    # Unmapped and unregistered: the daemon holds no pinned page any more.
+    _wait_for(lambda: locked_kib(daemon) == before,
+              f"the daemon's locked memory did not return to {before}: {locked_kib(daemon)}")
 
 
 # ---------------------------------------------------------------------------
