@@ -8,6 +8,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::OnceLock;
 
 use cuse_server::DeviceNumber;
+use ioasid_engine::backend::GroupId;
 use ioasid_engine::{ContextId, DeviceSpec};
 use nix::errno::Errno;
 use nix::sys::stat::{fstat, SFlag};
@@ -29,11 +30,14 @@ pub trait DeviceFile: Send + Sync + std::fmt::Debug {
     fn write_at(&self, data: &[u8], pos: u64) -> std::result::Result<usize, Errno>;
 }
 
-/// Opens devices at bind time. Closing (dropping) the returned file resets
-/// the device.
+/// Opens devices at bind time (closing, i.e. dropping, the returned file
+/// resets the device) and lends the daemon's group files.
 pub trait DeviceOpener: Send + Sync {
     /// Open device `spec`.
     fn open_device(&self, spec: &DeviceSpec) -> Result<Box<dyn DeviceFile>>;
+    /// The daemon's open files of IOMMU groups `groups`, in order (for
+    /// `VFIO_DEVICE_PCI_HOT_RESET`). `ENOENT` for a group it does not hold.
+    fn group_fds(&self, groups: &[GroupId]) -> Result<Vec<BorrowedFd<'_>>>;
 }
 
 /// A real VFIO device fd (from `VFIO_GROUP_GET_DEVICE_FD`).
@@ -61,6 +65,10 @@ impl DeviceOpener for VfioLegacy {
     fn open_device(&self, spec: &DeviceSpec) -> Result<Box<dyn DeviceFile>> {
         let fd = VfioLegacy::open_device(self, spec.group, &spec.name)?;
         Ok(Box::new(VfioDeviceFd(fd)))
+    }
+
+    fn group_fds(&self, groups: &[GroupId]) -> Result<Vec<BorrowedFd<'_>>> {
+        groups.iter().map(|&g| Ok(self.group_fd(g)?)).collect()
     }
 }
 

@@ -36,6 +36,8 @@ impl Error {
                 | Errno::EFAULT
                 | Errno::EBADF
                 | Errno::ENOENT
+                | Errno::ENODEV
+                | Errno::EAGAIN
                 | Errno::EEXIST
                 | Errno::EBUSY
                 | Errno::ENOTTY

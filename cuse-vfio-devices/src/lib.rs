@@ -58,10 +58,13 @@
 //!   and written back: `GET_INFO`, `GET_REGION_INFO`, `GET_IRQ_INFO`,
 //!   `SET_IRQS` (eventfds copied from the caller, -1 kept), `RESET`,
 //!   `GET_PCI_HOT_RESET_INFO` (written back on `ENOSPC` too).
-//!   `VFIO_DEVICE_PCI_HOT_RESET` answers `EOPNOTSUPP` (the daemon keeps
-//!   the group fds; `VFIO_DEVICE_RESET` or closing the node resets the
-//!   device). Other VFIO commands (`FEATURE`, `IOEVENTFD`, the GFX ones)
-//!   answer `ENOTTY`.
+//!   `VFIO_DEVICE_PCI_HOT_RESET`: the client holds no group fds in this
+//!   model, so it passes `count` 0 (anything else is `EINVAL`); the daemon
+//!   asks the device which devices the reset affects, requires every
+//!   device of their IOMMU groups to be bound to the caller's ioasid fd
+//!   (`EPERM` otherwise: the reset would hit devices it does not own) and
+//!   passes its own group fds. Other VFIO commands (`FEATURE`,
+//!   `IOEVENTFD`, the GFX ones, container commands) answer `ENOTTY`.
 //! - **No mmap** (CUSE cannot): region info never advertises it —
 //!   `VFIO_REGION_INFO_FLAG_MMAP` is cleared and the sparse-mmap and
 //!   MSI-X-mappable capabilities are unlinked from the chain — so programs

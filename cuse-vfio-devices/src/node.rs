@@ -22,7 +22,7 @@ use crate::caller::{self, Caller};
 use crate::device_file::{ContextLookup, DeviceFile, DeviceOpener, IoasidIdentify};
 use crate::error::{Error, Result};
 use crate::regions::{self, Access, Region, RegionTable};
-use crate::vfio_args::{self, IrqSet, IRQ_SET_HEADER, REGION_INFO_SIZE};
+use crate::vfio_args::{self, IrqSet, HOT_RESET_HEADER, IRQ_SET_HEADER, REGION_INFO_SIZE};
 
 /// Most regions read into the table at bind (vfio-pci has 9 plus
 /// device-specific ones).
@@ -34,6 +34,7 @@ const DEVICE_INFO_MIN: usize = std::mem::offset_of!(vfio_device_info, cap_offset
 const IRQ_INFO_MIN: usize = std::mem::size_of::<vfio_irq_info>();
 /// `sizeof(struct vfio_pci_hot_reset_info)` without the devices.
 const HOT_RESET_INFO_MIN: usize = std::mem::size_of::<vfio_pci_hot_reset_info>();
+const _: () = assert!(HOT_RESET_INFO_MIN == HOT_RESET_HEADER);
 
 /// What a binding owns: the real device file (closing it resets the
 /// device) and the region table read when it was opened.
@@ -346,7 +347,7 @@ impl DeviceNode {
             ));
         };
         // As the VFIO cdev: every device command needs the bind first.
-        let (_, opened) = self.access(fh)?;
+        let (ctx, opened) = self.access(fh)?;
         let dev = &*opened.device;
         match cmd {
             nr::VFIO_DEVICE_GET_INFO => {
@@ -363,17 +364,112 @@ impl DeviceNode {
             nr::VFIO_DEVICE_RESET => dev
                 .ioctl_none(cmd)
                 .map_err(|e| Error::new(e, format!("{name} failed on the device"))),
-            nr::VFIO_DEVICE_PCI_HOT_RESET => Err(Error::new(
-                Errno::EOPNOTSUPP,
-                "VFIO_DEVICE_PCI_HOT_RESET is not supported through a device node (the daemon \
-                 holds the group fds); use VFIO_DEVICE_RESET, or close the node: the device is \
-                 reset when the daemon closes it",
-            )),
+            nr::VFIO_DEVICE_PCI_HOT_RESET => self.hot_reset(caller, ctx, dev, arg),
             _ => Err(Error::new(
                 Errno::ENOTTY,
                 format!("{name} is not available on a device node"),
             )),
         }
+    }
+
+    /// `VFIO_DEVICE_PCI_HOT_RESET`. The caller holds no group fds in this
+    /// model: it passes `count` 0 (and no fds); the daemon asks the device
+    /// which devices the reset affects (`GET_PCI_HOT_RESET_INFO`), requires
+    /// every device of their IOMMU groups to be bound to the caller's
+    /// context (`EPERM` otherwise: the reset would hit another client's
+    /// device), and passes its own group fds.
+    fn hot_reset(
+        &self,
+        caller: &dyn Caller,
+        ctx: ContextId,
+        dev: &dyn DeviceFile,
+        arg: u64,
+    ) -> Result<i32> {
+        const NAME: &str = "VFIO_DEVICE_PCI_HOT_RESET";
+        const INFO: &str = "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO";
+        let given = caller::read_vfio_arg(caller, arg, NAME, HOT_RESET_HEADER)?;
+        let flags = u32::from_ne_bytes(given[4..8].try_into().expect("4 bytes"));
+        let count = u32::from_ne_bytes(given[8..12].try_into().expect("4 bytes"));
+        if flags != 0 {
+            return Err(Error::new(
+                Errno::EINVAL,
+                format!("{NAME}: flags {flags:#x} must be 0"),
+            ));
+        }
+        if count != 0 {
+            return Err(Error::new(
+                Errno::EINVAL,
+                format!(
+                    "{NAME}: count {count}: a device node's client has no group fds; pass \
+                     count 0 and the daemon supplies the fds of the affected groups"
+                ),
+            ));
+        }
+        // Which devices the reset affects: ask with no room, then with room
+        // for the count the device reported (bounded; the set may change).
+        let mut size = HOT_RESET_HEADER;
+        let mut info = None;
+        for _ in 0..4 {
+            let mut b = vec![0u8; size];
+            b[..4].copy_from_slice(&(size as u32).to_ne_bytes());
+            match dev.ioctl_buf(nr::VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, &mut b) {
+                Ok(_) => {
+                    info = Some(b);
+                    break;
+                }
+                Err(Errno::ENOSPC) => {
+                    let n = u32::from_ne_bytes(b[8..12].try_into().expect("4 bytes"));
+                    size = HOT_RESET_HEADER + 8 * (n as usize).min(4096);
+                }
+                Err(e) => {
+                    return Err(Error::new(
+                        e,
+                        format!("{INFO} failed: the device cannot be hot reset ({e})"),
+                    ))
+                }
+            }
+        }
+        let info = info.ok_or_else(|| {
+            Error::new(
+                Errno::EAGAIN,
+                format!("{INFO}: the set of affected devices kept changing; try again"),
+            )
+        })?;
+        let groups = vfio_args::hot_reset_groups(&info)?;
+        for &g in &groups {
+            let members: Vec<&DeviceSpec> =
+                self.engine.devices().filter(|d| d.group == g).collect();
+            if members.is_empty() {
+                return Err(Error::new(
+                    Errno::EPERM,
+                    format!(
+                        "{NAME}: the reset affects IOMMU group {g}, which this daemon does not \
+                         serve"
+                    ),
+                ));
+            }
+            if let Some(other) = members
+                .iter()
+                .find(|d| self.engine.bound_context(d.id) != Some(ctx))
+            {
+                return Err(Error::new(
+                    Errno::EPERM,
+                    format!(
+                        "{NAME}: the reset would also reset {} (IOMMU group {g}), which is not \
+                         bound to this ioasid fd; bind it to the same ioasid fd first",
+                        other.name
+                    ),
+                ));
+            }
+        }
+        let files = self.opener.group_fds(&groups)?;
+        let fds: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
+        let mut reset = vfio_args::hot_reset_arg(&fds);
+        let r = dev
+            .ioctl_buf(nr::VFIO_DEVICE_PCI_HOT_RESET, &mut reset)
+            .map_err(|e| Error::new(e, format!("{NAME} failed on the device")))?;
+        tracing::info!(device = %self.spec.name, groups = ?groups, "hot reset");
+        Ok(r)
     }
 
     /// `pread` of `size` bytes at `offset` by open file `fh`.

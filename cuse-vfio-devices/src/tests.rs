@@ -56,11 +56,14 @@ struct DeviceLog {
     irq_fds: Mutex<Vec<Vec<IrqFd>>>,
     /// Region bytes by absolute offset.
     mem: Mutex<HashMap<u64, u8>>,
+    /// For each PCI_HOT_RESET: the inodes of the group fds passed.
+    hot_resets: Mutex<Vec<Vec<Option<u64>>>>,
 }
 
 #[derive(Debug)]
 struct FakeDevice {
     log: Arc<DeviceLog>,
+    group: u32,
 }
 
 impl Drop for FakeDevice {
@@ -161,12 +164,33 @@ impl DeviceFile for FakeDevice {
                 Ok(0)
             }
             nr::VFIO_DEVICE_GET_PCI_HOT_RESET_INFO => {
-                // One dependent device; room for it needs argsz >= 20.
-                put32(buf, 8, 1);
-                if argsz < 20 {
+                // Group 7's two devices sit behind a bridge and can be reset
+                // together; the others cannot be hot reset.
+                if self.group != 7 {
+                    return Err(Errno::ENODEV);
+                }
+                put32(buf, 8, 2);
+                if argsz < 12 + 16 {
                     return Err(Errno::ENOSPC);
                 }
-                put32(buf, 12, 7); // group
+                for (i, devfn) in [8u32, 16].into_iter().enumerate() {
+                    put32(buf, 12 + 8 * i, 7);
+                    put32(buf, 16 + 8 * i, (devfn << 24) | (1 << 16));
+                }
+                Ok(0)
+            }
+            nr::VFIO_DEVICE_PCI_HOT_RESET => {
+                let count = get32(buf, 8) as usize;
+                assert_eq!(argsz, 12 + 4 * count);
+                let inodes = (0..count)
+                    .map(|i| {
+                        let fd = get32(buf, 12 + 4 * i) as i32;
+                        // SAFETY: only inspected during the call, while the
+                        // node holds the group file open.
+                        inode(unsafe { BorrowedFd::borrow_raw(fd) })
+                    })
+                    .collect();
+                self.log.hot_resets.lock().unwrap().push(inodes);
                 Ok(0)
             }
             _ => Err(Errno::ENOTTY),
@@ -193,10 +217,23 @@ impl DeviceFile for FakeDevice {
     }
 }
 
-#[derive(Default)]
 struct FakeOpener {
     logs: Mutex<HashMap<DeviceId, Arc<DeviceLog>>>,
     fail: Mutex<Option<Errno>>,
+    /// The "group files": memfds, by group.
+    groups: HashMap<u32, OwnedFd>,
+}
+
+impl Default for FakeOpener {
+    fn default() -> Self {
+        let memfd =
+            || nix::sys::memfd::memfd_create(c"group", nix::sys::memfd::MFdFlags::empty()).unwrap();
+        FakeOpener {
+            logs: Mutex::default(),
+            fail: Mutex::default(),
+            groups: [(3, memfd()), (7, memfd())].into_iter().collect(),
+        }
+    }
 }
 
 impl FakeOpener {
@@ -212,7 +249,22 @@ impl DeviceOpener for FakeOpener {
         }
         let log = self.log(spec.id);
         log.opens.fetch_add(1, Ordering::SeqCst);
-        Ok(Box::new(FakeDevice { log }))
+        Ok(Box::new(FakeDevice {
+            log,
+            group: spec.group,
+        }))
+    }
+
+    fn group_fds(&self, groups: &[u32]) -> Result<Vec<BorrowedFd<'_>>> {
+        groups
+            .iter()
+            .map(|g| {
+                self.groups
+                    .get(g)
+                    .map(|f| f.as_fd())
+                    .ok_or_else(|| Error::new(Errno::ENOENT, format!("group {g} (fake)")))
+            })
+            .collect()
     }
 }
 
@@ -759,10 +811,10 @@ fn forwarded_info_reset_and_hot_reset() {
     let c = caller(vec![], &[]);
     ioctl(&node, &c, 1, nr::VFIO_DEVICE_RESET, 0).unwrap();
     assert_eq!(fx.opener.log(DEV_A).resets.load(Ordering::SeqCst), 1);
-    // Hot reset info: ENOSPC still writes count back.
+    // DEV_A cannot be hot reset: the device's errno passes through.
     let mut hr = vec![0u8; 12];
     put32(&mut hr, 0, 12);
-    let c = caller(hr, &[]);
+    let c = caller(hr.clone(), &[]);
     assert_eq!(
         errno(ioctl(
             &node,
@@ -771,19 +823,13 @@ fn forwarded_info_reset_and_hot_reset() {
             nr::VFIO_DEVICE_GET_PCI_HOT_RESET_INFO,
             ARG
         )),
-        Errno::ENOSPC
+        Errno::ENODEV
     );
-    assert_eq!(get32(&c.mem.borrow(), 8), 1);
-    let mut hr = vec![0u8; 20];
-    put32(&mut hr, 0, 20);
-    let c = caller(hr, &[]);
-    ioctl(&node, &c, 1, nr::VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, ARG).unwrap();
-    assert_eq!(get32(&c.mem.borrow(), 12), 7);
-    let c = caller(vec![0; 16], &[]);
     assert_eq!(
         errno(ioctl(&node, &c, 1, nr::VFIO_DEVICE_PCI_HOT_RESET, ARG)),
-        Errno::EOPNOTSUPP
+        Errno::ENODEV
     );
+    let c = caller(vec![0; 16], &[]);
     assert_eq!(
         errno(ioctl(&node, &c, 1, nr::VFIO_DEVICE_FEATURE, ARG)),
         Errno::ENOTTY
@@ -793,6 +839,79 @@ fn forwarded_info_reset_and_hot_reset() {
         errno(ioctl(&node, &c, 1, nr::VFIO_SET_IOMMU, 3)),
         Errno::ENOTTY
     );
+}
+
+#[test]
+fn hot_reset_info_and_hot_reset_with_the_daemons_group_fds() {
+    let fx = Fx::new();
+    let x = fx.node(DEV_X);
+    let y = fx.node(DEV_Y);
+    let (ctx1, f1) = fx.context();
+    bind(&x, 1, &f1).unwrap();
+    // Info: ENOSPC writes the count back; with room, both devices.
+    let mut hr = vec![0u8; 12];
+    put32(&mut hr, 0, 12);
+    let c = caller(hr, &[]);
+    assert_eq!(
+        errno(ioctl(
+            &x,
+            &c,
+            1,
+            nr::VFIO_DEVICE_GET_PCI_HOT_RESET_INFO,
+            ARG
+        )),
+        Errno::ENOSPC
+    );
+    assert_eq!(get32(&c.mem.borrow(), 8), 2);
+    let mut hr = vec![0u8; 28];
+    put32(&mut hr, 0, 28);
+    let c = caller(hr, &[]);
+    ioctl(&x, &c, 1, nr::VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, ARG).unwrap();
+    assert_eq!(
+        (get32(&c.mem.borrow(), 12), get32(&c.mem.borrow(), 20)),
+        (7, 7)
+    );
+    // The reset: Y (same group) is not bound to this context: EPERM.
+    let reset = |flags: u32, count: u32| {
+        let mut b = vec![0u8; 16];
+        put32(&mut b, 0, 16);
+        put32(&mut b, 4, flags);
+        put32(&mut b, 8, count);
+        caller(b, &[])
+    };
+    let e = ioctl(&x, &reset(0, 0), 1, nr::VFIO_DEVICE_PCI_HOT_RESET, ARG).unwrap_err();
+    assert_eq!(e.errno, Errno::EPERM);
+    assert!(e.message.contains("0000:01:02.0"), "{}", e.message);
+    let (_ctx2, f2) = fx.context();
+    assert_eq!(errno(bind(&y, 1, &f2)), Errno::EBUSY);
+    bind(&y, 1, &f1).unwrap();
+    // Group fds from the client, or flags: EINVAL.
+    assert_eq!(
+        errno(ioctl(
+            &x,
+            &reset(0, 1),
+            1,
+            nr::VFIO_DEVICE_PCI_HOT_RESET,
+            ARG
+        )),
+        Errno::EINVAL
+    );
+    assert_eq!(
+        errno(ioctl(
+            &x,
+            &reset(1, 0),
+            1,
+            nr::VFIO_DEVICE_PCI_HOT_RESET,
+            ARG
+        )),
+        Errno::EINVAL
+    );
+    assert!(fx.opener.log(DEV_X).hot_resets.lock().unwrap().is_empty());
+    // Now allowed: the daemon passes its file of group 7, once.
+    ioctl(&x, &reset(0, 0), 1, nr::VFIO_DEVICE_PCI_HOT_RESET, ARG).unwrap();
+    let seen = fx.opener.log(DEV_X).hot_resets.lock().unwrap().clone();
+    assert_eq!(seen, vec![vec![inode(fx.opener.groups[&7].as_fd())]]);
+    assert_eq!(fx.engine.bound_context(DEV_Y), Some(ctx1));
 }
 
 /// Through `cuse_server::Device` with this process as the caller: the

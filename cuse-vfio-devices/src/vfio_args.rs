@@ -297,6 +297,52 @@ impl IrqSet {
     }
 }
 
+/// `sizeof(struct vfio_pci_hot_reset_info)` and `struct vfio_pci_hot_reset`
+/// without their arrays: `argsz`, `flags`, `count`.
+pub const HOT_RESET_HEADER: usize = 12;
+/// `sizeof(struct vfio_pci_dependent_device)`.
+const DEPENDENT_DEVICE_SIZE: usize = 8;
+
+/// The IOMMU groups of the devices a `VFIO_DEVICE_GET_PCI_HOT_RESET_INFO`
+/// answer (`buf`, header plus `count` devices) lists, without repeats, in
+/// order of appearance. `EINVAL` if the devices do not fit in `buf`.
+pub fn hot_reset_groups(buf: &[u8]) -> Result<Vec<u32>> {
+    let count = get_u32(buf, 8).unwrap_or(0) as usize;
+    let need = count
+        .checked_mul(DEPENDENT_DEVICE_SIZE)
+        .and_then(|n| n.checked_add(HOT_RESET_HEADER));
+    if !need.is_some_and(|n| n <= buf.len()) {
+        return Err(Error::new(
+            Errno::EINVAL,
+            format!(
+                "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO listed {count} devices in {} bytes",
+                buf.len()
+            ),
+        ));
+    }
+    let mut groups = Vec::new();
+    for i in 0..count {
+        let g = get_u32(buf, HOT_RESET_HEADER + DEPENDENT_DEVICE_SIZE * i).unwrap_or(0);
+        if !groups.contains(&g) {
+            groups.push(g);
+        }
+    }
+    Ok(groups)
+}
+
+/// A `struct vfio_pci_hot_reset` naming the group files `fds`.
+pub fn hot_reset_arg(fds: &[i32]) -> Vec<u8> {
+    let argsz = HOT_RESET_HEADER + 4 * fds.len();
+    let mut b = Vec::with_capacity(argsz);
+    b.extend_from_slice(&(argsz as u32).to_ne_bytes());
+    b.extend_from_slice(&0u32.to_ne_bytes());
+    b.extend_from_slice(&(fds.len() as u32).to_ne_bytes());
+    for fd in fds {
+        b.extend_from_slice(&fd.to_ne_bytes());
+    }
+    b
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -542,6 +588,39 @@ mod tests {
             &[],
         );
         assert!(!IrqSet::parse(&b).unwrap().has_eventfds());
+    }
+
+    #[test]
+    fn hot_reset_info_groups_and_arg() {
+        let mut info = Vec::new();
+        for v in [12u32 + 24, 0, 3] {
+            info.extend_from_slice(&v.to_ne_bytes());
+        }
+        for (g, bus, devfn) in [(7u32, 1u8, 8u8), (7, 1, 16), (9, 2, 0)] {
+            info.extend_from_slice(&g.to_ne_bytes());
+            info.extend_from_slice(&0u16.to_ne_bytes());
+            info.push(bus);
+            info.push(devfn);
+        }
+        assert_eq!(hot_reset_groups(&info).unwrap(), vec![7, 9]);
+        // count larger than the bytes, or absurd: EINVAL, no panic.
+        put_u32(&mut info, 8, 4);
+        assert_eq!(hot_reset_groups(&info).unwrap_err().errno, Errno::EINVAL);
+        put_u32(&mut info, 8, u32::MAX);
+        assert_eq!(hot_reset_groups(&info).unwrap_err().errno, Errno::EINVAL);
+        assert_eq!(hot_reset_groups(&[]).unwrap_err().errno, Errno::EINVAL);
+        let arg = hot_reset_arg(&[5, 6]);
+        assert_eq!(arg.len(), 20);
+        assert_eq!(
+            (
+                get_u32(&arg, 0),
+                get_u32(&arg, 4),
+                get_u32(&arg, 8),
+                get_u32(&arg, 12),
+                get_u32(&arg, 16)
+            ),
+            (Some(20), Some(0), Some(2), Some(5), Some(6))
+        );
     }
 
     #[test]

@@ -96,6 +96,12 @@ impl VfioLegacy {
         self.domains.keys().copied()
     }
 
+    /// The open group file of `group` (`/dev/vfio/N`), e.g. for
+    /// `VFIO_DEVICE_PCI_HOT_RESET`, which names the affected groups by fd.
+    pub fn group_fd(&self, group: GroupId) -> Result<BorrowedFd<'_>> {
+        Ok(self.domain(group)?.group.as_fd())
+    }
+
     /// The aliases of client memory, for inspection.
     pub fn client_memory(&self) -> &ClientMemory {
         &self.memory
