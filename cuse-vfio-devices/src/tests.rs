@@ -991,3 +991,53 @@ fn through_the_device_trait_with_a_real_caller() {
     assert_eq!(fx.engine.bound_context(DEV_A), None);
     assert_eq!(fx.opener.log(DEV_A).closes.load(Ordering::SeqCst), 1);
 }
+
+#[test]
+fn racing_binds_and_closes_leave_one_consistent_binding() {
+    let fx = Fx::new();
+    let node = fx.node(DEV_A);
+    for round in 0..20 {
+        let files: Vec<(ContextId, OwnedFd)> = (0..4).map(|_| fx.context()).collect();
+        let wins: Vec<bool> = std::thread::scope(|s| {
+            let handles: Vec<_> = files
+                .iter()
+                .enumerate()
+                .map(|(i, (_, f))| {
+                    let node = node.clone();
+                    s.spawn(move || bind(&node, 100 * round + i as u64 + 1, f).is_ok())
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(
+            wins.iter().filter(|w| **w).count(),
+            1,
+            "round {round}: {wins:?}"
+        );
+        let winner = wins.iter().position(|w| *w).unwrap();
+        assert_eq!(node.bound_context(), Some(files[winner].0));
+        assert_eq!(fx.engine.bound_context(DEV_A), Some(files[winner].0));
+        // Close the winner's context while a reader hammers the node.
+        std::thread::scope(|s| {
+            let reader = {
+                let node = node.clone();
+                let fh = 100 * round + winner as u64 + 1;
+                s.spawn(move || {
+                    for _ in 0..50 {
+                        let _ = node.handle_read(fh, 4, &at(BAR0));
+                    }
+                })
+            };
+            let closed = fx.engine.close_context(files[winner].0).unwrap();
+            fx.nodes.on_context_closed(&closed);
+            reader.join().unwrap();
+        });
+        assert_eq!(node.bound_context(), None);
+        let log = fx.opener.log(DEV_A);
+        assert_eq!(
+            log.opens.load(Ordering::SeqCst),
+            log.closes.load(Ordering::SeqCst),
+            "every opened device fd is closed"
+        );
+    }
+}
