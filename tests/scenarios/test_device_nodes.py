@@ -4,9 +4,9 @@ Every test is a client of the daemon: the bind protocol and its errnos, the
 device's own VFIO ioctls through the node (region info without mmap, IRQ
 info, SET_IRQS with an eventfd that the device's MSI really signals, hot
 reset info and a hot reset with the daemon's group fds), the group
-ownership rule, region access with pread/pwrite (an edu DMA round trip proves bind + attach + map),
-its bounds, and that a closed or SIGKILLed client leaves a reset device the
-next client can use.
+ownership rule, region access with pread/pwrite (an edu DMA round trip
+proves bind + attach + map), its bounds, and that a closed or SIGKILLed
+client leaves a reset device the next client can use.
 
     cargo build --workspace && scripts/vm --daemon -- \
         /usr/bin/python3 -m pytest tests/scenarios/test_device_nodes.py -v
