@@ -133,4 +133,19 @@ pub trait Backend: Send + Sync {
 
     /// Unmap everything from group `group`'s domain.
     fn unmap_all(&self, group: GroupId) -> Result<(), BackendError>;
+
+    /// Copy `buf.len()` bytes of client memory from daemon address
+    /// `daemon_vaddr`, which lies inside a live alias (a [`Segment`] of an
+    /// [`Alias`] not yet released). The engine uses it to walk page tables
+    /// and PASID tables that a client keeps in memory it mapped for DMA.
+    /// The client (or a device) may change the bytes at any time: the copy
+    /// is a snapshot, possibly torn, never a reference. `EFAULT` if the
+    /// memory cannot be read. The default cannot read anything.
+    fn read(&self, daemon_vaddr: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        let _ = buf;
+        Err(BackendError::new(
+            libc::EFAULT,
+            format!("this backend cannot read client memory (at {daemon_vaddr:#x})"),
+        ))
+    }
 }

@@ -9,6 +9,31 @@
 //! to the IOASID by RID. The first such device of a group replays the
 //! mappings into the group's domain; the last one to detach empties it.
 //!
+//! # Nesting (software)
+//!
+//! A *child* IOASID ([`Engine::create_nesting`]) translates into its
+//! parent's IOVA space. Its translations come from its own mappings (the
+//! DMA mapping protocol, "vaddr" being a parent IOVA), from a bound page
+//! table ([`Engine::bind_pgtable`], walked in software) or from nothing
+//! (a bound PASID table, which is tracked but routes no RID DMA). The
+//! engine keeps the child's *shadow*: each translation composed with the
+//! parent's mappings as they are now, one piece per (translation, parent
+//! alias segment) overlap, with the intersection of both permissions;
+//! pieces the parent does not map are left out (DMA there is blocked). The
+//! shadow is what the domain of every group realising the child holds, and
+//! every change at either level is applied to those domains as a diff.
+//!
+//! A group realises the child as soon as one of its devices is attached to
+//! the child by RID (such a device stays attached to the parent by RID):
+//! its domain then holds the child's shadow instead of the parent's
+//! mappings, and gets the parent's back when its last device leaves the
+//! child.
+//!
+//! A bound page table is read at bind and at each invalidation only (an
+//! IOTLB): the engine caches its leaves (input → parent IOVA), so a table
+//! entry changed without an invalidation is not seen, while a parent map or
+//! unmap recomposes the shadow from the cached leaves at once.
+//!
 //! # Locking
 //!
 //! - `contexts` (a `RwLock` over the table of contexts) is held only to
@@ -29,14 +54,26 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use libc::{EBUSY, EEXIST, EINVAL, ENODEV, ENOENT, ENOMEM};
+use libc::{EBUSY, EEXIST, EFAULT, EINVAL, ENODEV, ENOENT, ENOMEM};
 use slab::Slab;
 
 use crate::backend::{Alias, Backend, DomainInfo, GroupId, Pid, Prot, Segment};
 use crate::error::{err, EngineError};
+use crate::pgtable::{self, Leaf, PasidEntry, WalkStats};
 
 /// Width of a PCIe PASID.
 pub const PASID_BITS: u32 = 20;
+
+/// `IOASID_PGTABLE_X86_64_4LVL`: the one page-table format
+/// [`Engine::bind_pgtable`] accepts.
+pub const PGTABLE_X86_64_4LVL: u32 = 1;
+
+/// `IOASID_PASID_TABLE_FLAT_X86_64`: the one PASID-table format
+/// [`Engine::bind_pasid_table`] accepts.
+pub const PASID_TABLE_FLAT_X86_64: u32 = 1;
+
+/// Most entries of a flat PASID table.
+pub const PASID_TABLE_MAX_ENTRIES: u32 = 1 << PASID_BITS;
 
 /// An fd-local IOASID number. The first one allocated is 1; freed numbers
 /// may be reused.
@@ -83,6 +120,57 @@ pub struct Attachment {
     pub pasid: Option<u32>,
 }
 
+/// A page table bound to a child IOASID, as last walked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PgtableStatus {
+    /// The root table (a parent IOVA).
+    pub root: u64,
+    /// Leaves cached now (what the shadow is made from).
+    pub leaves: u64,
+    /// The last walk (at bind or at an invalidation; a range
+    /// invalidation walks only the range).
+    pub last_walk: WalkStats,
+    /// Malformed entries met by every walk since the bind.
+    pub malformed: u64,
+    /// Walks since the bind.
+    pub walks: u64,
+}
+
+/// A PASID table bound to a child IOASID, as last read. PASID DMA is not
+/// routed: these tables are read and walked, not realised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PasidTableStatus {
+    /// The table (a parent IOVA).
+    pub table: u64,
+    /// Its number of entries.
+    pub entries: u32,
+    /// PASIDs whose entry is present and well formed.
+    pub valid: u32,
+    /// Entries with bits set besides present and the address: treated as
+    /// not present.
+    pub bad_entries: u32,
+    /// Entries that could not be read (the parent no longer maps them).
+    pub unreadable_entries: u32,
+    /// Leaves of the valid PASIDs' page tables.
+    pub leaves: u64,
+    /// Malformed page-table entries met by the last walk of each PASID's
+    /// table.
+    pub malformed: u64,
+    /// Some PASID's last walk ran out of budget.
+    pub truncated: bool,
+}
+
+/// What an invalidation covers ([`Engine::invalidate`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Invalidation {
+    /// `Some((addr, size))`: only this input range; `None`: everything.
+    pub range: Option<(u64, u64)>,
+    /// On a PASID-table IOASID: only this PASID (else every PASID).
+    pub pasid: Option<u32>,
+    /// On a PASID-table IOASID: re-read the table entries first.
+    pub pasid_cache: bool,
+}
+
 /// What `IOASID_GET_INFO` reports, before encoding.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct IoasidInfo {
@@ -104,6 +192,19 @@ pub struct IoasidInfo {
     /// How many more mappings fit: the minimum over the realising domains,
     /// when they say (the last known value when no group realises it).
     pub dma_avail: Option<u32>,
+    /// The parent, for a child IOASID.
+    pub parent: Option<IoasidId>,
+    /// The children, for a parent.
+    pub children: Vec<IoasidId>,
+    /// Levels of children that may still be created below this IOASID:
+    /// 1 for a root that has had a device attached, else 0.
+    pub nesting_levels: u32,
+    /// Entries of a child's shadow (what each realising domain holds).
+    pub shadow_entries: usize,
+    /// The bound page table, if any.
+    pub pgtable: Option<PgtableStatus>,
+    /// The bound PASID table, if any.
+    pub pasid_table: Option<PasidTableStatus>,
 }
 
 /// What closing a context did.
@@ -124,6 +225,8 @@ enum Memory {
     Own(Alias),
     /// A slice of the registration starting at this client address.
     Registered(u64),
+    /// None: a child's mapping, whose `vaddr` is a parent IOVA.
+    Nested,
 }
 
 #[derive(Debug)]
@@ -134,13 +237,71 @@ struct Mapping {
     memory: Memory,
 }
 
-/// An I/O address space. Nesting (a parent IOASID) will be added here.
+/// One entry of a child's shadow, keyed by its IOVA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ShadowEntry {
+    daemon_vaddr: u64,
+    size: u64,
+    prot: Prot,
+}
+
+type Shadow = BTreeMap<u64, ShadowEntry>;
+
+/// One mapping of a parent as a child's shadow sees it.
+struct ParentPiece {
+    size: u64,
+    prot: Prot,
+    segs: Vec<Segment>,
+}
+
+/// A parent's mappings, by IOVA.
+type ParentView = BTreeMap<u64, ParentPiece>;
+
+#[derive(Debug)]
+struct BoundPgtable {
+    root: u64,
+    /// By input address; never overlapping.
+    leaves: BTreeMap<u64, Leaf>,
+    last_walk: WalkStats,
+    malformed: u64,
+    walks: u64,
+}
+
+/// What the engine knows of one PASID-table entry that is not plainly
+/// non-present.
+#[derive(Debug)]
+enum PasidState {
+    Walked {
+        leaves: BTreeMap<u64, Leaf>,
+        root: u64,
+        stats: WalkStats,
+    },
+    Bad,
+    Unreadable,
+}
+
+#[derive(Debug)]
+struct BoundPasidTable {
+    table: u64,
+    entries: u32,
+    pasids: BTreeMap<u32, PasidState>,
+}
+
+/// An I/O address space.
 #[derive(Debug, Default)]
 struct Ioasid {
-    /// By IOVA; never overlapping.
+    /// By IOVA; never overlapping. A child's have [`Memory::Nested`].
     mappings: BTreeMap<u64, Mapping>,
     /// Domain constraints, `Some` once a device has been attached.
     known: Option<DomainInfo>,
+    /// Set for a child.
+    parent: Option<IoasidId>,
+    /// A child's bound page table.
+    pgtable: Option<BoundPgtable>,
+    /// A child's bound PASID table.
+    pasid_table: Option<BoundPasidTable>,
+    /// A child's shadow: what every group realising it holds.
+    shadow: Shadow,
 }
 
 #[derive(Debug)]
@@ -153,11 +314,15 @@ struct Registration {
 
 #[derive(Debug, Default)]
 struct BoundDevice {
+    /// RID attachment to a root IOASID.
     rid: Option<IoasidId>,
+    /// RID attachment to a child of `rid`.
+    child: Option<IoasidId>,
     pasids: BTreeMap<u32, IoasidId>,
 }
 
-/// A group whose domain holds an IOASID's mappings.
+/// A group whose domain holds an IOASID's mappings (a root's mappings, or
+/// a child's shadow).
 #[derive(Debug)]
 struct Realising {
     ioasid: IoasidId,
@@ -194,6 +359,8 @@ pub struct Engine {
     contexts: RwLock<HashMap<ContextId, Arc<Mutex<Context>>>>,
     next_context: AtomicU64,
     registry: Mutex<Registry>,
+    /// Budget of one table walk (see [`pgtable::walk`]).
+    walk_limit: AtomicU64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -306,6 +473,7 @@ impl Context {
     fn segments(&self, m: &Mapping) -> Vec<Segment> {
         match &m.memory {
             Memory::Own(alias) => alias.segments.clone(),
+            Memory::Nested => Vec::new(),
             Memory::Registered(start) => {
                 let reg = &self.registrations[start];
                 slice_segments(&reg.alias.segments, m.vaddr - start, m.size)
@@ -315,6 +483,28 @@ impl Context {
 
     fn pinned(&self) -> u64 {
         self.registered_bytes + self.own_bytes
+    }
+
+    fn parent_of(&self, id: IoasidId) -> Option<IoasidId> {
+        self.ioasid(id).ok().and_then(|io| io.parent)
+    }
+
+    fn children_of(&self, id: IoasidId) -> Vec<IoasidId> {
+        self.ioasids
+            .iter()
+            .filter(|(_, io)| io.parent == Some(id))
+            .map(|(k, _)| k as IoasidId + 1)
+            .collect()
+    }
+
+    /// The groups whose devices are RID-attached to root `id`: those
+    /// realising it and those realising one of its children.
+    fn member_groups(&self, id: IoasidId) -> Vec<GroupId> {
+        self.realising
+            .iter()
+            .filter(|(_, r)| r.ioasid == id || self.parent_of(r.ioasid) == Some(id))
+            .map(|(g, _)| *g)
+            .collect()
     }
 }
 
@@ -337,6 +527,7 @@ impl Engine {
             contexts: RwLock::new(HashMap::new()),
             next_context: AtomicU64::new(1),
             registry: Mutex::new(Registry::default()),
+            walk_limit: AtomicU64::new(pgtable::DEFAULT_WALK_LIMIT),
         })
     }
 
@@ -496,7 +687,11 @@ impl Engine {
         let mut c = lock(&arc);
         c.check_open(ctx)?;
         let bd = c.bound.get(&dev).ok_or_else(|| not_bound(spec))?;
-        if let Some(id) = bd.rid {
+        let (rid, child) = (bd.rid, bd.child);
+        if let Some(id) = child {
+            self.detach_child_rid(&mut c, spec, id)?;
+        }
+        if let Some(id) = rid {
             self.detach_rid(&mut c, spec, id)?;
         }
         c.bound.remove(&dev);
@@ -525,9 +720,23 @@ impl Engine {
         let mut c = lock(&arc);
         c.check_open(ctx)?;
         let bd = c.bound.get(&dev).ok_or_else(|| not_bound(spec))?;
-        c.ioasid(ioasid)?;
+        let parent = c.ioasid(ioasid)?.parent;
+        if let Some(p) = parent {
+            if bd.rid != Some(p) {
+                return Err(err(
+                    EINVAL,
+                    format!(
+                        "IOASID {ioasid} is a child of IOASID {p}: attach device {} to IOASID                          {p} by RID first",
+                        spec.name
+                    ),
+                ));
+            }
+        }
         let Some(pasid) = pasid else {
-            return self.attach_rid(&mut c, spec, ioasid);
+            return match parent {
+                Some(p) => self.attach_child_rid(&mut c, spec, ioasid, p),
+                None => self.attach_rid(&mut c, spec, ioasid),
+            };
         };
         if pasid >= 1 << PASID_BITS {
             return Err(err(
@@ -575,6 +784,10 @@ impl Engine {
             ));
         }
         match c.realising.get(&spec.group) {
+            // Another device of the group is attached to a child of `id`:
+            // the group keeps the child's shadow (and the child refuses
+            // commands until this device joins it: the group rule).
+            Some(r) if c.parent_of(r.ioasid) == Some(id) => {}
             Some(r) if r.ioasid != id => {
                 let other = c
                     .bound
@@ -597,7 +810,7 @@ impl Engine {
                 self.replay(c, spec.group, id)?;
                 c.realising
                     .insert(spec.group, Realising { ioasid: id, info });
-                let groups = c.groups_of(id);
+                let groups = c.member_groups(id);
                 let combined = combine(groups.iter().map(|g| &c.realising[g].info));
                 c.ioasid_mut(id)?.known = combined;
             }
@@ -668,7 +881,25 @@ impl Engine {
         let bd = c.bound.get(&dev).ok_or_else(|| not_bound(spec))?;
         c.ioasid(ioasid)?;
         match pasid {
-            None if bd.rid == Some(ioasid) => self.detach_rid(&mut c, spec, ioasid),
+            None if bd.child == Some(ioasid) => self.detach_child_rid(&mut c, spec, ioasid),
+            None if bd.rid == Some(ioasid) => {
+                let on_child = bd.child.or_else(|| {
+                    bd.pasids
+                        .values()
+                        .copied()
+                        .find(|&i| c.parent_of(i) == Some(ioasid))
+                });
+                if let Some(child) = on_child {
+                    return Err(err(
+                        EBUSY,
+                        format!(
+                            "device {} is still attached to IOASID {child}, a child of IOASID                              {ioasid}; detach it from the child first",
+                            spec.name
+                        ),
+                    ));
+                }
+                self.detach_rid(&mut c, spec, ioasid)
+            }
             Some(p) if bd.pasids.get(&p) == Some(&ioasid) => {
                 c.bound.get_mut(&dev).expect("bound").pasids.remove(&p);
                 Ok(())
@@ -696,7 +927,7 @@ impl Engine {
         if last {
             self.backend.unmap_all(spec.group)?;
             c.realising.remove(&spec.group);
-            let groups = c.groups_of(id);
+            let groups = c.member_groups(id);
             if let Some(combined) = combine(groups.iter().map(|g| &c.realising[g].info)) {
                 c.ioasid_mut(id)?.known = Some(combined);
             }
@@ -707,12 +938,28 @@ impl Engine {
 
     /// The RFC's group rule: while some bound devices of a group are
     /// attached to `id` by RID and others are not, `id` refuses everything.
+    ///
+    /// For a child, "attached" means attached to the child by RID, in the
+    /// groups realising the child; for a root, attached to it by RID, in the
+    /// groups realising it or one of its children.
     fn check_group_rule(&self, c: &Context, id: IoasidId) -> Result<(), EngineError> {
-        let groups: BTreeSet<GroupId> = c.groups_of(id).into_iter().collect();
+        let child = c.ioasid(id)?.parent.is_some();
+        let groups: BTreeSet<GroupId> = if child {
+            c.groups_of(id).into_iter().collect()
+        } else {
+            c.member_groups(id).into_iter().collect()
+        };
         let missing: Vec<&str> = c
             .bound
             .iter()
-            .filter(|(d, b)| groups.contains(&self.devices[d].group) && b.rid != Some(id))
+            .filter(|(d, b)| {
+                groups.contains(&self.devices[d].group)
+                    && if child {
+                        b.child != Some(id)
+                    } else {
+                        b.rid != Some(id)
+                    }
+            })
             .map(|(d, _)| self.name(*d))
             .collect();
         if missing.is_empty() {
@@ -754,9 +1001,20 @@ impl Engine {
         let users: Vec<&str> = c
             .bound
             .iter()
-            .filter(|(_, b)| b.rid == Some(ioasid) || b.pasids.values().any(|&i| i == ioasid))
+            .filter(|(_, b)| {
+                b.rid == Some(ioasid)
+                    || b.child == Some(ioasid)
+                    || b.pasids.values().any(|&i| i == ioasid)
+            })
             .map(|(d, _)| self.name(*d))
             .collect();
+        let children = c.children_of(ioasid);
+        if !children.is_empty() {
+            return Err(err(
+                EBUSY,
+                format!("IOASID {ioasid} has children {children:?}; free them first"),
+            ));
+        }
         if !users.is_empty() {
             return Err(err(
                 EBUSY,
@@ -786,6 +1044,7 @@ impl Engine {
                     r.users -= 1;
                 }
             }
+            Memory::Nested => {}
         }
     }
 
@@ -827,6 +1086,7 @@ impl Engine {
         let mut c = lock(&arc);
         c.check_open(ctx)?;
         let (groups, known) = self.usable(&c, ioasid)?;
+        self.check_no_table(&c, ioasid)?;
         let DmaMap {
             iova,
             vaddr,
@@ -868,6 +1128,7 @@ impl Engine {
             ));
         }
         let io = c.ioasid(ioasid)?;
+        let is_child = io.parent.is_some();
         if let Some((&s, m)) = io.mappings.range(..end).next_back() {
             if s + m.size > iova {
                 return Err(err(
@@ -879,6 +1140,9 @@ impl Engine {
                     ),
                 ));
             }
+        }
+        if is_child {
+            return self.map_child(&mut c, ioasid, iova, vaddr, size, prot);
         }
         let memory = if c.registrations.is_empty() {
             self.check_memlock(&c, pid, size)?;
@@ -926,8 +1190,27 @@ impl Engine {
         match mapping.memory {
             Memory::Own(_) => c.own_bytes += size,
             Memory::Registered(s) => c.registrations.get_mut(&s).expect("found above").users += 1,
+            Memory::Nested => {}
         }
         c.ioasid_mut(ioasid)?.mappings.insert(iova, mapping);
+        // The children see the new mapping at once.
+        if !c.children_of(ioasid).is_empty() {
+            let view = parent_view(&c, ioasid, &[])?;
+            if let Err(e) = self.refresh_children(&mut c, ioasid, &view) {
+                let m = c
+                    .ioasid_mut(ioasid)?
+                    .mappings
+                    .remove(&iova)
+                    .expect("inserted above");
+                for &g in &groups {
+                    if let Err(undo) = self.backend.unmap(g, iova, size) {
+                        tracing::debug!(group = g, error = %undo, "rollback of a map failed");
+                    }
+                }
+                self.drop_memory(&mut c, m);
+                return Err(e);
+            }
+        }
         Ok(())
     }
 
@@ -967,6 +1250,7 @@ impl Engine {
         let mut c = lock(&arc);
         c.check_open(ctx)?;
         let (groups, known) = self.usable(&c, ioasid)?;
+        self.check_no_table(&c, ioasid)?;
         if size == 0 {
             return Err(err(EINVAL, "cannot unmap 0 bytes"));
         }
@@ -1008,7 +1292,7 @@ impl Engine {
         if gone.is_empty() {
             return Ok(0);
         }
-        self.remove_mappings(&mut c, ioasid, &groups, &gone, |b, g| {
+        self.remove(&mut c, ioasid, &groups, &gone, |b, g| {
             b.unmap(g, iova, size).map(|_| ())
         })
     }
@@ -1020,11 +1304,44 @@ impl Engine {
         let mut c = lock(&arc);
         c.check_open(ctx)?;
         let (groups, _) = self.usable(&c, ioasid)?;
+        self.check_no_table(&c, ioasid)?;
         let gone: Vec<u64> = c.ioasid(ioasid)?.mappings.keys().copied().collect();
         if gone.is_empty() {
             return Ok(0);
         }
-        self.remove_mappings(&mut c, ioasid, &groups, &gone, |b, g| b.unmap_all(g))
+        self.remove(&mut c, ioasid, &groups, &gone, |b, g| b.unmap_all(g))
+    }
+
+    /// Remove the mappings starting at `gone` from `ioasid`: a child's
+    /// through its shadow; a root's from its groups, after taking them out
+    /// of its children's shadows (so no domain maps memory about to be
+    /// released).
+    fn remove(
+        &self,
+        c: &mut Context,
+        ioasid: IoasidId,
+        groups: &[GroupId],
+        gone: &[u64],
+        unmap: impl Fn(&dyn Backend, GroupId) -> Result<(), crate::backend::BackendError>,
+    ) -> Result<u64, EngineError> {
+        if c.ioasid(ioasid)?.parent.is_some() {
+            return self.unmap_child(c, ioasid, gone);
+        }
+        if c.children_of(ioasid).is_empty() {
+            return self.remove_mappings(c, ioasid, groups, gone, unmap);
+        }
+        let without = parent_view(c, ioasid, gone)?;
+        self.refresh_children(c, ioasid, &without)?;
+        match self.remove_mappings(c, ioasid, groups, gone, unmap) {
+            Ok(bytes) => Ok(bytes),
+            Err(e) => {
+                let full = parent_view(c, ioasid, &[])?;
+                if let Err(undo) = self.refresh_children(c, ioasid, &full) {
+                    tracing::warn!(ioasid, error = %undo, "restoring the children's shadows failed");
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Remove the mappings starting at `gone` from `ioasid` and from every
@@ -1175,9 +1492,21 @@ impl Engine {
                 }
             }
         }
+        for (&device, b) in &c.bound {
+            if b.child == Some(ioasid) {
+                devices.push(Attachment {
+                    device,
+                    pasid: None,
+                });
+            }
+        }
+        devices.sort();
+        let children = c.children_of(ioasid);
         let Some(known) = &io.known else {
             return Ok(IoasidInfo {
                 devices,
+                parent: io.parent,
+                children,
                 ..IoasidInfo::default()
             });
         };
@@ -1203,6 +1532,18 @@ impl Engine {
             mapped_bytes: io.mappings.values().map(|m| m.size).sum(),
             devices,
             dma_avail,
+            parent: io.parent,
+            children,
+            nesting_levels: u32::from(io.parent.is_none()),
+            shadow_entries: io.shadow.len(),
+            pgtable: io.pgtable.as_ref().map(|t| PgtableStatus {
+                root: t.root,
+                leaves: t.leaves.len() as u64,
+                last_walk: t.last_walk,
+                malformed: t.malformed,
+                walks: t.walks,
+            }),
+            pasid_table: io.pasid_table.as_ref().map(pasid_status),
         })
     }
 
@@ -1214,6 +1555,947 @@ impl Engine {
         c.check_open(ctx)?;
         Ok(c.pinned())
     }
+}
+
+/// Nesting, page-table and PASID-table binding.
+impl Engine {
+    /// Set the budget of one table walk (default
+    /// [`pgtable::DEFAULT_WALK_LIMIT`]): each table read costs
+    /// [`pgtable::TABLE_READ_COST`], each present entry 1; a walk that runs
+    /// out stops and is counted as malformed. A PASID-table read shares one
+    /// budget among all the PASIDs it walks.
+    pub fn set_walk_limit(&self, limit: u64) {
+        self.walk_limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// Create a child of IOASID `parent` (one level of software nesting).
+    ///
+    /// `ENOENT` unknown parent; `EINVAL` the parent is itself a child (one
+    /// level only); `ENODEV` the parent never had a device attached;
+    /// `EBUSY` the group rule on the parent; `ENOSPC` no number left.
+    pub fn create_nesting(
+        &self,
+        ctx: ContextId,
+        parent: IoasidId,
+    ) -> Result<IoasidId, EngineError> {
+        let arc = self.context(ctx)?;
+        let mut c = lock(&arc);
+        c.check_open(ctx)?;
+        let io = c.ioasid(parent)?;
+        if let Some(p) = io.parent {
+            return Err(err(
+                EINVAL,
+                format!(
+                    "IOASID {parent} is a child of IOASID {p}; only one level of nesting is \
+                     offered (see IOASID_INFO_CAP_NESTING)"
+                ),
+            ));
+        }
+        let never = io.known.is_none();
+        self.check_group_rule(&c, parent)?;
+        if never {
+            return Err(err(
+                ENODEV,
+                format!(
+                    "IOASID {parent} has never had a device attached; attach a device to it \
+                     before creating a child"
+                ),
+            ));
+        }
+        let entry = c.ioasids.vacant_entry();
+        let id = u32::try_from(entry.key() + 1)
+            .ok()
+            .filter(|&i| i <= i32::MAX as u32)
+            .ok_or_else(|| err(libc::ENOSPC, "no IOASID number left in this ioasid fd"))?;
+        entry.insert(Ioasid {
+            parent: Some(parent),
+            ..Ioasid::default()
+        });
+        Ok(id)
+    }
+
+    /// Bind the page table rooted at `root` (an IOVA of the parent) to
+    /// child IOASID `ioasid`, walk it and make its translations effective.
+    ///
+    /// `EINVAL` not a child, `format` not [`PGTABLE_X86_64_4LVL`],
+    /// `addr_width` not 48, `root` not 4 KiB aligned; `EBUSY` a table is
+    /// bound already, or the child has mappings or a PASID table; `EFAULT`
+    /// the root table is not mapped readable in the parent; `ENOENT`,
+    /// `EBUSY` (group rule), `ENODEV` as for [`Engine::map_dma`]. Malformed
+    /// entries do not fail the bind: they are skipped, counted in
+    /// [`PgtableStatus`] and logged.
+    pub fn bind_pgtable(
+        &self,
+        ctx: ContextId,
+        ioasid: IoasidId,
+        format: u32,
+        addr_width: u32,
+        root: u64,
+    ) -> Result<(), EngineError> {
+        let arc = self.context(ctx)?;
+        let mut c = lock(&arc);
+        c.check_open(ctx)?;
+        self.usable(&c, ioasid)?;
+        let parent = child_parent(&c, ioasid)?;
+        if format != PGTABLE_X86_64_4LVL {
+            return Err(err(
+                EINVAL,
+                format!(
+                    "page-table format {format} is unknown; use IOASID_PGTABLE_X86_64_4LVL (1)"
+                ),
+            ));
+        }
+        if addr_width != pgtable::ADDR_WIDTH {
+            return Err(err(
+                EINVAL,
+                format!("addr_width {addr_width}: IOASID_PGTABLE_X86_64_4LVL takes 48"),
+            ));
+        }
+        if root & (pgtable::TABLE_BYTES - 1) != 0 {
+            return Err(err(
+                EINVAL,
+                format!("root table {root:#x} is not 4 KiB aligned"),
+            ));
+        }
+        let io = c.ioasid(ioasid)?;
+        if io.pgtable.is_some() || io.pasid_table.is_some() || !io.mappings.is_empty() {
+            let what = if io.pgtable.is_some() {
+                "a page table is bound already; unbind it first"
+            } else if io.pasid_table.is_some() {
+                "a PASID table is bound; unbind it first"
+            } else {
+                "it has DMA mappings; unmap them first"
+            };
+            return Err(err(EBUSY, format!("IOASID {ioasid}: {what}")));
+        }
+        let view = parent_view(&c, parent, &[])?;
+        if self.read_table(&view, root).is_none() {
+            return Err(err(
+                EFAULT,
+                format!(
+                    "the root table at {root:#x} is not mapped readable in the parent IOASID \
+                     {parent}"
+                ),
+            ));
+        }
+        let mut budget = self.walk_limit.load(Ordering::Relaxed);
+        let (found, stats) = pgtable::walk(
+            &mut |a| self.read_table(&view, a),
+            root,
+            0,
+            pgtable::INPUT_END,
+            &mut budget,
+        );
+        log_walk(ioasid, None, &stats);
+        c.ioasid_mut(ioasid)?.pgtable = Some(BoundPgtable {
+            root,
+            leaves: found.into_iter().collect(),
+            last_walk: stats,
+            malformed: stats.malformed,
+            walks: 1,
+        });
+        let shadow = child_shadow(c.ioasid(ioasid)?, &view);
+        if let Err(e) = self.apply_shadow(&mut c, ioasid, shadow) {
+            c.ioasid_mut(ioasid)?.pgtable = None;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Unbind the page table of child `ioasid`: it translates nothing
+    /// until a table is bound or mappings are made. `ENOENT` if no page
+    /// table is bound; `EBUSY` (group rule), `ENODEV` as usual.
+    pub fn unbind_pgtable(&self, ctx: ContextId, ioasid: IoasidId) -> Result<(), EngineError> {
+        let arc = self.context(ctx)?;
+        let mut c = lock(&arc);
+        c.check_open(ctx)?;
+        self.usable(&c, ioasid)?;
+        let Some(old) = c.ioasid_mut(ioasid)?.pgtable.take() else {
+            return Err(err(
+                ENOENT,
+                format!("IOASID {ioasid} has no page table bound"),
+            ));
+        };
+        if let Err(e) = self.apply_shadow(&mut c, ioasid, Shadow::new()) {
+            c.ioasid_mut(ioasid)?.pgtable = Some(old);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Bind the flat PASID table at `table` (an IOVA of the parent, with
+    /// `entries` entries) to child `ioasid`, read its entries and walk the
+    /// page tables they name. PASID DMA is not routed, so nothing is
+    /// mapped: what was found is reported by [`Engine::info`].
+    ///
+    /// `EINVAL` not a child, `format` not [`PASID_TABLE_FLAT_X86_64`],
+    /// `entries` 0 or above 2^20, `table` not 4 KiB aligned or the table
+    /// overflowing; `EBUSY` a PASID table is bound already, or the child
+    /// has mappings or a page table; `EFAULT` the table is not mapped
+    /// readable in the parent; the usual `ENOENT`, `EBUSY`, `ENODEV`.
+    pub fn bind_pasid_table(
+        &self,
+        ctx: ContextId,
+        ioasid: IoasidId,
+        format: u32,
+        table: u64,
+        entries: u32,
+    ) -> Result<(), EngineError> {
+        let arc = self.context(ctx)?;
+        let mut c = lock(&arc);
+        c.check_open(ctx)?;
+        self.usable(&c, ioasid)?;
+        let parent = child_parent(&c, ioasid)?;
+        if format != PASID_TABLE_FLAT_X86_64 {
+            return Err(err(
+                EINVAL,
+                format!(
+                    "PASID-table format {format} is unknown; use IOASID_PASID_TABLE_FLAT_X86_64 (1)"
+                ),
+            ));
+        }
+        if entries == 0 || entries > PASID_TABLE_MAX_ENTRIES {
+            return Err(err(
+                EINVAL,
+                format!("{entries} entries: a PASID table has 1 to 2^20"),
+            ));
+        }
+        if table & (pgtable::TABLE_BYTES - 1) != 0 {
+            return Err(err(
+                EINVAL,
+                format!("PASID table {table:#x} is not 4 KiB aligned"),
+            ));
+        }
+        if table.checked_add(8 * u64::from(entries)).is_none() {
+            return Err(err(EINVAL, "table + 8 * entries overflows"));
+        }
+        let io = c.ioasid(ioasid)?;
+        if io.pgtable.is_some() || io.pasid_table.is_some() || !io.mappings.is_empty() {
+            let what = if io.pasid_table.is_some() {
+                "a PASID table is bound already; unbind it first"
+            } else if io.pgtable.is_some() {
+                "a page table is bound; unbind it first"
+            } else {
+                "it has DMA mappings; unmap them first"
+            };
+            return Err(err(EBUSY, format!("IOASID {ioasid}: {what}")));
+        }
+        let view = parent_view(&c, parent, &[])?;
+        let chunks = (u64::from(entries) * 8).div_ceil(pgtable::TABLE_BYTES);
+        for k in 0..chunks {
+            let at = table + k * pgtable::TABLE_BYTES;
+            if self.read_table(&view, at).is_none() {
+                return Err(err(
+                    EFAULT,
+                    format!(
+                        "the PASID table is not mapped readable in the parent IOASID {parent} \
+                         (at {at:#x})"
+                    ),
+                ));
+            }
+        }
+        let mut bound = BoundPasidTable {
+            table,
+            entries,
+            pasids: BTreeMap::new(),
+        };
+        self.reread_pasids(ioasid, &view, &mut bound, 0..entries);
+        c.ioasid_mut(ioasid)?.pasid_table = Some(bound);
+        Ok(())
+    }
+
+    /// Unbind the PASID table of child `ioasid`. `ENOENT` if none is bound.
+    pub fn unbind_pasid_table(&self, ctx: ContextId, ioasid: IoasidId) -> Result<(), EngineError> {
+        let arc = self.context(ctx)?;
+        let mut c = lock(&arc);
+        c.check_open(ctx)?;
+        self.usable(&c, ioasid)?;
+        if c.ioasid_mut(ioasid)?.pasid_table.take().is_none() {
+            return Err(err(
+                ENOENT,
+                format!("IOASID {ioasid} has no PASID table bound"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The user changed a table bound to `ioasid`: walk again what `inv`
+    /// covers and make the result effective.
+    ///
+    /// With a page table: `inv.range` `None` walks the whole table and
+    /// replaces every cached leaf; `Some((addr, size))` (4 KiB aligned,
+    /// size > 0) walks only the entries meeting that input range and
+    /// replaces the cached leaves meeting it (or meeting a new leaf). With
+    /// a PASID table: `pasid_cache` re-reads the entries (of `inv.pasid`,
+    /// or all) and walks the tables they name; without it, the current
+    /// tables of those PASIDs are walked again over the range.
+    ///
+    /// `EINVAL` no table bound; PASID fields on an IOASID without a PASID
+    /// table; `range` with `pasid_cache`; misaligned, zero or overflowing
+    /// range; a PASID past the table. A backend failure (e.g. `ENOSPC`)
+    /// leaves the previous translations in force.
+    pub fn invalidate(
+        &self,
+        ctx: ContextId,
+        ioasid: IoasidId,
+        inv: Invalidation,
+    ) -> Result<(), EngineError> {
+        let arc = self.context(ctx)?;
+        let mut c = lock(&arc);
+        c.check_open(ctx)?;
+        self.usable(&c, ioasid)?;
+        let (start, end) = match inv.range {
+            None => (0, pgtable::INPUT_END),
+            Some((addr, size)) => {
+                if size == 0 || (addr | size) & (pgtable::TABLE_BYTES - 1) != 0 {
+                    return Err(err(
+                        EINVAL,
+                        format!(
+                            "invalidation range {addr:#x}+{size:#x} must be a non-empty multiple \
+                             of 4 KiB"
+                        ),
+                    ));
+                }
+                let end = addr
+                    .checked_add(size)
+                    .ok_or_else(|| err(EINVAL, "addr + size overflows"))?;
+                (addr, end)
+            }
+        };
+        let io = c.ioasid(ioasid)?;
+        if inv.pasid.is_some() || inv.pasid_cache {
+            let Some(pt) = &io.pasid_table else {
+                return Err(err(
+                    EINVAL,
+                    format!(
+                        "IOASID {ioasid} has no PASID table: PASID invalidation flags do not apply"
+                    ),
+                ));
+            };
+            if inv.pasid_cache && inv.range.is_some() {
+                return Err(err(
+                    EINVAL,
+                    "a PASID-cache invalidation re-reads whole entries: it takes no address range",
+                ));
+            }
+            if let Some(p) = inv.pasid {
+                if p >= pt.entries {
+                    return Err(err(
+                        EINVAL,
+                        format!("PASID {p} is past the table ({} entries)", pt.entries),
+                    ));
+                }
+            }
+        }
+        let Some(parent) = io.parent else {
+            return Err(err(
+                EINVAL,
+                format!("IOASID {ioasid} is not a child: no table is bound"),
+            ));
+        };
+        let view = parent_view(&c, parent, &[])?;
+        if io.pgtable.is_some() {
+            return self.invalidate_pgtable(&mut c, ioasid, &view, start, end);
+        }
+        let Some(mut pt) = c.ioasid_mut(ioasid)?.pasid_table.take() else {
+            return Err(err(EINVAL, format!("IOASID {ioasid} has no table bound")));
+        };
+        let which = match inv.pasid {
+            Some(p) => p..p + 1,
+            None => 0..pt.entries,
+        };
+        if inv.pasid_cache {
+            self.reread_pasids(ioasid, &view, &mut pt, which);
+        } else {
+            let mut budget = self.walk_limit.load(Ordering::Relaxed);
+            for (&p, state) in pt.pasids.range_mut(which) {
+                if let PasidState::Walked {
+                    leaves,
+                    root,
+                    stats,
+                } = state
+                {
+                    let (found, s) = pgtable::walk(
+                        &mut |a| self.read_table(&view, a),
+                        *root,
+                        start,
+                        end,
+                        &mut budget,
+                    );
+                    log_walk(ioasid, Some(p), &s);
+                    *stats = s;
+                    merge_leaves(leaves, start, end, found, inv.range.is_none());
+                }
+            }
+        }
+        c.ioasid_mut(ioasid)?.pasid_table = Some(pt);
+        Ok(())
+    }
+
+    fn invalidate_pgtable(
+        &self,
+        c: &mut Context,
+        ioasid: IoasidId,
+        view: &ParentView,
+        start: u64,
+        end: u64,
+    ) -> Result<(), EngineError> {
+        let root = c.ioasid(ioasid)?.pgtable.as_ref().expect("checked").root;
+        let mut budget = self.walk_limit.load(Ordering::Relaxed);
+        let (found, stats) = pgtable::walk(
+            &mut |a| self.read_table(view, a),
+            root,
+            start,
+            end,
+            &mut budget,
+        );
+        log_walk(ioasid, None, &stats);
+        let whole = start == 0 && end >= pgtable::INPUT_END;
+        let t = c.ioasid_mut(ioasid)?.pgtable.as_mut().expect("checked");
+        let mut leaves = t.leaves.clone();
+        merge_leaves(&mut leaves, start, end, found, whole);
+        let old = std::mem::replace(&mut t.leaves, leaves);
+        let shadow = child_shadow(c.ioasid(ioasid)?, view);
+        match self.apply_shadow(c, ioasid, shadow) {
+            Ok(()) => {
+                let t = c.ioasid_mut(ioasid)?.pgtable.as_mut().expect("checked");
+                t.last_walk = stats;
+                t.malformed += stats.malformed;
+                t.walks += 1;
+                Ok(())
+            }
+            Err(e) => {
+                c.ioasid_mut(ioasid)?
+                    .pgtable
+                    .as_mut()
+                    .expect("checked")
+                    .leaves = old;
+                Err(e)
+            }
+        }
+    }
+
+    /// Read the entries `which` of a PASID table and walk the tables they
+    /// name, with one budget.
+    fn reread_pasids(
+        &self,
+        ioasid: IoasidId,
+        view: &ParentView,
+        pt: &mut BoundPasidTable,
+        which: std::ops::Range<u32>,
+    ) {
+        let mut budget = self.walk_limit.load(Ordering::Relaxed);
+        let mut chunk: Option<(u64, Option<[u64; pgtable::ENTRIES]>)> = None;
+        for p in which {
+            let at = pt.table + 8 * u64::from(p);
+            let page = at & !(pgtable::TABLE_BYTES - 1);
+            if chunk.as_ref().map(|c| c.0) != Some(page) {
+                chunk = Some((page, self.read_table(view, page)));
+            }
+            let entry = chunk
+                .as_ref()
+                .and_then(|c| c.1.as_ref())
+                .map(|e| e[((at - page) / 8) as usize]);
+            let state = match entry.map(pgtable::pasid_entry) {
+                None => Some(PasidState::Unreadable),
+                Some(PasidEntry::NotPresent) => None,
+                Some(PasidEntry::Malformed) => Some(PasidState::Bad),
+                Some(PasidEntry::Root(root)) => {
+                    let (found, stats) = pgtable::walk(
+                        &mut |a| self.read_table(view, a),
+                        root,
+                        0,
+                        pgtable::INPUT_END,
+                        &mut budget,
+                    );
+                    log_walk(ioasid, Some(p), &stats);
+                    Some(PasidState::Walked {
+                        leaves: found.into_iter().collect(),
+                        root,
+                        stats,
+                    })
+                }
+            };
+            match state {
+                Some(s) => {
+                    if matches!(s, PasidState::Bad | PasidState::Unreadable) {
+                        tracing::info!(
+                            ioasid,
+                            pasid = p,
+                            "PASID-table entry is malformed or unreadable: treated as not present"
+                        );
+                    }
+                    pt.pasids.insert(p, s);
+                }
+                None => {
+                    pt.pasids.remove(&p);
+                }
+            }
+        }
+    }
+
+    /// Read the 4 KiB table at parent IOVA `gpa`, if the parent maps it
+    /// readable.
+    fn read_table(&self, view: &ParentView, gpa: u64) -> Option<[u64; pgtable::ENTRIES]> {
+        let (&start, p) = view.range(..=gpa).next_back()?;
+        let off = gpa - start;
+        if !p.prot.read || off.checked_add(pgtable::TABLE_BYTES)? > p.size {
+            return None;
+        }
+        let seg = p
+            .segs
+            .iter()
+            .find(|s| s.offset <= off && off + pgtable::TABLE_BYTES <= s.offset + s.len)?;
+        let mut buf = [0u8; pgtable::TABLE_BYTES as usize];
+        self.backend
+            .read(seg.daemon_vaddr + (off - seg.offset), &mut buf)
+            .ok()?;
+        Some(pgtable::entries_of(&buf))
+    }
+
+    /// `EBUSY` if a table is bound to `id` (no map or unmap then).
+    fn check_no_table(&self, c: &Context, id: IoasidId) -> Result<(), EngineError> {
+        let io = c.ioasid(id)?;
+        if io.pgtable.is_some() || io.pasid_table.is_some() {
+            return Err(err(
+                EBUSY,
+                format!(
+                    "a {} is bound to IOASID {id}: it takes no MAP_DMA or UNMAP_DMA; unbind it \
+                     first",
+                    if io.pgtable.is_some() {
+                        "page table"
+                    } else {
+                        "PASID table"
+                    }
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Map `[iova, iova + size)` of child `id` to parent IOVA `gpa`.
+    fn map_child(
+        &self,
+        c: &mut Context,
+        id: IoasidId,
+        iova: u64,
+        gpa: u64,
+        size: u64,
+        prot: Prot,
+    ) -> Result<(), EngineError> {
+        let parent = child_parent(c, id)?;
+        c.ioasid_mut(id)?.mappings.insert(
+            iova,
+            Mapping {
+                vaddr: gpa,
+                size,
+                prot,
+                memory: Memory::Nested,
+            },
+        );
+        let view = parent_view(c, parent, &[])?;
+        let shadow = child_shadow(c.ioasid(id)?, &view);
+        if let Err(e) = self.apply_shadow(c, id, shadow) {
+            c.ioasid_mut(id)?.mappings.remove(&iova);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Remove the mappings starting at `gone` from child `id`.
+    fn unmap_child(&self, c: &mut Context, id: IoasidId, gone: &[u64]) -> Result<u64, EngineError> {
+        let parent = child_parent(c, id)?;
+        let mut removed = Vec::new();
+        for s in gone {
+            let m = c.ioasid_mut(id)?.mappings.remove(s).expect("collected");
+            removed.push((*s, m));
+        }
+        let view = parent_view(c, parent, &[])?;
+        let shadow = child_shadow(c.ioasid(id)?, &view);
+        if let Err(e) = self.apply_shadow(c, id, shadow) {
+            let io = c.ioasid_mut(id)?;
+            for (s, m) in removed {
+                io.mappings.insert(s, m);
+            }
+            return Err(e);
+        }
+        Ok(removed.iter().map(|(_, m)| m.size).sum())
+    }
+
+    /// Recompute the shadow of every child of `parent` against `view` and
+    /// apply it; all or nothing.
+    fn refresh_children(
+        &self,
+        c: &mut Context,
+        parent: IoasidId,
+        view: &ParentView,
+    ) -> Result<(), EngineError> {
+        let mut done: Vec<(IoasidId, Shadow)> = Vec::new();
+        for k in c.children_of(parent) {
+            let new = child_shadow(c.ioasid(k)?, view);
+            let old = c.ioasid(k)?.shadow.clone();
+            if let Err(e) = self.apply_shadow(c, k, new) {
+                for (d, old) in done.into_iter().rev() {
+                    if let Err(undo) = self.apply_shadow(c, d, old) {
+                        tracing::warn!(ioasid = d, error = %undo, "restoring a shadow failed");
+                    }
+                }
+                return Err(e);
+            }
+            done.push((k, old));
+        }
+        Ok(())
+    }
+
+    /// Make `new` the shadow of child `id` in every group realising it,
+    /// changing only the entries that differ; all or nothing.
+    fn apply_shadow(&self, c: &mut Context, id: IoasidId, new: Shadow) -> Result<(), EngineError> {
+        let groups = c.groups_of(id);
+        let old = &c.ioasid(id)?.shadow;
+        let removed: Vec<(u64, ShadowEntry)> = old
+            .iter()
+            .filter(|(k, v)| new.get(k) != Some(v))
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        let added: Vec<(u64, ShadowEntry)> = new
+            .iter()
+            .filter(|(k, v)| old.get(k) != Some(v))
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        for (i, &g) in groups.iter().enumerate() {
+            if let Err(e) = self.shadow_update(g, &removed, &added) {
+                for &done in &groups[..i] {
+                    if let Err(undo) = self.shadow_update(done, &added, &removed) {
+                        tracing::warn!(group = done, error = %undo, "rollback of a shadow update failed");
+                    }
+                }
+                return Err(e);
+            }
+        }
+        c.ioasid_mut(id)?.shadow = new;
+        Ok(())
+    }
+
+    /// In group `g`'s domain: unmap `removed`, then map `added`; on a
+    /// failure put back what was done.
+    fn shadow_update(
+        &self,
+        g: GroupId,
+        removed: &[(u64, ShadowEntry)],
+        added: &[(u64, ShadowEntry)],
+    ) -> Result<(), EngineError> {
+        let remap = |entries: &[(u64, ShadowEntry)]| {
+            for (iova, e) in entries {
+                if let Err(undo) = self.backend.map(g, *iova, e.daemon_vaddr, e.size, e.prot) {
+                    tracing::warn!(group = g, error = %undo, "rollback of a shadow unmap failed");
+                }
+            }
+        };
+        for (i, (iova, e)) in removed.iter().enumerate() {
+            if let Err(fail) = self.backend.unmap(g, *iova, e.size) {
+                remap(&removed[..i]);
+                return Err(fail.into());
+            }
+        }
+        for (i, (iova, e)) in added.iter().enumerate() {
+            if let Err(fail) = self.backend.map(g, *iova, e.daemon_vaddr, e.size, e.prot) {
+                for (iova, e) in &added[..i] {
+                    if let Err(undo) = self.backend.unmap(g, *iova, e.size) {
+                        tracing::warn!(group = g, error = %undo, "rollback of a shadow map failed");
+                    }
+                }
+                remap(removed);
+                return Err(fail.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Map the shadow of child `id` into `group`'s (empty) domain, or
+    /// nothing.
+    fn replay_shadow(&self, c: &Context, group: GroupId, id: IoasidId) -> Result<(), EngineError> {
+        for (&iova, e) in &c.ioasid(id)?.shadow {
+            if let Err(fail) = self
+                .backend
+                .map(group, iova, e.daemon_vaddr, e.size, e.prot)
+            {
+                if let Err(undo) = self.backend.unmap_all(group) {
+                    tracing::debug!(group, error = %undo, "rollback of a replay failed");
+                }
+                return Err(EngineError::new(
+                    fail.errno,
+                    format!(
+                        "attaching IOMMU group {group} to IOASID {id}: mapping its shadow at IOVA \
+                         {iova:#x} failed: {}",
+                        fail.message
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// RID-attach `spec` (RID-attached to `parent`) to child `child`: its
+    /// group's domain switches from the parent's mappings to the child's
+    /// shadow when it is the group's first device on the child.
+    fn attach_child_rid(
+        &self,
+        c: &mut Context,
+        spec: &DeviceSpec,
+        child: IoasidId,
+        parent: IoasidId,
+    ) -> Result<(), EngineError> {
+        if let Some(cur) = c.bound[&spec.id].child {
+            return Err(err(
+                EBUSY,
+                format!(
+                    "device {} is already attached to IOASID {cur} by RID; detach it first",
+                    spec.name
+                ),
+            ));
+        }
+        let switch = match c.realising.get(&spec.group) {
+            Some(r) if r.ioasid == child => None,
+            Some(r) if r.ioasid == parent => Some(r.info.clone()),
+            other => {
+                let cur = other.map_or(0, |r| r.ioasid);
+                return Err(err(
+                    EBUSY,
+                    format!(
+                        "device {}: IOMMU group {} uses IOASID {cur}; the devices of a group \
+                         share one I/O page table, so they must all use the same child",
+                        spec.name, spec.group
+                    ),
+                ));
+            }
+        };
+        if let Some(info) = switch {
+            self.backend.unmap_all(spec.group)?;
+            if let Err(e) = self.replay_shadow(c, spec.group, child) {
+                if let Err(undo) = self.replay(c, spec.group, parent) {
+                    tracing::warn!(group = spec.group, error = %undo, "restoring the parent's mappings failed");
+                }
+                return Err(e);
+            }
+            c.realising.insert(
+                spec.group,
+                Realising {
+                    ioasid: child,
+                    info,
+                },
+            );
+            let groups = c.groups_of(child);
+            let combined = combine(groups.iter().map(|g| &c.realising[g].info));
+            c.ioasid_mut(child)?.known = combined;
+        }
+        c.bound.get_mut(&spec.id).expect("bound").child = Some(child);
+        Ok(())
+    }
+
+    /// Undo [`Engine::attach_child_rid`]: the group's last device leaving
+    /// the child gets the parent's mappings back into the group's domain.
+    fn detach_child_rid(
+        &self,
+        c: &mut Context,
+        spec: &DeviceSpec,
+        child: IoasidId,
+    ) -> Result<(), EngineError> {
+        let parent = child_parent(c, child)?;
+        let last = !c.bound.iter().any(|(d, b)| {
+            *d != spec.id && b.child == Some(child) && self.devices[d].group == spec.group
+        });
+        if last {
+            self.backend.unmap_all(spec.group)?;
+            if let Err(e) = self.replay(c, spec.group, parent) {
+                if let Err(undo) = self.replay_shadow(c, spec.group, child) {
+                    tracing::warn!(group = spec.group, error = %undo, "restoring the child's shadow failed");
+                }
+                return Err(e);
+            }
+            if let Some(r) = c.realising.get_mut(&spec.group) {
+                r.ioasid = parent;
+            }
+            let groups = c.groups_of(child);
+            if let Some(combined) = combine(groups.iter().map(|g| &c.realising[g].info)) {
+                c.ioasid_mut(child)?.known = Some(combined);
+            }
+        }
+        c.bound.get_mut(&spec.id).expect("bound").child = None;
+        Ok(())
+    }
+}
+
+/// The parent of child `id`; `EINVAL` for a root.
+fn child_parent(c: &Context, id: IoasidId) -> Result<IoasidId, EngineError> {
+    c.ioasid(id)?.parent.ok_or_else(|| {
+        err(
+            EINVAL,
+            format!("IOASID {id} is not a child (IOASID_CREATE_NESTING makes one)"),
+        )
+    })
+}
+
+/// The mappings of `parent` but those starting at `skip`, with their
+/// daemon addresses.
+fn parent_view(c: &Context, parent: IoasidId, skip: &[u64]) -> Result<ParentView, EngineError> {
+    let skip: BTreeSet<u64> = skip.iter().copied().collect();
+    Ok(c.ioasid(parent)?
+        .mappings
+        .iter()
+        .filter(|(k, _)| !skip.contains(k))
+        .map(|(&k, m)| {
+            (
+                k,
+                ParentPiece {
+                    size: m.size,
+                    prot: m.prot,
+                    segs: c.segments(m),
+                },
+            )
+        })
+        .collect())
+}
+
+/// The shadow of child `io` over the parent's mappings `view`: every
+/// translation (its mappings, or its page table's leaves) composed with
+/// the parent pieces it overlaps, clipped to the permitted IOVA ranges.
+fn child_shadow(io: &Ioasid, view: &ParentView) -> Shadow {
+    let ranges: &[(u64, u64)] = io.known.as_ref().map_or(&[], |k| &k.iova_ranges);
+    let mut out = Shadow::new();
+    match &io.pgtable {
+        Some(t) => {
+            for (&input, l) in &t.leaves {
+                compose(view, ranges, input, l.gpa, l.size, l.prot, &mut out);
+            }
+        }
+        None => {
+            for (&iova, m) in &io.mappings {
+                compose(view, ranges, iova, m.vaddr, m.size, m.prot, &mut out);
+            }
+        }
+    }
+    out
+}
+
+/// Add to `out` the pieces of `[input, input + size) -> [gpa, gpa + size)`
+/// that the parent maps.
+fn compose(
+    view: &ParentView,
+    ranges: &[(u64, u64)],
+    input: u64,
+    gpa: u64,
+    size: u64,
+    prot: Prot,
+    out: &mut Shadow,
+) {
+    let end = gpa.saturating_add(size);
+    for (&start, p) in view.range(..end).rev() {
+        if start + p.size <= gpa {
+            break;
+        }
+        let lo = gpa.max(start);
+        let hi = end.min(start + p.size);
+        let both = Prot {
+            read: prot.read && p.prot.read,
+            write: prot.write && p.prot.write,
+        };
+        if !both.read && !both.write {
+            continue;
+        }
+        for seg in slice_segments(&p.segs, lo - start, hi - lo) {
+            let iova = input + (lo - gpa) + seg.offset;
+            let last = iova + (seg.len - 1);
+            if ranges.is_empty() {
+                out.insert(
+                    iova,
+                    ShadowEntry {
+                        daemon_vaddr: seg.daemon_vaddr,
+                        size: seg.len,
+                        prot: both,
+                    },
+                );
+                continue;
+            }
+            for &(a, b) in ranges {
+                let (s, l) = (iova.max(a), last.min(b));
+                if s <= l {
+                    out.insert(
+                        s,
+                        ShadowEntry {
+                            daemon_vaddr: seg.daemon_vaddr + (s - iova),
+                            size: l - s + 1,
+                            prot: both,
+                        },
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Replace the cached leaves that meet `[start, end)` (all of them when
+/// `whole`), or that overlap a new leaf, with `found`.
+fn merge_leaves(
+    leaves: &mut BTreeMap<u64, Leaf>,
+    start: u64,
+    end: u64,
+    found: Vec<(u64, Leaf)>,
+    whole: bool,
+) {
+    if whole {
+        *leaves = found.into_iter().collect();
+        return;
+    }
+    let mut kill = Vec::new();
+    let mut meets = |leaves: &BTreeMap<u64, Leaf>, s: u64, e: u64| {
+        for (&k, l) in leaves.range(..e).rev() {
+            if k + l.size <= s {
+                break;
+            }
+            kill.push(k);
+        }
+    };
+    meets(leaves, start, end);
+    for (k, l) in &found {
+        meets(leaves, *k, k + l.size);
+    }
+    for k in kill {
+        leaves.remove(&k);
+    }
+    leaves.extend(found);
+}
+
+fn log_walk(ioasid: IoasidId, pasid: Option<u32>, stats: &WalkStats) {
+    if stats.malformed > 0 {
+        tracing::info!(
+            ioasid,
+            pasid,
+            malformed = stats.malformed,
+            truncated = stats.truncated,
+            "page-table walk skipped malformed entries (their ranges stay untranslated)"
+        );
+    }
+}
+
+fn pasid_status(t: &BoundPasidTable) -> PasidTableStatus {
+    let mut s = PasidTableStatus {
+        table: t.table,
+        entries: t.entries,
+        ..PasidTableStatus::default()
+    };
+    for state in t.pasids.values() {
+        match state {
+            PasidState::Walked { leaves, stats, .. } => {
+                s.valid += 1;
+                s.leaves += leaves.len() as u64;
+                s.malformed += stats.malformed;
+                s.truncated |= stats.truncated;
+            }
+            PasidState::Bad => s.bad_entries += 1,
+            PasidState::Unreadable => s.unreadable_entries += 1,
+        }
+    }
+    s
 }
 
 fn not_open(ctx: ContextId) -> EngineError {

@@ -8,6 +8,10 @@
 //! client address `v` is always `FAKE_DAEMON_BASE + v`, so tests can predict
 //! what the domains hold. Every call is logged, live aliases are counted,
 //! and the next map (or unmap-all) can be made to fail.
+//!
+//! Client memory holds real bytes (zero until written with
+//! [`FakeBackend::write_memory`]), which [`Backend::read`] returns when
+//! the address lies inside a live alias, as the real backend's does.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
@@ -48,6 +52,8 @@ pub enum FakeCall {
     },
     /// `unmap_all(group)`, successful or not.
     UnmapAll { group: GroupId },
+    /// `read(daemon_vaddr, len)`, successful or not.
+    Read { daemon_vaddr: u64, len: usize },
 }
 
 /// One entry of a fake domain.
@@ -93,6 +99,8 @@ struct FakeState {
     /// Maps to let through before failing one with this errno.
     map_failure: Option<(usize, i32)>,
     unmap_all_failure: Option<i32>,
+    /// Client memory by 4 KiB page of daemon address.
+    pages: HashMap<u64, Box<[u8; 4096]>>,
 }
 
 /// The fake backend. Cheap to create; share it as `Arc<FakeBackend>`.
@@ -163,6 +171,29 @@ impl FakeBackend {
             .unwrap_or_default()
     }
 
+    /// Write `bytes` at client address `vaddr` (the same bytes for every
+    /// process: the daemon address of `v` is `FAKE_DAEMON_BASE + v`).
+    pub fn write_memory(&self, vaddr: u64, bytes: &[u8]) {
+        let mut s = self.state();
+        let mut done = 0;
+        while done < bytes.len() {
+            let at = FAKE_DAEMON_BASE + vaddr + done as u64;
+            let in_page = (at & 0xfff) as usize;
+            let n = (4096 - in_page).min(bytes.len() - done);
+            let page = s
+                .pages
+                .entry(at & !0xfff)
+                .or_insert_with(|| Box::new([0; 4096]));
+            page[in_page..in_page + n].copy_from_slice(&bytes[done..done + n]);
+            done += n;
+        }
+    }
+
+    /// Write the little-endian `value` at client address `vaddr`.
+    pub fn write_u64(&self, vaddr: u64, value: u64) {
+        self.write_memory(vaddr, &value.to_le_bytes());
+    }
+
     /// How many aliases are handed out and not released.
     pub fn live_aliases(&self) -> usize {
         self.state().live.len()
@@ -188,6 +219,19 @@ fn min_pgsize(bitmap: u64) -> u64 {
         4096
     } else {
         (1u64 << bitmap.trailing_zeros()).max(4096)
+    }
+}
+
+impl FakeState {
+    fn in_live_alias(&self, daemon_vaddr: u64, len: u64) -> bool {
+        let Some(end) = daemon_vaddr.checked_add(len) else {
+            return false;
+        };
+        self.live.values().any(|a| {
+            a.segments
+                .iter()
+                .any(|s| s.daemon_vaddr <= daemon_vaddr && end <= s.daemon_vaddr + s.len)
+        })
     }
 }
 
@@ -348,6 +392,36 @@ impl Backend for FakeBackend {
             return Err(BackendError::new(errno, "injected unmap-all failure"));
         }
         s.domains.entry(group).or_default().entries.clear();
+        Ok(())
+    }
+
+    fn read(&self, daemon_vaddr: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        let mut s = self.state();
+        s.calls.push(FakeCall::Read {
+            daemon_vaddr,
+            len: buf.len(),
+        });
+        if !s.in_live_alias(daemon_vaddr, buf.len() as u64) {
+            return Err(BackendError::new(
+                libc::EFAULT,
+                format!(
+                    "read {daemon_vaddr:#x}+{:#x}: not in a live alias",
+                    buf.len()
+                ),
+            ));
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            let at = daemon_vaddr + done as u64;
+            let in_page = (at & 0xfff) as usize;
+            let n = (4096 - in_page).min(buf.len() - done);
+            let out = &mut buf[done..done + n];
+            match s.pages.get(&(at & !0xfff)) {
+                Some(p) => out.copy_from_slice(&p[in_page..in_page + n]),
+                None => out.fill(0),
+            }
+            done += n;
+        }
         Ok(())
     }
 }

@@ -10,9 +10,11 @@ pub mod backend;
 mod engine;
 mod error;
 pub mod fake;
+pub mod pgtable;
 
 pub use engine::{
-    Attachment, ClosedContext, ContextId, DeviceId, DeviceSpec, DmaMap, Engine, IoasidId,
-    IoasidInfo, PASID_BITS,
+    Attachment, ClosedContext, ContextId, DeviceId, DeviceSpec, DmaMap, Engine, Invalidation,
+    IoasidId, IoasidInfo, PasidTableStatus, PgtableStatus, PASID_BITS, PASID_TABLE_FLAT_X86_64,
+    PASID_TABLE_MAX_ENTRIES, PGTABLE_X86_64_4LVL,
 };
 pub use error::EngineError;
