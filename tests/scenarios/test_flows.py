@@ -18,6 +18,7 @@ exits 0 on SIGTERM at the end.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import multiprocessing
 import os
@@ -205,6 +206,116 @@ def test_flow_5_1_c_program(nodes, bdf):
         assert found >= 0, f"missing (or out of order): {step!r}\n{r.stdout}"
         at = found
     assert "FAIL" not in r.stdout
+
+
+# ---------------------------------------------------------------------------
+# The device node's own rules, and an attached IOASID's address space
+# ---------------------------------------------------------------------------
+
+
+def test_device_node_before_bind_and_bind_errors(nodes):
+    dev = Node(nodes[ALONE_2])
+    fd, other = io.IoasidFd(), io.IoasidFd()
+    null = os.open("/dev/null", os.O_RDWR)
+    peer = Node(nodes[ALONE_3])
+    try:
+        # Unbound: the device answers nothing but the bind.
+        assert errno_of(dev.device.info) == errno.EINVAL
+        assert errno_of(os.pread, dev.fd, 4, 0) == errno.EINVAL
+        assert errno_of(io.attach_ioasid, dev.fd, 1) == errno.EINVAL
+        # Bind wants an open /dev/ioasid file of this daemon.
+        assert errno_of(io.ioctl_int, dev.fd, io.VFIO_BIND_IOASID_FD, 999) == errno.EBADF
+        assert errno_of(io.ioctl_int, dev.fd, io.VFIO_BIND_IOASID_FD, -1) == errno.EBADF
+        assert errno_of(io.ioctl_int, dev.fd, io.VFIO_BIND_IOASID_FD, null) == errno.EINVAL
+        assert errno_of(io.ioctl_int, dev.fd, io.VFIO_BIND_IOASID_FD, peer.fd) == errno.EINVAL
+        io.bind_ioasid_fd(dev.fd, fd)
+        assert dev.device.info().flags & vfio.VFIO_DEVICE_FLAGS_PCI
+        assert errno_of(io.bind_ioasid_fd, dev.fd, fd) == errno.EBUSY, "second bind"
+        assert errno_of(io.bind_ioasid_fd, dev.fd, other) == errno.EBUSY, "bind elsewhere"
+        assert errno_of(io.unbind_ioasid_fd, dev.fd, other) == errno.EINVAL, "unbind elsewhere"
+        # Attach names an IOASID of the bound file.
+        assert errno_of(io.attach_ioasid, dev.fd, 1) == errno.ENOENT
+        gpa = fd.alloc()
+        assert errno_of(io.detach_ioasid, dev.fd, gpa) == errno.ENOENT, "detach, not attached"
+        io.attach_ioasid(dev.fd, gpa)
+        assert errno_of(io.attach_ioasid, dev.fd, gpa) == errno.EBUSY, "attached twice"
+        assert errno_of(fd.free, gpa) == errno.EBUSY, "FREE with a device attached"
+        io.unbind_ioasid_fd(dev.fd, fd)  # detaches first
+        fd.free(gpa)
+        assert errno_of(dev.device.info) == errno.EINVAL, "unbound again"
+    finally:
+        os.close(null)
+        dev.close()
+        peer.close()
+        fd.close()
+        other.close()
+
+
+MSI_WINDOW = 0xFEE00000  # x86's interrupt window: never a permitted IOVA
+
+
+def test_attached_ioasid_address_space(nodes):
+    dev = Node(nodes[ALONE_2])
+    fd = io.IoasidFd()
+    mem = vfio.DmaBuffer(8 * PAGE)
+    try:
+        io.bind_ioasid_fd(dev.fd, fd)
+        gpa = fd.alloc()
+        io.attach_ioasid(dev.fd, gpa)
+
+        info = fd.get_info(gpa)
+        flags = info["flags"]
+        assert flags & io.IOASID_INFO_PGSIZES and flags & io.IOASID_INFO_MAP_DMA
+        assert flags & io.IOASID_INFO_CAPS
+        assert info["pgsize_bitmap"] & PAGE, "4 KiB pages"
+        ranges = info["caps"]["iova_ranges"]
+        assert ranges and ranges[0][0] == 0
+        assert not any(start <= MSI_WINDOW <= last for start, last in ranges), ranges
+        assert info["caps"]["dma_avail"] > 0
+        assert info["caps"]["pasid"]["tracked"] and not info["caps"]["pasid"]["routed"]
+        # A buffer too small for the chain: success, CAPS, argsz raised.
+        _, out, _ = io.ioctl_struct(fd, io.IOASID_GET_INFO, io.ioasid_info(ioasid=gpa))
+        assert out.flags & io.IOASID_INFO_CAPS and out.cap_offset == 0
+        assert out.argsz > ctypes.sizeof(io.ioasid_info)
+
+        # Type1v2 semantics.
+        assert errno_of(fd.map_dma, gpa, MSI_WINDOW, mem.addr, PAGE) == errno.EINVAL
+        assert errno_of(fd.map_dma, gpa, 0x100800, mem.addr, PAGE) == errno.EINVAL
+        assert errno_of(fd.map_dma, gpa, 0x100000, mem.addr, 0) == errno.EINVAL
+        assert errno_of(fd.map_dma, gpa, 0x100000, mem.addr, PAGE, read=False,
+                        write=False) == errno.EINVAL
+        # Page 0 read-only for the device, pages 1..3 read-write.
+        fd.map_dma(gpa, 0x100000, mem.page(0), PAGE, write=False)
+        fd.map_dma(gpa, 0x101000, mem.page(1), 3 * PAGE)
+        assert errno_of(fd.map_dma, gpa, 0x102000, mem.page(4), PAGE) == errno.EEXIST
+        assert errno_of(fd.unmap_dma, gpa, 0x102000, PAGE) == errno.EINVAL, "split"
+        assert fd.unmap_dma(gpa, 0x200000, PAGE) == 0, "nothing mapped there"
+
+        pattern = copy_and_check(dev.edu, mem, 0x100000, 0, 0x101000, PAGE)
+        # The device may read page 0 but not write it.
+        mem.fill(0x55, 0, PAGE)
+        dev.edu.to_memory(0x100000, LENGTH)
+        assert mem.read(0, PAGE) == b"\x55" * PAGE, "the device wrote a read-only mapping"
+
+        # Detached, the IOASID keeps its mappings; re-attached, they work
+        # again without a new MAP_DMA.
+        io.detach_ioasid(dev.fd, gpa)
+        assert fd.get_info(gpa)["flags"] == flags
+        io.attach_ioasid(dev.fd, gpa)
+        mem.write(2 * PAGE, pattern)
+        mem.fill(0, 3 * PAGE, PAGE)
+        dev.edu.round_trip(0x102000, 0x103000, LENGTH)
+        assert mem.read(3 * PAGE, LENGTH) == pattern
+
+        assert fd.unmap_all(gpa) == 4 * PAGE
+        assert fd.unmap_all(gpa) == 0
+        io.detach_ioasid(dev.fd, gpa)
+        fd.free(gpa)
+        io.unbind_ioasid_fd(dev.fd, fd)
+    finally:
+        dev.close()
+        fd.close()
+        mem.close()
 
 
 # ---------------------------------------------------------------------------
