@@ -11,6 +11,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use cuse_server::{DeviceConfig, Server};
+use cuse_vfio_devices::DeviceNodes;
 use ioasid_engine::{DeviceId, DeviceSpec, Engine};
 use nix::sys::signal::{SigSet, Signal};
 use vfio_legacy::{PciDevice, Sysfs, VfioLegacy};
@@ -154,10 +155,15 @@ fn run(args: Args) -> Result<()> {
         Arc::new(Engine::new(backend.clone(), specs.clone()).map_err(|e| anyhow::anyhow!("{e}"))?);
 
     let server = Server::new().context("starting the CUSE server")?;
+    let device_nodes = Arc::new(DeviceNodes::new(engine.clone(), backend.clone()));
+    let hook_nodes = device_nodes.clone();
     let ioasid = server
         .register(
             DeviceConfig::new(&args.ioasid_name),
-            Arc::new(IoasidNode::new(engine.clone(), Box::new(|_closed| {}))),
+            Arc::new(IoasidNode::new(
+                engine.clone(),
+                Box::new(move |closed| hook_nodes.on_context_closed(closed)),
+            )),
         )
         .with_context(|| {
             format!(
@@ -168,8 +174,26 @@ fn run(args: Args) -> Result<()> {
     set_mode(&ioasid.path, args.node_mode)?;
     tracing::info!(node = %ioasid.path.display(), dev = %ioasid.dev, "serving");
 
-    // DEVICE-NODES-TODO
-    let _ = (&nodes, &specs, &backend);
+    device_nodes
+        .set_ioasid_device(ioasid.dev)
+        .map_err(|dev| anyhow::anyhow!("the ioasid device number was already set to {dev}"))?;
+    for ((name, spec), dev) in nodes.iter().zip(&specs).zip(&devices) {
+        let node = device_nodes
+            .node(spec.id)
+            .map_err(|e| anyhow::anyhow!("device node for {}: {e}", dev.bdf))?;
+        let info = server
+            .register(DeviceConfig::new(name), node)
+            .with_context(|| format!("registering /dev/{name} for {}", dev.bdf))?;
+        set_mode(&info.path, args.node_mode)?;
+        tracing::info!(
+            node = %info.path.display(),
+            device = %dev.bdf,
+            group = dev.group,
+            "serving {:04x}:{:04x}",
+            dev.vendor,
+            dev.device
+        );
+    }
 
     let stop = server.shutdown_handle();
     std::thread::Builder::new()
