@@ -5,8 +5,7 @@
 //! one place, driven by the uapi crate's command table:
 //!
 //! - unknown numbers, and commands of an extension that
-//!   `IOASID_CHECK_EXTENSION` reports as 0 (the nesting and page-table
-//!   commands, not implemented yet), are `ENOTTY`;
+//!   `IOASID_CHECK_EXTENSION` reports as 0, are `ENOTTY`;
 //! - a struct argument is read through [`CallerMemory`]: `argsz` first;
 //!   below the struct's minimum size is `EINVAL`; `min(argsz, size)` bytes
 //!   are read; bytes past the known struct must be zero (`E2BIG`), except
@@ -22,11 +21,13 @@
 //! at debug level for a client's mistake, at warn level otherwise.
 
 use ioasid_engine::backend::{Pid, Prot};
-use ioasid_engine::{ContextId, DmaMap, Engine, EngineError, IoasidInfo};
+use ioasid_engine::{ContextId, DmaMap, Engine, EngineError, Invalidation, IoasidInfo};
 use ioasid_uapi::{
-    ArgStruct, FlagsCheck, IoasidCmd, IoasidDmaMap, IoasidDmaUnmap, IoasidInfoCapDmaAvail,
-    IoasidInfoCapHeader, IoasidInfoCapIovaRanges, IoasidInfoCapPasid, IoasidIovaRange,
-    IoasidRegisterMemory, StructArg,
+    ArgStruct, FlagsCheck, IoasidBindPasidTable, IoasidBindPgtable, IoasidCmd, IoasidDmaMap,
+    IoasidDmaUnmap, IoasidInfoCapDmaAvail, IoasidInfoCapHeader, IoasidInfoCapIovaRanges,
+    IoasidInfoCapNesting, IoasidInfoCapParent, IoasidInfoCapPasid, IoasidInfoCapPgtableFormats,
+    IoasidInvalidateCache, IoasidIovaRange, IoasidPgtableFormatDesc, IoasidRegisterMemory,
+    IoasidUnbindPasidTable, IoasidUnbindPgtable, StructArg,
 };
 use nix::errno::Errno;
 use zerocopy::{FromBytes, IntoBytes};
@@ -51,11 +52,14 @@ pub const MAX_TAIL: usize = 64 * 1024;
 const TAIL_CHUNK: usize = 4096;
 
 /// The extensions this daemon provides (`IOASID_CHECK_EXTENSION` says 1).
-/// Everything else, including every nesting and page-table extension, is
-/// 0 and its commands are `ENOTTY`.
+/// Everything else is 0 and its commands are `ENOTTY`: hardware nesting
+/// and PASID DMA routing, which legacy VFIO cannot do.
 pub const EXTENSIONS: &[u32] = &[
     ioasid_uapi::IOASID_EXT_TYPE1V2_DMA,
     ioasid_uapi::IOASID_EXT_REGISTER_MEMORY,
+    ioasid_uapi::IOASID_EXT_NESTING_SOFTWARE,
+    ioasid_uapi::IOASID_EXT_BIND_PGTABLE_SHADOW,
+    ioasid_uapi::IOASID_EXT_BIND_PASID_TABLE_SHADOW,
     ioasid_uapi::IOASID_EXT_USER_PASID_TRACKED,
 ];
 
@@ -113,7 +117,7 @@ pub fn dispatch(
         if !has_extension(u64::from(ext)) {
             tracing::info!(
                 cmd = command.name(),
-                "not implemented yet (IOASID_CHECK_EXTENSION({ext}) reports 0)"
+                "not provided by this daemon (IOASID_CHECK_EXTENSION({ext}) reports 0)"
             );
             return Err(Errno::ENOTTY);
         }
@@ -221,20 +225,78 @@ fn handle(
             Ok(0)
         }
         IoasidCmd::GetInfo => get_info(engine, ctx, caller, arg),
-        IoasidCmd::CreateNesting
-        | IoasidCmd::BindPgtable
-        | IoasidCmd::UnbindPgtable
-        | IoasidCmd::BindPasidTable
-        | IoasidCmd::UnbindPasidTable
-        | IoasidCmd::InvalidateCache => {
-            // Gated by their extensions in `dispatch`; reaching here means
-            // the extension table and this match disagree.
-            Err(Fail::new(
-                Errno::ENOTTY,
-                format!("{} is not implemented yet", command.name()),
-            ))
+        IoasidCmd::CreateNesting => {
+            let parent = int_ioasid(arg)?;
+            let id = engine.create_nesting(ctx, parent)?;
+            i32::try_from(id).map_err(|_| Fail::new(Errno::ENOSPC, "IOASID number too large"))
+        }
+        IoasidCmd::BindPgtable => {
+            let (b, _) = read_struct::<IoasidBindPgtable>(caller, arg)?;
+            no_reserved(b.reserved)?;
+            engine.bind_pgtable(ctx, b.ioasid, b.format, b.addr_width, b.pgtable)?;
+            Ok(0)
+        }
+        IoasidCmd::UnbindPgtable => {
+            let (u, _) = read_struct::<IoasidUnbindPgtable>(caller, arg)?;
+            no_reserved(u.reserved)?;
+            engine.unbind_pgtable(ctx, u.ioasid)?;
+            Ok(0)
+        }
+        IoasidCmd::BindPasidTable => {
+            let (b, _) = read_struct::<IoasidBindPasidTable>(caller, arg)?;
+            no_reserved(b.reserved)?;
+            engine.bind_pasid_table(ctx, b.ioasid, b.format, b.table, b.entries)?;
+            Ok(0)
+        }
+        IoasidCmd::UnbindPasidTable => {
+            let (u, _) = read_struct::<IoasidUnbindPasidTable>(caller, arg)?;
+            no_reserved(u.reserved)?;
+            engine.unbind_pasid_table(ctx, u.ioasid)?;
+            Ok(0)
+        }
+        IoasidCmd::InvalidateCache => {
+            let (i, _) = read_struct::<IoasidInvalidateCache>(caller, arg)?;
+            let inv = invalidation(&i)?;
+            engine.invalidate(ctx, i.ioasid, inv)?;
+            Ok(0)
         }
     }
+}
+
+/// The granularity of an `IOASID_INVALIDATE_CACHE`, with the field rules
+/// the engine cannot see: fields a flag does not enable must be 0.
+fn invalidation(i: &IoasidInvalidateCache) -> Result<Invalidation, Fail> {
+    let range = if i.flags & ioasid_uapi::IOASID_INVALIDATE_ADDR != 0 {
+        Some((i.addr, i.size))
+    } else if i.addr != 0 || i.size != 0 {
+        return Err(Fail::new(
+            Errno::EINVAL,
+            "addr and size must be 0 without IOASID_INVALIDATE_ADDR",
+        ));
+    } else {
+        None
+    };
+    let pasid = if i.flags & ioasid_uapi::IOASID_INVALIDATE_PASID != 0 {
+        if i.pasid >= 1 << PASID_BITS {
+            return Err(Fail::new(
+                Errno::EINVAL,
+                format!("PASID {:#x} does not fit {PASID_BITS} bits", i.pasid),
+            ));
+        }
+        Some(i.pasid)
+    } else if i.pasid != 0 {
+        return Err(Fail::new(
+            Errno::EINVAL,
+            "pasid must be 0 without IOASID_INVALIDATE_PASID",
+        ));
+    } else {
+        None
+    };
+    Ok(Invalidation {
+        range,
+        pasid,
+        pasid_cache: i.flags & ioasid_uapi::IOASID_INVALIDATE_PASID_CACHE != 0,
+    })
 }
 
 fn int_ioasid(arg: u64) -> Result<u32, Fail> {
@@ -368,6 +430,13 @@ fn get_info(
     out.pgsize_bitmap = 0;
     let chain = if info.attached {
         out.flags = ioasid_uapi::IOASID_INFO_PGSIZES | ioasid_uapi::IOASID_INFO_MAP_DMA;
+        if info.parent.is_some() {
+            // A child takes either protocol (one at a time: the other is
+            // EBUSY while one is in use).
+            out.flags |= ioasid_uapi::IOASID_INFO_NESTED
+                | ioasid_uapi::IOASID_INFO_BIND_PGTABLE
+                | ioasid_uapi::IOASID_INFO_BIND_PASID_TABLE;
+        }
         out.pgsize_bitmap = info.pgsize_bitmap;
         capability_chain(&info, INFO_SIZE)
     } else {
@@ -446,9 +515,48 @@ fn capability_chain(info: &IoasidInfo, base: usize) -> Vec<u8> {
         header: header(ioasid_uapi::IOASID_INFO_CAP_PASID),
         flags: ioasid_uapi::IOASID_PASID_ATTACH_TRACKED,
         pasid_bits: PASID_BITS,
-        pasid_table_format: 0,
+        pasid_table_format: if info.parent.is_some() {
+            ioasid_uapi::IOASID_PASID_TABLE_FLAT_X86_64
+        } else {
+            0
+        },
         reserved: 0,
     };
     push_cap(&mut chain, base, &mut last, pasid.as_bytes());
+
+    if info.nesting_levels > 0 {
+        let cap = IoasidInfoCapNesting {
+            header: header(ioasid_uapi::IOASID_INFO_CAP_NESTING),
+            flags: ioasid_uapi::IOASID_NESTING_SOFTWARE,
+            levels: info.nesting_levels,
+        };
+        push_cap(&mut chain, base, &mut last, cap.as_bytes());
+    }
+
+    if let Some(parent) = info.parent {
+        let cap = IoasidInfoCapParent {
+            header: header(ioasid_uapi::IOASID_INFO_CAP_PARENT),
+            parent,
+            reserved: 0,
+        };
+        push_cap(&mut chain, base, &mut last, cap.as_bytes());
+
+        let mut formats = IoasidInfoCapPgtableFormats {
+            header: header(ioasid_uapi::IOASID_INFO_CAP_PGTABLE_FORMATS),
+            nr_formats: 1,
+            reserved: 0,
+        }
+        .as_bytes()
+        .to_vec();
+        let x86 = IoasidPgtableFormatDesc {
+            format: ioasid_uapi::IOASID_PGTABLE_X86_64_4LVL,
+            flags: ioasid_uapi::IOASID_PGTABLE_FORMAT_SHADOWED,
+            addr_width: ioasid_engine::pgtable::ADDR_WIDTH,
+            reserved: 0,
+            pgsize_bitmap: ioasid_engine::pgtable::PGSIZES,
+        };
+        formats.extend_from_slice(x86.as_bytes());
+        push_cap(&mut chain, base, &mut last, &formats);
+    }
     chain
 }

@@ -172,6 +172,70 @@ fn reg(vaddr: u64, size: u64) -> IoasidRegisterMemory {
     }
 }
 
+/// Set up the RFC's nesting: IOASID 1 (attached) maps GPA [0, 1 MiB) to
+/// MEM; IOASID 2 is its child, with the device attached to it too.
+fn nest(f: &Fixture) {
+    assert_eq!(
+        f.ioctl_struct(IOASID_MAP_DMA, &map(1, 0, MEM, 1 << 20)),
+        Ok(0)
+    );
+    assert_eq!(f.ioctl(IOASID_CREATE_NESTING, 1), Ok(2));
+    f.engine.attach(DEV, f.ctx, 2, None).unwrap();
+}
+
+fn bind_pgtable(ioasid: u32, pgtable: u64) -> IoasidBindPgtable {
+    IoasidBindPgtable {
+        argsz: 32,
+        flags: 0,
+        ioasid,
+        format: IOASID_PGTABLE_X86_64_4LVL,
+        addr_width: 48,
+        reserved: 0,
+        pgtable,
+    }
+}
+
+fn bind_pasid_table(ioasid: u32, table: u64, entries: u32) -> IoasidBindPasidTable {
+    IoasidBindPasidTable {
+        argsz: 32,
+        flags: 0,
+        ioasid,
+        format: IOASID_PASID_TABLE_FLAT_X86_64,
+        table,
+        entries,
+        reserved: 0,
+    }
+}
+
+fn unbind_pgtable(ioasid: u32) -> IoasidUnbindPgtable {
+    IoasidUnbindPgtable {
+        argsz: 16,
+        flags: 0,
+        ioasid,
+        reserved: 0,
+    }
+}
+
+fn unbind_pasid_table(ioasid: u32) -> IoasidUnbindPasidTable {
+    IoasidUnbindPasidTable {
+        argsz: 16,
+        flags: 0,
+        ioasid,
+        reserved: 0,
+    }
+}
+
+fn invalidate(ioasid: u32, flags: u32, pasid: u32, addr: u64, size: u64) -> IoasidInvalidateCache {
+    IoasidInvalidateCache {
+        argsz: 32,
+        flags,
+        ioasid,
+        pasid,
+        addr,
+        size,
+    }
+}
+
 fn info(ioasid: u32, argsz: u32) -> IoasidInfo {
     IoasidInfo {
         argsz,
@@ -240,6 +304,65 @@ fn cases() -> Vec<Case> {
             prepare: |_| info(1, 0).as_bytes().to_vec(),
             tail_is_output: true,
         },
+        Case {
+            name: "BIND_PGTABLE",
+            cmd: IOASID_BIND_PGTABLE,
+            size: 32,
+            prepare: |f| {
+                nest(f);
+                bind_pgtable(2, 0x1000).as_bytes().to_vec()
+            },
+            tail_is_output: false,
+        },
+        Case {
+            name: "UNBIND_PGTABLE",
+            cmd: IOASID_UNBIND_PGTABLE,
+            size: 16,
+            prepare: |f| {
+                nest(f);
+                f.engine
+                    .bind_pgtable(f.ctx, 2, IOASID_PGTABLE_X86_64_4LVL, 48, 0x1000)
+                    .unwrap();
+                unbind_pgtable(2).as_bytes().to_vec()
+            },
+            tail_is_output: false,
+        },
+        Case {
+            name: "BIND_PASID_TABLE",
+            cmd: IOASID_BIND_PASID_TABLE,
+            size: 32,
+            prepare: |f| {
+                nest(f);
+                bind_pasid_table(2, 0x2000, 4).as_bytes().to_vec()
+            },
+            tail_is_output: false,
+        },
+        Case {
+            name: "UNBIND_PASID_TABLE",
+            cmd: IOASID_UNBIND_PASID_TABLE,
+            size: 16,
+            prepare: |f| {
+                nest(f);
+                f.engine
+                    .bind_pasid_table(f.ctx, 2, IOASID_PASID_TABLE_FLAT_X86_64, 0x2000, 4)
+                    .unwrap();
+                unbind_pasid_table(2).as_bytes().to_vec()
+            },
+            tail_is_output: false,
+        },
+        Case {
+            name: "INVALIDATE_CACHE",
+            cmd: IOASID_INVALIDATE_CACHE,
+            size: 32,
+            prepare: |f| {
+                nest(f);
+                f.engine
+                    .bind_pgtable(f.ctx, 2, IOASID_PGTABLE_X86_64_4LVL, 48, 0x1000)
+                    .unwrap();
+                invalidate(2, 0, 0, 0, 0).as_bytes().to_vec()
+            },
+            tail_is_output: false,
+        },
     ]
 }
 
@@ -264,7 +387,13 @@ fn struct_sizes_match_the_header() {
             }
             IOASID_MAP_DMA => std::mem::size_of::<IoasidDmaMap>(),
             IOASID_UNMAP_DMA => std::mem::size_of::<IoasidDmaUnmap>(),
-            _ => std::mem::size_of::<IoasidInfo>(),
+            IOASID_BIND_PGTABLE => std::mem::size_of::<IoasidBindPgtable>(),
+            IOASID_UNBIND_PGTABLE => std::mem::size_of::<IoasidUnbindPgtable>(),
+            IOASID_BIND_PASID_TABLE => std::mem::size_of::<IoasidBindPasidTable>(),
+            IOASID_UNBIND_PASID_TABLE => std::mem::size_of::<IoasidUnbindPasidTable>(),
+            IOASID_INVALIDATE_CACHE => std::mem::size_of::<IoasidInvalidateCache>(),
+            IOASID_GET_INFO => std::mem::size_of::<IoasidInfo>(),
+            other => panic!("no case for {other:#x}"),
         };
         assert_eq!(c.size, known, "{}", c.name);
     }
@@ -412,7 +541,8 @@ fn unknown_and_unimplemented_commands_are_enotty() {
     ] {
         assert_eq!(f.ioctl(cmd, 0), Err(Errno::ENOTTY), "{cmd:#x}");
     }
-    // The next issue's commands: their extensions report 0.
+    // The nesting and binding commands: their extensions report 1 and
+    // they answer (here: an unreadable argument, or an unattached parent).
     for cmd in [
         IOASID_CREATE_NESTING,
         IOASID_BIND_PGTABLE,
@@ -421,15 +551,21 @@ fn unknown_and_unimplemented_commands_are_enotty() {
         IOASID_UNBIND_PASID_TABLE,
         IOASID_INVALIDATE_CACHE,
     ] {
-        assert_eq!(f.ioctl(cmd, 1), Err(Errno::ENOTTY), "{cmd:#x}");
+        assert_ne!(f.ioctl(cmd, 1), Err(Errno::ENOTTY), "{cmd:#x}");
         let cmd = IoasidCmd::try_from(cmd).unwrap();
         let ext = cmd.extension().unwrap();
         assert_eq!(
             f.ioctl(IOASID_CHECK_EXTENSION, ext.into()),
-            Ok(0),
+            Ok(1),
             "{}",
             cmd.name()
         );
+    }
+    // Every command of an extension reported 0 is ENOTTY: none is left.
+    for cmd in IoasidCmd::ALL {
+        if let Some(ext) = cmd.extension() {
+            assert_eq!(f.ioctl(IOASID_CHECK_EXTENSION, ext.into()), Ok(1));
+        }
     }
 }
 
@@ -437,15 +573,20 @@ fn unknown_and_unimplemented_commands_are_enotty() {
 fn check_extension_reports_what_is_implemented() {
     let f = Fixture::new();
     let ext = |e: u64| f.ioctl(IOASID_CHECK_EXTENSION, e).unwrap();
-    assert_eq!(ext(IOASID_EXT_TYPE1V2_DMA.into()), 1);
-    assert_eq!(ext(IOASID_EXT_REGISTER_MEMORY.into()), 1);
-    assert_eq!(ext(IOASID_EXT_USER_PASID_TRACKED.into()), 1);
     for e in [
-        0,
+        IOASID_EXT_TYPE1V2_DMA,
+        IOASID_EXT_REGISTER_MEMORY,
         IOASID_EXT_NESTING_SOFTWARE,
-        IOASID_EXT_NESTING_HARDWARE,
         IOASID_EXT_BIND_PGTABLE_SHADOW,
         IOASID_EXT_BIND_PASID_TABLE_SHADOW,
+        IOASID_EXT_USER_PASID_TRACKED,
+    ] {
+        assert_eq!(ext(e.into()), 1, "extension {e}");
+    }
+    // What legacy VFIO cannot do, and unknown ids.
+    for e in [
+        0,
+        IOASID_EXT_NESTING_HARDWARE,
         IOASID_EXT_PASID_DMA_ROUTING,
         99,
     ] {
@@ -583,8 +724,8 @@ fn happy_path_with_get_info_decoded() {
     assert_eq!(out.cap_offset, 0);
     assert_eq!(out.pgsize_bitmap, FAKE_PGSIZES);
     assert_eq!(out.ioasid, 1);
-    // Ranges cap 16 + 2 ranges * 16, dma_avail 16, pasid 24.
-    let needed = 24 + 16 + 32 + 16 + 24;
+    // Ranges cap 16 + 2 ranges * 16, dma_avail 16, pasid 24, nesting 16.
+    let needed = 24 + 16 + 32 + 16 + 24 + 16;
     assert_eq!(out.argsz, needed);
     assert_eq!(f.mem.get(ARG + 24, 512), vec![0xaa; 512]);
     for &(addr, len) in f.mem.writes.borrow().iter() {
@@ -611,7 +752,8 @@ fn happy_path_with_get_info_decoded() {
         vec![
             IOASID_INFO_CAP_IOVA_RANGES,
             IOASID_INFO_CAP_DMA_AVAIL,
-            IOASID_INFO_CAP_PASID
+            IOASID_INFO_CAP_PASID,
+            IOASID_INFO_CAP_NESTING,
         ]
     );
     let ranges: IoasidInfoCapIovaRanges = f.mem.struct_at(chain[0].1);
@@ -627,7 +769,12 @@ fn happy_path_with_get_info_decoded() {
     assert_eq!(pasid.flags, IOASID_PASID_ATTACH_TRACKED);
     assert_eq!(pasid.pasid_bits, 20);
     assert_eq!(pasid.pasid_table_format, 0);
-    let end = chain[2].1 + 24;
+    let nesting: IoasidInfoCapNesting = f.mem.struct_at(chain[3].1);
+    assert_eq!(
+        (nesting.flags, nesting.levels),
+        (IOASID_NESTING_SOFTWARE, 1)
+    );
+    let end = chain[3].1 + 16;
     assert_eq!(end, ARG + u64::from(needed));
     assert_eq!(f.mem.get(end, 64), vec![0xaa; 64], "nothing past the chain");
     assert!(
@@ -732,4 +879,244 @@ fn group_rule_reaches_the_client_as_ebusy() {
     engine.attach(DeviceId(2), ctx, 1, None).unwrap();
     mem.put(ARG, map(1, 0, MEM, K4).as_bytes());
     assert_eq!(call(IOASID_MAP_DMA, ARG), Ok(0));
+}
+
+#[test]
+fn nesting_and_binding_through_the_ioctls() {
+    let f = Fixture::attached();
+    assert_eq!(f.ioctl(IOASID_CREATE_NESTING, 9), Err(Errno::ENOENT));
+    assert_eq!(
+        f.ioctl(IOASID_CREATE_NESTING, (1 << 32) | 1),
+        Err(Errno::ENOENT)
+    );
+    assert_eq!(f.ioctl(IOASID_ALLOC, 0), Ok(2));
+    assert_eq!(f.ioctl(IOASID_CREATE_NESTING, 2), Err(Errno::ENODEV));
+    assert_eq!(f.ioctl(IOASID_FREE, 2), Ok(0));
+    nest(&f);
+    assert_eq!(f.ioctl(IOASID_CREATE_NESTING, 2), Err(Errno::EINVAL));
+
+    // GET_INFO of the child: nested, both protocols, parent and formats.
+    assert_eq!(f.ioctl_struct(IOASID_GET_INFO, &info(2, 512)), Ok(0));
+    let out: IoasidInfo = f.mem.struct_at(ARG);
+    assert_eq!(
+        out.flags,
+        IOASID_INFO_PGSIZES
+            | IOASID_INFO_CAPS
+            | IOASID_INFO_MAP_DMA
+            | IOASID_INFO_BIND_PGTABLE
+            | IOASID_INFO_BIND_PASID_TABLE
+            | IOASID_INFO_NESTED
+    );
+    let chain = walk_chain(&f.mem, out.cap_offset);
+    let ids: Vec<u16> = chain.iter().map(|c| c.0).collect();
+    assert_eq!(
+        ids,
+        vec![
+            IOASID_INFO_CAP_IOVA_RANGES,
+            IOASID_INFO_CAP_DMA_AVAIL,
+            IOASID_INFO_CAP_PASID,
+            IOASID_INFO_CAP_PARENT,
+            IOASID_INFO_CAP_PGTABLE_FORMATS,
+        ],
+        "no NESTING capability on a child: one level"
+    );
+    let pasid: IoasidInfoCapPasid = f.mem.struct_at(chain[2].1);
+    assert_eq!(pasid.pasid_table_format, IOASID_PASID_TABLE_FLAT_X86_64);
+    assert_eq!(
+        pasid.flags, IOASID_PASID_ATTACH_TRACKED,
+        "tracked, not routed"
+    );
+    let parent: IoasidInfoCapParent = f.mem.struct_at(chain[3].1);
+    assert_eq!((parent.parent, parent.reserved), (1, 0));
+    let formats: IoasidInfoCapPgtableFormats = f.mem.struct_at(chain[4].1);
+    assert_eq!(formats.nr_formats, 1);
+    let desc: IoasidPgtableFormatDesc = f.mem.struct_at(chain[4].1 + 16);
+    assert_eq!(
+        desc,
+        IoasidPgtableFormatDesc {
+            format: IOASID_PGTABLE_X86_64_4LVL,
+            flags: IOASID_PGTABLE_FORMAT_SHADOWED,
+            addr_width: 48,
+            reserved: 0,
+            pgsize_bitmap: (1 << 12) | (1 << 21) | (1 << 30),
+        }
+    );
+
+    // Software nesting: the child's vaddr is a GPA, mapped through 1.
+    let daemon = |v: u64| ioasid_engine::fake::FAKE_DAEMON_BASE + v;
+    assert_eq!(
+        f.ioctl_struct(IOASID_MAP_DMA, &map(2, 0x2000, 0x1000, K4)),
+        Ok(0)
+    );
+    let entries = f.fake.entries(3);
+    assert_eq!(entries.len(), 1);
+    assert_eq!(
+        (entries[0].iova, entries[0].daemon_vaddr),
+        (0x2000, daemon(MEM + 0x1000))
+    );
+    assert_eq!(
+        f.ioctl_struct(IOASID_UNMAP_DMA, &unmap(2, 0, 0x10_0000)),
+        Ok(0)
+    );
+    assert_eq!(f.mem.struct_at::<IoasidDmaUnmap>(ARG).size, K4);
+    assert!(f.fake.entries(3).is_empty());
+
+    // A page table in the client's memory, at GPA 0x1000 (= MEM + 0x1000).
+    let pte = |gpa: u64, index: u64, v: u64| f.fake.write_u64(MEM + gpa + 8 * index, v);
+    pte(0x1000, 0, 0x2000 | 3);
+    pte(0x2000, 0, 0x3000 | 3);
+    pte(0x3000, 0, 0x4000 | 3);
+    pte(0x4000, 5, 0x8000 | 3);
+    let mut b = bind_pgtable(2, 0x1000);
+    b.flags = 1;
+    assert_eq!(f.ioctl_struct(IOASID_BIND_PGTABLE, &b), Err(Errno::EINVAL));
+    let mut b = bind_pgtable(2, 0x1000);
+    b.reserved = 1;
+    assert_eq!(f.ioctl_struct(IOASID_BIND_PGTABLE, &b), Err(Errno::EINVAL));
+    let mut b = bind_pgtable(2, 0x1000);
+    b.format = 2;
+    assert_eq!(f.ioctl_struct(IOASID_BIND_PGTABLE, &b), Err(Errno::EINVAL));
+    assert_eq!(
+        f.ioctl_struct(IOASID_BIND_PGTABLE, &bind_pgtable(2, 0x20_0000)),
+        Err(Errno::EFAULT),
+        "root not mapped in the parent"
+    );
+    assert_eq!(
+        f.ioctl_struct(IOASID_BIND_PGTABLE, &bind_pgtable(1, 0x1000)),
+        Err(Errno::EINVAL),
+        "not a child"
+    );
+    assert_eq!(
+        f.ioctl_struct(IOASID_BIND_PGTABLE, &bind_pgtable(2, 0x1000)),
+        Ok(0)
+    );
+    let entries = f.fake.entries(3);
+    assert_eq!(entries.len(), 1);
+    assert_eq!(
+        (entries[0].iova, entries[0].daemon_vaddr, entries[0].size),
+        (0x5000, daemon(MEM + 0x8000), K4)
+    );
+    assert_eq!(
+        f.ioctl_struct(IOASID_MAP_DMA, &map(2, 0x9000, 0, K4)),
+        Err(Errno::EBUSY)
+    );
+    // A change is seen after its invalidation.
+    pte(0x4000, 6, 0x9000 | 1);
+    assert_eq!(f.fake.entries(3).len(), 1);
+    assert_eq!(
+        f.ioctl_struct(
+            IOASID_INVALIDATE_CACHE,
+            &invalidate(2, IOASID_INVALIDATE_ADDR, 0, 0x6000, K4)
+        ),
+        Ok(0)
+    );
+    assert_eq!(f.fake.entries(3).len(), 2);
+    for (inv, why) in [
+        (
+            invalidate(2, IOASID_INVALIDATE_PASID, 0, 0, 0),
+            "no PASID table",
+        ),
+        (invalidate(2, 0, 0, 0x6000, 0), "addr without ADDR"),
+        (invalidate(2, 0, 0, 0, K4), "size without ADDR"),
+        (invalidate(2, 0, 3, 0, 0), "pasid without PASID"),
+        (invalidate(2, 1 << 3, 0, 0, 0), "unknown flag"),
+        (
+            invalidate(2, IOASID_INVALIDATE_ADDR, 0, 0x6000, 0),
+            "size 0",
+        ),
+        (invalidate(1, 0, 0, 0, 0), "nothing bound"),
+    ] {
+        assert_eq!(
+            f.ioctl_struct(IOASID_INVALIDATE_CACHE, &inv),
+            Err(Errno::EINVAL),
+            "{why}"
+        );
+    }
+    assert_eq!(
+        f.ioctl_struct(IOASID_UNBIND_PGTABLE, &unbind_pgtable(2)),
+        Ok(0)
+    );
+    assert!(f.fake.entries(3).is_empty());
+    assert_eq!(
+        f.ioctl_struct(IOASID_UNBIND_PGTABLE, &unbind_pgtable(2)),
+        Err(Errno::ENOENT)
+    );
+
+    // A PASID table at GPA 0x9000: entry 0 names the table above.
+    f.fake.write_u64(MEM + 0x9000, 0x1000 | 1);
+    let mut b = bind_pasid_table(2, 0x9000, 4);
+    b.reserved = 7;
+    assert_eq!(
+        f.ioctl_struct(IOASID_BIND_PASID_TABLE, &b),
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(
+        f.ioctl_struct(IOASID_BIND_PASID_TABLE, &bind_pasid_table(2, 0x9000, 0)),
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(
+        f.ioctl_struct(IOASID_BIND_PASID_TABLE, &bind_pasid_table(2, 0x9000, 4)),
+        Ok(0)
+    );
+    let st = f.engine.info(f.ctx, 2).unwrap().pasid_table.unwrap();
+    assert_eq!((st.valid, st.leaves), (1, 2));
+    assert!(
+        f.fake.entries(3).is_empty(),
+        "PASID tables route no RID DMA"
+    );
+    f.fake.write_u64(MEM + 0x9008, 0x1000 | 1);
+    let pasid_cache = IOASID_INVALIDATE_PASID | IOASID_INVALIDATE_PASID_CACHE;
+    assert_eq!(
+        f.ioctl_struct(
+            IOASID_INVALIDATE_CACHE,
+            &invalidate(2, pasid_cache, 1, 0, 0)
+        ),
+        Ok(0)
+    );
+    assert_eq!(
+        f.engine.info(f.ctx, 2).unwrap().pasid_table.unwrap().valid,
+        2
+    );
+    for inv in [
+        invalidate(2, pasid_cache, 4, 0, 0),
+        invalidate(2, pasid_cache, 1 << 20, 0, 0),
+        invalidate(2, pasid_cache | IOASID_INVALIDATE_ADDR, 1, 0, K4),
+    ] {
+        assert_eq!(
+            f.ioctl_struct(IOASID_INVALIDATE_CACHE, &inv),
+            Err(Errno::EINVAL),
+            "{inv:?}"
+        );
+    }
+    assert_eq!(
+        f.ioctl_struct(IOASID_UNBIND_PASID_TABLE, &unbind_pasid_table(2)),
+        Ok(0)
+    );
+    assert_eq!(
+        f.ioctl_struct(IOASID_UNBIND_PASID_TABLE, &unbind_pasid_table(2)),
+        Err(Errno::ENOENT)
+    );
+    assert_eq!(f.ioctl(IOASID_FREE, 1), Err(Errno::EBUSY), "it has a child");
+    f.engine.detach(DEV, f.ctx, 2, None).unwrap();
+    assert_eq!(f.ioctl(IOASID_FREE, 2), Ok(0));
+    f.engine.detach(DEV, f.ctx, 1, None).unwrap();
+    assert_eq!(f.ioctl(IOASID_FREE, 1), Ok(0));
+    assert_eq!(f.fake.live_aliases(), 0);
+}
+
+#[test]
+fn engine_format_numbers_are_the_headers() {
+    assert_eq!(
+        ioasid_engine::PGTABLE_X86_64_4LVL,
+        IOASID_PGTABLE_X86_64_4LVL
+    );
+    assert_eq!(
+        ioasid_engine::PASID_TABLE_FLAT_X86_64,
+        IOASID_PASID_TABLE_FLAT_X86_64
+    );
+    assert_eq!(
+        ioasid_engine::PASID_TABLE_MAX_ENTRIES,
+        IOASID_PASID_TABLE_MAX_ENTRIES
+    );
+    assert_eq!(ioasid_engine::pgtable::PTE_PRESENT, 1);
 }
