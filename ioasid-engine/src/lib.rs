@@ -1,6 +1,9 @@
-//! The IOASID engine: contexts, I/O address spaces, mappings, registrations
-//! and the group rule — pure logic over the [`backend::Backend`] trait,
-//! unit-tested without root against [`fake::FakeBackend`].
+//! The IOASID engine: contexts, I/O address spaces, mappings, registrations,
+//! the group rule, and one level of software nesting (child IOASIDs whose
+//! mappings or bound page tables are shadowed through their parent's
+//! mappings; PASID tables read and tracked) — pure logic over the
+//! [`backend::Backend`] trait, unit-tested without root against
+//! [`fake::FakeBackend`]. [`pgtable`] walks user page tables.
 //!
 //! The front ends (`/dev/ioasid`, `/dev/vfio/devices/devN`) decode ioctls
 //! and call [`Engine`]; every failure is an [`EngineError`] carrying the

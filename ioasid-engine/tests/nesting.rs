@@ -204,6 +204,23 @@ fn software_nesting_composes_the_child_with_the_parent() {
     assert_eq!(pinfo.nesting_levels, 1);
     // Child mappings pin nothing: accounting is the parent's.
     assert_eq!(en.pinned_bytes(ctx).unwrap(), 2 * PIECE);
+    // A second group realising the child gets the same shadow, and
+    // follows its changes.
+    en.bind(DEV_X, ctx).unwrap();
+    en.attach(DEV_X, ctx, gpa, None).unwrap();
+    assert_eq!(f.fake.entries(7), f.fake.entries(3));
+    en.attach(DEV_X, ctx, giova, None).unwrap();
+    assert_eq!(f.fake.entries(7), f.fake.entries(4));
+    en.map_dma(ctx, PID, giova, m(0x500_0000, 0x5000, K4))
+        .unwrap();
+    assert!(f
+        .fake
+        .entries(7)
+        .contains(&e(0x500_0000, MEM + 0x5000, K4, RW)));
+    assert_eq!(f.fake.entries(7), f.fake.entries(4));
+    assert_eq!(en.unmap_dma(ctx, giova, 0x500_0000, K4).unwrap(), K4);
+    en.unbind(DEV_X, ctx).unwrap();
+    assert!(f.fake.entries(7).is_empty());
     // Detaching B from the child gives its group the parent's table back.
     en.detach(DEV_B, ctx, giova, None).unwrap();
     assert_eq!(f.fake.entries(4), f.fake.entries(3));
