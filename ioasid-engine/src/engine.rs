@@ -1951,12 +1951,25 @@ impl Engine {
         );
         log_walk(ioasid, None, &stats);
         let whole = start == 0 && end >= pgtable::INPUT_END;
+        let ranges = known_ranges(c.ioasid(ioasid)?);
+        // Only the shadow of the leaves taken out and put in changes.
+        let mut added = Shadow::new();
+        for (input, l) in &found {
+            compose(view, &ranges, *input, l.gpa, l.size, l.prot, &mut added);
+        }
+        let new_keys: Vec<u64> = found.iter().map(|(k, _)| *k).collect();
         let t = c.ioasid_mut(ioasid)?.pgtable.as_mut().expect("checked");
-        let mut leaves = t.leaves.clone();
-        merge_leaves(&mut leaves, start, end, found, whole);
-        let old = std::mem::replace(&mut t.leaves, leaves);
-        let shadow = child_shadow(c.ioasid(ioasid)?, view);
-        match self.apply_shadow(c, ioasid, shadow) {
+        let killed = merge_leaves(&mut t.leaves, start, end, found, whole);
+        let io = c.ioasid(ioasid)?;
+        let removed: Vec<(u64, ShadowEntry)> = if whole {
+            io.shadow.iter().map(|(k, v)| (*k, *v)).collect()
+        } else {
+            killed
+                .iter()
+                .flat_map(|(k, l)| shadow_in(&io.shadow, *k, l.size))
+                .collect()
+        };
+        match self.apply_delta(c, ioasid, removed, added) {
             Ok(()) => {
                 let t = c.ioasid_mut(ioasid)?.pgtable.as_mut().expect("checked");
                 t.last_walk = stats;
@@ -1965,11 +1978,11 @@ impl Engine {
                 Ok(())
             }
             Err(e) => {
-                c.ioasid_mut(ioasid)?
-                    .pgtable
-                    .as_mut()
-                    .expect("checked")
-                    .leaves = old;
+                let t = c.ioasid_mut(ioasid)?.pgtable.as_mut().expect("checked");
+                for k in new_keys {
+                    t.leaves.remove(&k);
+                }
+                t.leaves.extend(killed);
                 Err(e)
             }
         }
@@ -2093,9 +2106,11 @@ impl Engine {
                 memory: Memory::Nested,
             },
         );
-        let view = parent_view(c, parent, &[])?;
-        let shadow = child_shadow(c.ioasid(id)?, &view);
-        if let Err(e) = self.apply_shadow(c, id, shadow) {
+        let view = parent_view_range(c, parent, gpa, gpa.saturating_add(size))?;
+        let mut added = Shadow::new();
+        let ranges = known_ranges(c.ioasid(id)?);
+        compose(&view, &ranges, iova, gpa, size, prot, &mut added);
+        if let Err(e) = self.apply_delta(c, id, Vec::new(), added) {
             c.ioasid_mut(id)?.mappings.remove(&iova);
             return Err(e);
         }
@@ -2104,15 +2119,17 @@ impl Engine {
 
     /// Remove the mappings starting at `gone` from child `id`.
     fn unmap_child(&self, c: &mut Context, id: IoasidId, gone: &[u64]) -> Result<u64, EngineError> {
-        let parent = child_parent(c, id)?;
         let mut removed = Vec::new();
         for s in gone {
             let m = c.ioasid_mut(id)?.mappings.remove(s).expect("collected");
             removed.push((*s, m));
         }
-        let view = parent_view(c, parent, &[])?;
-        let shadow = child_shadow(c.ioasid(id)?, &view);
-        if let Err(e) = self.apply_shadow(c, id, shadow) {
+        let io = c.ioasid(id)?;
+        let entries: Vec<(u64, ShadowEntry)> = removed
+            .iter()
+            .flat_map(|(s, m)| shadow_in(&io.shadow, *s, m.size))
+            .collect();
+        if let Err(e) = self.apply_delta(c, id, entries, Shadow::new()) {
             let io = c.ioasid_mut(id)?;
             for (s, m) in removed {
                 io.mappings.insert(s, m);
@@ -2150,18 +2167,42 @@ impl Engine {
     /// Make `new` the shadow of child `id` in every group realising it,
     /// changing only the entries that differ; all or nothing.
     fn apply_shadow(&self, c: &mut Context, id: IoasidId, new: Shadow) -> Result<(), EngineError> {
-        let groups = c.groups_of(id);
         let old = &c.ioasid(id)?.shadow;
         let removed: Vec<(u64, ShadowEntry)> = old
             .iter()
             .filter(|(k, v)| new.get(k) != Some(v))
             .map(|(k, v)| (*k, *v))
             .collect();
-        let added: Vec<(u64, ShadowEntry)> = new
-            .iter()
+        let added: Shadow = new
+            .into_iter()
             .filter(|(k, v)| old.get(k) != Some(v))
-            .map(|(k, v)| (*k, *v))
             .collect();
+        self.apply_delta(c, id, removed, added)
+    }
+
+    /// Take the entries `removed` out of child `id`'s shadow and put
+    /// `added` in, in every group realising it; all or nothing. An entry
+    /// in both is left alone (no gap in DMA for what did not change).
+    fn apply_delta(
+        &self,
+        c: &mut Context,
+        id: IoasidId,
+        removed: Vec<(u64, ShadowEntry)>,
+        mut added: Shadow,
+    ) -> Result<(), EngineError> {
+        let removed: Vec<(u64, ShadowEntry)> = removed
+            .into_iter()
+            .filter(|(k, v)| {
+                if added.get(k) == Some(v) {
+                    added.remove(k);
+                    false
+                } else {
+                    true
+                }
+            })
+            .collect();
+        let added: Vec<(u64, ShadowEntry)> = added.into_iter().collect();
+        let groups = c.groups_of(id);
         for (i, &g) in groups.iter().enumerate() {
             if let Err(e) = self.shadow_update(g, &removed, &added) {
                 for &done in &groups[..i] {
@@ -2172,7 +2213,11 @@ impl Engine {
                 return Err(e);
             }
         }
-        c.ioasid_mut(id)?.shadow = new;
+        let shadow = &mut c.ioasid_mut(id)?.shadow;
+        for (k, _) in &removed {
+            shadow.remove(k);
+        }
+        shadow.extend(added);
         Ok(())
     }
 
@@ -2356,6 +2401,48 @@ fn parent_view(c: &Context, parent: IoasidId, skip: &[u64]) -> Result<ParentView
         .collect())
 }
 
+/// The mappings of `parent` that meet `[lo, hi)`, with their daemon
+/// addresses.
+fn parent_view_range(
+    c: &Context,
+    parent: IoasidId,
+    lo: u64,
+    hi: u64,
+) -> Result<ParentView, EngineError> {
+    let mappings = &c.ioasid(parent)?.mappings;
+    let mut view = ParentView::new();
+    for (&k, m) in mappings.range(..hi).rev() {
+        if k + m.size <= lo {
+            break;
+        }
+        view.insert(
+            k,
+            ParentPiece {
+                size: m.size,
+                prot: m.prot,
+                segs: c.segments(m),
+            },
+        );
+    }
+    Ok(view)
+}
+
+/// The permitted IOVA ranges a child's shadow is clipped to.
+fn known_ranges(io: &Ioasid) -> Vec<(u64, u64)> {
+    io.known
+        .as_ref()
+        .map_or_else(Vec::new, |k| k.iova_ranges.clone())
+}
+
+/// The shadow entries of `shadow` starting in `[start, start + size)`:
+/// those made from a translation of that input range.
+fn shadow_in(shadow: &Shadow, start: u64, size: u64) -> Vec<(u64, ShadowEntry)> {
+    shadow
+        .range(start..start.saturating_add(size))
+        .map(|(k, v)| (*k, *v))
+        .collect()
+}
+
 /// The shadow of child `io` over the parent's mappings `view`: every
 /// translation (its mappings, or its page table's leaves) composed with
 /// the parent pieces it overlaps, clipped to the permitted IOVA ranges.
@@ -2435,16 +2522,18 @@ fn compose(
 
 /// Replace the cached leaves that meet `[start, end)` (all of them when
 /// `whole`), or that overlap a new leaf, with `found`.
+///
+/// Returns the leaves taken out (all of them when `whole`).
 fn merge_leaves(
     leaves: &mut BTreeMap<u64, Leaf>,
     start: u64,
     end: u64,
     found: Vec<(u64, Leaf)>,
     whole: bool,
-) {
+) -> Vec<(u64, Leaf)> {
     if whole {
-        *leaves = found.into_iter().collect();
-        return;
+        let old = std::mem::replace(leaves, found.into_iter().collect());
+        return old.into_iter().collect();
     }
     let mut kill = Vec::new();
     let mut meets = |leaves: &BTreeMap<u64, Leaf>, s: u64, e: u64| {
@@ -2459,10 +2548,14 @@ fn merge_leaves(
     for (k, l) in &found {
         meets(leaves, *k, k + l.size);
     }
+    let mut killed = Vec::new();
     for k in kill {
-        leaves.remove(&k);
+        if let Some(l) = leaves.remove(&k) {
+            killed.push((k, l));
+        }
     }
     leaves.extend(found);
+    killed
 }
 
 fn log_walk(ioasid: IoasidId, pasid: Option<u32>, stats: &WalkStats) {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use ioasid_engine::backend::Prot;
-use ioasid_engine::fake::{FakeBackend, FakeEntry, FAKE_DAEMON_BASE};
+use ioasid_engine::fake::{FakeBackend, FakeCall, FakeEntry, FAKE_DAEMON_BASE};
 use ioasid_engine::pgtable::{PTE_PRESENT, PTE_PS, PTE_WRITE};
 use ioasid_engine::{
     Attachment, ContextId, DeviceId, DeviceSpec, DmaMap, Engine, EngineError, Invalidation,
@@ -451,10 +451,27 @@ fn bound_page_table_is_walked_and_shadowed() {
     assert_eq!(f.fake.entries(4), want);
     let st = en.info(ctx, giova).unwrap().pgtable.unwrap();
     assert_eq!((st.leaves, st.walks, st.last_walk.leaves), (4, 2, 1));
-    // The rest is seen with a full invalidation.
+    // The rest is seen with a full invalidation, which touches only what
+    // changed: no gap in DMA for the rest.
+    f.fake.clear_calls();
     en.invalidate(ctx, giova, inv_all()).unwrap();
     want.insert(2, e(0x2000, MEM + 0x31_0000, K4, RW));
     assert_eq!(f.fake.entries(4), want);
+    let touched: Vec<FakeCall> = f
+        .fake
+        .calls()
+        .into_iter()
+        .filter(|c| !matches!(c, FakeCall::Read { .. }))
+        .collect();
+    assert_eq!(
+        touched,
+        vec![FakeCall::Map {
+            group: 4,
+            iova: 0x2000,
+            daemon_vaddr: FAKE_DAEMON_BASE + MEM + 0x31_0000,
+            size: K4
+        }]
+    );
     // Removing the 2 MiB leaf and making L1 read-only at level 2.
     pte(&f, L2, 1, 0);
     pte(&f, L2, 0, L1 | PTE_PRESENT);
