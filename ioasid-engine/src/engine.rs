@@ -726,7 +726,8 @@ impl Engine {
                 return Err(err(
                     EINVAL,
                     format!(
-                        "IOASID {ioasid} is a child of IOASID {p}: attach device {} to IOASID                          {p} by RID first",
+                        "IOASID {ioasid} is a child of IOASID {p}: attach device {} to IOASID \
+                         {p} by RID first",
                         spec.name
                     ),
                 ));
@@ -893,7 +894,8 @@ impl Engine {
                     return Err(err(
                         EBUSY,
                         format!(
-                            "device {} is still attached to IOASID {child}, a child of IOASID                              {ioasid}; detach it from the child first",
+                            "device {} is still attached to IOASID {child}, a child of IOASID \
+                             {ioasid}; detach it from the child first",
                             spec.name
                         ),
                     ));

@@ -282,7 +282,13 @@ fn nesting_attach_rules_and_errnos() {
     assert_eq!(errno(en.map_dma(ctx, PID, child, m(0, 0, K4))), ENODEV);
     assert!(!en.info(ctx, child).unwrap().attached);
     // A device must be RID-attached to the parent first, by RID or PASID.
-    assert_eq!(errno(en.attach(DEV_B, ctx, child, None)), EINVAL);
+    let e = en.attach(DEV_B, ctx, child, None).unwrap_err();
+    assert_eq!(e.errno, EINVAL);
+    assert!(
+        e.message.contains(&format!("to IOASID {gpa} by RID first")),
+        "{}",
+        e.message
+    );
     assert_eq!(errno(en.attach(DEV_B, ctx, child, Some(3))), EINVAL);
     en.attach(DEV_A, ctx, child, None).unwrap();
     assert_eq!(errno(en.attach(DEV_A, ctx, child, None)), EBUSY);
@@ -291,7 +297,14 @@ fn nesting_attach_rules_and_errnos() {
     // PASID attachments to another child are fine (tracked, not routed).
     en.attach(DEV_A, ctx, child2, Some(5)).unwrap();
     // The parent cannot be left while a child is in use.
-    assert_eq!(errno(en.detach(DEV_A, ctx, gpa, None)), EBUSY);
+    let e = en.detach(DEV_A, ctx, gpa, None).unwrap_err();
+    assert_eq!(e.errno, EBUSY);
+    assert!(
+        e.message
+            .contains(&format!("a child of IOASID {gpa}; detach")),
+        "{}",
+        e.message
+    );
     assert_eq!(errno(en.free(ctx, gpa)), EBUSY);
     assert_eq!(errno(en.free(ctx, child)), EBUSY);
     en.detach(DEV_A, ctx, child, None).unwrap();
