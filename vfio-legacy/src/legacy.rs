@@ -67,6 +67,8 @@ pub struct VfioLegacy {
     domains: BTreeMap<GroupId, GroupDomain>,
     memory: ClientMemory,
     proc_root: PathBuf,
+    /// `/proc/self/mem`, opened at the first [`Backend::read`].
+    own_memory: std::sync::OnceLock<File>,
 }
 
 impl VfioLegacy {
@@ -88,6 +90,7 @@ impl VfioLegacy {
             domains,
             memory: ClientMemory::with_proc_root(&paths.proc_root),
             proc_root: paths.proc_root.clone(),
+            own_memory: std::sync::OnceLock::new(),
         })
     }
 
@@ -377,8 +380,19 @@ impl Backend for VfioLegacy {
     }
 
     fn read(&self, daemon_vaddr: u64, buf: &mut [u8]) -> std::result::Result<(), BackendError> {
-        Ok(read_own_memory(daemon_vaddr, buf)?)
+        let mem = match self.own_memory.get() {
+            Some(f) => f,
+            None => {
+                let f = open_own_memory()?;
+                self.own_memory.get_or_init(|| f)
+            }
+        };
+        Ok(read_own_memory(mem, daemon_vaddr, buf)?)
     }
+}
+
+fn open_own_memory() -> Result<File> {
+    File::open("/proc/self/mem").context(|| "opening /proc/self/mem".to_string())
 }
 
 /// Copy `buf.len()` bytes of the daemon's own memory at `addr` (inside an
@@ -389,10 +403,9 @@ impl Backend for VfioLegacy {
 /// data race in Rust's model), and an address that is not backed any more
 /// (e.g. a shared file the client truncated) fails with an errno instead of
 /// killing the daemon with `SIGBUS`. No `unsafe` is needed. Any failure is
-/// reported as `EFAULT`.
-pub(crate) fn read_own_memory(addr: u64, buf: &mut [u8]) -> Result<()> {
+/// reported as `EFAULT`. `mem` is `/proc/self/mem`, opened once.
+pub(crate) fn read_own_memory(mem: &File, addr: u64, buf: &mut [u8]) -> Result<()> {
     use std::os::unix::fs::FileExt;
-    let mem = File::open("/proc/self/mem").context(|| "opening /proc/self/mem".to_string())?;
     mem.read_exact_at(buf, addr).map_err(|e| {
         Error::new(
             Errno::EFAULT,
@@ -410,9 +423,10 @@ mod tests {
     fn reads_own_memory_and_refuses_unmapped_addresses() {
         let data: Vec<u8> = (0..=255u8).cycle().take(8192).collect();
         let mut buf = vec![0u8; 4096];
-        super::read_own_memory(data.as_ptr() as u64 + 100, &mut buf).unwrap();
+        let mem = super::open_own_memory().unwrap();
+        super::read_own_memory(&mem, data.as_ptr() as u64 + 100, &mut buf).unwrap();
         assert_eq!(buf[..], data[100..4196]);
-        let e = super::read_own_memory(0, &mut buf).unwrap_err();
+        let e = super::read_own_memory(&mem, 0, &mut buf).unwrap_err();
         assert_eq!(e.errno, nix::errno::Errno::EFAULT);
         assert!(e.message.contains("0x0"), "{}", e.message);
     }
