@@ -210,6 +210,24 @@ def test_flow_5_1_c_program(nodes, bdf):
     assert "FAIL" not in r.stdout
 
 
+def test_flow_5_1_reports_a_failing_step_and_exits_non_zero(nodes):
+    """While another client holds the device, the program stops at the bind,
+    says so, and fails."""
+    holder, holder_fd = Node(nodes[ALONE_1]), io.IoasidFd()
+    try:
+        io.bind_ioasid_fd(holder.fd, holder_fd)
+        r = subprocess.run([str(FLOW_5_1), nodes[ALONE_1]], capture_output=True, text=True,
+                           timeout=300)
+    finally:
+        holder.close()
+        holder_fd.close()
+    print(r.stdout, r.stderr)
+    assert r.returncode == 1
+    assert "FAILED: VFIO_BIND_IOASID_FD (Device or resource busy)" in r.stdout
+    assert r.stdout.rstrip().endswith("flow_5_1: FAIL")
+    assert "IOASID_ALLOC" not in r.stdout
+
+
 # ---------------------------------------------------------------------------
 # The device node's own rules, and an attached IOASID's address space
 # ---------------------------------------------------------------------------
