@@ -137,6 +137,17 @@ IOCTL_ROWS = [
 ]
 
 
+def pin(pids: list[int], cpus: set[int]) -> None:
+    """Set the CPU affinity of every thread of these processes (threads
+    they create later inherit it from their creator)."""
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except OSError:
+                pass  # a thread that just exited
+
+
 def bench_ioctls(seconds: float, rounds: int) -> dict:
     rates: dict[str, list[float]] = {k: [] for k, _, _ in IOCTL_ROWS}
     requests: dict[str, list[str]] = {}
@@ -239,6 +250,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-map", action="store_true", help="round trips only")
+    ap.add_argument("--pin", action="store_true",
+                    help="round trips with clients and servers on vCPU 0 (besides the spread run)")
     args = ap.parse_args()
 
     scratch = Path(os.environ.get("VM_SCRATCH", "/tmp"))
@@ -275,6 +288,13 @@ def main() -> int:
         servers.start()
         log(f"servers up (daemon pid {servers.daemon_pid}); kernel {result['kernel']}")
         result["ioctl"] = bench_ioctls(seconds, rounds)
+        if args.pin:
+            everyone = {0}
+            servers_pids = [p.pid for _, p in servers.procs]
+            pin(servers_pids + [os.getpid()], everyone)
+            log("round trips again, every server thread and client on vCPU 0")
+            result["ioctl_pinned"] = bench_ioctls(seconds, rounds)
+            pin(servers_pids + [os.getpid()], set(range(os.cpu_count() or 1)))
         if not args.no_map:
             daemon_t = "daemon:/dev/vfio/devices/dev1" if servers.device_nodes else None
             result["daemon_device_nodes"] = servers.device_nodes
