@@ -1,5 +1,7 @@
-"""The demo body for the RFC's flow 5.1, run inside the test VM with the
-daemon already started (scripts/vm --daemon).
+"""The demo body for the RFC's flow 5.1, run inside the test VM, either with
+the daemon already started (scripts/vm --daemon) or without: then it starts
+the daemon itself and stops it at the end (so the same boot can first run
+demo.py, which needs the VFIO groups the daemon would hold).
 
 Explains what the daemon is and which node is which device, then runs the
 C program target/c/flow_5_1 (tests/c/flow_5_1.c, built on the host by
@@ -12,12 +14,14 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-DAEMON = REPO / "target" / "debug" / "cuse-ioasid"
+DAEMON = REPO / os.environ.get("CUSE_IOASID_DAEMON", "target/debug/cuse-ioasid")
 FLOW = REPO / "target" / "c" / "flow_5_1"
 
 
@@ -25,7 +29,51 @@ def say(text: str = "") -> None:
     print(text, flush=True)
 
 
+def start_daemon() -> subprocess.Popen | None:
+    """Starts the daemon unless it runs; waits (bounded) for /dev/ioasid."""
+    if os.path.exists("/dev/ioasid"):
+        return None
+    log = open(Path(os.environ.get("VM_SCRATCH", "/tmp")) / "daemon-flow-demo.log", "wb")
+    proc = subprocess.Popen([str(DAEMON)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    log.close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists("/dev/ioasid") and proc.poll() is None:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    say(f"(started the daemon, process {proc.pid})")
+    return proc
+
+
+def stop_daemon(proc: subprocess.Popen | None) -> bool:
+    if proc is None:
+        return True
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=60)
+    say(f"(stopped the daemon: exit status {code})")
+    return code == 0
+
+
 def main() -> int:
+    proc = start_daemon()
+    try:
+        status = flow()
+    finally:
+        clean = stop_daemon(proc)
+    return status if clean else 1
+
+
+def wait_for_nodes(nodes: list[str]) -> bool:
+    """The daemon creates the device nodes just after /dev/ioasid."""
+    deadline = time.monotonic() + 30
+    while not all(os.path.exists(n) for n in nodes):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def flow() -> int:
     say("What runs here: cuse-ioasid, a root daemon in user space. Through CUSE (character")
     say("devices served by a process) it creates /dev/ioasid, the I/O address space file")
     say("proposed for Linux in 2021, and one /dev/vfio/devices/devN per device it manages.")
@@ -33,7 +81,7 @@ def main() -> int:
     say("groups), so applications can be written against the proposal today.")
     say()
     if not os.path.exists("/dev/ioasid"):
-        say("FAILED: /dev/ioasid is missing: the daemon is not running (scripts/vm --daemon).")
+        say(f"FAILED: /dev/ioasid is missing: the daemon ({DAEMON}) did not start.")
         return 1
     listing = subprocess.run([str(DAEMON), "--list"], capture_output=True, text=True)
     if listing.returncode != 0:
@@ -45,7 +93,7 @@ def main() -> int:
     for line in listing.stdout.splitlines():
         say(f"   {line}")
     nodes = re.findall(r"^(/dev/\S+)", listing.stdout, re.M)
-    if not nodes or not os.path.exists(nodes[0]):
+    if not nodes or not wait_for_nodes(nodes):
         say("FAILED: the daemon serves no device node (/dev/vfio/devices/devN).")
         return 1
     node = nodes[0]
