@@ -26,8 +26,8 @@ use ioasid_uapi::{
     ArgStruct, FlagsCheck, IoasidBindPasidTable, IoasidBindPgtable, IoasidCmd, IoasidDmaMap,
     IoasidDmaUnmap, IoasidInfoCapDmaAvail, IoasidInfoCapHeader, IoasidInfoCapIovaRanges,
     IoasidInfoCapNesting, IoasidInfoCapParent, IoasidInfoCapPasid, IoasidInfoCapPgtableFormats,
-    IoasidInvalidateCache, IoasidIovaRange, IoasidPgtableFormatDesc, IoasidRegisterMemory,
-    IoasidUnbindPasidTable, IoasidUnbindPgtable, StructArg,
+    IoasidInfoCapShadow, IoasidInvalidateCache, IoasidIovaRange, IoasidPgtableFormatDesc,
+    IoasidRegisterMemory, IoasidUnbindPasidTable, IoasidUnbindPgtable, StructArg,
 };
 use nix::errno::Errno;
 use zerocopy::{FromBytes, IntoBytes};
@@ -557,6 +557,47 @@ fn capability_chain(info: &IoasidInfo, base: usize) -> Vec<u8> {
         };
         formats.extend_from_slice(x86.as_bytes());
         push_cap(&mut chain, base, &mut last, &formats);
+
+        push_cap(&mut chain, base, &mut last, shadow_cap(info).as_bytes());
     }
     chain
+}
+
+/// `IOASID_INFO_CAP_SHADOW` of a child: its shadow and the accounting of
+/// the walks of a bound page table or PASID table.
+fn shadow_cap(info: &IoasidInfo) -> IoasidInfoCapShadow {
+    let mut cap = IoasidInfoCapShadow {
+        header: IoasidInfoCapHeader {
+            id: ioasid_uapi::IOASID_INFO_CAP_SHADOW,
+            version: 1,
+            next: 0,
+        },
+        shadow_entries: info.shadow_entries as u64,
+        ..IoasidInfoCapShadow::default()
+    };
+    if let Some(t) = &info.pgtable {
+        cap.flags |= ioasid_uapi::IOASID_SHADOW_PGTABLE;
+        if t.last_walk.truncated {
+            cap.flags |= ioasid_uapi::IOASID_SHADOW_TRUNCATED;
+        }
+        cap.leaves = t.leaves;
+        cap.last_walk_leaves = t.last_walk.leaves;
+        cap.last_walk_malformed = t.last_walk.malformed;
+        cap.last_walk_tables = t.last_walk.tables;
+        cap.malformed = t.malformed;
+        cap.walks = t.walks;
+    }
+    if let Some(t) = &info.pasid_table {
+        cap.flags |= ioasid_uapi::IOASID_SHADOW_PASID_TABLE;
+        if t.truncated {
+            cap.flags |= ioasid_uapi::IOASID_SHADOW_TRUNCATED;
+        }
+        cap.pasid_entries = t.entries;
+        cap.pasid_valid = t.valid;
+        cap.pasid_bad = t.bad_entries;
+        cap.pasid_unreadable = t.unreadable_entries;
+        cap.pasid_leaves = t.leaves;
+        cap.pasid_malformed = t.malformed;
+    }
+    cap
 }

@@ -917,8 +917,18 @@ fn nesting_and_binding_through_the_ioctls() {
             IOASID_INFO_CAP_PASID,
             IOASID_INFO_CAP_PARENT,
             IOASID_INFO_CAP_PGTABLE_FORMATS,
+            IOASID_INFO_CAP_SHADOW,
         ],
         "no NESTING capability on a child: one level"
+    );
+    let sh: IoasidInfoCapShadow = f.mem.struct_at(chain[5].1);
+    assert_eq!(
+        sh,
+        IoasidInfoCapShadow {
+            header: sh.header,
+            ..IoasidInfoCapShadow::default()
+        },
+        "nothing mapped or bound yet"
     );
     let pasid: IoasidInfoCapPasid = f.mem.struct_at(chain[2].1);
     assert_eq!(pasid.pasid_table_format, IOASID_PASID_TABLE_FLAT_X86_64);
@@ -954,6 +964,7 @@ fn nesting_and_binding_through_the_ioctls() {
         (entries[0].iova, entries[0].daemon_vaddr),
         (0x2000, daemon(MEM + 0x1000))
     );
+    assert_eq!(shadow(&f, 2).shadow_entries, 1);
     assert_eq!(
         f.ioctl_struct(IOASID_UNMAP_DMA, &unmap(2, 0, 0x10_0000)),
         Ok(0)
@@ -996,6 +1007,21 @@ fn nesting_and_binding_through_the_ioctls() {
         (entries[0].iova, entries[0].daemon_vaddr, entries[0].size),
         (0x5000, daemon(MEM + 0x8000), K4)
     );
+    let sh = shadow(&f, 2);
+    assert_eq!(sh.flags, IOASID_SHADOW_PGTABLE);
+    assert_eq!(
+        (
+            sh.shadow_entries,
+            sh.leaves,
+            sh.last_walk_leaves,
+            sh.last_walk_malformed,
+            sh.last_walk_tables,
+            sh.malformed,
+            sh.walks
+        ),
+        (1, 1, 1, 0, 4, 0, 1),
+        "the bind's walk: four tables, one leaf"
+    );
     assert_eq!(
         f.ioctl_struct(IOASID_MAP_DMA, &map(2, 0x9000, 0, K4)),
         Err(Errno::EBUSY)
@@ -1011,6 +1037,32 @@ fn nesting_and_binding_through_the_ioctls() {
         Ok(0)
     );
     assert_eq!(f.fake.entries(3).len(), 2);
+    let sh = shadow(&f, 2);
+    assert_eq!(
+        (sh.shadow_entries, sh.leaves, sh.last_walk_leaves, sh.walks),
+        (2, 2, 1, 2),
+        "the range walk found the new leaf only"
+    );
+    // A malformed entry (PS in a level-4 entry, reserved there) is skipped
+    // and counted, in the last walk and in the total.
+    pte(0x1000, 1, 0x2000 | 3 | (1 << 7));
+    assert_eq!(
+        f.ioctl_struct(IOASID_INVALIDATE_CACHE, &invalidate(2, 0, 0, 0, 0)),
+        Ok(0)
+    );
+    let sh = shadow(&f, 2);
+    assert_eq!(
+        (
+            sh.shadow_entries,
+            sh.last_walk_leaves,
+            sh.last_walk_malformed,
+            sh.malformed,
+            sh.walks
+        ),
+        (2, 2, 1, 1, 3)
+    );
+    assert_eq!(sh.flags, IOASID_SHADOW_PGTABLE, "not truncated");
+    pte(0x1000, 1, 0);
     for (inv, why) in [
         (
             invalidate(2, IOASID_INVALIDATE_PASID, 0, 0, 0),
@@ -1060,6 +1112,21 @@ fn nesting_and_binding_through_the_ioctls() {
     );
     let st = f.engine.info(f.ctx, 2).unwrap().pasid_table.unwrap();
     assert_eq!((st.valid, st.leaves), (1, 2));
+    let sh = shadow(&f, 2);
+    assert_eq!(sh.flags, IOASID_SHADOW_PASID_TABLE);
+    assert_eq!(
+        (
+            sh.shadow_entries,
+            sh.walks,
+            sh.pasid_entries,
+            sh.pasid_valid,
+            sh.pasid_bad,
+            sh.pasid_unreadable,
+            sh.pasid_leaves,
+            sh.pasid_malformed
+        ),
+        (0, 0, 4, 1, 0, 0, 2, 0)
+    );
     assert!(
         f.fake.entries(3).is_empty(),
         "PASID tables route no RID DMA"
@@ -1077,6 +1144,21 @@ fn nesting_and_binding_through_the_ioctls() {
         f.engine.info(f.ctx, 2).unwrap().pasid_table.unwrap().valid,
         2
     );
+    assert_eq!(
+        (shadow(&f, 2).pasid_valid, shadow(&f, 2).pasid_leaves),
+        (2, 4)
+    );
+    // Entry 2 with a bit besides present and the address: bad, counted.
+    f.fake.write_u64(MEM + 0x9010, 0x1000 | 1 | (1 << 3));
+    assert_eq!(
+        f.ioctl_struct(
+            IOASID_INVALIDATE_CACHE,
+            &invalidate(2, IOASID_INVALIDATE_PASID_CACHE, 0, 0, 0)
+        ),
+        Ok(0)
+    );
+    let sh = shadow(&f, 2);
+    assert_eq!((sh.pasid_valid, sh.pasid_bad), (2, 1));
     for inv in [
         invalidate(2, pasid_cache, 4, 0, 0),
         invalidate(2, pasid_cache, 1 << 20, 0, 0),
@@ -1102,6 +1184,19 @@ fn nesting_and_binding_through_the_ioctls() {
     f.engine.detach(DEV, f.ctx, 1, None).unwrap();
     assert_eq!(f.ioctl(IOASID_FREE, 1), Ok(0));
     assert_eq!(f.fake.live_aliases(), 0);
+}
+
+/// `IOASID_INFO_CAP_SHADOW` of `ioasid`, read through GET_INFO.
+fn shadow(f: &Fixture, ioasid: u32) -> IoasidInfoCapShadow {
+    assert_eq!(f.ioctl_struct(IOASID_GET_INFO, &info(ioasid, 512)), Ok(0));
+    let out: IoasidInfo = f.mem.struct_at(ARG);
+    let chain = walk_chain(&f.mem, out.cap_offset);
+    let at = chain
+        .iter()
+        .find(|c| c.0 == IOASID_INFO_CAP_SHADOW)
+        .expect("a child carries IOASID_INFO_CAP_SHADOW")
+        .1;
+    f.mem.struct_at(at)
 }
 
 #[test]

@@ -89,11 +89,15 @@ IOASID_INFO_CAP_PGTABLE_FORMATS = 3
 IOASID_INFO_CAP_PASID = 4
 IOASID_INFO_CAP_PARENT = 5
 IOASID_INFO_CAP_DMA_AVAIL = 6
+IOASID_INFO_CAP_SHADOW = 7
 IOASID_NESTING_SOFTWARE = 1 << 0
 IOASID_NESTING_HARDWARE = 1 << 1
 IOASID_PGTABLE_FORMAT_SHADOWED = 1 << 0
 IOASID_PASID_ATTACH_TRACKED = 1 << 0
 IOASID_PASID_DMA_ROUTED = 1 << 1
+IOASID_SHADOW_PGTABLE = 1 << 0
+IOASID_SHADOW_PASID_TABLE = 1 << 1
+IOASID_SHADOW_TRUNCATED = 1 << 2
 
 # Map / unmap.
 IOASID_DMA_MAP_FLAG_READ = 1 << 0
@@ -181,6 +185,30 @@ class ioasid_info_cap_parent(ctypes.Structure):
 
 class ioasid_info_cap_dma_avail(ctypes.Structure):
     _fields_ = [("header", ioasid_info_cap_header), ("avail", _u32), ("reserved", _u32)]
+
+
+class ioasid_info_cap_shadow(ctypes.Structure):
+    _fields_ = [
+        ("header", ioasid_info_cap_header),
+        ("flags", _u32),
+        ("reserved", _u32),
+        ("shadow_entries", _u64),
+        ("leaves", _u64),
+        ("last_walk_leaves", _u64),
+        ("last_walk_malformed", _u64),
+        ("last_walk_tables", _u64),
+        ("malformed", _u64),
+        ("walks", _u64),
+        ("pasid_entries", _u32),
+        ("pasid_valid", _u32),
+        ("pasid_bad", _u32),
+        ("pasid_unreadable", _u32),
+        ("pasid_leaves", _u64),
+        ("pasid_malformed", _u64),
+    ]
+
+
+SHADOW_FIELDS = [n for n, _ in ioasid_info_cap_shadow._fields_ if n not in ("header", "reserved")]
 
 
 class ioasid_dma_map(ctypes.Structure):
@@ -299,6 +327,7 @@ CAP_NAMES = {
     IOASID_INFO_CAP_PASID: "pasid",
     IOASID_INFO_CAP_PARENT: "parent",
     IOASID_INFO_CAP_DMA_AVAIL: "dma_avail",
+    IOASID_INFO_CAP_SHADOW: "shadow",
 }
 
 
@@ -353,6 +382,13 @@ def _decode_cap(cap_id, buf, off):
         return _read(ioasid_info_cap_parent, buf, off)[0].parent
     if cap_id == IOASID_INFO_CAP_DMA_AVAIL:
         return _read(ioasid_info_cap_dma_avail, buf, off)[0].avail
+    if cap_id == IOASID_INFO_CAP_SHADOW:
+        cap, _ = _read(ioasid_info_cap_shadow, buf, off)
+        d = {name: getattr(cap, name) for name in SHADOW_FIELDS}
+        d["pgtable"] = bool(cap.flags & IOASID_SHADOW_PGTABLE)
+        d["pasid_table"] = bool(cap.flags & IOASID_SHADOW_PASID_TABLE)
+        d["truncated"] = bool(cap.flags & IOASID_SHADOW_TRUNCATED)
+        return d
     return None
 
 
@@ -363,6 +399,8 @@ def parse_info(buf):
     ``caps``: capability name -> decoded value (``iova_ranges``: list of
     (start, last) inclusive; ``nesting``, ``pasid``: dicts;
     ``pgtable_formats``: list of dicts; ``parent``, ``dma_avail``: ints;
+    ``shadow``: dict of the struct's fields by name plus booleans
+    ``pgtable``, ``pasid_table``, ``truncated`` decoded from ``flags``;
     unknown ids: raw bytes of the header onwards, keyed by the id).
     Raises ValueError on a malformed chain.
     """

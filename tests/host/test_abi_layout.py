@@ -143,6 +143,11 @@ def test_parse_info_walks_every_capability():
              pasid_table_format=ioasid.IOASID_PASID_TABLE_FLAT_X86_64),
         _cap(ioasid.ioasid_info_cap_parent, ioasid.IOASID_INFO_CAP_PARENT, 0, parent=3),
         _cap(ioasid.ioasid_info_cap_dma_avail, ioasid.IOASID_INFO_CAP_DMA_AVAIL, 0, avail=65530),
+        _cap(ioasid.ioasid_info_cap_shadow, ioasid.IOASID_INFO_CAP_SHADOW, 0,
+             flags=ioasid.IOASID_SHADOW_PGTABLE | ioasid.IOASID_SHADOW_TRUNCATED,
+             shadow_entries=3, leaves=4, last_walk_leaves=5, last_walk_malformed=6,
+             last_walk_tables=7, malformed=8, walks=9, pasid_entries=10, pasid_valid=11,
+             pasid_bad=12, pasid_unreadable=13, pasid_leaves=14, pasid_malformed=15),
     ]
     # Link them: each header's next is the offset of the following chunk.
     offsets = []
@@ -170,6 +175,9 @@ def test_parse_info_walks_every_capability():
     assert caps["pasid"]["pasid_table_format"] == ioasid.IOASID_PASID_TABLE_FLAT_X86_64
     assert caps["parent"] == 3
     assert caps["dma_avail"] == 65530
+    shadow = caps["shadow"]
+    assert shadow["pgtable"] and shadow["truncated"] and not shadow["pasid_table"]
+    assert [shadow[n] for n in ioasid.SHADOW_FIELDS[1:]] == list(range(3, 16))
 
 
 def test_parse_info_of_an_empty_ioasid():

@@ -132,6 +132,8 @@ pub const IOASID_INFO_CAP_PASID: u16 = 4;
 pub const IOASID_INFO_CAP_PARENT: u16 = 5;
 /// Capability: how many more mappings may be created.
 pub const IOASID_INFO_CAP_DMA_AVAIL: u16 = 6;
+/// Capability: shadow and walk status of a child IOASID.
+pub const IOASID_INFO_CAP_SHADOW: u16 = 7;
 
 /// Nesting kind: shadowed by software.
 pub const IOASID_NESTING_SOFTWARE: u32 = 1 << 0;
@@ -143,6 +145,12 @@ pub const IOASID_PGTABLE_FORMAT_SHADOWED: u32 = 1 << 0;
 pub const IOASID_PASID_ATTACH_TRACKED: u32 = 1 << 0;
 /// PASID capability flag: PASID-tagged DMA is translated.
 pub const IOASID_PASID_DMA_ROUTED: u32 = 1 << 1;
+/// Shadow capability flag: a page table is bound.
+pub const IOASID_SHADOW_PGTABLE: u32 = 1 << 0;
+/// Shadow capability flag: a PASID table is bound.
+pub const IOASID_SHADOW_PASID_TABLE: u32 = 1 << 1;
+/// Shadow capability flag: a walk ran out of budget and is incomplete.
+pub const IOASID_SHADOW_TRUNCATED: u32 = 1 << 2;
 
 // ---- map / unmap ----
 

@@ -205,6 +205,44 @@ abi_struct! {
 }
 
 abi_struct! {
+    /// `IOASID_INFO_CAP_SHADOW`: shadow and walk status of a child.
+    pub struct IoasidInfoCapShadow = "ioasid_info_cap_shadow", size 104 {
+        /// Capability header.
+        pub header: IoasidInfoCapHeader = 0,
+        /// `IOASID_SHADOW_*`.
+        pub flags: u32 = 8,
+        /// Must be 0.
+        pub reserved: u32 = 12,
+        /// Entries of the shadow now.
+        pub shadow_entries: u64 = 16,
+        /// Leaves of the bound page table cached now.
+        pub leaves: u64 = 24,
+        /// Leaves found by the last walk.
+        pub last_walk_leaves: u64 = 32,
+        /// Malformed entries met by the last walk.
+        pub last_walk_malformed: u64 = 40,
+        /// Tables read by the last walk.
+        pub last_walk_tables: u64 = 48,
+        /// Malformed entries met by every walk since the bind.
+        pub malformed: u64 = 56,
+        /// Walks since the bind.
+        pub walks: u64 = 64,
+        /// Entries of the bound PASID table.
+        pub pasid_entries: u32 = 72,
+        /// PASIDs with a present, well-formed entry.
+        pub pasid_valid: u32 = 76,
+        /// Present entries with other bits set (treated as not present).
+        pub pasid_bad: u32 = 80,
+        /// Entries the parent no longer maps readable.
+        pub pasid_unreadable: u32 = 84,
+        /// Leaves of the valid PASIDs' page tables.
+        pub pasid_leaves: u64 = 88,
+        /// Malformed entries met by the last walk of each valid PASID's table.
+        pub pasid_malformed: u64 = 96,
+    }
+}
+
+abi_struct! {
     /// `IOASID_MAP_DMA`.
     pub struct IoasidDmaMap = "ioasid_dma_map", size 40 {
         /// Size of the struct as the caller knows it.
@@ -355,6 +393,7 @@ pub const ALL_STRUCTS: &[(&str, usize, &[FieldLayout])] = &[
     entry::<IoasidInfoCapPasid>(),
     entry::<IoasidInfoCapParent>(),
     entry::<IoasidInfoCapDmaAvail>(),
+    entry::<IoasidInfoCapShadow>(),
     entry::<IoasidDmaMap>(),
     entry::<IoasidDmaUnmap>(),
     entry::<IoasidBindPgtable>(),

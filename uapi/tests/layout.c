@@ -83,6 +83,24 @@ int main(void)
 	F(ioasid_info_cap_dma_avail, avail);
 	F(ioasid_info_cap_dma_avail, __reserved);
 
+	S(ioasid_info_cap_shadow);
+	F(ioasid_info_cap_shadow, header);
+	F(ioasid_info_cap_shadow, flags);
+	F(ioasid_info_cap_shadow, __reserved);
+	F(ioasid_info_cap_shadow, shadow_entries);
+	F(ioasid_info_cap_shadow, leaves);
+	F(ioasid_info_cap_shadow, last_walk_leaves);
+	F(ioasid_info_cap_shadow, last_walk_malformed);
+	F(ioasid_info_cap_shadow, last_walk_tables);
+	F(ioasid_info_cap_shadow, malformed);
+	F(ioasid_info_cap_shadow, walks);
+	F(ioasid_info_cap_shadow, pasid_entries);
+	F(ioasid_info_cap_shadow, pasid_valid);
+	F(ioasid_info_cap_shadow, pasid_bad);
+	F(ioasid_info_cap_shadow, pasid_unreadable);
+	F(ioasid_info_cap_shadow, pasid_leaves);
+	F(ioasid_info_cap_shadow, pasid_malformed);
+
 	S(ioasid_dma_map);
 	F(ioasid_dma_map, argsz);
 	F(ioasid_dma_map, flags);
@@ -187,11 +205,15 @@ int main(void)
 	C(IOASID_INFO_CAP_PASID);
 	C(IOASID_INFO_CAP_PARENT);
 	C(IOASID_INFO_CAP_DMA_AVAIL);
+	C(IOASID_INFO_CAP_SHADOW);
 	C(IOASID_NESTING_SOFTWARE);
 	C(IOASID_NESTING_HARDWARE);
 	C(IOASID_PGTABLE_FORMAT_SHADOWED);
 	C(IOASID_PASID_ATTACH_TRACKED);
 	C(IOASID_PASID_DMA_ROUTED);
+	C(IOASID_SHADOW_PGTABLE);
+	C(IOASID_SHADOW_PASID_TABLE);
+	C(IOASID_SHADOW_TRUNCATED);
 
 	C(IOASID_DMA_MAP_FLAG_READ);
 	C(IOASID_DMA_MAP_FLAG_WRITE);

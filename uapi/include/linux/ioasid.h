@@ -375,6 +375,62 @@ struct ioasid_info_cap_dma_avail {
 };
 
 /*
+ * Shadow and walk status of a child IOASID (IOASID_INFO_NESTED is set too).
+ * The daemon realises a child in software: it composes the child's
+ * translations with the parent's into a "shadow" that the realising VFIO
+ * containers hold, and reads bound page tables and PASID tables from the
+ * parent's memory. Malformed entries it meets (reserved bits set, a table
+ * that loops back into a table above it, a table the parent does not map
+ * readable, a walk that runs out of its budget) are skipped, leave their
+ * range untranslated, and are counted here.
+ *
+ * shadow_entries	entries of the shadow now (what each realising
+ *			container holds for the child)
+ * The page-table fields are meaningful with IOASID_SHADOW_PGTABLE:
+ * leaves		leaves of the bound table cached now
+ * last_walk_leaves	leaves found by the last walk (bind or invalidation;
+ *			an address invalidation walks only its range)
+ * last_walk_malformed	malformed entries met by the last walk
+ * last_walk_tables	tables read by the last walk
+ * malformed		malformed entries met by every walk since the bind
+ * walks		walks since the bind (the bind's walk included)
+ * The PASID-table fields are meaningful with IOASID_SHADOW_PASID_TABLE
+ * (state after the last read of each entry):
+ * pasid_entries	entries of the bound table
+ * pasid_valid		PASIDs whose entry is present and well formed
+ * pasid_bad		present entries with bits set besides present and
+ *			the address (treated as not present)
+ * pasid_unreadable	entries the parent no longer maps readable
+ * pasid_leaves		leaves of the valid PASIDs' page tables
+ * pasid_malformed	malformed page-table entries met by the last walk
+ *			of each valid PASID's table
+ * IOASID_SHADOW_TRUNCATED: the last walk of the page table, or of some
+ * PASID's table, ran out of budget (see docs/uapi.md) and is incomplete.
+ */
+#define IOASID_INFO_CAP_SHADOW		7
+struct ioasid_info_cap_shadow {
+	struct ioasid_info_cap_header header;
+	__u32	flags;
+#define IOASID_SHADOW_PGTABLE		(1 << 0) /* a page table is bound */
+#define IOASID_SHADOW_PASID_TABLE	(1 << 1) /* a PASID table is bound */
+#define IOASID_SHADOW_TRUNCATED		(1 << 2) /* a walk ran out of budget */
+	__u32	__reserved;
+	__aligned_u64	shadow_entries;
+	__aligned_u64	leaves;
+	__aligned_u64	last_walk_leaves;
+	__aligned_u64	last_walk_malformed;
+	__aligned_u64	last_walk_tables;
+	__aligned_u64	malformed;
+	__aligned_u64	walks;
+	__u32	pasid_entries;
+	__u32	pasid_valid;
+	__u32	pasid_bad;
+	__u32	pasid_unreadable;
+	__aligned_u64	pasid_leaves;
+	__aligned_u64	pasid_malformed;
+};
+
+/*
  * IOASID_MAP_DMA - _IO(IOASID_TYPE, IOASID_BASE + 6)
  * Argument: struct ioasid_dma_map. Returns 0.
  *
