@@ -466,7 +466,8 @@ def test_malformed_tables_are_counted_and_harmless(guest, nodes):
     print(f"budget-bound walk: {took:.1f}s, {sh}")
     assert sh["truncated"] and sh["last_walk_malformed"] == 1
     assert sh["shadow_entries"] == 0
-    assert took < 60
+    # Bounded: about 23 s for a debug daemon under TCG on a loaded host.
+    assert took < 120
     fd.unbind_pgtable(giova)
     io.detach_ioasid(g.dev2.fd, giova)
     fd.free(giova)
