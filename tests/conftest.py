@@ -4,7 +4,11 @@ for the test VM's devices. Tests that need VFIO skip outside the VM."""
 from __future__ import annotations
 
 import os
+import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,8 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 REPO = TESTS.parent
+
+from harness.daemon import ALL_EDU, DAEMON, daemon_pids, wait_for  # noqa: E402
 
 
 def in_test_vm() -> bool:
@@ -45,3 +51,64 @@ def scratch() -> Path:
     if not path:
         pytest.skip("needs the test VM's scratch directory (VM_SCRATCH)")
     return Path(path)
+
+
+# ---------------------------------------------------------------------------
+# The daemon, for the scenarios that talk to it.
+#
+# A module that needs the daemon asks for `daemon` (its pid) or `nodes` (PCI
+# address -> device node), or says `pytest.mark.usefixtures("daemon")`. If
+# scripts/vm --daemon already started one, the fixture uses it; otherwise it
+# starts target/debug/cuse-ioasid (or $CUSE_IOASID_DAEMON, as scripts/vm
+# does) for the module and, at the end of the module, stops it with SIGTERM
+# and asserts that it exited 0. Starting it per module frees the IOMMU
+# groups between modules, so the legacy VFIO scenarios (which need the
+# groups) run in the same VM boot.
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def daemon(request):
+    """The pid of the running daemon (see the module docstring)."""
+    running = daemon_pids()
+    if os.path.exists("/dev/ioasid") and running:
+        yield running[0]
+        return
+    if not DAEMON.exists():
+        pytest.fail(f"{DAEMON} missing: run `cargo build --workspace --bins` on the host")
+    name = Path(request.module.__file__).stem
+    log_path = Path(os.environ["VM_SCRATCH"]) / f"daemon-{name}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(DAEMON)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not os.path.exists("/dev/ioasid"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"the daemon did not create /dev/ioasid (status {proc.returncode}); "
+                        f"its log: {log_path}")
+        time.sleep(0.1)
+    try:
+        yield proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        assert code == 0, f"the daemon exited with {code} on SIGTERM; its log: {log_path}"
+
+
+@pytest.fixture(scope="module")
+def nodes(daemon) -> dict[str, str]:
+    """PCI address -> device node, as `cuse-ioasid --list` prints them; waits
+    until every node exists (the daemon registers /dev/ioasid first)."""
+    out = subprocess.run([str(DAEMON), "--list"], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    found = {}
+    for line in out.splitlines():
+        m = re.match(r"(/dev/\S+)\s+([0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7])\s", line)
+        if m:
+            found[m.group(2)] = m.group(1)
+    for bdf in ALL_EDU:
+        assert bdf in found, f"{bdf} missing from `cuse-ioasid --list`:\n{out}"
+    wait_for(lambda: all(os.path.exists(n) for n in found.values()),
+             f"the daemon did not create every node of `cuse-ioasid --list`:\n{out}")
+    return found

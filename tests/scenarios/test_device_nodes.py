@@ -19,29 +19,22 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import select
 import signal
 import struct
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO, in_test_vm
+from conftest import in_test_vm
 from harness import ioasid as io
 from harness import vfio
+from harness.daemon import ALONE_1, ALONE_2, SHARED_A, SHARED_B, daemon_pids
 from harness.edu import (BUFFER_ADDR, DMA_CMD_IRQ, DMA_CMD_START, REG_DMA_CMD, REG_DMA_COUNT,
                          REG_DMA_DST, REG_DMA_SRC, Edu)
 
 PAGE = vfio.PAGE_SIZE
-DAEMON = REPO / "target" / "debug" / "cuse-ioasid"
 
-ALONE_1 = "0000:00:0a.0"
-ALONE_2 = "0000:00:0b.0"
-SHARED_A = "0000:01:01.0"  # behind the PCI bridge: one IOMMU group with SHARED_B
-SHARED_B = "0000:01:02.0"
 LENGTH = 3000  # edu transfers stay below its 4096-byte buffer
 IOVA = 0x200000  # below the edu's 28-bit DMA mask
 
@@ -55,70 +48,15 @@ VFIO_IRQ_SET_ACTION_TRIGGER = 1 << 5
 REG_IRQ_STATUS = 0x24
 REG_IRQ_ACK = 0x64
 
-pytestmark = pytest.mark.skipif(not in_test_vm(), reason="needs the test VM: run under scripts/vm")
+pytestmark = [
+    pytest.mark.skipif(not in_test_vm(), reason="needs the test VM: run under scripts/vm"),
+    pytest.mark.usefixtures("daemon"),
+]
 
 
 # ---------------------------------------------------------------------------
 # The daemon and its nodes
 # ---------------------------------------------------------------------------
-
-
-def daemon_pids() -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if Path(f"/proc/{entry}/comm").read_text().strip() == "cuse-ioasid":
-                    pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
-
-
-@pytest.fixture(scope="module", autouse=True)
-def daemon():
-    """The pid of the running daemon; starts one (and stops it, asserting a
-    clean exit) when scripts/vm did not."""
-    running = daemon_pids()
-    proc = None
-    if not (os.path.exists("/dev/ioasid") and running):
-        if not DAEMON.exists():
-            pytest.fail(f"{DAEMON} missing: run `cargo build --workspace` on the host")
-        log = open(Path(os.environ["VM_SCRATCH"]) / "daemon-test_device_nodes.log", "wb")
-        proc = subprocess.Popen([str(DAEMON)], stdout=log, stderr=log,
-                                stdin=subprocess.DEVNULL)
-        log.close()
-        deadline = time.monotonic() + 60
-        while not os.path.exists("/dev/ioasid"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                proc.wait()
-                pytest.fail(f"the daemon did not create /dev/ioasid (status {proc.returncode})")
-            time.sleep(0.1)
-        running = [proc.pid]
-    try:
-        yield running[0]
-    finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            code = proc.wait(timeout=60)
-            assert code == 0, f"the daemon exited with {code} on SIGTERM"
-
-
-@pytest.fixture(scope="module")
-def nodes(daemon) -> dict[str, str]:
-    """PCI address -> device node, as `cuse-ioasid --list` prints them."""
-    out = subprocess.run([str(DAEMON), "--list"], capture_output=True, text=True,
-                         check=True, timeout=60).stdout
-    found = {}
-    for line in out.splitlines():
-        m = re.match(r"(/dev/\S+)\s+([0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7])\s", line)
-        if m:
-            found[m.group(2)] = m.group(1)
-    for bdf in (ALONE_1, ALONE_2, SHARED_A, SHARED_B):
-        assert bdf in found, f"{bdf} missing from `cuse-ioasid --list`:\n{out}"
-        assert os.path.exists(found[bdf]), f"{found[bdf]} ({bdf}) does not exist"
-    return found
 
 
 @pytest.fixture

@@ -24,7 +24,6 @@ import ctypes
 import errno
 import multiprocessing
 import os
-import re
 import signal
 import subprocess
 import time
@@ -35,87 +34,25 @@ import pytest
 from conftest import REPO, in_test_vm
 from harness import ioasid as io
 from harness import vfio
+from harness.daemon import (ALONE_1, ALONE_2, ALONE_3, SHARED_A, SHARED_B, daemon_pids,
+                            wait_for)
 from harness.edu import Edu
 
 PAGE = vfio.PAGE_SIZE
-# The daemon binary; CUSE_IOASID_DAEMON overrides it, as for scripts/vm.
-DAEMON = REPO / os.environ.get("CUSE_IOASID_DAEMON", "target/debug/cuse-ioasid")
 FLOW_5_1 = REPO / "target" / "c" / "flow_5_1"
 
-ALONE_1 = "0000:00:0a.0"
-ALONE_2 = "0000:00:0b.0"
-ALONE_3 = "0000:00:0c.0"
-SHARED_A = "0000:01:01.0"  # behind the PCI bridge: one IOMMU group with SHARED_B
-SHARED_B = "0000:01:02.0"
 
 LENGTH = 3000  # edu transfers stay below its 4096-byte buffer
 
-pytestmark = pytest.mark.skipif(not in_test_vm(), reason="needs the test VM: run under scripts/vm")
+pytestmark = [
+    pytest.mark.skipif(not in_test_vm(), reason="needs the test VM: run under scripts/vm"),
+    pytest.mark.usefixtures("daemon"),
+]
 
 
 # ---------------------------------------------------------------------------
 # The daemon and its nodes
 # ---------------------------------------------------------------------------
-
-
-def daemon_pids() -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if Path(f"/proc/{entry}/comm").read_text().strip() == "cuse-ioasid":
-                    pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
-
-
-@pytest.fixture(scope="module", autouse=True)
-def daemon():
-    """The pid of the running daemon. Starts one (and stops it, asserting a
-    clean exit) when scripts/vm did not."""
-    running = daemon_pids()
-    proc = None
-    if not (os.path.exists("/dev/ioasid") and running):
-        if not DAEMON.exists():
-            pytest.fail(f"{DAEMON} missing: run `cargo build -p cuse-ioasid` on the host")
-        log = open(Path(os.environ["VM_SCRATCH"]) / "daemon-test_flows.log", "wb")
-        proc = subprocess.Popen([str(DAEMON)], stdout=log, stderr=log,
-                                stdin=subprocess.DEVNULL)
-        log.close()
-        deadline = time.monotonic() + 60
-        while not os.path.exists("/dev/ioasid"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                proc.wait()
-                pytest.fail(f"the daemon did not create /dev/ioasid (status {proc.returncode})")
-            time.sleep(0.1)
-        running = [proc.pid]
-    try:
-        yield running[0]
-    finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            code = proc.wait(timeout=60)
-            assert code == 0, f"the daemon exited with {code} on SIGTERM"
-
-
-@pytest.fixture(scope="module")
-def nodes(daemon) -> dict[str, str]:
-    """PCI address -> device node, as `cuse-ioasid --list` prints them."""
-    out = subprocess.run([str(DAEMON), "--list"], capture_output=True, text=True,
-                         check=True, timeout=60).stdout
-    found = {}
-    for line in out.splitlines():
-        m = re.match(r"(/dev/\S+)\s+([0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7])\s", line)
-        if m:
-            found[m.group(2)] = m.group(1)
-    for bdf in (ALONE_1, ALONE_2, ALONE_3, SHARED_A, SHARED_B):
-        assert bdf in found, f"{bdf} missing from `cuse-ioasid --list`:\n{out}"
-    # The daemon registers /dev/ioasid first and the device nodes after it.
-    _wait_for(lambda: all(os.path.exists(n) for n in found.values()),
-              f"the daemon did not create every node of `cuse-ioasid --list`:\n{out}")
-    return found
 
 
 class Node:
@@ -425,7 +362,7 @@ def test_flow_5_2_two_devices_then_a_shadow_address_space(nodes, daemon):
         ioasid_fd.close()
         mem.close()
     # Unmapped and unregistered: the daemon holds no pinned page any more.
-    _wait_for(lambda: locked_kib(daemon) == before,
+    wait_for(lambda: locked_kib(daemon) == before,
               f"the daemon's locked memory did not return to {before}: {locked_kib(daemon)}")
 
 
@@ -510,14 +447,6 @@ def _client_then_wait(node_path: str, q) -> None:
         time.sleep(60)
 
 
-def _wait_for(predicate, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} (waited {timeout}s)")
-        time.sleep(0.1)
-
-
 def test_killed_client_releases_pinned_memory_and_device(nodes, daemon):
     node = nodes[ALONE_3]
     before = locked_kib(daemon)
@@ -544,7 +473,7 @@ def test_killed_client_releases_pinned_memory_and_device(nodes, daemon):
         os.kill(child.pid, signal.SIGKILL)
         child.join(60)
     assert child.exitcode == -signal.SIGKILL
-    _wait_for(lambda: locked_kib(daemon) == before,
+    wait_for(lambda: locked_kib(daemon) == before,
               f"the daemon's locked memory did not return to {before}: {locked_kib(daemon)}")
     assert daemon in daemon_pids()
 
@@ -565,5 +494,5 @@ def test_killed_client_releases_pinned_memory_and_device(nodes, daemon):
         dev.close()
         fd.close()
         mem.close()
-    _wait_for(lambda: locked_kib(daemon) == before,
+    wait_for(lambda: locked_kib(daemon) == before,
               f"locked memory after the second client: {locked_kib(daemon)}, not {before}")

@@ -25,21 +25,22 @@ import multiprocessing
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, in_test_vm
 from harness import ioasid as io
+from harness.daemon import daemon_pids
 from harness.vfio import DmaBuffer
 
 PAGE = mmap.PAGESIZE
-# The daemon binary; CUSE_IOASID_DAEMON overrides it, as for scripts/vm.
-DAEMON = REPO / os.environ.get("CUSE_IOASID_DAEMON", "target/debug/cuse-ioasid")
 C_BASIC = REPO / "target" / "c" / "ioasid_basic"
 
-pytestmark = pytest.mark.skipif(not in_test_vm(), reason="needs the test VM: run under scripts/vm")
+pytestmark = [
+    pytest.mark.skipif(not in_test_vm(), reason="needs the test VM: run under scripts/vm"),
+    pytest.mark.usefixtures("daemon"),
+]
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
@@ -49,46 +50,6 @@ libc.ioctl.restype = ctypes.c_int
 # ---------------------------------------------------------------------------
 # The daemon: the one scripts/vm --daemon started, or one of our own.
 # ---------------------------------------------------------------------------
-
-
-def daemon_pids() -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if Path(f"/proc/{entry}/comm").read_text().strip() == "cuse-ioasid":
-                    pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
-
-
-@pytest.fixture(scope="module", autouse=True)
-def daemon():
-    """The pid of the running daemon. Starts one (and stops it, asserting a
-    clean exit) when scripts/vm did not."""
-    running = daemon_pids()
-    if os.path.exists("/dev/ioasid") and running:
-        yield running[0]
-        return
-    if not DAEMON.exists():
-        pytest.fail(f"{DAEMON} missing: run `cargo build -p cuse-ioasid` on the host")
-    log = open(Path(os.environ["VM_SCRATCH"]) / "daemon-test_ioasid_node.log", "wb")
-    proc = subprocess.Popen([str(DAEMON)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not os.path.exists("/dev/ioasid"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"the daemon did not create /dev/ioasid (status {proc.returncode})")
-        time.sleep(0.1)
-    try:
-        yield proc.pid
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=60)
-        log.close()
-        assert code == 0, f"the daemon exited with {code} on SIGTERM"
 
 
 @pytest.fixture
