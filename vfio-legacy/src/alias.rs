@@ -431,12 +431,17 @@ mod tests {
             .unwrap()
     }
 
-    fn self_maps_has(addr: u64) -> bool {
+    /// Whether this process maps `file` at `addr`. The file is checked
+    /// too: other tests run in parallel threads and may map something else
+    /// at an address just released.
+    fn self_maps_has(addr: u64, file: &File) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let ino = file.metadata().unwrap().ino();
         let text = std::fs::read_to_string("/proc/self/maps").unwrap();
         parse_maps(&text)
             .unwrap()
             .iter()
-            .any(|v| v.start <= addr && addr < v.end)
+            .any(|v| v.start <= addr && addr < v.end && v.inode == ino)
     }
 
     fn pid() -> Pid {
@@ -477,7 +482,10 @@ mod tests {
 
         cm.release(&a);
         assert_eq!(cm.mapping_count(), 0);
-        assert!(!self_maps_has(seg.daemon_vaddr), "release must unmap");
+        assert!(
+            !self_maps_has(seg.daemon_vaddr, &file),
+            "release must unmap"
+        );
     }
 
     #[test]
@@ -486,7 +494,7 @@ mod tests {
             eprintln!("skipped: needs root (map_files)");
             return;
         }
-        let (_file, client) = client_memfd(4);
+        let (file, client) = client_memfd(4);
         let base = client.addr() as u64;
         let cm = ClientMemory::new();
         let a = cm.alias(pid(), base, PAGE as u64).unwrap();
@@ -502,13 +510,13 @@ mod tests {
 
         cm.release(&a);
         assert_eq!(cm.mapping_count(), 1);
-        assert!(self_maps_has(da), "still used by b");
+        assert!(self_maps_has(da, &file), "still used by b");
         // A second release of the same alias is ignored, not a double put.
         cm.release(&a);
-        assert!(self_maps_has(da));
+        assert!(self_maps_has(da, &file));
         cm.release(&b);
         assert_eq!((cm.mapping_count(), cm.alias_count()), (0, 0));
-        assert!(!self_maps_has(da));
+        assert!(!self_maps_has(da, &file));
     }
 
     #[test]
