@@ -18,7 +18,12 @@
 //! let nodes = Arc::new(DeviceNodes::new(engine.clone(), vfio.clone()));
 //! // ... register /dev/ioasid (its front end keeps `nodes` for the hook) ...
 //! nodes.set_ioasid_device(ioasid.dev).unwrap();
-//! let infos = nodes.register_all(&server).unwrap(); // vfio/devices/dev<id>
+//! for spec in engine.devices() {
+//!     let node = nodes.node(spec.id).unwrap();
+//!     server
+//!         .register(cuse_server::DeviceConfig::new(format!("vfio/devices/dev{}", spec.id.0)), node)
+//!         .unwrap();
+//! }
 //! // In the /dev/ioasid front end, when a context is closed:
 //! //     let closed = engine.close_context(ctx)?;
 //! nodes.on_context_closed(&closed);
@@ -111,4 +116,4 @@ mod tests;
 pub use caller::{Caller, MAX_ARG};
 pub use device_file::{ContextLookup, DeviceFile, DeviceOpener, IoasidIdentify, VfioDeviceFd};
 pub use error::{Error, Result};
-pub use node::{node_name, DeviceNode, DeviceNodes};
+pub use node::{DeviceNode, DeviceNodes};

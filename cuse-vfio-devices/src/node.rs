@@ -6,10 +6,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cuse_server::{
-    Device, DeviceConfig, DeviceNumber, IoctlArgs, IoctlResult, NodeInfo, Offset, OpenFlags,
-    Request, Server,
-};
+use cuse_server::{Device, DeviceNumber, IoctlArgs, IoctlResult, Offset, OpenFlags, Request};
 use ioasid_engine::{ClosedContext, ContextId, DeviceId, DeviceSpec, Engine};
 use ioasid_uapi::vfio as nr;
 use ioasid_uapi::{VfioAttachIoasid, VfioDeviceCmd, IOASID_ATTACH_USER_PASID};
@@ -778,29 +775,6 @@ impl DeviceNodes {
         Ok(node.clone())
     }
 
-    /// Register a node for every engine device with `server`, named
-    /// `vfio/devices/dev<N>` with N the device id (`/dev/vfio/devices/devN`).
-    pub fn register_all(
-        &self,
-        server: &Server,
-    ) -> std::result::Result<Vec<NodeInfo>, cuse_server::Error> {
-        let ids: Vec<DeviceId> = self.engine.devices().map(|d| d.id).collect();
-        let mut infos = Vec::new();
-        for id in ids {
-            let node = self
-                .node(id)
-                .expect("the id comes from the engine's own list");
-            let info = server.register(DeviceConfig::new(node_name(id)), node.clone())?;
-            tracing::info!(
-                device = %node.spec().name,
-                path = %info.path.display(),
-                "device node registered"
-            );
-            infos.push(info);
-        }
-        Ok(infos)
-    }
-
     /// The close hook: the `/dev/ioasid` front end calls it after
     /// `Engine::close_context`; every node whose device the engine unbound
     /// closes its device fd (the kernel resets the device) and forgets the
@@ -818,9 +792,4 @@ impl DeviceNodes {
             node.forget_stale();
         }
     }
-}
-
-/// The CUSE name of device `id`'s node: `vfio/devices/dev<id>`.
-pub fn node_name(id: DeviceId) -> String {
-    format!("vfio/devices/dev{}", id.0)
 }
