@@ -1,6 +1,7 @@
 """The daemon as the scenarios see it: its binary, its pids, the test VM's
-edu devices, and a polling helper. The fixtures that start and stop it are
-in tests/scenarios/conftest.py."""
+edu devices, an open device node with the edu driver on top, and small
+helpers. The fixtures that start and stop the daemon are in
+tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+from harness import vfio
+from harness.edu import Edu
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,6 +25,8 @@ ALONE_3 = "0000:00:0c.0"
 SHARED_A = "0000:01:01.0"  # behind the PCI bridge: one IOMMU group with SHARED_B
 SHARED_B = "0000:01:02.0"
 ALL_EDU = (ALONE_1, ALONE_2, ALONE_3, SHARED_A, SHARED_B)
+
+LENGTH = 3000  # edu transfers stay below its 4096-byte buffer
 
 
 def daemon_pids() -> list[int]:
@@ -46,3 +52,32 @@ def wait_for(predicate, what: str, timeout: float = 60.0):
         time.sleep(0.1)
 
 
+def errno_of(fn, *args, **kw) -> int:
+    """Runs fn; returns the errno it failed with, or 0 if it succeeded."""
+    try:
+        fn(*args, **kw)
+    except OSError as e:
+        return e.errno
+    return 0
+
+
+class Node:
+    """An open device node with the edu driver on top."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.device = vfio.Device.open_node(path)
+        self.fd = self.device.fd
+        self._edu = None
+
+    @property
+    def edu(self) -> Edu:
+        # Region access needs the device bound (the daemon opens the VFIO
+        # device at bind); build the driver on first use.
+        if self._edu is None:
+            self._edu = Edu(self.device)
+            self._edu.enable_bus_master()
+        return self._edu
+
+    def close(self):
+        self.device.close()

@@ -29,13 +29,12 @@ import pytest
 from conftest import in_test_vm
 from harness import ioasid as io
 from harness import vfio
-from harness.daemon import ALONE_1, ALONE_2, SHARED_A, SHARED_B, daemon_pids
+from harness.daemon import ALONE_1, ALONE_2, LENGTH, SHARED_A, SHARED_B, daemon_pids, errno_of
 from harness.edu import (BUFFER_ADDR, DMA_CMD_IRQ, DMA_CMD_START, REG_DMA_CMD, REG_DMA_COUNT,
                          REG_DMA_DST, REG_DMA_SRC, Edu)
 
 PAGE = vfio.PAGE_SIZE
 
-LENGTH = 3000  # edu transfers stay below its 4096-byte buffer
 IOVA = 0x200000  # below the edu's 28-bit DMA mask
 
 VFIO_REGION_INFO_CAP_SPARSE_MMAP = 1
@@ -67,15 +66,6 @@ def node(nodes):
         yield dev
     finally:
         dev.close()
-
-
-def errno_of(fn, *args, **kw) -> int:
-    """Runs fn; the errno it failed with, or 0 if it succeeded."""
-    try:
-        fn(*args, **kw)
-    except OSError as e:
-        return e.errno
-    return 0
 
 
 def bind_with_retry(dev: vfio.Device, ioasid_fd, timeout: float = 10.0) -> None:

@@ -34,15 +34,14 @@ import pytest
 from conftest import REPO, in_test_vm
 from harness import ioasid as io
 from harness import vfio
-from harness.daemon import (ALONE_1, ALONE_2, ALONE_3, SHARED_A, SHARED_B, daemon_pids,
-                            wait_for)
+from harness.daemon import (ALONE_1, ALONE_2, ALONE_3, LENGTH, SHARED_A, SHARED_B, Node,
+                            daemon_pids, errno_of, wait_for)
 from harness.edu import Edu
 
 PAGE = vfio.PAGE_SIZE
 FLOW_5_1 = REPO / "target" / "c" / "flow_5_1"
 
 
-LENGTH = 3000  # edu transfers stay below its 4096-byte buffer
 
 pytestmark = [
     pytest.mark.skipif(not in_test_vm(), reason="needs the test VM: run under scripts/vm"),
@@ -53,36 +52,6 @@ pytestmark = [
 # ---------------------------------------------------------------------------
 # The daemon and its nodes
 # ---------------------------------------------------------------------------
-
-
-class Node:
-    """An open device node with the edu driver on top."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.device = vfio.Device.open_node(path)
-        self.fd = self.device.fd
-        self._edu = None
-
-    @property
-    def edu(self) -> Edu:
-        # Region access needs the device bound (the daemon opens the VFIO
-        # device at bind); build the driver on first use.
-        if self._edu is None:
-            self._edu = Edu(self.device)
-            self._edu.enable_bus_master()
-        return self._edu
-
-    def close(self):
-        self.device.close()
-
-
-def errno_of(fn, *args, **kw) -> int:
-    try:
-        fn(*args, **kw)
-    except OSError as e:
-        return e.errno
-    return 0
 
 
 def locked_kib(pid: int) -> dict[str, int]:

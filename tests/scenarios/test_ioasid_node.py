@@ -31,7 +31,7 @@ import pytest
 
 from conftest import REPO, in_test_vm
 from harness import ioasid as io
-from harness.daemon import daemon_pids
+from harness.daemon import daemon_pids, errno_of
 from harness.vfio import DmaBuffer
 
 PAGE = mmap.PAGESIZE
@@ -56,15 +56,6 @@ libc.ioctl.restype = ctypes.c_int
 def fd():
     with io.IoasidFd() as f:
         yield f
-
-
-def errno_of(fn, *args, **kw) -> int:
-    """Runs fn; returns the errno it failed with, or 0 if it succeeded."""
-    try:
-        fn(*args, **kw)
-    except OSError as e:
-        return e.errno
-    return 0
 
 
 def raw_ioctl(fd, request: int, arg: int) -> int:

@@ -36,8 +36,8 @@ import pytest
 from conftest import REPO, in_test_vm
 from harness import ioasid as io
 from harness import vfio
-from harness.daemon import ALONE_1, ALONE_2, ALONE_3, SHARED_A, SHARED_B, daemon_pids
-from test_flows import LENGTH, Node, errno_of
+from harness.daemon import (ALONE_1, ALONE_2, ALONE_3, LENGTH, SHARED_A, SHARED_B, Node,
+                            daemon_pids, errno_of)
 
 PAGE = vfio.PAGE_SIZE
 MIB = 1 << 20
