@@ -304,6 +304,23 @@ struct Ioasid {
     shadow: Shadow,
 }
 
+impl Ioasid {
+    /// What already translates for this child, if anything: a child uses
+    /// one protocol at a time (DMA mappings, a page table or a PASID
+    /// table), so binding a table needs none of them in use.
+    fn protocol_in_use(&self) -> Option<&'static str> {
+        if self.pgtable.is_some() {
+            Some("a page table is bound; unbind it first")
+        } else if self.pasid_table.is_some() {
+            Some("a PASID table is bound; unbind it first")
+        } else if !self.mappings.is_empty() {
+            Some("it has DMA mappings; unmap them first")
+        } else {
+            None
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Registration {
     size: u64,
@@ -1659,15 +1676,7 @@ impl Engine {
                 format!("root table {root:#x} is not 4 KiB aligned"),
             ));
         }
-        let io = c.ioasid(ioasid)?;
-        if io.pgtable.is_some() || io.pasid_table.is_some() || !io.mappings.is_empty() {
-            let what = if io.pgtable.is_some() {
-                "a page table is bound already; unbind it first"
-            } else if io.pasid_table.is_some() {
-                "a PASID table is bound; unbind it first"
-            } else {
-                "it has DMA mappings; unmap them first"
-            };
+        if let Some(what) = c.ioasid(ioasid)?.protocol_in_use() {
             return Err(err(EBUSY, format!("IOASID {ioasid}: {what}")));
         }
         let view = parent_view(&c, parent, &[])?;
@@ -1771,15 +1780,7 @@ impl Engine {
         if table.checked_add(8 * u64::from(entries)).is_none() {
             return Err(err(EINVAL, "table + 8 * entries overflows"));
         }
-        let io = c.ioasid(ioasid)?;
-        if io.pgtable.is_some() || io.pasid_table.is_some() || !io.mappings.is_empty() {
-            let what = if io.pasid_table.is_some() {
-                "a PASID table is bound already; unbind it first"
-            } else if io.pgtable.is_some() {
-                "a page table is bound; unbind it first"
-            } else {
-                "it has DMA mappings; unmap them first"
-            };
+        if let Some(what) = c.ioasid(ioasid)?.protocol_in_use() {
             return Err(err(EBUSY, format!("IOASID {ioasid}: {what}")));
         }
         let view = parent_view(&c, parent, &[])?;
