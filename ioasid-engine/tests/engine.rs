@@ -1,82 +1,23 @@
 //! The engine against the fake backend: every method and errno path.
 
+mod common;
+
 use std::sync::Arc;
 
+use common::*;
 use ioasid_engine::backend::Prot;
-use ioasid_engine::fake::{FakeBackend, FakeCall, FakeEntry, FAKE_DAEMON_BASE};
+use ioasid_engine::fake::{FakeBackend, FakeCall, FakeEntry};
 use ioasid_engine::{Attachment, ContextId, DeviceId, DeviceSpec, DmaMap, Engine, EngineError};
 use libc::{EBUSY, EEXIST, EFAULT, EINVAL, ENODEV, ENOENT, ENOMEM, ENOSPC};
 
-const PID: i32 = 100;
-/// Shared memory of PID: two adjacent 8 MiB pieces.
-const MEM: u64 = 0x1000_0000;
-const PIECE: u64 = 8 << 20;
 /// Private memory of PID.
 const PRIVATE: u64 = 0x2000_0000;
-const K4: u64 = 4096;
 /// The last 4 KiB page of the 64-bit space.
 const TOP_PAGE: u64 = !0xfff;
-const RW: Prot = Prot {
-    read: true,
-    write: true,
-};
 
-const DEV_A: DeviceId = DeviceId(1); // group 3
-const DEV_B: DeviceId = DeviceId(2); // group 4
-const DEV_X: DeviceId = DeviceId(10); // group 7
-const DEV_Y: DeviceId = DeviceId(11); // group 7
-
-struct Fixture {
-    fake: Arc<FakeBackend>,
-    engine: Arc<Engine>,
-}
-
-fn fixture() -> Fixture {
-    let fake = Arc::new(FakeBackend::new());
-    fake.share(PID, MEM, PIECE);
-    fake.share(PID, MEM + PIECE, PIECE);
-    let dev = |id: DeviceId, name: &str, group| DeviceSpec {
-        id,
-        name: name.to_string(),
-        group,
-    };
-    let engine = Engine::new(
-        fake.clone(),
-        vec![
-            dev(DEV_A, "0000:00:03.0", 3),
-            dev(DEV_B, "0000:00:04.0", 4),
-            dev(DEV_X, "0000:01:01.0", 7),
-            dev(DEV_Y, "0000:01:02.0", 7),
-        ],
-    )
-    .expect("distinct ids");
-    Fixture {
-        fake,
-        engine: Arc::new(engine),
-    }
-}
-
-fn m(iova: u64, vaddr: u64, size: u64) -> DmaMap {
-    DmaMap {
-        iova,
-        vaddr,
-        size,
-        prot: RW,
-    }
-}
-
-fn entry(iova: u64, vaddr: u64, size: u64) -> FakeEntry {
-    FakeEntry {
-        iova,
-        daemon_vaddr: FAKE_DAEMON_BASE + vaddr,
-        size,
-        prot: RW,
-    }
-}
-
-#[track_caller]
-fn errno<T: std::fmt::Debug>(r: Result<T, EngineError>) -> i32 {
-    r.expect_err("expected an error").errno
+/// A domain entry mapping `iova` to client address `vaddr`, read-write.
+fn e_rw(iova: u64, vaddr: u64, size: u64) -> FakeEntry {
+    e(iova, vaddr, size, RW)
 }
 
 impl Fixture {
@@ -166,9 +107,9 @@ fn map_realises_in_the_attached_group_and_info_reports_it() {
     assert_eq!(
         f.fake.entries(3),
         vec![
-            entry(0x10_0000, MEM, 0x4000),
-            entry(0x20_0000, MEM + PIECE - K4, K4),
-            entry(0x20_1000, MEM + PIECE, K4),
+            e_rw(0x10_0000, MEM, 0x4000),
+            e_rw(0x20_0000, MEM + PIECE - K4, K4),
+            e_rw(0x20_1000, MEM + PIECE, K4),
         ]
     );
     let info = f.engine.info(ctx, io).unwrap();
@@ -221,7 +162,7 @@ fn mappings_survive_detach_and_are_replayed_on_reattach() {
     f.engine.attach(DEV_B, ctx, io, None).unwrap();
     assert_eq!(
         f.fake.entries(4),
-        vec![entry(0, MEM, K4), entry(0x1000, MEM + K4, K4)]
+        vec![e_rw(0, MEM, K4), e_rw(0x1000, MEM + K4, K4)]
     );
     assert!(f.fake.entries(3).is_empty());
     f.engine.attach(DEV_A, ctx, io, None).unwrap();
@@ -345,8 +286,8 @@ fn alignment_follows_the_smallest_page_size_of_the_domains() {
         EINVAL
     );
     f.engine.map_dma(ctx, PID, io, m(mb2, MEM, mb2)).unwrap();
-    assert_eq!(f.fake.entries(3), vec![entry(mb2, MEM, mb2)]);
-    assert_eq!(f.fake.entries(4), vec![entry(mb2, MEM, mb2)]);
+    assert_eq!(f.fake.entries(3), vec![e_rw(mb2, MEM, mb2)]);
+    assert_eq!(f.fake.entries(4), vec![e_rw(mb2, MEM, mb2)]);
     assert_eq!(errno(f.engine.unmap_dma(ctx, io, mb2, K4)), EINVAL);
     // With B gone, A's 4 KiB pages are enough again.
     f.engine.detach(DEV_B, ctx, io, None).unwrap();
@@ -433,8 +374,8 @@ fn map_and_unmap_apply_to_every_realising_group() {
     f.engine.bind(DEV_B, ctx).unwrap();
     f.engine.attach(DEV_B, ctx, io, None).unwrap();
     f.engine.map_dma(ctx, PID, io, m(0, MEM, K4)).unwrap();
-    assert_eq!(f.fake.entries(3), vec![entry(0, MEM, K4)]);
-    assert_eq!(f.fake.entries(4), vec![entry(0, MEM, K4)]);
+    assert_eq!(f.fake.entries(3), vec![e_rw(0, MEM, K4)]);
+    assert_eq!(f.fake.entries(4), vec![e_rw(0, MEM, K4)]);
     // One alias serves both domains.
     assert_eq!(f.fake.live_aliases(), 1);
     assert_eq!(f.engine.unmap_dma(ctx, io, 0, K4).unwrap(), K4);
@@ -516,7 +457,7 @@ fn group_rule_refuses_every_command_until_the_group_is_whole() {
     // Attaching the other device lifts it.
     f.engine.attach(DEV_Y, ctx, io, None).unwrap();
     f.engine.map_dma(ctx, PID, io, m(0, MEM, K4)).unwrap();
-    assert_eq!(f.fake.entries(7), vec![entry(0, MEM, K4)]);
+    assert_eq!(f.fake.entries(7), vec![e_rw(0, MEM, K4)]);
     assert_eq!(f.engine.info(ctx, io).unwrap().devices.len(), 2);
     // Detaching one of them brings it back...
     f.engine.detach(DEV_Y, ctx, io, None).unwrap();
@@ -703,7 +644,7 @@ fn registration_rules() {
         .iter()
         .any(|c| matches!(c, FakeCall::Alias { .. })));
     assert_eq!(f.fake.live_aliases(), 1);
-    assert_eq!(f.fake.entries(3), vec![entry(0, r + 0x4000, 0x4000)]);
+    assert_eq!(f.fake.entries(3), vec![e_rw(0, r + 0x4000, 0x4000)]);
     // Outside every registration: ENOENT, saying why.
     let e = f
         .engine
@@ -745,8 +686,8 @@ fn registration_spanning_pieces_is_sliced_per_map() {
     assert_eq!(
         f.fake.entries(3),
         vec![
-            entry(0x100_0000, MEM + PIECE - K4, K4),
-            entry(0x100_1000, MEM + PIECE, 2 * K4),
+            e_rw(0x100_0000, MEM + PIECE - K4, K4),
+            e_rw(0x100_1000, MEM + PIECE, 2 * K4),
         ]
     );
 }

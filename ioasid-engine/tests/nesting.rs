@@ -3,29 +3,19 @@
 //! with real bytes in the fake's memory, malformed and random tables, PASID
 //! tables, and leaks.
 
-use std::sync::Arc;
+mod common;
 
+use common::*;
 use ioasid_engine::backend::Prot;
-use ioasid_engine::fake::{FakeBackend, FakeCall, FakeEntry, FAKE_DAEMON_BASE};
+use ioasid_engine::fake::{FakeCall, FakeEntry, FAKE_DAEMON_BASE};
 use ioasid_engine::pgtable::{PTE_PRESENT, PTE_PS, PTE_WRITE};
 use ioasid_engine::{
-    Attachment, ContextId, DeviceId, DeviceSpec, DmaMap, Engine, EngineError, Invalidation,
-    PASID_TABLE_FLAT_X86_64, PGTABLE_X86_64_4LVL,
+    Attachment, ContextId, Invalidation, PASID_TABLE_FLAT_X86_64, PGTABLE_X86_64_4LVL,
 };
 use libc::{EBUSY, EEXIST, EFAULT, EINVAL, ENODEV, ENOENT, ENOSPC};
 
-const PID: i32 = 100;
-/// Shared memory of PID: two adjacent 8 MiB pieces, then a separate 16 MiB.
-const MEM: u64 = 0x1000_0000;
-const PIECE: u64 = 8 << 20;
-const MEM2: u64 = 0x3000_0000;
-const K4: u64 = 4096;
 const M2: u64 = 2 << 20;
 const G1: u64 = 1 << 30;
-const RW: Prot = Prot {
-    read: true,
-    write: true,
-};
 const RO: Prot = Prot {
     read: true,
     write: false,
@@ -34,70 +24,6 @@ const WO: Prot = Prot {
     read: false,
     write: true,
 };
-
-const DEV_A: DeviceId = DeviceId(1); // group 3
-const DEV_B: DeviceId = DeviceId(2); // group 4
-const DEV_X: DeviceId = DeviceId(10); // group 7
-const DEV_Y: DeviceId = DeviceId(11); // group 7
-
-struct Fixture {
-    fake: Arc<FakeBackend>,
-    engine: Arc<Engine>,
-}
-
-fn fixture() -> Fixture {
-    let fake = Arc::new(FakeBackend::new());
-    fake.share(PID, MEM, PIECE);
-    fake.share(PID, MEM + PIECE, PIECE);
-    fake.share(PID, MEM2, 2 * PIECE);
-    let dev = |id: DeviceId, name: &str, group| DeviceSpec {
-        id,
-        name: name.to_string(),
-        group,
-    };
-    let engine = Engine::new(
-        fake.clone(),
-        vec![
-            dev(DEV_A, "0000:00:03.0", 3),
-            dev(DEV_B, "0000:00:04.0", 4),
-            dev(DEV_X, "0000:01:01.0", 7),
-            dev(DEV_Y, "0000:01:02.0", 7),
-        ],
-    )
-    .expect("distinct ids");
-    Fixture {
-        fake,
-        engine: Arc::new(engine),
-    }
-}
-
-fn m(iova: u64, vaddr: u64, size: u64) -> DmaMap {
-    mp(iova, vaddr, size, RW)
-}
-
-fn mp(iova: u64, vaddr: u64, size: u64, prot: Prot) -> DmaMap {
-    DmaMap {
-        iova,
-        vaddr,
-        size,
-        prot,
-    }
-}
-
-/// A domain entry mapping `iova` to client address `vaddr`.
-fn e(iova: u64, vaddr: u64, size: u64, prot: Prot) -> FakeEntry {
-    FakeEntry {
-        iova,
-        daemon_vaddr: FAKE_DAEMON_BASE + vaddr,
-        size,
-        prot,
-    }
-}
-
-#[track_caller]
-fn errno<T: std::fmt::Debug>(r: Result<T, EngineError>) -> i32 {
-    r.expect_err("expected an error").errno
-}
 
 /// The RFC's flow 5.3 set-up: A and B bound and attached to `gpa`, which
 /// maps GPA 0..16 MiB to MEM (one mapping over both pieces), and a child
