@@ -27,7 +27,16 @@ use cuse_ioasid::node::IoasidNode;
 /// node is which device; the daemon also logs the table at start. Stop it
 /// with SIGTERM or SIGINT: the nodes disappear and clients get ENODEV.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(
+    version,
+    about,
+    long_about,
+    after_long_help = "Memory a client maps for DMA must be shared and file-backed (memfd, \
+shm, hugetlbfs, a shared file or MAP_SHARED|MAP_ANONYMOUS): the daemon reaches it through \
+/proc/PID/map_files; private memory is refused with EFAULT. Pinned memory is charged to the \
+client's RLIMIT_MEMLOCK.\n\nThe uAPI (ioctl numbers, structs, errnos) is the C header \
+uapi/include/linux/ioasid.h of the cuse-ioasid sources, explained in docs/uapi.md there."
+)]
 struct Args {
     /// Serve only this device (PCI address such as 0000:00:03.0);
     /// repeatable. Default: every device bound to vfio-pci.
@@ -222,4 +231,34 @@ fn set_mode(path: &Path, mode: Option<u32>) -> Result<()> {
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("chmod {:o} {}", mode, path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Args;
+    use clap::CommandFactory;
+
+    /// The man page `docs/man/cuse-ioasid.8` is rendered from the same
+    /// definitions as `--help`, so the two cannot drift apart. Run with
+    /// `UPDATE_MAN=1` to rewrite it after changing an option.
+    #[test]
+    fn man_page_matches_the_options() {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(Args::command().name("cuse-ioasid"))
+            .section("8")
+            .render(&mut page)
+            .expect("render the man page");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/man/cuse-ioasid.8");
+        if std::env::var_os("UPDATE_MAN").is_some() {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &page).unwrap();
+        }
+        let committed = std::fs::read(&path).unwrap_or_default();
+        assert!(
+            committed == page,
+            "{} is out of date: run `UPDATE_MAN=1 cargo test -p cuse-ioasid man_page`",
+            path.display()
+        );
+    }
 }
