@@ -41,6 +41,11 @@ pub trait CallerMemory {
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno>;
     /// Write `buf` at the caller's address `addr` (`EFAULT` if unwritable).
     fn write(&self, addr: u64, buf: &[u8]) -> Result<(), Errno>;
+    /// The calling process's id (its thread-group id; `ESRCH` if it is
+    /// gone). Asked only by the commands that need it (`IOASID_MAP_DMA`,
+    /// `IOASID_REGISTER_MEMORY`, `IOASID_DAEMON_IDENTIFY`): finding it may
+    /// cost a read of `/proc`.
+    fn pid(&self) -> Result<Pid, Errno>;
 }
 
 /// The longest tail past a known struct that is read and checked for
@@ -96,13 +101,13 @@ impl From<EngineError> for Fail {
 }
 
 /// Handle ioctl `cmd` with argument `arg` on the `/dev/ioasid` file of
-/// context `ctx`, issued by process `pid` (its thread-group id) whose
-/// memory is `caller`. Returns the ioctl's return value or the errno.
+/// context `ctx`, issued by the process `caller` (its memory, and its pid
+/// for the commands that need one). Returns the ioctl's return value or
+/// the errno.
 pub fn dispatch(
     engine: &Engine,
     ctx: ContextId,
     caller: &dyn CallerMemory,
-    pid: Pid,
     cmd: u32,
     arg: u64,
 ) -> Result<i32, Errno> {
@@ -122,12 +127,12 @@ pub fn dispatch(
             return Err(Errno::ENOTTY);
         }
     }
-    let result = handle(engine, ctx, caller, pid, command, arg);
+    let result = handle(engine, ctx, caller, command, arg);
     if let Err(f) = &result {
         if is_client_mistake(f.errno) {
-            tracing::debug!(cmd = command.name(), errno = %f.errno, pid, "{}", f.message);
+            tracing::debug!(cmd = command.name(), errno = %f.errno, "{}", f.message);
         } else {
-            tracing::warn!(cmd = command.name(), errno = %f.errno, pid, "{}", f.message);
+            tracing::warn!(cmd = command.name(), errno = %f.errno, "{}", f.message);
         }
     }
     result.map_err(|f| f.errno)
@@ -154,7 +159,6 @@ fn handle(
     engine: &Engine,
     ctx: ContextId,
     caller: &dyn CallerMemory,
-    pid: Pid,
     command: IoasidCmd,
     arg: u64,
 ) -> Result<i32, Fail> {
@@ -170,6 +174,7 @@ fn handle(
             Ok(0)
         }
         IoasidCmd::DaemonIdentify => {
+            let pid = caller_pid(caller)?;
             if u32::try_from(pid).ok() != Some(std::process::id()) {
                 return Err(Fail::new(
                     Errno::EPERM,
@@ -184,7 +189,7 @@ fn handle(
         IoasidCmd::RegisterMemory | IoasidCmd::UnregisterMemory => {
             let (r, _) = read_struct::<IoasidRegisterMemory>(caller, arg)?;
             if command == IoasidCmd::RegisterMemory {
-                engine.register_memory(ctx, pid, r.vaddr, r.size)?;
+                engine.register_memory(ctx, caller_pid(caller)?, r.vaddr, r.size)?;
             } else {
                 engine.unregister_memory(ctx, r.vaddr, r.size)?;
             }
@@ -203,7 +208,7 @@ fn handle(
                 size: m.size,
                 prot,
             };
-            engine.map_dma(ctx, pid, m.ioasid, map)?;
+            engine.map_dma(ctx, caller_pid(caller)?, m.ioasid, map)?;
             Ok(0)
         }
         IoasidCmd::UnmapDma => {
@@ -311,6 +316,13 @@ fn no_reserved(reserved: u32) -> Result<(), Fail> {
         ));
     }
     Ok(())
+}
+
+/// The caller's pid, for the commands that need it.
+fn caller_pid(caller: &dyn CallerMemory) -> Result<Pid, Fail> {
+    caller
+        .pid()
+        .map_err(|e| Fail::new(e, "the calling process is gone"))
 }
 
 fn read(caller: &dyn CallerMemory, addr: u64, buf: &mut [u8]) -> Result<(), Fail> {

@@ -42,6 +42,21 @@ impl CallerMemory for Caller<'_> {
     fn write(&self, addr: u64, buf: &[u8]) -> Result<(), Errno> {
         self.0.write_mem(addr, buf)
     }
+
+    /// The engine accounts memory and aliases it per process, so it needs
+    /// the thread-group id, not the calling thread's id. `Request::pid`
+    /// reads `/proc` once per request and caches it; only the commands
+    /// that need a pid ask.
+    fn pid(&self) -> Result<i32, Errno> {
+        let req = self.0;
+        let pid = req.pid().inspect_err(|_| {
+            tracing::debug!(
+                tid = req.tid(),
+                "caller vanished before its ioctl was served"
+            );
+        })?;
+        i32::try_from(pid).map_err(|_| Errno::ESRCH)
+    }
 }
 
 impl Device for IoasidNode {
@@ -52,20 +67,10 @@ impl Device for IoasidNode {
     }
 
     fn ioctl(&self, req: &Request, fh: u64, args: IoctlArgs<'_>) -> Result<IoctlResult, Errno> {
-        // The engine accounts memory and aliases it per process, so it needs
-        // the thread-group id, not the calling thread's id.
-        let pid = req.pid().inspect_err(|_| {
-            tracing::debug!(
-                tid = req.tid(),
-                "caller vanished before its ioctl was served"
-            );
-        })?;
-        let pid = i32::try_from(pid).map_err(|_| Errno::ESRCH)?;
         let value = dispatch(
             &self.engine,
             ContextId(fh),
             &Caller(req),
-            pid,
             args.cmd,
             args.arg,
         )?;

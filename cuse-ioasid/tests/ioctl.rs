@@ -2,7 +2,7 @@
 //! fake caller memory: argument sizes, flags, reserved fields, addresses,
 //! and the full happy path with the bytes written back decoded.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 
 use cuse_ioasid::ioctl::{dispatch, CallerMemory, MAX_TAIL};
@@ -29,6 +29,10 @@ struct Caller {
     writable: bool,
     /// Every (address, length) written.
     writes: RefCell<Vec<(u64, usize)>>,
+    /// The caller's pid, or the errno of a caller that vanished.
+    pid: Cell<Result<i32, Errno>>,
+    /// How many times the pid was asked for.
+    pid_asked: Cell<usize>,
 }
 
 impl Caller {
@@ -37,6 +41,8 @@ impl Caller {
             bytes: RefCell::new(vec![0; LEN]),
             writable: true,
             writes: RefCell::new(Vec::new()),
+            pid: Cell::new(Ok(PID)),
+            pid_asked: Cell::new(0),
         }
     }
 
@@ -86,6 +92,11 @@ impl CallerMemory for Caller {
         self.writes.borrow_mut().push((addr, buf.len()));
         Ok(())
     }
+
+    fn pid(&self) -> Result<i32, Errno> {
+        self.pid_asked.set(self.pid_asked.get() + 1);
+        self.pid.get()
+    }
 }
 
 struct Fixture {
@@ -127,7 +138,7 @@ impl Fixture {
     }
 
     fn ioctl(&self, cmd: u32, arg: u64) -> Result<i32, Errno> {
-        dispatch(&self.engine, self.ctx, &self.mem, PID, cmd, arg)
+        dispatch(&self.engine, self.ctx, &self.mem, cmd, arg)
     }
 
     fn ioctl_struct<T: IntoBytes + zerocopy::Immutable>(
@@ -607,13 +618,13 @@ fn alloc_free_and_identify_take_integers() {
     assert_eq!(f.ioctl(IOASID_FREE, (1 << 32) | 2), Err(Errno::ENOENT));
     assert_eq!(f.ioctl(IOASID_ALLOC, 0), Ok(1));
     // IDENTIFY answers the daemon only.
-    let me = std::process::id() as i32;
-    let id = dispatch(&f.engine, f.ctx, &f.mem, me, IOASID_DAEMON_IDENTIFY, 7);
-    assert_eq!(id, Ok(f.ctx.0 as i32));
     assert_eq!(f.ioctl(IOASID_DAEMON_IDENTIFY, 0), Err(Errno::EPERM));
+    f.mem.pid.set(Ok(std::process::id() as i32));
+    let id = dispatch(&f.engine, f.ctx, &f.mem, IOASID_DAEMON_IDENTIFY, 7);
+    assert_eq!(id, Ok(f.ctx.0 as i32));
     let other = f.engine.open_context();
     assert_eq!(
-        dispatch(&f.engine, other, &f.mem, me, IOASID_DAEMON_IDENTIFY, 0),
+        dispatch(&f.engine, other, &f.mem, IOASID_DAEMON_IDENTIFY, 0),
         Ok(other.0 as i32)
     );
     assert!(f.mem.writes.borrow().is_empty());
@@ -866,7 +877,7 @@ fn group_rule_reaches_the_client_as_ebusy() {
     let engine = Engine::new(fake, vec![spec(1, "0000:01:00.0"), spec(2, "0000:01:00.1")]).unwrap();
     let ctx = engine.open_context();
     let mem = Caller::new();
-    let call = |cmd, arg| dispatch(&engine, ctx, &mem, PID, cmd, arg);
+    let call = |cmd, arg| dispatch(&engine, ctx, &mem, cmd, arg);
     assert_eq!(call(IOASID_ALLOC, 0), Ok(1));
     engine.bind(DeviceId(1), ctx).unwrap();
     engine.bind(DeviceId(2), ctx).unwrap();
@@ -1214,4 +1225,49 @@ fn engine_format_numbers_are_the_headers() {
         IOASID_PASID_TABLE_MAX_ENTRIES
     );
     assert_eq!(ioasid_engine::pgtable::PTE_PRESENT, 1);
+}
+
+#[test]
+fn only_commands_that_need_a_pid_ask_for_it() {
+    let f = Fixture::attached();
+    let asked = |f: &Fixture| f.mem.pid_asked.replace(0);
+    asked(&f);
+    // No pid for commands that touch no client memory by pid.
+    assert_eq!(f.ioctl(IOASID_CHECK_EXTENSION, 0), Ok(0));
+    assert_eq!(f.ioctl(IOASID_ALLOC, 0), Ok(2));
+    assert_eq!(f.ioctl(IOASID_FREE, 2), Ok(0));
+    assert_eq!(asked(&f), 0);
+    assert_eq!(f.ioctl_struct(IOASID_GET_INFO, &info(1, 24)), Ok(0));
+    assert_eq!(asked(&f), 0);
+    // MAP_DMA needs it, UNMAP_DMA does not.
+    assert_eq!(f.ioctl_struct(IOASID_MAP_DMA, &map(1, 0, MEM, K4)), Ok(0));
+    assert_eq!(asked(&f), 1);
+    assert_eq!(f.ioctl_struct(IOASID_UNMAP_DMA, &unmap(1, 0, K4)), Ok(0));
+    assert_eq!(asked(&f), 0);
+    assert_eq!(f.ioctl_struct(IOASID_REGISTER_MEMORY, &reg(MEM, K4)), Ok(0));
+    assert_eq!(asked(&f), 1);
+    assert_eq!(
+        f.ioctl_struct(IOASID_UNREGISTER_MEMORY, &reg(MEM, K4)),
+        Ok(0)
+    );
+    assert_eq!(asked(&f), 0);
+}
+
+#[test]
+fn a_vanished_caller_fails_only_what_needs_its_pid() {
+    let f = Fixture::attached();
+    f.mem.pid.set(Err(Errno::ESRCH));
+    // Commands that need no pid are still served.
+    assert_eq!(f.ioctl(IOASID_CHECK_EXTENSION, 0), Ok(0));
+    assert_eq!(f.ioctl(IOASID_ALLOC, 0), Ok(2));
+    // Those that need it fail with ESRCH, as before, and change nothing.
+    assert_eq!(
+        f.ioctl_struct(IOASID_MAP_DMA, &map(1, 0, MEM, K4)),
+        Err(Errno::ESRCH)
+    );
+    assert_eq!(f.ioctl(IOASID_DAEMON_IDENTIFY, 0), Err(Errno::ESRCH));
+    assert_eq!(f.fake.live_aliases(), 0);
+    // Unmapping finds nothing mapped: 0 bytes unmapped.
+    assert_eq!(f.ioctl_struct(IOASID_UNMAP_DMA, &unmap(1, 0, K4)), Ok(0));
+    assert_eq!(f.mem.struct_at::<IoasidDmaUnmap>(ARG).size, 0);
 }
