@@ -107,6 +107,11 @@ pub trait Backend: Send + Sync {
     /// Give back an alias returned by [`Backend::alias`].
     fn release_alias(&self, alias: &Alias);
 
+    /// Drop whatever the backend keeps of released aliases for reuse (a
+    /// cache of idle mappings that keeps client files alive). The engine
+    /// calls it whenever a context closes. The default keeps nothing.
+    fn trim(&self) {}
+
     /// The memory-lock limit (`RLIMIT_MEMLOCK`, soft, in bytes) of process
     /// `pid`; `None` when unlimited or when the process has `CAP_IPC_LOCK`.
     fn memlock_limit(&self, pid: Pid) -> Result<Option<u64>, BackendError>;

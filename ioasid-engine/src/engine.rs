@@ -640,6 +640,10 @@ impl Engine {
         }
         c.own_bytes = 0;
         c.registered_bytes = 0;
+        drop(c);
+        // Released aliases may linger in the backend's idle cache, keeping
+        // client files alive: a closed context leaves nothing behind.
+        self.backend.trim();
         Ok(closed)
     }
 

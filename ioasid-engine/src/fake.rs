@@ -101,6 +101,8 @@ struct FakeState {
     unmap_all_failure: Option<i32>,
     /// Client memory by 4 KiB page of daemon address.
     pages: HashMap<u64, Box<[u8; 4096]>>,
+    /// How many times `trim` was called.
+    trims: usize,
 }
 
 /// The fake backend. Cheap to create; share it as `Arc<FakeBackend>`.
@@ -194,6 +196,11 @@ impl FakeBackend {
         self.write_memory(vaddr, &value.to_le_bytes());
     }
 
+    /// How many times the engine asked the backend to trim its idle cache.
+    pub fn trims(&self) -> usize {
+        self.state().trims
+    }
+
     /// How many aliases are handed out and not released.
     pub fn live_aliases(&self) -> usize {
         self.state().live.len()
@@ -282,6 +289,10 @@ impl Backend for FakeBackend {
         s.calls.push(FakeCall::Release { token: alias.token });
         let known = s.live.remove(&alias.token);
         assert!(known.is_some(), "alias {} released twice", alias.token);
+    }
+
+    fn trim(&self) {
+        self.state().trims += 1;
     }
 
     fn memlock_limit(&self, pid: Pid) -> Result<Option<u64>, BackendError> {

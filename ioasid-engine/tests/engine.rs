@@ -781,10 +781,13 @@ fn close_context_leaks_nothing() {
         .unwrap();
     f.engine.alloc(ctx).unwrap();
     assert_eq!(f.fake.live_aliases(), 3);
+    assert_eq!(f.fake.trims(), 0);
     let closed = f.engine.close_context(ctx).unwrap();
     assert_eq!(closed.unbound, vec![DEV_A, DEV_X, DEV_Y]);
     assert!(closed.errors.is_empty());
     assert_eq!(f.fake.live_aliases(), 0);
+    // The backend was told to drop the idle aliases it may keep.
+    assert_eq!(f.fake.trims(), 1);
     assert!(f.fake.entries(3).is_empty());
     assert!(f.fake.entries(7).is_empty());
     for d in [DEV_A, DEV_X, DEV_Y] {

@@ -374,9 +374,15 @@ fn run() -> Result<()> {
     println!("ok: unmap_all emptied both containers");
     v.release_alias(&a1);
     v.release_alias(&a2);
+    let (idle, _) = v.client_memory().idle();
+    ensure!(
+        idle == v.client_memory().mapping_count() && v.client_memory().alias_count() == 0,
+        "aliases still in use after release"
+    );
+    v.trim();
     ensure!(
         v.client_memory().mapping_count() == 0,
-        "aliases left mapped"
+        "aliases left mapped after trim"
     );
     c1.quit();
     c2.quit();

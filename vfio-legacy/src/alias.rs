@@ -25,6 +25,20 @@
 //! is correct. A client that replaces its mapping gets a new key (other file
 //! or offset) and so a new alias; the old one lives until released.
 //!
+//! **Idle cache.** When the last alias using a daemon mapping is released,
+//! the mapping is not unmapped at once: it becomes *idle* and stays, keyed
+//! as before, for a later alias of the same backing range to reuse (a
+//! client that maps and unmaps the same buffer in a loop would otherwise pay
+//! for `map_files`, `mmap` and the page-table fill of the pin every time).
+//! Reuse changes nothing about who may have what: every alias still starts
+//! from the *caller's own* `/proc/<pid>/maps`, and an idle mapping is found
+//! only under the key of an area the caller maps itself. An idle mapping
+//! pins nothing (VFIO pins only while DMA-mapped) but keeps its file alive,
+//! so the cache is bounded ([`IDLE_MAX_ENTRIES`], [`IDLE_MAX_BYTES`] of
+//! address space; least recently released goes first) and emptied by
+//! [`ClientMemory::trim`] (the engine asks for it whenever an IOASID
+//! context closes), by [`ClientMemory::clear`] and on drop.
+//!
 //! **Races.** Between reading the maps and opening `map_files`, the client may
 //! unmap or replace the area. The daemon checks that the opened file has the
 //! inode the maps listed, and after mapping re-reads the maps to check the
@@ -46,6 +60,13 @@ use crate::sys::SharedMapping;
 
 /// How many times an alias is retried when the client's map changes under it.
 const ATTEMPTS: usize = 4;
+
+/// How many idle daemon mappings are kept at most.
+pub const IDLE_MAX_ENTRIES: usize = 64;
+
+/// How much address space idle daemon mappings may cover in total; a
+/// released mapping larger than this is unmapped at once.
+pub const IDLE_MAX_BYTES: u64 = 4 << 30;
 
 /// `CAP_IPC_LOCK`'s bit in the capability sets.
 const CAP_IPC_LOCK: u32 = 14;
@@ -75,29 +96,97 @@ impl Key {
     }
 }
 
+/// A daemon mapping; idle when `refs` is 0.
 #[derive(Debug)]
 struct Entry {
     mapping: SharedMapping,
     refs: usize,
 }
 
+/// The bounds of the idle cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdleLimits {
+    /// At most this many idle mappings.
+    pub entries: usize,
+    /// At most this many bytes of address space in idle mappings.
+    pub bytes: u64,
+}
+
+impl Default for IdleLimits {
+    fn default() -> Self {
+        IdleLimits {
+            entries: IDLE_MAX_ENTRIES,
+            bytes: IDLE_MAX_BYTES,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Table {
+    /// Every daemon mapping, in use or idle.
     entries: HashMap<Key, Entry>,
     tokens: HashMap<u64, Vec<Key>>,
     next_token: u64,
+    /// The idle entries' keys, least recently released first.
+    idle: Vec<Key>,
+    /// Bytes of address space of the idle entries.
+    idle_bytes: u64,
+    limits: IdleLimits,
 }
 
 impl Table {
+    /// Take a reference on `key`'s mapping if there is one (reviving it if
+    /// idle); its address.
+    fn get(&mut self, key: &Key) -> Option<usize> {
+        let entry = self.entries.get_mut(key)?;
+        if entry.refs == 0 {
+            if let Some(i) = self.idle.iter().position(|k| k == key) {
+                self.idle.remove(i);
+                self.idle_bytes -= key.len;
+            }
+        }
+        entry.refs += 1;
+        Some(entry.mapping.addr())
+    }
+
+    /// Drop a reference on `key`'s mapping; the last one makes it idle,
+    /// which may evict older idle mappings (or this one) to stay within
+    /// the limits.
     fn put(&mut self, key: &Key) {
         let Some(entry) = self.entries.get_mut(key) else {
             return;
         };
         entry.refs -= 1;
         if entry.refs == 0 {
-            // Dropping the entry unmaps it.
-            self.entries.remove(key);
+            if key.len > self.limits.bytes || self.limits.entries == 0 {
+                // It could never stay: unmap it without displacing others.
+                self.entries.remove(key);
+                return;
+            }
+            self.idle.push(*key);
+            self.idle_bytes += key.len;
+            self.evict();
         }
+    }
+
+    /// Unmap least recently released idle mappings until within the limits.
+    fn evict(&mut self) {
+        while !self.idle.is_empty()
+            && (self.idle.len() > self.limits.entries || self.idle_bytes > self.limits.bytes)
+        {
+            let key = self.idle.remove(0);
+            self.idle_bytes -= key.len;
+            // Dropping the entry unmaps it.
+            self.entries.remove(&key);
+        }
+    }
+
+    /// Unmap every idle mapping.
+    fn trim(&mut self) {
+        for key in std::mem::take(&mut self.idle) {
+            self.entries.remove(&key);
+        }
+        self.idle_bytes = 0;
     }
 }
 
@@ -136,9 +225,18 @@ impl ClientMemory {
 
     /// Aliases made through a procfs mounted at `proc_root`.
     pub fn with_proc_root(proc_root: impl Into<PathBuf>) -> Self {
+        Self::with_limits(proc_root, IdleLimits::default())
+    }
+
+    /// Aliases made through a procfs mounted at `proc_root`, keeping idle
+    /// mappings within `limits`.
+    pub fn with_limits(proc_root: impl Into<PathBuf>, limits: IdleLimits) -> Self {
         ClientMemory {
             proc_root: proc_root.into(),
-            table: Mutex::new(Table::default()),
+            table: Mutex::new(Table {
+                limits,
+                ..Table::default()
+            }),
         }
     }
 
@@ -210,11 +308,8 @@ impl ClientMemory {
         let mut segments = Vec::with_capacity(areas.len());
         for vma in areas {
             let key = Key::of(vma);
-            let addr = match table.entries.get_mut(&key) {
-                Some(entry) => {
-                    entry.refs += 1;
-                    entry.mapping.addr()
-                }
+            let addr = match table.get(&key) {
+                Some(addr) => addr,
                 None => match self.map_area(pid, vma) {
                     Ok(mapping) => {
                         let addr = mapping.addr();
@@ -305,8 +400,8 @@ impl ClientMemory {
         Ok(mapping)
     }
 
-    /// Give back an alias; the daemon mappings it held are unmapped when no
-    /// other alias uses them.
+    /// Give back an alias; the daemon mappings it held become idle when no
+    /// other alias uses them (see the module documentation).
     pub fn release(&self, alias: &Alias) {
         let mut table = self.lock();
         let Some(keys) = table.tokens.remove(&alias.token) else {
@@ -318,17 +413,31 @@ impl ClientMemory {
         }
     }
 
+    /// Unmap every idle mapping (those in use stay).
+    pub fn trim(&self) {
+        self.lock().trim();
+    }
+
     /// Drop every alias and unmap everything (outstanding tokens become
     /// unknown).
     pub fn clear(&self) {
         let mut table = self.lock();
         table.tokens.clear();
+        table.idle.clear();
+        table.idle_bytes = 0;
         table.entries.clear();
     }
 
-    /// How many daemon mappings exist.
+    /// How many daemon mappings exist, in use or idle.
     pub fn mapping_count(&self) -> usize {
         self.lock().entries.len()
+    }
+
+    /// How many of them are idle, and how many bytes of address space
+    /// those cover.
+    pub fn idle(&self) -> (usize, u64) {
+        let table = self.lock();
+        (table.idle.len(), table.idle_bytes)
     }
 
     /// How many aliases are outstanding (not yet released).
@@ -480,12 +589,16 @@ mod tests {
             .unwrap();
         assert_eq!(&back, b"written by the daemon");
 
+        // Release makes the mapping idle: still mapped, no alias outstanding.
         cm.release(&a);
+        assert_eq!((cm.mapping_count(), cm.alias_count()), (1, 0));
+        assert_eq!(cm.idle(), (1, 4 * PAGE as u64));
+        assert!(self_maps_has(seg.daemon_vaddr, &file));
+        // Trimming unmaps it.
+        cm.trim();
         assert_eq!(cm.mapping_count(), 0);
-        assert!(
-            !self_maps_has(seg.daemon_vaddr, &file),
-            "release must unmap"
-        );
+        assert_eq!(cm.idle(), (0, 0));
+        assert!(!self_maps_has(seg.daemon_vaddr, &file), "trim must unmap");
     }
 
     #[test]
@@ -515,7 +628,10 @@ mod tests {
         cm.release(&a);
         assert!(self_maps_has(da, &file));
         cm.release(&b);
-        assert_eq!((cm.mapping_count(), cm.alias_count()), (0, 0));
+        assert_eq!((cm.mapping_count(), cm.alias_count()), (1, 0));
+        assert_eq!(cm.idle().0, 1, "idle after the last release");
+        cm.trim();
+        assert_eq!(cm.mapping_count(), 0);
         assert!(!self_maps_has(da, &file));
     }
 
@@ -555,7 +671,128 @@ mod tests {
             .unwrap();
         assert!(line.read && !line.write && line.shared);
         cm.release(&a);
+        assert_eq!(cm.idle(), (2, 4 * PAGE as u64));
+        cm.trim();
         assert_eq!(cm.mapping_count(), 0);
+    }
+
+    #[test]
+    fn a_released_alias_is_reused_and_still_checked_against_the_callers_maps() {
+        if !is_root() {
+            eprintln!("skipped: needs root (map_files)");
+            return;
+        }
+        let (file, client) = client_memfd(2);
+        let base = client.addr() as u64;
+        let cm = ClientMemory::new();
+        let a = cm.alias(pid(), base, 2 * PAGE as u64).unwrap();
+        let da = a.segments[0].daemon_vaddr;
+        cm.release(&a);
+        // The same range again: the idle mapping comes back, not a new one.
+        let b = cm.alias(pid(), base + PAGE as u64, PAGE as u64).unwrap();
+        assert_eq!(b.segments[0].daemon_vaddr, da + PAGE as u64);
+        assert_eq!(cm.mapping_count(), 1);
+        assert_eq!(cm.idle(), (0, 0), "in use again, no longer idle");
+        file.write_all_at(b"still the client's", PAGE as u64)
+            .unwrap();
+        let mut buf = [0u8; 18];
+        mem()
+            .read_exact_at(&mut buf, b.segments[0].daemon_vaddr)
+            .unwrap();
+        assert_eq!(&buf, b"still the client's");
+        cm.release(&b);
+        assert_eq!(cm.idle().0, 1);
+
+        // Once the caller no longer maps the memory, the idle mapping of it
+        // is not handed out: the caller's own maps decide.
+        let addr = client.addr();
+        drop(client);
+        assert!(!self_maps_has(addr as u64, &file));
+        let e = cm.alias(pid(), addr as u64, PAGE as u64);
+        // Another test thread may have mapped something at that address
+        // since; whatever it is, it is not this memfd's idle mapping.
+        if let Ok(other) = &e {
+            assert_ne!(other.segments[0].daemon_vaddr, da);
+            cm.release(other);
+        } else {
+            assert_eq!(e.unwrap_err().errno, Errno::EFAULT);
+        }
+        assert!(self_maps_has(da, &file), "still idle until trimmed");
+        drop(cm);
+        assert!(!self_maps_has(da, &file), "drop unmaps idle mappings");
+    }
+
+    #[test]
+    fn the_idle_cache_evicts_the_least_recently_released_beyond_its_count() {
+        if !is_root() {
+            eprintln!("skipped: needs root (map_files)");
+            return;
+        }
+        let limits = IdleLimits {
+            entries: 2,
+            bytes: u64::MAX,
+        };
+        let cm = ClientMemory::with_limits("/proc", limits);
+        let clients: Vec<_> = (0..3).map(|_| client_memfd(1)).collect();
+        let aliases: Vec<_> = clients
+            .iter()
+            .map(|(_, m)| cm.alias(pid(), m.addr() as u64, PAGE as u64).unwrap())
+            .collect();
+        let addr = |i: usize| aliases[i].segments[0].daemon_vaddr;
+        let mapped = |i: usize| self_maps_has(addr(i), &clients[i].0);
+        cm.release(&aliases[0]);
+        cm.release(&aliases[1]);
+        assert_eq!(cm.idle(), (2, 2 * PAGE as u64));
+        assert!(mapped(0) && mapped(1) && mapped(2));
+        // 0 is used again and released again: now 1 is the oldest idle one.
+        let again = cm
+            .alias(pid(), clients[0].1.addr() as u64, PAGE as u64)
+            .unwrap();
+        assert_eq!(again.segments[0].daemon_vaddr, addr(0));
+        cm.release(&again);
+        cm.release(&aliases[2]);
+        assert_eq!(cm.idle(), (2, 2 * PAGE as u64));
+        assert_eq!(cm.mapping_count(), 2);
+        assert!(!mapped(1), "the least recently released is unmapped");
+        assert!(mapped(0) && mapped(2));
+        cm.clear();
+        assert!(!mapped(0) && !mapped(2));
+        assert_eq!((cm.mapping_count(), cm.idle()), (0, (0, 0)));
+    }
+
+    #[test]
+    fn the_idle_cache_stays_within_its_bytes() {
+        if !is_root() {
+            eprintln!("skipped: needs root (map_files)");
+            return;
+        }
+        let limits = IdleLimits {
+            entries: 64,
+            bytes: 3 * PAGE as u64,
+        };
+        let cm = ClientMemory::with_limits("/proc", limits);
+        let (f1, m1) = client_memfd(2);
+        let (f2, m2) = client_memfd(2);
+        let (f3, m3) = client_memfd(4);
+        let a1 = cm.alias(pid(), m1.addr() as u64, PAGE as u64).unwrap();
+        let a2 = cm.alias(pid(), m2.addr() as u64, PAGE as u64).unwrap();
+        let a3 = cm.alias(pid(), m3.addr() as u64, PAGE as u64).unwrap();
+        let d = |a: &Alias| a.segments[0].daemon_vaddr;
+        cm.release(&a1);
+        assert_eq!(cm.idle(), (1, 2 * PAGE as u64));
+        // Two 2-page areas exceed 3 pages: the older goes.
+        cm.release(&a2);
+        assert_eq!(cm.idle(), (1, 2 * PAGE as u64));
+        assert!(!self_maps_has(d(&a1), &f1));
+        assert!(self_maps_has(d(&a2), &f2));
+        // An area larger than the whole budget is unmapped at once, and
+        // displaces nothing.
+        cm.release(&a3);
+        assert!(!self_maps_has(d(&a3), &f3));
+        assert_eq!(cm.idle(), (1, 2 * PAGE as u64));
+        assert!(self_maps_has(d(&a2), &f2));
+        assert_eq!(cm.mapping_count(), 1);
+        drop((m1, m2, m3));
     }
 
     fn parse_maps_line_pub(l: &str) -> Option<Vma> {

@@ -346,6 +346,10 @@ impl Backend for VfioLegacy {
         self.memory.release(alias)
     }
 
+    fn trim(&self) {
+        self.memory.trim()
+    }
+
     fn memlock_limit(&self, pid: Pid) -> std::result::Result<Option<u64>, BackendError> {
         Ok(memlock_limit(&self.proc_root, pid)?)
     }

@@ -33,7 +33,15 @@ fn shared_memory_round_trip(kind: &str) {
     assert_eq!(c.cmd(&format!("fill 0 {}", 0x22)), "ok");
     assert_eq!(read_self(d, PAGE), pattern_page(0x22), "{kind}");
     cm.release(&a);
-    assert!(!self_maps_has(d), "{kind}: release unmaps");
+    assert!(self_maps_has(d), "{kind}: release leaves the mapping idle");
+    assert_eq!(cm.idle().0, 1, "{kind}");
+    // The client aliasing the same memory again gets the idle mapping back.
+    let b = cm.alias(c.pid(), c.addr, c.len).unwrap();
+    assert_eq!(b.segments[0].daemon_vaddr, d, "{kind}: reused");
+    assert_eq!(read_self(d, PAGE), pattern_page(0x22), "{kind}");
+    cm.release(&b);
+    cm.trim();
+    assert!(!self_maps_has(d), "{kind}: trim unmaps");
     c.quit();
 }
 
@@ -61,6 +69,9 @@ fn alias_outlives_the_client() {
     let d = a.segments[0].daemon_vaddr;
     assert_eq!(read_self(d, PAGE), pattern_page(0x33));
     cm.release(&a);
+    // Released, the mapping is idle (kept for reuse) until trimmed.
+    assert!(self_maps_has(d));
+    cm.trim();
     assert!(!self_maps_has(d));
 }
 
@@ -110,6 +121,8 @@ fn replaced_memory_gets_a_new_alias() {
     assert_eq!(c.cmd(&format!("check 0 7 {PAGE}")), "ok");
     cm.release(&old);
     cm.release(&new);
+    assert_eq!(cm.idle().0, 2);
+    cm.trim();
     assert_eq!(cm.mapping_count(), 0);
     c.quit();
 }
@@ -124,7 +137,11 @@ fn backend_alias_and_memlock() {
         pattern_page(0x44)
     );
     Backend::release_alias(&v, &a);
+    assert_eq!(v.client_memory().idle().0, 1);
+    assert!(self_maps_has(a.segments[0].daemon_vaddr));
+    Backend::trim(&v);
     assert_eq!(v.client_memory().mapping_count(), 0);
+    assert!(!self_maps_has(a.segments[0].daemon_vaddr));
     // Root has CAP_IPC_LOCK: no limit.
     assert_eq!(Backend::memlock_limit(&v, c.pid()).unwrap(), None);
     c.quit();
