@@ -45,8 +45,9 @@
 //!   object answers `EIO` with a warning if it is ever dropped unanswered.
 //!   Replies go through a [`Channel`], so the whole layer is tested with an
 //!   in-memory fake.
-//! - **session** ([`Server`]): registration through `/dev/cuse`, one reader
-//!   thread and a growable worker pool per node, shutdown.
+//! - **session** ([`Server`]): registration through `/dev/cuse`, a growable
+//!   set of threads per node, each reading a request and handling it itself
+//!   (no hand-over between threads), shutdown.
 //! - **caller access** ([`Request`]): the caller's thread and process id,
 //!   uid, gid; its memory (`process_vm_readv`/`writev`); its file
 //!   descriptors (`pidfd_getfd`); whether the request was interrupted; and
@@ -88,9 +89,11 @@
 //!   [`PollHandle`] wakes pollers with a `FUSE_NOTIFY_POLL` notification.
 //! - Closing the `/dev/cuse` fd removes the node: requests in progress fail
 //!   with `ECONNABORTED`, later operations on open files with `ENOTCONN`,
-//!   new opens with `ENODEV`. A plain blocking `read()` on `/dev/cuse` is not
-//!   woken by anything, so readers `poll()` a nonblocking fd together with
-//!   an eventfd.
+//!   new opens with `ENODEV`. A blocking `read()` on `/dev/cuse` is woken
+//!   by nothing but a request, an abort or a signal, so at shutdown the
+//!   server signals its idle threads (`SIGRTMIN + 5`, a no-op handler
+//!   without `SA_RESTART`); the kernel wakes one blocked reader per request,
+//!   so idle threads cost nothing.
 //!
 //! # Testing a `Device`
 //!

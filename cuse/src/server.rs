@@ -1,5 +1,6 @@
 //! Session layer: registering device nodes through `/dev/cuse`, serving
-//! them with a reader thread and a worker pool each, and shutting down.
+//! each with its own threads (each reads requests and handles what it read),
+//! and shutting down.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -11,7 +12,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use tracing::{debug, error, info, warn};
+use slab::Slab;
+use tracing::{error, info, warn};
 
 use crate::device::Device;
 use crate::session::{init_reply, Channel, InitParams, Session, Work};
@@ -31,7 +33,7 @@ pub struct DeviceConfig {
     max_read: u32,
     max_write: u32,
     max_workers: usize,
-    worker_idle: Duration,
+    max_idle: usize,
     cuse_path: PathBuf,
     sysfs_dir: PathBuf,
     dev_dir: PathBuf,
@@ -50,7 +52,7 @@ impl DeviceConfig {
             max_read: MAX_TRANSFER,
             max_write: MAX_TRANSFER,
             max_workers: 32,
-            worker_idle: Duration::from_secs(30),
+            max_idle: 4,
             cuse_path: PathBuf::from("/dev/cuse"),
             sysfs_dir: PathBuf::from("/sys/class/cuse"),
             dev_dir: PathBuf::from("/dev"),
@@ -79,10 +81,13 @@ impl DeviceConfig {
         self
     }
 
-    /// How long a worker thread beyond the first may stay idle before it
-    /// exits (default 30 s).
-    pub fn worker_idle_timeout(mut self, idle: Duration) -> Self {
-        self.worker_idle = idle;
+    /// How many threads may wait for requests at once (at least 2, default
+    /// 4); a thread that finishes a request while this many others wait
+    /// exits, so the threads of a burst go away again. Two keep a client
+    /// that issues one request after another from making a thread per
+    /// request.
+    pub fn max_idle_workers(mut self, n: usize) -> Self {
+        self.max_idle = n.max(2);
         self
     }
 
@@ -185,140 +190,233 @@ impl Channel for FdChannel {
     }
 }
 
-struct PoolState {
-    queue: VecDeque<Work>,
-    idle: usize,
+/// The request-serving threads of one node, libfuse style: every thread
+/// reads `/dev/cuse` itself and handles the request it read, so a request
+/// costs the kernel's two wake-ups (caller to server, server to caller) and
+/// no hand-over between threads.
+///
+/// - Idle threads block in `read(2)`, where the kernel wakes exactly one of
+///   them per request.
+/// - A thread that takes a request while no other thread is waiting spawns
+///   one, so a slow handler never stops the node from reading (other
+///   requests, INTERRUPTs).
+/// - At most `max_handlers` requests are handled at once; a request read
+///   while all slots are taken waits in `queue` for the next free one, and
+///   the thread that read it goes back to reading. So there are at most
+///   `max_handlers + 1` threads, and always one reading.
+/// - A thread that finishes a request leaves if `max_idle` others are
+///   already waiting, so a burst's threads go away again.
+/// - Shutdown sets `closed` and sends [`sys::wake_signal`] to the threads
+///   blocked in `read` until all have left.
+struct Workers {
+    name: String,
+    session: Arc<Session>,
+    channel: Arc<FdChannel>,
+    buffer_size: usize,
+    max_handlers: usize,
+    max_idle: usize,
+    state: Mutex<WorkState>,
+    done_cv: Condvar,
+}
+
+#[derive(Default)]
+struct WorkState {
+    /// Threads alive.
     threads: usize,
+    /// Threads started so far.
+    spawned: u64,
+    /// Threads started that have not yet looked for work.
+    starting: usize,
+    /// The threads waiting for a request (in, or on their way into,
+    /// `read`), by pthread id: the ones to signal at shutdown.
+    readers: Slab<libc::pthread_t>,
+    /// Requests being handled.
+    busy: usize,
+    /// Requests read while every handler slot was taken, with their bytes.
+    queue: VecDeque<(Work, Vec<u8>)>,
+    /// Shutting down, or the connection is gone: threads leave.
     closed: bool,
     handles: Vec<JoinHandle<()>>,
 }
 
-/// A growable pool of worker threads for one node.
-struct Pool {
-    name: String,
-    session: Arc<Session>,
-    max: usize,
-    idle_timeout: Duration,
-    state: Mutex<PoolState>,
-    work_cv: Condvar,
-    done_cv: Condvar,
+/// What one `read` on `/dev/cuse` gave.
+enum Received {
+    /// A message of this many bytes.
+    Message(usize),
+    /// Nothing (interrupted, or taken by another reader): look again.
+    Nothing,
+    /// The connection is gone: this node stops serving.
+    Gone,
 }
 
-impl Pool {
-    fn lock(&self) -> MutexGuard<'_, PoolState> {
+impl Workers {
+    fn lock(&self) -> MutexGuard<'_, WorkState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn submit(self: &Arc<Self>, work: Work) {
-        let mut st = self.lock();
-        st.queue.push_back(work);
-        if st.queue.len() > st.idle && st.threads < self.max {
-            st.handles.retain(|h| !h.is_finished());
-            let pool = self.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("cuse-worker:{}", self.name))
-                .spawn(move || pool.worker());
-            match spawned {
-                Ok(h) => {
-                    st.threads += 1;
-                    st.handles.push(h);
-                }
-                Err(e) => {
-                    warn!(node = %self.name, error = %e, "cannot spawn a worker thread");
-                    if st.threads == 0 {
-                        // Nobody would ever answer: run it here, on the
-                        // reader thread, rather than leave the caller hanging.
-                        let work = st.queue.pop_front();
-                        drop(st);
-                        if let Some(work) = work {
-                            self.session.run(work);
-                        }
-                        return;
-                    }
-                }
-            }
-        }
-        self.work_cv.notify_one();
+    /// Start one more thread; the caller holds the state lock.
+    fn spawn(self: &Arc<Self>, st: &mut WorkState) -> Result<(), std::io::Error> {
+        st.handles.retain(|h| !h.is_finished());
+        let workers = self.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("cuse:{}", self.name))
+            .spawn(move || workers.serve())?;
+        st.threads += 1;
+        st.spawned += 1;
+        st.starting += 1;
+        st.handles.push(handle);
+        Ok(())
     }
 
-    fn worker(self: Arc<Self>) {
+    /// The loop of every thread: wait for a request, handle it, repeat.
+    fn serve(self: Arc<Self>) {
+        sys::unblock_wake_signal();
+        let me = sys::this_thread();
+        let mut buf = vec![0u8; self.buffer_size];
         let mut st = self.lock();
+        st.starting -= 1;
         loop {
-            if let Some(work) = st.queue.pop_front() {
-                drop(st);
-                self.session.run(work);
-                st = self.lock();
+            if st.busy < self.max_handlers {
+                if let Some((work, msg)) = st.queue.pop_front() {
+                    st.busy += 1;
+                    drop(st);
+                    self.session.run(work, &msg);
+                    st = self.lock();
+                    st.busy -= 1;
+                    continue;
+                }
+            }
+            if st.closed || st.readers.len() >= self.max_idle {
+                break;
+            }
+            let key = st.readers.insert(me);
+            drop(st);
+            let received = self.receive(&mut buf);
+            st = self.lock();
+            st.readers.remove(key);
+            let n = match received {
+                Received::Message(n) => n,
+                Received::Nothing => continue,
+                Received::Gone => {
+                    st.closed = true;
+                    break;
+                }
+            };
+            drop(st);
+            let work = self.session.accept(&buf[..n]);
+            st = self.lock();
+            let Some(work) = work else { continue };
+            if st.busy >= self.max_handlers {
+                st.queue.push_back((work, buf[..n].to_vec()));
                 continue;
             }
-            if st.closed {
-                st.threads -= 1;
-                self.done_cv.notify_all();
-                return;
+            st.busy += 1;
+            if st.readers.is_empty() && st.starting == 0 && !st.closed {
+                if let Err(e) = self.spawn(&mut st) {
+                    // This request is still answered, by this thread; the
+                    // node reads again when it is done.
+                    warn!(node = %self.name, error = %e, "cannot spawn a server thread");
+                }
             }
-            st.idle += 1;
-            let (guard, waited) = match self.work_cv.wait_timeout(st, self.idle_timeout) {
-                Ok(r) => r,
-                Err(e) => e.into_inner(),
-            };
-            st = guard;
-            st.idle -= 1;
-            // Shrink back to one worker after a burst.
-            if waited.timed_out() && st.queue.is_empty() && !st.closed && st.threads > 1 {
-                st.threads -= 1;
-                return;
+            drop(st);
+            self.session.run(work, &buf[..n]);
+            st = self.lock();
+            st.busy -= 1;
+        }
+        st.threads -= 1;
+        self.done_cv.notify_all();
+    }
+
+    /// One `read` on `/dev/cuse`.
+    fn receive(&self, buf: &mut [u8]) -> Received {
+        let fd = self.channel.fd.as_fd();
+        match sys::read(fd, buf) {
+            Ok(0) => {
+                self.gone("end of file on /dev/cuse");
+                Received::Gone
+            }
+            Ok(n) => Received::Message(n),
+            // The wake signal (shutdown), or the request went away before
+            // we got it (ENOENT).
+            Err(Errno::EINTR) | Err(Errno::ENOENT) => Received::Nothing,
+            // A nonblocking fd (tests may hand one in): wait until readable.
+            Err(Errno::EAGAIN) => match sys::poll_in(&[fd], -1) {
+                Ok(_) => Received::Nothing,
+                Err(e) => {
+                    self.gone(&format!("poll on /dev/cuse failed: {e}"));
+                    Received::Gone
+                }
+            },
+            Err(Errno::ENODEV) => {
+                self.gone("CUSE connection aborted");
+                Received::Gone
+            }
+            Err(e) => {
+                self.gone(&format!("read on /dev/cuse failed: {e}"));
+                Received::Gone
             }
         }
     }
 
-    /// Let the workers finish what is queued, then exit.
-    fn close(&self) {
-        self.lock().closed = true;
-        self.work_cv.notify_all();
+    /// Log, once per node, why it stops serving.
+    fn gone(&self, why: &str) {
+        let first = !self.lock().closed;
+        if first {
+            warn!(node = %self.name, "{why}; node stops serving");
+        }
     }
 
-    /// Wait until every worker exited or `deadline` passed; true if all did.
+    /// Make every thread leave once it has nothing left to do.
+    fn close(&self) {
+        self.lock().closed = true;
+    }
+
+    /// Wait until every thread left or `deadline` passed; true if all did.
+    /// Requests still in flight are marked interrupted, and the threads
+    /// blocked in `read` are woken, until then.
     fn wait_exit(&self, deadline: Instant) -> bool {
         let mut st = self.lock();
-        while st.threads > 0 {
+        loop {
+            if st.threads == 0 {
+                for h in st.handles.drain(..) {
+                    let _ = h.join();
+                }
+                return true;
+            }
+            self.session.interrupt_all();
+            for (_, &thread) in st.readers.iter() {
+                sys::wake(thread);
+            }
             let now = Instant::now();
             if now >= deadline {
                 return false;
             }
-            st = match self.done_cv.wait_timeout(st, deadline - now) {
+            // A signal sent just before its thread entered read() is lost;
+            // the next round sends it again.
+            let pause = (deadline - now).min(Duration::from_millis(5));
+            st = match self.done_cv.wait_timeout(st, pause) {
                 Ok((g, _)) => g,
                 Err(e) => e.into_inner().0,
             };
         }
-        for h in st.handles.drain(..) {
-            let _ = h.join();
-        }
-        true
     }
 }
 
 struct Node {
     info: NodeInfo,
-    session: Arc<Session>,
-    pool: Arc<Pool>,
-    reader: Option<JoinHandle<()>>,
+    workers: Arc<Workers>,
 }
 
 struct Shared {
     stop: Mutex<bool>,
     stop_cv: Condvar,
-    waker: sys::Waker,
     torn_down: AtomicBool,
 }
 
 impl Shared {
     fn request_stop(&self) {
         let mut stop = self.stop.lock().unwrap_or_else(|e| e.into_inner());
-        if !*stop {
-            *stop = true;
-            if let Err(e) = self.waker.wake() {
-                error!(error = %e, "cannot wake the CUSE reader threads");
-            }
-        }
+        *stop = true;
         self.stop_cv.notify_all();
     }
 
@@ -340,7 +438,7 @@ impl std::fmt::Debug for ShutdownHandle {
 }
 
 impl ShutdownHandle {
-    /// Request the shutdown: every reader stops, [`Server::wait`] returns
+    /// Request the shutdown: [`Server::wait`] returns
     /// after tearing everything down.
     pub fn stop(&self) {
         self.0.request_stop();
@@ -349,10 +447,16 @@ impl ShutdownHandle {
 
 /// Serves any number of CUSE device nodes from this process.
 ///
-/// Each node has its own `/dev/cuse` fd, one reader thread and its own pool
-/// of workers, so a blocked handler of one node never stops another node,
-/// and a slow handler never stops other requests of its node (up to
-/// [`DeviceConfig::max_workers`] at once).
+/// Each node has its own `/dev/cuse` fd and its own threads, each of which
+/// reads a request and handles it (one hand-over less than a reader thread
+/// feeding workers). A blocked handler of one node never stops another
+/// node, and a slow handler never stops other requests of its node (up to
+/// [`DeviceConfig::max_workers`] at once): whenever a thread takes a
+/// request and no other is waiting, it starts one.
+///
+/// At shutdown the threads blocked in `read(2)` are woken by a signal,
+/// `SIGRTMIN + 5`, whose handler (installed by [`Server::new`]) does
+/// nothing; a program using this crate must not use that signal otherwise.
 pub struct Server {
     shared: Arc<Shared>,
     nodes: Mutex<Vec<Node>>,
@@ -368,15 +472,14 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// A server with no nodes yet.
     pub fn new() -> Result<Self, Error> {
-        let waker = sys::Waker::new().map_err(|e| Error::Io {
-            what: "eventfd",
-            errno: e,
+        sys::install_wake_handler().map_err(|errno| Error::Io {
+            what: "install the SIGRTMIN+5 handler",
+            errno,
         })?;
         Ok(Server {
             shared: Arc::new(Shared {
                 stop: Mutex::new(false),
                 stop_cv: Condvar::new(),
-                waker,
                 torn_down: AtomicBool::new(false),
             }),
             nodes: Mutex::new(Vec::new()),
@@ -448,57 +551,41 @@ impl Server {
         self.serve(
             info,
             channel,
-            buf,
+            config.read_buffer_size(),
             device,
             config.max_workers,
-            config.worker_idle,
+            config.max_idle,
         )
     }
 
-    /// Serve an initialised connection: a reader thread and a worker pool.
+    /// Serve an initialised connection with its first thread.
     fn serve(
         &self,
         info: NodeInfo,
         channel: Arc<FdChannel>,
-        buf: Vec<u8>,
+        buffer_size: usize,
         device: Arc<dyn Device>,
-        max_workers: usize,
-        idle_timeout: Duration,
+        max_handlers: usize,
+        max_idle: usize,
     ) -> Result<NodeInfo, Error> {
         let session = Arc::new(Session::new(device, channel.clone()));
-        let pool = Arc::new(Pool {
+        let workers = Arc::new(Workers {
             name: info.name.clone(),
-            session: session.clone(),
-            max: max_workers,
-            idle_timeout,
-            state: Mutex::new(PoolState {
-                queue: VecDeque::new(),
-                idle: 0,
-                threads: 0,
-                closed: false,
-                handles: Vec::new(),
-            }),
-            work_cv: Condvar::new(),
+            session,
+            channel,
+            buffer_size,
+            max_handlers,
+            max_idle,
+            state: Mutex::new(WorkState::default()),
             done_cv: Condvar::new(),
         });
-        let reader = {
-            let shared = self.shared.clone();
-            let session = session.clone();
-            let pool = pool.clone();
-            let name = info.name.clone();
-            std::thread::Builder::new()
-                .name(format!("cuse-reader:{name}"))
-                .spawn(move || reader_loop(&name, &channel, buf, &shared, &session, &pool))
-                .map_err(|e| Error::Io {
-                    what: "spawn reader thread",
-                    errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN)),
-                })?
-        };
+        workers.spawn(&mut workers.lock()).map_err(|e| Error::Io {
+            what: "spawn a server thread",
+            errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN)),
+        })?;
         let node = Node {
             info: info.clone(),
-            session,
-            pool,
-            reader: Some(reader),
+            workers,
         };
         {
             let mut nodes = self.lock_nodes();
@@ -563,14 +650,8 @@ impl Server {
 /// Stop serving `nodes` (their readers have been told to stop) and close
 /// them, waiting at most `grace` for running handlers before aborting.
 fn shutdown_nodes(mut nodes: Vec<Node>, grace: Duration) {
-    for node in &mut nodes {
-        if let Some(reader) = node.reader.take() {
-            if reader.join().is_err() {
-                error!(node = %node.info.name, "reader thread panicked");
-            }
-        }
-        node.session.interrupt_all();
-        node.pool.close();
+    for node in &nodes {
+        node.workers.close();
     }
     // Close idle nodes first: a handler of one node may be waiting for
     // another node (e.g. an ioctl on the daemon's own device), which
@@ -578,26 +659,29 @@ fn shutdown_nodes(mut nodes: Vec<Node>, grace: Duration) {
     let deadline = Instant::now() + grace;
     let mut busy = Vec::new();
     while let Some(node) = nodes.pop() {
-        if node.pool.wait_exit(Instant::now()) {
+        // Long enough for idle threads to see the wake signal and leave.
+        if node
+            .workers
+            .wait_exit(Instant::now() + Duration::from_millis(5))
+        {
             close_node(node);
         } else {
             busy.push(node);
         }
         if nodes.is_empty() && !busy.is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
             nodes = std::mem::take(&mut busy);
         }
     }
     for node in busy {
         warn!(
             node = %node.info.name,
-            in_flight = node.session.in_flight(),
+            in_flight = node.workers.session.in_flight(),
             "handlers still running after the shutdown grace period; aborting the connection"
         );
         if let Err(e) = std::fs::write(node.info.sysfs.join("abort"), "1") {
             warn!(node = %node.info.name, error = %e, "cannot abort the connection");
         }
-        if node.pool.wait_exit(Instant::now() + grace) {
+        if node.workers.wait_exit(Instant::now() + grace) {
             close_node(node);
         } else {
             error!(
@@ -620,10 +704,25 @@ impl Drop for Server {
     }
 }
 
-/// Read one message, waiting at most `timeout`.
+/// Read one message, waiting at most `timeout` (the fd is blocking: read
+/// only once poll says there is something).
 fn read_one(fd: &OwnedFd, buf: &mut [u8], timeout: Duration) -> Result<usize, Error> {
     let deadline = Instant::now() + timeout;
     loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::Protocol(
+                "no CUSE_INIT request from the kernel".into(),
+            ));
+        }
+        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
+        let ready = sys::poll_in(&[fd.as_fd()], ms).map_err(|errno| Error::Io {
+            what: "poll /dev/cuse",
+            errno,
+        })?;
+        if !ready[0].readable && !ready[0].error {
+            continue;
+        }
         match sys::read(fd.as_fd(), buf) {
             Ok(n) => return Ok(n),
             Err(Errno::EAGAIN) | Err(Errno::EINTR) | Err(Errno::ENOENT) => {}
@@ -634,17 +733,6 @@ fn read_one(fd: &OwnedFd, buf: &mut [u8], timeout: Duration) -> Result<usize, Er
                 })
             }
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(Error::Protocol(
-                "no CUSE_INIT request from the kernel".into(),
-            ));
-        }
-        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
-        sys::poll_in(&[fd.as_fd()], ms).map_err(|errno| Error::Io {
-            what: "poll /dev/cuse",
-            errno,
-        })?;
     }
 }
 
@@ -707,55 +795,6 @@ fn parse_dev(text: &str) -> Option<DeviceNumber> {
         major: major.parse().ok()?,
         minor: minor.parse().ok()?,
     })
-}
-
-fn reader_loop(
-    name: &str,
-    channel: &FdChannel,
-    mut buf: Vec<u8>,
-    shared: &Shared,
-    session: &Session,
-    pool: &Arc<Pool>,
-) {
-    let fd = channel.fd.as_fd();
-    loop {
-        let ready = match sys::poll_in(&[fd, shared.waker.fd()], -1) {
-            Ok(r) => r,
-            Err(e) => {
-                error!(node = %name, error = %e, "poll on /dev/cuse failed; node stops serving");
-                return;
-            }
-        };
-        if ready[1].readable || shared.stopping() {
-            debug!(node = %name, "reader stopping");
-            return;
-        }
-        if !ready[0].readable && !ready[0].error {
-            continue;
-        }
-        match sys::read(fd, &mut buf) {
-            Ok(0) => {
-                warn!(node = %name, "end of file on /dev/cuse; node stops serving");
-                return;
-            }
-            Ok(n) => {
-                if let Some(work) = session.accept(&buf[..n]) {
-                    pool.submit(work);
-                }
-            }
-            // Nothing there after all, or the request went away before we
-            // got it (ENOENT): read again.
-            Err(Errno::EAGAIN) | Err(Errno::EINTR) | Err(Errno::ENOENT) => {}
-            Err(Errno::ENODEV) => {
-                warn!(node = %name, "CUSE connection aborted; node stops serving");
-                return;
-            }
-            Err(e) => {
-                error!(node = %name, error = %e, "read on /dev/cuse failed; node stops serving");
-                return;
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -847,25 +886,20 @@ mod tests {
     /// A node served over one end of a SEQPACKET socket pair; the test
     /// plays the kernel on the other end.
     fn fake_node(server: &Server, device: Arc<dyn Device>, workers: usize) -> OwnedFd {
-        fake_node_idle(server, device, workers, Duration::from_secs(30))
+        fake_node_idle(server, device, workers, 4)
     }
 
     fn fake_node_idle(
         server: &Server,
         device: Arc<dyn Device>,
         workers: usize,
-        idle: Duration,
+        max_idle: usize,
     ) -> OwnedFd {
         let (ours, kernel) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
             None,
             SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap();
-        nix::fcntl::fcntl(
-            &ours,
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
         )
         .unwrap();
         let info = NodeInfo {
@@ -876,7 +910,7 @@ mod tests {
         };
         let channel = Arc::new(FdChannel { fd: ours });
         server
-            .serve(info, channel, vec![0; 1 << 17], device, workers, idle)
+            .serve(info, channel, 1 << 17, device, workers, max_idle)
             .unwrap();
         kernel
     }
@@ -1027,15 +1061,23 @@ mod tests {
     }
 
     #[test]
-    fn idle_workers_beyond_the_first_exit() {
+    fn threads_of_a_burst_exit_down_to_the_idle_limit() {
         let server = Server::new().unwrap();
-        let kernel = fake_node_idle(&server, Arc::new(Waiter), 4, Duration::from_millis(50));
-        let threads = |s: &Server| s.lock_nodes()[0].pool.lock().threads;
+        let kernel = fake_node_idle(&server, Arc::new(Waiter), 4, 2);
+        let threads = |s: &Server| s.lock_nodes()[0].workers.lock().threads;
         for u in [2, 4, 6] {
             send(&kernel, &ioctl_request(u, 1));
         }
-        std::thread::sleep(Duration::from_millis(200));
-        assert_eq!(threads(&server), 3, "one worker per concurrent request");
+        let deadline = Instant::now() + T;
+        while threads(&server) < 4 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            threads(&server),
+            4,
+            "one thread per request being handled, and one reading"
+        );
         for (i, u) in [2u64, 4, 6].iter().enumerate() {
             send(&kernel, &interrupt_request(11 + 2 * i as u64, *u));
         }
@@ -1043,13 +1085,38 @@ mod tests {
             assert_eq!(recv(&kernel, T).map(|r| r.1), Some(-libc::EINTR));
         }
         let deadline = Instant::now() + T;
-        while threads(&server) > 1 && Instant::now() < deadline {
+        while threads(&server) > 2 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert_eq!(threads(&server), 1);
-        // The remaining worker still serves, and new ones are spawned again.
+        assert_eq!(threads(&server), 2);
+        // The remaining threads still serve, and new ones are spawned again.
         send(&kernel, &ioctl_request(20, 2));
         assert_eq!(recv(&kernel, T), Some((20, 0, Some(7))));
+        send(&kernel, &ioctl_request(22, 1));
+        send(&kernel, &ioctl_request(24, 1));
+        send(&kernel, &ioctl_request(26, 2));
+        assert_eq!(recv(&kernel, T), Some((26, 0, Some(7))));
+        server.stop();
+    }
+
+    #[test]
+    fn one_request_after_another_reuses_the_same_threads() {
+        let server = Server::new().unwrap();
+        let kernel = fake_node(&server, Arc::new(Waiter), 8);
+        for u in 0..200u64 {
+            send(&kernel, &ioctl_request(2 * u + 2, 2));
+            assert_eq!(recv(&kernel, T), Some((2 * u + 2, 0, Some(7))));
+        }
+        let spawned = server.lock_nodes()[0].workers.lock().spawned;
+        // The first thread starts a second when it takes the first request
+        // (nobody else would be reading). A thread that has just answered
+        // may not be reading again when the next request comes, so a third
+        // may start; then one handles, one is on its way back and one
+        // reads, and no thread is ever started again.
+        assert!(
+            spawned <= 3,
+            "{spawned} threads started for 200 sequential requests"
+        );
         server.stop();
     }
 

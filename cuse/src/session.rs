@@ -1,11 +1,12 @@
 //! Request/reply layer: turns one message from the kernel into a typed
 //! call of the [`Device`] and writes exactly one reply.
 //!
-//! Work is split in two so that the thread reading `/dev/cuse` never runs a
-//! handler: [`Session::accept`] (on the reading thread) parses the message,
-//! answers what needs no handler (INTERRUPT, unknown opcodes, malformed
-//! input) and records the request as in flight; [`Session::run`] (on a
-//! worker) calls the handler and replies. [`Session::handle`] does both.
+//! Work is split in two: [`Session::accept`] parses the message, answers
+//! what needs no handler (INTERRUPT, unknown opcodes, malformed input) and
+//! records the request as in flight, so that an INTERRUPT read by any thread
+//! finds it; [`Session::run`] calls the handler and replies. The server runs
+//! both on the thread that read the message, unless every handler slot is
+//! taken (then the request waits in a queue). [`Session::handle`] does both.
 
 use std::collections::HashMap;
 use std::io::IoSlice;
@@ -31,12 +32,12 @@ pub trait Channel: Send + Sync + 'static {
     fn send(&self, parts: &[IoSlice<'_>]) -> Result<(), Errno>;
 }
 
-/// A request parsed by [`Session::accept`], to be passed to [`Session::run`].
+/// A request parsed by [`Session::accept`], to be passed to [`Session::run`]
+/// together with the message it was parsed from.
 #[derive(Debug)]
 pub struct Work {
     header: FuseInHeader,
     op: Operation,
-    msg: Vec<u8>,
     flag: Arc<InterruptFlag>,
 }
 
@@ -109,13 +110,13 @@ impl Session {
     /// Accept and run one message on the calling thread.
     pub fn handle(&self, msg: &[u8]) {
         if let Some(work) = self.accept(msg) {
-            self.run(work);
+            self.run(work, msg);
         }
     }
 
     /// Parse one message read from the kernel. Answers on the spot what
     /// needs no handler and returns `None`; otherwise records the request as
-    /// in flight and returns it for [`Session::run`].
+    /// in flight and returns it for [`Session::run`] (with the same `msg`).
     pub fn accept(&self, msg: &[u8]) -> Option<Work> {
         let mut cur = Cursor::new(msg);
         let header: FuseInHeader = match cur.take("fuse_in_header") {
@@ -184,12 +185,7 @@ impl Session {
         };
         let flag = Arc::new(InterruptFlag::default());
         self.table().insert(unique, flag.clone());
-        Some(Work {
-            header,
-            op,
-            msg: msg.to_vec(),
-            flag,
-        })
+        Some(Work { header, op, flag })
     }
 
     /// INTERRUPT: raise the flag of the named request if we hold it. If we
@@ -222,13 +218,9 @@ impl Session {
     }
 
     /// Call the handler for an accepted request and send its one reply.
-    pub fn run(&self, work: Work) {
-        let Work {
-            header,
-            op,
-            msg,
-            flag,
-        } = work;
+    /// `msg` is the message `work` was accepted from.
+    pub fn run(&self, work: Work, msg: &[u8]) {
+        let Work { header, op, flag } = work;
         let reply = Reply::new(self, header.unique);
         let req = Request::new(
             header.unique,
@@ -238,7 +230,7 @@ impl Session {
             flag,
             self.proc_root.clone(),
         );
-        let outcome = catch_unwind(AssertUnwindSafe(|| self.dispatch(&req, &op, &msg)));
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.dispatch(&req, &op, msg)));
         match outcome {
             Ok(Ok(Answer(fixed, data))) => reply.ok(&fixed, &data),
             Ok(Err(errno)) => reply.error(errno),

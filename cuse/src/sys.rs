@@ -5,7 +5,7 @@
 //! block with its SAFETY note.
 
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 use nix::errno::Errno;
@@ -15,13 +15,11 @@ use nix::sys::stat::Mode;
 use nix::sys::uio::RemoteIoVec;
 use nix::unistd::Pid;
 
-/// Open `/dev/cuse` (or another path) read-write, close-on-exec, nonblocking.
+/// Open `/dev/cuse` (or another path) read-write, close-on-exec. Blocking:
+/// a thread blocked in `read(2)` on it is woken exclusively (one reader per
+/// request), and by [`WAKE_SIGNAL`] at shutdown.
 pub(crate) fn open_cuse(path: &Path) -> Result<OwnedFd, Errno> {
-    nix::fcntl::open(
-        path,
-        OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
-        Mode::empty(),
-    )
+    nix::fcntl::open(path, OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
 }
 
 /// One `read(2)`.
@@ -129,27 +127,68 @@ fn owned_fd_from(ret: libc::c_long) -> Result<OwnedFd, Errno> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
-/// An eventfd used to wake threads blocked in [`poll_in`].
-#[derive(Debug)]
-pub(crate) struct Waker(nix::sys::eventfd::EventFd);
+/// The signal that wakes a server thread blocked in `read(2)` on
+/// `/dev/cuse` when its node shuts down: the sixth real-time signal
+/// (`SIGRTMIN + 5`). Its handler does nothing; it is installed without
+/// `SA_RESTART`, so the `read` fails with `EINTR` and the thread sees that it
+/// must stop.
+pub(crate) fn wake_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 5
+}
 
-impl Waker {
-    pub(crate) fn new() -> Result<Self, Errno> {
-        nix::sys::eventfd::EventFd::from_flags(
-            nix::sys::eventfd::EfdFlags::EFD_CLOEXEC | nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
-        )
-        .map(Waker)
-    }
+extern "C" fn ignore_wake(_: libc::c_int) {}
 
-    /// Make the eventfd readable for good (level-triggered: every poller wakes).
-    pub(crate) fn wake(&self) -> Result<(), Errno> {
-        match self.0.write(1) {
-            Ok(_) | Err(Errno::EAGAIN) => Ok(()),
-            Err(e) => Err(e),
+/// Install the no-op handler of [`wake_signal`] (once per process).
+pub(crate) fn install_wake_handler() -> Result<(), Errno> {
+    static INSTALLED: std::sync::OnceLock<Result<(), Errno>> = std::sync::OnceLock::new();
+    *INSTALLED.get_or_init(|| {
+        // SAFETY: an all-zero sigaction is a valid value (no handler, empty
+        // mask, no flags); the fields are set below before use.
+        let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+        act.sa_sigaction = ignore_wake as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        act.sa_flags = 0; // no SA_RESTART: a blocked read fails with EINTR
+                          // SAFETY: `act` is a valid sigaction whose handler is an
+                          // async-signal-safe function that does nothing; the old action is
+                          // not asked for (null pointer).
+        let ret = unsafe {
+            libc::sigemptyset(&mut act.sa_mask);
+            libc::sigaction(wake_signal(), &act, std::ptr::null_mut())
+        };
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(Errno::last())
         }
-    }
+    })
+}
 
-    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
-        self.0.as_fd()
+/// Let the calling thread receive [`wake_signal`] even if its creator
+/// blocked it (threads inherit the signal mask).
+pub(crate) fn unblock_wake_signal() {
+    // SAFETY: `set` is a local sigset_t initialised by sigemptyset before
+    // use; pthread_sigmask only changes this thread's mask and the old mask
+    // is not asked for (null pointer).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, wake_signal());
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// The calling thread's pthread id, for [`wake`].
+pub(crate) fn this_thread() -> libc::pthread_t {
+    // SAFETY: pthread_self has no preconditions and cannot fail.
+    unsafe { libc::pthread_self() }
+}
+
+/// Send [`wake_signal`] to `thread`, which must be alive: callers keep the
+/// ids of live threads only (a thread removes its own id, under the same
+/// lock, before it exits).
+pub(crate) fn wake(thread: libc::pthread_t) {
+    // SAFETY: per the contract above `thread` names a live thread of this
+    // process; pthread_kill only queues a signal whose handler does nothing.
+    unsafe {
+        libc::pthread_kill(thread, wake_signal());
     }
 }

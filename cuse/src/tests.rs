@@ -650,10 +650,8 @@ fn malformed_messages() {
 fn interrupt_bookkeeping() {
     let f = Fixture::new("interrupt");
     // A slow ioctl is accepted (in flight) but not yet run.
-    let work = f
-        .session
-        .accept(&request(IOCTL, 200, &ioctl_in(1, 2, 4, 0, b"", 0)))
-        .unwrap();
+    let msg = request(IOCTL, 200, &ioctl_in(1, 2, 4, 0, b"", 0));
+    let work = f.session.accept(&msg).unwrap();
     assert_eq!(work.unique(), 200);
     assert_eq!(f.session.in_flight(), 1);
     // INTERRUPT naming it (its own unique has FUSE_INT_REQ_BIT): no reply.
@@ -663,7 +661,7 @@ fn interrupt_bookkeeping() {
         .is_none());
     assert_eq!(f.chan.take(), Vec::<Vec<u8>>::new());
     // The handler sees it and answers EINTR.
-    f.session.run(work);
+    f.session.run(work, &msg);
     assert_eq!(f.chan.take(), vec![errno_reply(Errno::EINTR, 200)]);
     assert_eq!(f.session.in_flight(), 0);
     // An INTERRUPT for a request not in flight: EAGAIN to the interrupt's
@@ -684,17 +682,13 @@ fn interrupt_bookkeeping() {
 #[test]
 fn interrupt_all_reaches_every_request_in_flight() {
     let f = Fixture::new("interruptall");
-    let a = f
-        .session
-        .accept(&request(IOCTL, 300, &ioctl_in(1, 2, 4, 0, b"", 0)))
-        .unwrap();
-    let b = f
-        .session
-        .accept(&request(IOCTL, 302, &ioctl_in(1, 2, 4, 0, b"", 0)))
-        .unwrap();
+    let msg_a = request(IOCTL, 300, &ioctl_in(1, 2, 4, 0, b"", 0));
+    let msg_b = request(IOCTL, 302, &ioctl_in(1, 2, 4, 0, b"", 0));
+    let a = f.session.accept(&msg_a).unwrap();
+    let b = f.session.accept(&msg_b).unwrap();
     f.session.interrupt_all();
-    f.session.run(b);
-    f.session.run(a);
+    f.session.run(b, &msg_b);
+    f.session.run(a, &msg_a);
     assert_eq!(
         f.chan.take(),
         vec![
@@ -742,15 +736,13 @@ fn requests_from_other_threads_run_concurrently() {
     let gate = Arc::new(Gate(Mutex::new(false), std::sync::Condvar::new()));
     let chan = Arc::new(Recorder::default());
     let s = Arc::new(Session::new(gate.clone(), chan.clone()));
-    let slow = s
-        .accept(&request(IOCTL, 500, &ioctl_in(0, 2, 1, 0, b"", 0)))
-        .unwrap();
-    let fast = s
-        .accept(&request(IOCTL, 502, &ioctl_in(0, 2, 2, 0, b"", 0)))
-        .unwrap();
+    let slow_msg = request(IOCTL, 500, &ioctl_in(0, 2, 1, 0, b"", 0));
+    let fast_msg = request(IOCTL, 502, &ioctl_in(0, 2, 2, 0, b"", 0));
+    let slow = s.accept(&slow_msg).unwrap();
+    let fast = s.accept(&fast_msg).unwrap();
     let s2 = s.clone();
-    let t = std::thread::spawn(move || s2.run(slow));
-    s.run(fast);
+    let t = std::thread::spawn(move || s2.run(slow, &slow_msg));
+    s.run(fast, &fast_msg);
     let ioctl_ok = |v: i32| le(&[&v.to_le_bytes(), &[0u8; 12]]);
     assert_eq!(chan.take(), vec![reply(0, 502, &ioctl_ok(2))]);
     *gate.0.lock().unwrap() = true;
