@@ -41,10 +41,14 @@ pub trait CallerMemory {
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno>;
     /// Write `buf` at the caller's address `addr` (`EFAULT` if unwritable).
     fn write(&self, addr: u64, buf: &[u8]) -> Result<(), Errno>;
+    /// The calling thread's id. Its `/proc` entry shows the process's
+    /// memory map and its limits, so the commands that alias client memory
+    /// (`IOASID_MAP_DMA`, `IOASID_REGISTER_MEMORY`) hand it to the engine;
+    /// known without any look-up.
+    fn task(&self) -> Pid;
     /// The calling process's id (its thread-group id; `ESRCH` if it is
-    /// gone). Asked only by the commands that need it (`IOASID_MAP_DMA`,
-    /// `IOASID_REGISTER_MEMORY`, `IOASID_DAEMON_IDENTIFY`): finding it may
-    /// cost a read of `/proc`.
+    /// gone). Asked only by `IOASID_DAEMON_IDENTIFY`: finding it costs a
+    /// read of `/proc`.
     fn pid(&self) -> Result<Pid, Errno>;
 }
 
@@ -174,7 +178,9 @@ fn handle(
             Ok(0)
         }
         IoasidCmd::DaemonIdentify => {
-            let pid = caller_pid(caller)?;
+            let pid = caller
+                .pid()
+                .map_err(|e| Fail::new(e, "the calling process is gone"))?;
             if u32::try_from(pid).ok() != Some(std::process::id()) {
                 return Err(Fail::new(
                     Errno::EPERM,
@@ -189,7 +195,7 @@ fn handle(
         IoasidCmd::RegisterMemory | IoasidCmd::UnregisterMemory => {
             let (r, _) = read_struct::<IoasidRegisterMemory>(caller, arg)?;
             if command == IoasidCmd::RegisterMemory {
-                engine.register_memory(ctx, caller_pid(caller)?, r.vaddr, r.size)?;
+                engine.register_memory(ctx, caller.task(), r.vaddr, r.size)?;
             } else {
                 engine.unregister_memory(ctx, r.vaddr, r.size)?;
             }
@@ -208,7 +214,7 @@ fn handle(
                 size: m.size,
                 prot,
             };
-            engine.map_dma(ctx, caller_pid(caller)?, m.ioasid, map)?;
+            engine.map_dma(ctx, caller.task(), m.ioasid, map)?;
             Ok(0)
         }
         IoasidCmd::UnmapDma => {
@@ -316,13 +322,6 @@ fn no_reserved(reserved: u32) -> Result<(), Fail> {
         ));
     }
     Ok(())
-}
-
-/// The caller's pid, for the commands that need it.
-fn caller_pid(caller: &dyn CallerMemory) -> Result<Pid, Fail> {
-    caller
-        .pid()
-        .map_err(|e| Fail::new(e, "the calling process is gone"))
 }
 
 fn read(caller: &dyn CallerMemory, addr: u64, buf: &mut [u8]) -> Result<(), Fail> {

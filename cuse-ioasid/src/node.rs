@@ -43,10 +43,14 @@ impl CallerMemory for Caller<'_> {
         self.0.write_mem(addr, buf)
     }
 
-    /// The engine accounts memory and aliases it per process, so it needs
-    /// the thread-group id, not the calling thread's id. `Request::pid`
-    /// reads `/proc` once per request and caches it; only the commands
-    /// that need a pid ask.
+    /// `fuse_in_header.pid`: the calling thread, blocked in its ioctl for
+    /// as long as the request is served.
+    fn task(&self) -> i32 {
+        // Thread ids fit an int (pid_max is at most 2^22).
+        self.0.tid() as i32
+    }
+
+    /// `Request::pid` reads `/proc/<tid>/status` once per request.
     fn pid(&self) -> Result<i32, Errno> {
         let req = self.0;
         let pid = req.pid().inspect_err(|_| {

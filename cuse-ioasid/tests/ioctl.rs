@@ -6,7 +6,7 @@ use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 
 use cuse_ioasid::ioctl::{dispatch, CallerMemory, MAX_TAIL};
-use ioasid_engine::fake::{FakeBackend, FAKE_IOVA_RANGES, FAKE_PGSIZES};
+use ioasid_engine::fake::{FakeBackend, FakeCall, FAKE_IOVA_RANGES, FAKE_PGSIZES};
 use ioasid_engine::{ContextId, DeviceId, DeviceSpec, Engine};
 use ioasid_uapi::*;
 use nix::errno::Errno;
@@ -91,6 +91,10 @@ impl CallerMemory for Caller {
         self.bytes.borrow_mut()[r].copy_from_slice(buf);
         self.writes.borrow_mut().push((addr, buf.len()));
         Ok(())
+    }
+
+    fn task(&self) -> i32 {
+        PID
     }
 
     fn pid(&self) -> Result<i32, Errno> {
@@ -1228,46 +1232,43 @@ fn engine_format_numbers_are_the_headers() {
 }
 
 #[test]
-fn only_commands_that_need_a_pid_ask_for_it() {
+fn no_command_but_identify_looks_the_pid_up() {
     let f = Fixture::attached();
     let asked = |f: &Fixture| f.mem.pid_asked.replace(0);
     asked(&f);
-    // No pid for commands that touch no client memory by pid.
     assert_eq!(f.ioctl(IOASID_CHECK_EXTENSION, 0), Ok(0));
     assert_eq!(f.ioctl(IOASID_ALLOC, 0), Ok(2));
     assert_eq!(f.ioctl(IOASID_FREE, 2), Ok(0));
-    assert_eq!(asked(&f), 0);
     assert_eq!(f.ioctl_struct(IOASID_GET_INFO, &info(1, 24)), Ok(0));
-    assert_eq!(asked(&f), 0);
-    // MAP_DMA needs it, UNMAP_DMA does not.
+    // MAP_DMA and REGISTER_MEMORY hand the calling task to the engine,
+    // which aliases the memory it sees: no look-up.
     assert_eq!(f.ioctl_struct(IOASID_MAP_DMA, &map(1, 0, MEM, K4)), Ok(0));
-    assert_eq!(asked(&f), 1);
+    assert!(f.fake.calls().contains(&FakeCall::Alias {
+        pid: PID,
+        vaddr: MEM,
+        size: K4
+    }));
     assert_eq!(f.ioctl_struct(IOASID_UNMAP_DMA, &unmap(1, 0, K4)), Ok(0));
-    assert_eq!(asked(&f), 0);
     assert_eq!(f.ioctl_struct(IOASID_REGISTER_MEMORY, &reg(MEM, K4)), Ok(0));
-    assert_eq!(asked(&f), 1);
     assert_eq!(
         f.ioctl_struct(IOASID_UNREGISTER_MEMORY, &reg(MEM, K4)),
         Ok(0)
     );
     assert_eq!(asked(&f), 0);
+    assert_eq!(f.ioctl(IOASID_DAEMON_IDENTIFY, 0), Err(Errno::EPERM));
+    assert_eq!(asked(&f), 1);
 }
 
 #[test]
-fn a_vanished_caller_fails_only_what_needs_its_pid() {
+fn a_caller_whose_pid_cannot_be_found_fails_only_identify() {
     let f = Fixture::attached();
     f.mem.pid.set(Err(Errno::ESRCH));
-    // Commands that need no pid are still served.
     assert_eq!(f.ioctl(IOASID_CHECK_EXTENSION, 0), Ok(0));
     assert_eq!(f.ioctl(IOASID_ALLOC, 0), Ok(2));
-    // Those that need it fail with ESRCH, as before, and change nothing.
-    assert_eq!(
-        f.ioctl_struct(IOASID_MAP_DMA, &map(1, 0, MEM, K4)),
-        Err(Errno::ESRCH)
-    );
+    assert_eq!(f.ioctl_struct(IOASID_MAP_DMA, &map(1, 0, MEM, K4)), Ok(0));
+    assert_eq!(f.fake.live_aliases(), 1);
     assert_eq!(f.ioctl(IOASID_DAEMON_IDENTIFY, 0), Err(Errno::ESRCH));
-    assert_eq!(f.fake.live_aliases(), 0);
-    // Unmapping finds nothing mapped: 0 bytes unmapped.
     assert_eq!(f.ioctl_struct(IOASID_UNMAP_DMA, &unmap(1, 0, K4)), Ok(0));
-    assert_eq!(f.mem.struct_at::<IoasidDmaUnmap>(ARG).size, 0);
+    assert_eq!(f.mem.struct_at::<IoasidDmaUnmap>(ARG).size, K4);
+    assert_eq!(f.fake.live_aliases(), 0);
 }

@@ -12,7 +12,9 @@ use std::fmt;
 /// An IOMMU group number, as in `/sys/kernel/iommu_groups/<N>`.
 pub type GroupId = u32;
 
-/// A process id (thread-group id) of a client.
+/// A client process, named by the id of any of its threads (the front end
+/// passes the calling thread's, which needs no look-up): `/proc/<tid>`
+/// shows the process's memory map, and its limits apply to every thread.
 pub type Pid = i32;
 
 /// Access a mapping grants the device.

@@ -45,17 +45,17 @@
 //! area is unchanged (same bounds, offset, inode, protection); otherwise it
 //! starts over (a few times, then `EAGAIN`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use ioasid_engine::backend::{Alias, Pid, Segment};
 use nix::errno::Errno;
 
 use crate::error::{Context, Error, Result};
-use crate::maps::{covering, parse_maps, Vma};
+use crate::maps::{areas_covering, Vma};
 use crate::sys::SharedMapping;
 
 /// How many times an alias is retried when the client's map changes under it.
@@ -67,9 +67,6 @@ pub const IDLE_MAX_ENTRIES: usize = 64;
 /// How much address space idle daemon mappings may cover in total; a
 /// released mapping larger than this is unmapped at once.
 pub const IDLE_MAX_BYTES: u64 = 4 << 30;
-
-/// `CAP_IPC_LOCK`'s bit in the capability sets.
-const CAP_IPC_LOCK: u32 = 14;
 
 /// Identity of a daemon mapping: which pages of which file, and whether
 /// writable.
@@ -125,7 +122,13 @@ impl Default for IdleLimits {
 struct Table {
     /// Every daemon mapping, in use or idle.
     entries: HashMap<Key, Entry>,
-    tokens: HashMap<u64, Vec<Key>>,
+    /// The same mappings by daemon address: a released alias names its
+    /// mappings by the addresses of its segments, so nothing is kept per
+    /// alias.
+    by_addr: BTreeMap<usize, Key>,
+    /// The tokens of the aliases handed out and not yet released (8 bytes
+    /// an alias: a second release of one is ignored, not a second put).
+    live: HashSet<u64>,
     next_token: u64,
     /// The idle entries' keys, least recently released first.
     idle: Vec<Key>,
@@ -149,6 +152,28 @@ impl Table {
         Some(entry.mapping.addr())
     }
 
+    /// Add a new mapping with one reference; its address.
+    fn insert(&mut self, key: Key, mapping: SharedMapping) -> usize {
+        let addr = mapping.addr();
+        self.by_addr.insert(addr, key);
+        self.entries.insert(key, Entry { mapping, refs: 1 });
+        addr
+    }
+
+    /// Forget `key`'s mapping; dropping it unmaps it.
+    fn remove(&mut self, key: &Key) {
+        if let Some(entry) = self.entries.remove(key) {
+            self.by_addr.remove(&entry.mapping.addr());
+        }
+    }
+
+    /// The key of the mapping containing daemon address `addr`.
+    fn key_at(&self, addr: u64) -> Option<Key> {
+        let addr = usize::try_from(addr).ok()?;
+        let (&start, key) = self.by_addr.range(..=addr).next_back()?;
+        (addr < start + key.len as usize).then_some(*key)
+    }
+
     /// Drop a reference on `key`'s mapping; the last one makes it idle,
     /// which may evict older idle mappings (or this one) to stay within
     /// the limits.
@@ -160,7 +185,7 @@ impl Table {
         if entry.refs == 0 {
             if key.len > self.limits.bytes || self.limits.entries == 0 {
                 // It could never stay: unmap it without displacing others.
-                self.entries.remove(key);
+                self.remove(key);
                 return;
             }
             self.idle.push(*key);
@@ -176,17 +201,24 @@ impl Table {
         {
             let key = self.idle.remove(0);
             self.idle_bytes -= key.len;
-            // Dropping the entry unmaps it.
-            self.entries.remove(&key);
+            self.remove(&key);
         }
     }
 
     /// Unmap every idle mapping.
     fn trim(&mut self) {
         for key in std::mem::take(&mut self.idle) {
-            self.entries.remove(&key);
+            self.remove(&key);
         }
         self.idle_bytes = 0;
+    }
+
+    /// A new alias of these segments (each holding one reference).
+    fn hand_out(&mut self, segments: Vec<Segment>) -> Alias {
+        let token = self.next_token;
+        self.next_token += 1;
+        self.live.insert(token);
+        Alias { token, segments }
     }
 }
 
@@ -246,15 +278,23 @@ impl ClientMemory {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn read_maps(&self, pid: Pid) -> Result<Vec<Vma>> {
+    /// The areas of process `pid` covering `[start, end)`, as its maps
+    /// show them now.
+    fn areas(&self, pid: Pid, start: u64, end: u64) -> Result<Vec<Vma>> {
         let path = self.proc_root.join(pid.to_string()).join("maps");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| Error::proc(&e, format!("cannot read {}", path.display())))?;
-        parse_maps(&text)
+        let maps = std::fs::File::open(&path)
+            .map_err(|e| Error::proc(&e, format!("cannot open {}", path.display())))?;
+        areas_covering(&maps, start, end).map_err(|e| {
+            Error::new(
+                e.errno,
+                format!("process {pid}: {}; cannot map it for DMA", e.message),
+            )
+        })
     }
 
     /// Make `[vaddr, vaddr + size)` of process `pid` addressable by this
-    /// process. See the module documentation.
+    /// process. See the module documentation. `pid` may name any thread of
+    /// the process: `/proc/<tid>` shows the process's memory map.
     pub fn alias(&self, pid: Pid, vaddr: u64, size: u64) -> Result<Alias> {
         if size == 0 {
             return Err(Error::new(Errno::EINVAL, "cannot alias an empty range"));
@@ -265,9 +305,8 @@ impl ClientMemory {
                 format!("range {vaddr:#x}+{size:#x} wraps around"),
             )
         })?;
-        let mut table = self.lock();
         for _ in 0..ATTEMPTS {
-            match self.try_alias(&mut table, pid, vaddr, end) {
+            match self.try_alias(pid, vaddr, end) {
                 Ok(alias) => return Ok(alias),
                 Err(Attempt::Changed) => continue,
                 Err(Attempt::Failed(e)) => return Err(e),
@@ -282,20 +321,11 @@ impl ClientMemory {
         ))
     }
 
-    fn try_alias(
-        &self,
-        table: &mut Table,
-        pid: Pid,
-        vaddr: u64,
-        end: u64,
-    ) -> std::result::Result<Alias, Attempt> {
-        let vmas = self.read_maps(pid)?;
-        let areas = covering(&vmas, vaddr, end).map_err(|e| {
-            Error::new(
-                e.errno,
-                format!("process {pid}: {}; cannot map it for DMA", e.message),
-            )
-        })?;
+    /// One attempt. The table is locked only to look mappings up and to
+    /// add them: reading the client's map, opening `map_files` and `mmap`
+    /// run unlocked, so clients do not wait for each other's `/proc`.
+    fn try_alias(&self, pid: Pid, vaddr: u64, end: u64) -> std::result::Result<Alias, Attempt> {
+        let areas = self.areas(pid, vaddr, end)?;
         for vma in &areas {
             if let Err(e) = check_shareable(pid, vma) {
                 // The design asks for a log line telling the user what to do.
@@ -304,40 +334,63 @@ impl ClientMemory {
             }
         }
 
-        let mut taken: Vec<Key> = Vec::with_capacity(areas.len());
-        let mut segments = Vec::with_capacity(areas.len());
-        for vma in areas {
-            let key = Key::of(vma);
-            let addr = match table.get(&key) {
-                Some(addr) => addr,
-                None => match self.map_area(pid, vma) {
-                    Ok(mapping) => {
-                        let addr = mapping.addr();
-                        table.entries.insert(key, Entry { mapping, refs: 1 });
-                        addr
-                    }
-                    Err(e) => {
-                        for k in &taken {
-                            table.put(k);
+        // References on the mappings that exist; the others are made below.
+        let found: Vec<Option<usize>> = {
+            let mut table = self.lock();
+            areas.iter().map(|v| table.get(&Key::of(v))).collect()
+        };
+        let mut made = Vec::new();
+        for (vma, addr) in areas.iter().zip(&found) {
+            if addr.is_some() {
+                continue;
+            }
+            match self.map_area(pid, vma) {
+                Ok(mapping) => made.push(mapping),
+                Err(e) => {
+                    let mut table = self.lock();
+                    for (vma, addr) in areas.iter().zip(&found) {
+                        if addr.is_some() {
+                            table.put(&Key::of(vma));
                         }
-                        return Err(e);
                     }
-                },
-            };
-            taken.push(key);
-
-            let seg_start = vaddr.max(vma.start);
-            let seg_end = end.min(vma.end);
-            segments.push(Segment {
-                offset: seg_start - vaddr,
-                daemon_vaddr: addr as u64 + (seg_start - vma.start),
-                len: seg_end - seg_start,
-            });
+                    return Err(e);
+                }
+            }
         }
-        let token = table.next_token;
-        table.next_token += 1;
-        table.tokens.insert(token, taken);
-        Ok(Alias { token, segments })
+
+        let mut made = made.into_iter();
+        let mut duplicates = Vec::new();
+        let mut table = self.lock();
+        let segments = areas
+            .iter()
+            .zip(found)
+            .map(|(vma, addr)| {
+                let key = Key::of(vma);
+                let addr = addr.unwrap_or_else(|| {
+                    let mapping = made.next().expect("one mapping per missing area");
+                    // Another request may have mapped the same area
+                    // meanwhile: share its mapping, drop ours.
+                    match table.get(&key) {
+                        Some(addr) => {
+                            duplicates.push(mapping);
+                            addr
+                        }
+                        None => table.insert(key, mapping),
+                    }
+                });
+                let seg_start = vaddr.max(vma.start);
+                let seg_end = end.min(vma.end);
+                Segment {
+                    offset: seg_start - vaddr,
+                    daemon_vaddr: addr as u64 + (seg_start - vma.start),
+                    len: seg_end - seg_start,
+                }
+            })
+            .collect();
+        let alias = table.hand_out(segments);
+        drop(table);
+        drop(duplicates); // unmapped outside the lock
+        Ok(alias)
     }
 
     /// Open the area through `map_files` and map it here.
@@ -385,8 +438,8 @@ impl ClientMemory {
         drop(file);
 
         // The area must still be the one we opened and mapped.
-        let now = self.read_maps(pid)?;
-        if !now.iter().any(|v| v == vma) {
+        let now = self.areas(pid, vma.start, vma.end)?;
+        if now.as_slice() != std::slice::from_ref(vma) {
             return Err(Attempt::Changed);
         }
         tracing::debug!(
@@ -404,12 +457,19 @@ impl ClientMemory {
     /// other alias uses them (see the module documentation).
     pub fn release(&self, alias: &Alias) {
         let mut table = self.lock();
-        let Some(keys) = table.tokens.remove(&alias.token) else {
+        if !table.live.remove(&alias.token) {
             tracing::warn!(token = alias.token, "release of an unknown alias");
             return;
-        };
-        for k in &keys {
-            table.put(k);
+        }
+        for seg in &alias.segments {
+            match table.key_at(seg.daemon_vaddr) {
+                Some(key) => table.put(&key),
+                None => tracing::error!(
+                    token = alias.token,
+                    daemon_vaddr = seg.daemon_vaddr,
+                    "released alias segment is in no daemon mapping"
+                ),
+            }
         }
     }
 
@@ -422,9 +482,10 @@ impl ClientMemory {
     /// unknown).
     pub fn clear(&self) {
         let mut table = self.lock();
-        table.tokens.clear();
+        table.live.clear();
         table.idle.clear();
         table.idle_bytes = 0;
+        table.by_addr.clear();
         table.entries.clear();
     }
 
@@ -442,7 +503,7 @@ impl ClientMemory {
 
     /// How many aliases are outstanding (not yet released).
     pub fn alias_count(&self) -> usize {
-        self.lock().tokens.len()
+        self.lock().live.len()
     }
 }
 
@@ -477,28 +538,12 @@ fn check_shareable(pid: Pid, vma: &Vma) -> Result<()> {
     Ok(())
 }
 
-/// Whether a `/proc/<pid>/status` text shows `CAP_IPC_LOCK` in `CapEff`.
-pub fn status_has_cap_ipc_lock(status: &str) -> Option<bool> {
-    let line = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
-    let caps = u64::from_str_radix(line.trim(), 16).ok()?;
-    Some(caps & (1 << CAP_IPC_LOCK) != 0)
-}
-
-/// The memory-lock limit of process `pid`: its soft `RLIMIT_MEMLOCK`, or
-/// `None` when unlimited or when it has `CAP_IPC_LOCK`.
-pub fn memlock_limit(proc_root: &Path, pid: Pid) -> Result<Option<u64>> {
-    let path = proc_root.join(pid.to_string()).join("status");
-    let status = std::fs::read_to_string(&path)
-        .map_err(|e| Error::proc(&e, format!("cannot read {}", path.display())))?;
-    match status_has_cap_ipc_lock(&status) {
-        Some(true) => return Ok(None),
-        Some(false) => {}
-        None => {
-            return Err(Error::new(
-                Errno::EIO,
-                format!("no CapEff line in {}", path.display()),
-            ))
-        }
+/// The memory-lock limit of process `pid` (any of its threads): its soft
+/// `RLIMIT_MEMLOCK`, or `None` when unlimited or when the task has
+/// `CAP_IPC_LOCK`. Two system calls, no `/proc`.
+pub fn memlock_limit(pid: Pid) -> Result<Option<u64>> {
+    if crate::sys::has_cap_ipc_lock(pid).context(|| format!("capget of process {pid}"))? {
+        return Ok(None);
     }
     crate::sys::memlock_soft_limit(pid)
         .context(|| format!("prlimit(RLIMIT_MEMLOCK) of process {pid}"))
@@ -507,6 +552,7 @@ pub fn memlock_limit(proc_root: &Path, pid: Pid) -> Result<Option<u64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::maps::parse_maps;
     use std::fs::File;
     use std::os::unix::fs::FileExt;
 
@@ -839,14 +885,5 @@ mod tests {
             cm.alias(i32::MAX, 0x1000, 0x1000).unwrap_err().errno,
             Errno::ESRCH
         );
-    }
-
-    #[test]
-    fn cap_ipc_lock_is_bit_14_of_capeff() {
-        let s = "Name:\tx\nCapInh:\t0000000000000000\nCapPrm:\t0000000000004000\nCapEff:\t0000000000004000\n";
-        assert_eq!(status_has_cap_ipc_lock(s), Some(true));
-        let s = "CapPrm:\t0000000000004000\nCapEff:\t000001ffffffbfff\n";
-        assert_eq!(status_has_cap_ipc_lock(s), Some(false));
-        assert_eq!(status_has_cap_ipc_lock("Name:\tx\n"), None);
     }
 }

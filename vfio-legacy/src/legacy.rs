@@ -66,7 +66,6 @@ pub struct VfioLegacy {
     // aliases they pinned are unmapped.
     domains: BTreeMap<GroupId, GroupDomain>,
     memory: ClientMemory,
-    proc_root: PathBuf,
     /// `/proc/self/mem`, opened at the first [`Backend::read`].
     own_memory: std::sync::OnceLock<File>,
 }
@@ -89,7 +88,6 @@ impl VfioLegacy {
         Ok(VfioLegacy {
             domains,
             memory: ClientMemory::with_proc_root(&paths.proc_root),
-            proc_root: paths.proc_root.clone(),
             own_memory: std::sync::OnceLock::new(),
         })
     }
@@ -351,7 +349,7 @@ impl Backend for VfioLegacy {
     }
 
     fn memlock_limit(&self, pid: Pid) -> std::result::Result<Option<u64>, BackendError> {
-        Ok(memlock_limit(&self.proc_root, pid)?)
+        Ok(memlock_limit(pid)?)
     }
 
     fn domain_info(&self, group: GroupId) -> std::result::Result<DomainInfo, BackendError> {
@@ -512,8 +510,7 @@ mod tests {
     #[test]
     fn memlock_limit_of_self_is_none_for_root_with_cap_ipc_lock() {
         let v = VfioLegacy::with_paths(&[], &no_vfio_paths("memlock")).unwrap();
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let has_cap = crate::alias::status_has_cap_ipc_lock(&status).unwrap();
+        let has_cap = sys::has_cap_ipc_lock(std::process::id() as i32).unwrap();
         let got = Backend::memlock_limit(&v, std::process::id() as i32).unwrap();
         if has_cap {
             assert_eq!(got, None);

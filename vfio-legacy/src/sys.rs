@@ -1,5 +1,5 @@
-//! Every raw system call of the crate: VFIO ioctls, `mmap`/`munmap` and
-//! `prlimit`. Each wrapper takes typed arguments, so the request number and
+//! Every raw system call of the crate: VFIO ioctls, `mmap`/`munmap`,
+//! `prlimit`, `capget` and the `PROCMAP_QUERY` ioctl on `/proc/<pid>/maps`. Each wrapper takes typed arguments, so the request number and
 //! the argument's type and direction cannot be mismatched by a caller.
 //!
 //! The SAFETY notes follow one pattern: (1) the fd is valid for the call
@@ -297,6 +297,102 @@ impl Drop for SharedMapping {
     }
 }
 
+/// Whether task `tid` (a process or thread id) has `CAP_IPC_LOCK` in its
+/// effective set (`capget(2)`).
+pub(crate) fn has_cap_ipc_lock(tid: libc::pid_t) -> Result<bool, Errno> {
+    /// `struct __user_cap_header_struct` of `<linux/capability.h>`.
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    /// `struct __user_cap_data_struct`; version 3 fills two of them.
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    const CAP_IPC_LOCK: u32 = 14;
+    let mut header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: tid,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget reads `header` and writes two `Data` (the size version
+    // 3 implies) into `data`; both live in this frame; checked.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut header as *mut Header,
+            data.as_mut_ptr(),
+        )
+    };
+    if ret < 0 {
+        return Err(Errno::last());
+    }
+    Ok(data[0].effective & (1 << CAP_IPC_LOCK) != 0)
+}
+
+/// `struct procmap_query` of `<linux/fs.h>` (Linux 6.11+): one area of a
+/// process, asked by address of its `/proc/<pid>/maps` file.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub(crate) struct ProcmapQuery {
+    pub size: u64,
+    pub query_flags: u64,
+    pub query_addr: u64,
+    pub vma_start: u64,
+    pub vma_end: u64,
+    pub vma_flags: u64,
+    pub vma_page_size: u64,
+    pub vma_offset: u64,
+    pub inode: u64,
+    pub dev_major: u32,
+    pub dev_minor: u32,
+    pub vma_name_size: u32,
+    pub build_id_size: u32,
+    pub vma_name_addr: u64,
+    pub build_id_addr: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<ProcmapQuery>() == 104);
+
+/// `vma_flags` bits of [`ProcmapQuery`].
+pub(crate) const PROCMAP_QUERY_VMA_READABLE: u64 = 0x01;
+pub(crate) const PROCMAP_QUERY_VMA_WRITABLE: u64 = 0x02;
+pub(crate) const PROCMAP_QUERY_VMA_EXECUTABLE: u64 = 0x04;
+pub(crate) const PROCMAP_QUERY_VMA_SHARED: u64 = 0x08;
+
+/// `PROCMAP_QUERY`, `_IOWR('f', 17, struct procmap_query)`.
+const PROCMAP_QUERY: libc::c_ulong =
+    nix::request_code_readwrite!(b'f', 17, std::mem::size_of::<ProcmapQuery>()) as libc::c_ulong;
+
+/// `PROCMAP_QUERY` on an open `/proc/<pid>/maps`: the area containing
+/// `query.query_addr` (`ENOENT` if none), its name copied into `name`.
+/// `ENOTTY` on kernels before 6.11.
+pub(crate) fn procmap_query(
+    maps: BorrowedFd<'_>,
+    addr: u64,
+    name: &mut [u8],
+) -> Result<ProcmapQuery, Errno> {
+    let mut q = ProcmapQuery {
+        size: std::mem::size_of::<ProcmapQuery>() as u64,
+        query_addr: addr,
+        vma_name_size: u32::try_from(name.len()).unwrap_or(u32::MAX),
+        vma_name_addr: name.as_mut_ptr() as u64,
+        ..ProcmapQuery::default()
+    };
+    // SAFETY: (1) valid fd; (2) `q` is the request's struct and lives for
+    // the call; the kernel writes at most `vma_name_size` bytes to `name`,
+    // which is borrowed mutably for the call, and no build id (size 0);
+    // (3) checked before any output is used.
+    check(unsafe { libc::ioctl(maps.as_raw_fd(), PROCMAP_QUERY, &mut q as *mut ProcmapQuery) })?;
+    Ok(q)
+}
+
 /// The soft `RLIMIT_MEMLOCK` of process `pid`; `None` when unlimited.
 pub(crate) fn memlock_soft_limit(pid: libc::pid_t) -> Result<Option<u64>, Errno> {
     let mut old = libc::rlimit {
@@ -345,5 +441,33 @@ mod tests {
         let expect = (soft != "unlimited").then(|| soft.parse::<u64>().unwrap());
         assert_eq!(memlock_soft_limit(std::process::id() as i32), Ok(expect));
         assert_eq!(memlock_soft_limit(i32::MAX), Err(Errno::ESRCH));
+    }
+
+    /// capget agrees with the CapEff line of /proc/<tid>/status, for this
+    /// process and for one of its threads; a task that does not exist is
+    /// ESRCH.
+    #[test]
+    fn cap_ipc_lock_matches_capeff_in_proc() {
+        fn capeff_has_ipc_lock(tid: i32) -> bool {
+            let status = std::fs::read_to_string(format!("/proc/{tid}/status")).unwrap();
+            let hex = status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .unwrap();
+            u64::from_str_radix(hex.trim(), 16).unwrap() & (1 << 14) != 0
+        }
+        let me = std::process::id() as i32;
+        assert_eq!(has_cap_ipc_lock(me), Ok(capeff_has_ipc_lock(me)));
+        assert_eq!(has_cap_ipc_lock(i32::MAX), Err(Errno::ESRCH));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            tx.send(nix::unistd::gettid().as_raw()).unwrap();
+            done_rx.recv().unwrap();
+        });
+        let live = rx.recv().unwrap();
+        assert_eq!(has_cap_ipc_lock(live), Ok(capeff_has_ipc_lock(live)));
+        done_tx.send(()).unwrap();
+        t.join().unwrap();
     }
 }
