@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use slab::Slab;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::device::Device;
 use crate::session::{init_reply, Channel, InitParams, Session, Work};
@@ -197,9 +197,11 @@ impl Channel for FdChannel {
 ///
 /// - Idle threads block in `read(2)`, where the kernel wakes exactly one of
 ///   them per request.
-/// - A thread that takes a request while no other thread is waiting spawns
-///   one, so a slow handler never stops the node from reading (other
-///   requests, INTERRUPTs).
+/// - A thread that takes a request while no other thread is waiting (or
+///   about to: just started, or just done with a request) spawns one, so a
+///   slow handler never stops the node from reading (other requests,
+///   INTERRUPTs), and a client issuing one request after another is served
+///   by the same two or three threads.
 /// - At most `max_handlers` requests are handled at once; a request read
 ///   while all slots are taken waits in `queue` for the next free one, and
 ///   the thread that read it goes back to reading. So there are at most
@@ -232,6 +234,10 @@ struct WorkState {
     readers: Slab<libc::pthread_t>,
     /// Requests being handled.
     busy: usize,
+    /// Threads whose handler has returned and that are on their way back
+    /// to `read` (or to the queue, or out): the caller may already have
+    /// sent its next request, which they will pick up.
+    finishing: usize,
     /// Requests read while every handler slot was taken, with their bytes.
     queue: VecDeque<(Work, Vec<u8>)>,
     /// Shutting down, or the connection is gone: threads leave.
@@ -265,6 +271,7 @@ impl Workers {
         st.spawned += 1;
         st.starting += 1;
         st.handles.push(handle);
+        debug!(node = %self.name, threads = st.threads, started = st.spawned, "server thread started");
         Ok(())
     }
 
@@ -280,9 +287,9 @@ impl Workers {
                 if let Some((work, msg)) = st.queue.pop_front() {
                     st.busy += 1;
                     drop(st);
-                    self.session.run(work, &msg);
+                    self.session.run_then(work, &msg, || self.handled());
                     st = self.lock();
-                    st.busy -= 1;
+                    st.finishing -= 1;
                     continue;
                 }
             }
@@ -311,7 +318,7 @@ impl Workers {
                 continue;
             }
             st.busy += 1;
-            if st.readers.is_empty() && st.starting == 0 && !st.closed {
+            if st.readers.is_empty() && st.starting == 0 && st.finishing == 0 && !st.closed {
                 if let Err(e) = self.spawn(&mut st) {
                     // This request is still answered, by this thread; the
                     // node reads again when it is done.
@@ -319,12 +326,20 @@ impl Workers {
                 }
             }
             drop(st);
-            self.session.run(work, &buf[..n]);
+            self.session.run_then(work, &buf[..n], || self.handled());
             st = self.lock();
-            st.busy -= 1;
+            st.finishing -= 1;
         }
         st.threads -= 1;
         self.done_cv.notify_all();
+    }
+
+    /// A handler returned: its thread is no longer busy, and will look for
+    /// work again as soon as the reply is out.
+    fn handled(&self) {
+        let mut st = self.lock();
+        st.busy -= 1;
+        st.finishing += 1;
     }
 
     /// One `read` on `/dev/cuse`.

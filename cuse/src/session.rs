@@ -220,6 +220,14 @@ impl Session {
     /// Call the handler for an accepted request and send its one reply.
     /// `msg` is the message `work` was accepted from.
     pub fn run(&self, work: Work, msg: &[u8]) {
+        self.run_then(work, msg, || {});
+    }
+
+    /// [`Session::run`], calling `handled` once the handler has returned,
+    /// just before the reply goes out (the server counts the thread as
+    /// about to read again from then on: the caller may issue its next
+    /// request before this thread is back in `read`).
+    pub(crate) fn run_then(&self, work: Work, msg: &[u8], handled: impl FnOnce()) {
         let Work { header, op, flag } = work;
         let reply = Reply::new(self, header.unique);
         let req = Request::new(
@@ -231,6 +239,7 @@ impl Session {
             self.proc_root.clone(),
         );
         let outcome = catch_unwind(AssertUnwindSafe(|| self.dispatch(&req, &op, msg)));
+        handled();
         match outcome {
             Ok(Ok(Answer(fixed, data))) => reply.ok(&fixed, &data),
             Ok(Err(errno)) => reply.error(errno),
