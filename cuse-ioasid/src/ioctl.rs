@@ -350,11 +350,22 @@ fn write(caller: &dyn CallerMemory, addr: u64, buf: &[u8]) -> Result<(), Fail> {
 
 /// Read an extensible struct at `arg` by the ABI's rules; returns it and
 /// the caller's `argsz`.
+///
+/// The whole known struct is read at once (one copy from the caller, the
+/// common case); only if that faults, because a shorter struct ends just
+/// before an unmapped page, is `argsz` read first and then `argsz` bytes.
+/// Bytes past `argsz` are never used: they are zeroed.
 fn read_struct<T: ArgStruct>(caller: &dyn CallerMemory, arg: u64) -> Result<(T, u32), Fail> {
     let rules = StructArg::of::<T>();
-    let mut argsz = [0u8; 4];
-    read(caller, arg, &mut argsz)?;
-    let argsz = u32::from_ne_bytes(argsz);
+    let mut value = T::new_zeroed();
+    let whole = caller.read(arg, value.as_mut_bytes()).is_ok();
+    let argsz = if whole {
+        u32::read_from_bytes(&value.as_bytes()[..4]).unwrap_or(0)
+    } else {
+        let mut argsz = [0u8; 4];
+        read(caller, arg, &mut argsz)?;
+        u32::from_ne_bytes(argsz)
+    };
     let given = argsz as usize;
     if given < rules.min_size {
         return Err(Fail::new(
@@ -365,9 +376,12 @@ fn read_struct<T: ArgStruct>(caller: &dyn CallerMemory, arg: u64) -> Result<(T, 
             ),
         ));
     }
-    let mut value = T::new_zeroed();
     let known = given.min(rules.size);
-    read(caller, arg, &mut value.as_mut_bytes()[..known])?;
+    if whole {
+        value.as_mut_bytes()[known..].fill(0);
+    } else {
+        read(caller, arg, &mut value.as_mut_bytes()[..known])?;
+    }
     if given > rules.size && !rules.tail_is_output {
         check_zero_tail(caller, arg, rules, given)?;
     }

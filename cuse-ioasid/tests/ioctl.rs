@@ -1272,3 +1272,23 @@ fn a_caller_whose_pid_cannot_be_found_fails_only_identify() {
     assert_eq!(f.mem.struct_at::<IoasidDmaUnmap>(ARG).size, K4);
     assert_eq!(f.fake.live_aliases(), 0);
 }
+
+#[test]
+fn a_struct_at_the_end_of_readable_memory_is_judged_by_its_argsz() {
+    let f = Fixture::attached();
+    let size = std::mem::size_of::<IoasidDmaMap>();
+    let m = map(1, 0, MEM, K4);
+    // Only size - 1 bytes are readable before the end of the caller's memory.
+    let at = BASE + LEN as u64 - (size as u64 - 1);
+    let mut bytes = m.as_bytes()[..size - 1].to_vec();
+    // An argsz that says "size - 1": too small, EINVAL (not EFAULT, although
+    // reading the whole struct would fault).
+    bytes[..4].copy_from_slice(&((size - 1) as u32).to_ne_bytes());
+    f.mem.put(at, &bytes);
+    assert_eq!(f.ioctl(IOASID_MAP_DMA, at), Err(Errno::EINVAL));
+    // An argsz that claims the whole struct, which is not all readable.
+    bytes[..4].copy_from_slice(&(size as u32).to_ne_bytes());
+    f.mem.put(at, &bytes);
+    assert_eq!(f.ioctl(IOASID_MAP_DMA, at), Err(Errno::EFAULT));
+    assert_eq!(f.fake.live_aliases(), 0);
+}
