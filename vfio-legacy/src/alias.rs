@@ -281,9 +281,9 @@ impl ClientMemory {
     /// The areas of process `pid` covering `[start, end)`, as its maps
     /// show them now.
     fn areas(&self, pid: Pid, start: u64, end: u64) -> Result<Vec<Vma>> {
-        let path = self.proc_root.join(pid.to_string()).join("maps");
+        let path = format!("{}/{pid}/maps", self.proc_root.display());
         let maps = std::fs::File::open(&path)
-            .map_err(|e| Error::proc(&e, format!("cannot open {}", path.display())))?;
+            .map_err(|e| Error::proc(&e, format!("cannot open {path}")))?;
         areas_covering(&maps, start, end).map_err(|e| {
             Error::new(
                 e.errno,

@@ -132,20 +132,26 @@ pub fn parse_maps(text: &str) -> Result<Vec<Vma>> {
 /// byte of the range is not mapped. `vmas` must be sorted (as the kernel
 /// lists them).
 pub fn covering(vmas: &[Vma], start: u64, end: u64) -> Result<Vec<&Vma>> {
+    cover(vmas.iter().map(|v| (v.start, v.end, v)), start, end)
+}
+
+/// The items (areas as `(start, end, item)`, ascending) covering
+/// `[start, end)`; the iterator is not consumed past the last one needed.
+fn cover<T>(items: impl Iterator<Item = (u64, u64, T)>, start: u64, end: u64) -> Result<Vec<T>> {
     let mut out = Vec::new();
     let mut at = start;
-    for vma in vmas {
+    for (s, e, item) in items {
         if at >= end {
             break;
         }
-        if vma.end <= at {
+        if e <= at {
             continue;
         }
-        if vma.start > at {
+        if s > at {
             break;
         }
-        out.push(vma);
-        at = vma.end;
+        out.push(item);
+        at = e;
     }
     if at < end {
         return Err(Error::new(
@@ -154,6 +160,14 @@ pub fn covering(vmas: &[Vma], start: u64, end: u64) -> Result<Vec<&Vma>> {
         ));
     }
     Ok(out)
+}
+
+/// The address range at the start of a maps line (`"start-end ..."`).
+fn line_range(line: &[u8]) -> Option<(u64, u64)> {
+    let hex = |b: &[u8]| u64::from_str_radix(std::str::from_utf8(b).ok()?, 16).ok();
+    let dash = line.iter().position(|&b| b == b'-')?;
+    let space = line.iter().position(|&b| b == b' ')?;
+    Some((hex(&line[..dash])?, hex(line.get(dash + 1..space)?)?))
 }
 
 /// Set once a `PROCMAP_QUERY` answered `ENOTTY`: the kernel predates it.
@@ -172,16 +186,47 @@ pub fn areas_covering(maps: &File, start: u64, end: u64) -> Result<Vec<Vma>> {
     text_covering(maps, start, end)
 }
 
-/// [`areas_covering`] from the text of the whole file.
+/// [`areas_covering`] from the text of the whole file: read in one go
+/// (no `fstat` for a size, which procfs does not know), only the lines of
+/// the covering areas parsed whole.
 fn text_covering(mut maps: &File, start: u64, end: u64) -> Result<Vec<Vma>> {
-    let mut text = Vec::with_capacity(64 * 1024);
-    maps.read_to_end(&mut text)
-        .map_err(|e| Error::proc(&e, "cannot read the maps file"))?;
-    let text = String::from_utf8_lossy(&text);
-    Ok(covering(&parse_maps(&text)?, start, end)?
+    let mut text = vec![0u8; 64 * 1024];
+    let mut len = 0;
+    loop {
+        if len == text.len() {
+            text.resize(2 * len, 0);
+        }
+        match maps.read(&mut text[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::proc(&e, "cannot read the maps file")),
+        }
+    }
+    let lines = text[..len].split(|&b| b == b'\n').filter(|l| !l.is_empty());
+    let mut bad = None;
+    let ranged = lines.map_while(|l| match line_range(l) {
+        Some((s, e)) => Some((s, e, l)),
+        None => {
+            bad = Some(String::from_utf8_lossy(l).into_owned());
+            None
+        }
+    });
+    let found = cover(ranged, start, end);
+    if let Some(line) = bad {
+        return Err(Error::new(
+            Errno::EIO,
+            format!("unparsable maps line {line:?}"),
+        ));
+    }
+    found?
         .into_iter()
-        .cloned()
-        .collect())
+        .map(|l| {
+            let l = String::from_utf8_lossy(l);
+            parse_maps_line(&l)
+                .ok_or_else(|| Error::new(Errno::EIO, format!("unparsable maps line {l:?}")))
+        })
+        .collect()
 }
 
 /// [`areas_covering`] with `PROCMAP_QUERY`, one ioctl per area.
