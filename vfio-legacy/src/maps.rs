@@ -190,20 +190,30 @@ pub fn areas_covering(maps: &File, start: u64, end: u64) -> Result<Vec<Vma>> {
 /// (no `fstat` for a size, which procfs does not know), only the lines of
 /// the covering areas parsed whole.
 fn text_covering(mut maps: &File, start: u64, end: u64) -> Result<Vec<Vma>> {
-    let mut text = vec![0u8; 64 * 1024];
-    let mut len = 0;
-    loop {
-        if len == text.len() {
-            text.resize(2 * len, 0);
-        }
-        match maps.read(&mut text[len..]) {
-            Ok(0) => break,
-            Ok(n) => len += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::proc(&e, "cannot read the maps file")),
-        }
+    thread_local! {
+        /// Each thread's buffer for the text, kept between calls.
+        static TEXT: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 64 * 1024]);
     }
-    let lines = text[..len].split(|&b| b == b'\n').filter(|l| !l.is_empty());
+    TEXT.with_borrow_mut(|text| {
+        let mut len = 0;
+        loop {
+            if len == text.len() {
+                text.resize(2 * len, 0);
+            }
+            match maps.read(&mut text[len..]) {
+                Ok(0) => break,
+                Ok(n) => len += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::proc(&e, "cannot read the maps file")),
+            }
+        }
+        covering_lines(&text[..len], start, end)
+    })
+}
+
+/// The covering areas of a maps text.
+fn covering_lines(text: &[u8], start: u64, end: u64) -> Result<Vec<Vma>> {
+    let lines = text.split(|&b| b == b'\n').filter(|l| !l.is_empty());
     let mut bad = None;
     let ranged = lines.map_while(|l| match line_range(l) {
         Some((s, e)) => Some((s, e, l)),
@@ -232,10 +242,20 @@ fn text_covering(mut maps: &File, start: u64, end: u64) -> Result<Vec<Vma>> {
 /// [`areas_covering`] with `PROCMAP_QUERY`, one ioctl per area.
 fn query_covering(maps: &File, start: u64, end: u64) -> Result<Vec<Vma>> {
     let mut out = Vec::new();
-    let mut name = [0u8; 4096];
+    // Most names fit; a longer one (ENAMETOOLONG) is asked again with room
+    // for a whole path.
+    let mut short = [0u8; 256];
+    let mut long = Vec::new();
     let mut at = start;
     while at < end {
-        let q = match sys::procmap_query(maps.as_fd(), at, &mut name) {
+        let mut name: &mut [u8] = &mut short;
+        let mut answer = sys::procmap_query(maps.as_fd(), at, name);
+        if matches!(answer, Err(Errno::ENAMETOOLONG)) {
+            long.resize(libc::PATH_MAX as usize, 0);
+            name = &mut long;
+            answer = sys::procmap_query(maps.as_fd(), at, name);
+        }
+        let q = match answer {
             Ok(q) => q,
             Err(Errno::ENOENT) => {
                 return Err(Error::new(
@@ -402,7 +422,9 @@ mod tests {
             "{}",
             text[1].path
         );
-        let hole = text_covering(&maps(), base, base + 4 * PAGE).unwrap_err();
+        // Below mmap_min_addr nothing is ever mapped (a hole made here could
+        // be filled by another test's mapping meanwhile).
+        let hole = text_covering(&maps(), PAGE, 2 * PAGE).unwrap_err();
         assert_eq!(hole.errno, Errno::EFAULT);
         match query_covering(&maps(), base + PAGE, base + 3 * PAGE) {
             Err(e) if e.errno == Errno::ENOTTY => {
@@ -410,13 +432,64 @@ mod tests {
             }
             got => {
                 assert_eq!(got.unwrap(), text);
-                let hole = query_covering(&maps(), base, base + 4 * PAGE).unwrap_err();
+                let hole = query_covering(&maps(), PAGE, 2 * PAGE).unwrap_err();
                 assert_eq!(hole.errno, Errno::EFAULT);
-                assert!(hole.message.contains(&format!("{:#x}", base + 3 * PAGE)));
+                assert!(hole.message.contains("0x1000"), "{}", hole.message);
             }
         }
         // SAFETY: the rest of the mapping made above.
         unsafe { munmap(p, 3 * PAGE as usize) }.unwrap();
+    }
+
+    /// A name longer than the first buffer (the longest memfd name, shown
+    /// as "/memfd:NAME (deleted)") comes back whole.
+    #[test]
+    fn query_and_text_agree_on_a_long_name() {
+        use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+        use std::num::NonZeroUsize;
+        let long = "n".repeat(249);
+        let fd =
+            nix::sys::memfd::memfd_create(long.as_str(), nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .unwrap();
+        let file = File::from(fd);
+        file.set_len(4096).unwrap();
+        // SAFETY: a new shared mapping at an address the kernel picks; only
+        // its address is used.
+        let p = unsafe {
+            mmap(
+                None,
+                NonZeroUsize::new(4096).unwrap(),
+                ProtFlags::PROT_READ,
+                MapFlags::MAP_SHARED,
+                &file,
+                0,
+            )
+        }
+        .unwrap();
+        let base = p.as_ptr() as u64;
+        let maps = || File::open("/proc/self/maps").unwrap();
+        let text = text_covering(&maps(), base, base + 4096).unwrap();
+        assert!(text[0].path.contains(&long), "{}", text[0].path);
+        assert!(text[0].path.len() > 256);
+        match query_covering(&maps(), base, base + 4096) {
+            Err(e) if e.errno == Errno::ENOTTY => {}
+            got => assert_eq!(got.unwrap(), text),
+        }
+        // SAFETY: the mapping made above.
+        unsafe { munmap(p, 4096) }.unwrap();
+    }
+
+    #[test]
+    fn the_text_path_parses_only_what_covers_and_reports_gaps() {
+        let c = covering_lines(MAPS.as_bytes(), 0x7f10_001f_f000, 0x7f10_0020_1000).unwrap();
+        assert_eq!(c, parse_maps(MAPS).unwrap()[1..3].to_vec());
+        let e = covering_lines(MAPS.as_bytes(), 0x7f10_003f_f000, 0x7f10_0040_1000).unwrap_err();
+        assert_eq!(e.errno, Errno::EFAULT);
+        assert!(e.message.contains("0x7f1000400000"), "{}", e.message);
+        // A malformed line before the range is reported, not skipped.
+        let bad = format!("nonsense\n{MAPS}");
+        let e = covering_lines(bad.as_bytes(), 0x7f30_0000_0000, 0x7f30_0000_1000).unwrap_err();
+        assert_eq!(e.errno, Errno::EIO);
     }
 
     #[test]
