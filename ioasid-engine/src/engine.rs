@@ -50,6 +50,7 @@
 //! means a group's domain and its devices' attachments are only ever
 //! touched under the lock of the context that owns the group.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -487,13 +488,15 @@ impl Context {
             .collect()
     }
 
-    fn segments(&self, m: &Mapping) -> Vec<Segment> {
+    /// The pieces of client memory behind mapping `m` (borrowed from its
+    /// alias when it has one of its own).
+    fn segments<'a>(&'a self, m: &'a Mapping) -> Cow<'a, [Segment]> {
         match &m.memory {
-            Memory::Own(alias) => alias.segments.clone(),
-            Memory::Nested => Vec::new(),
+            Memory::Own(alias) => Cow::Borrowed(&alias.segments),
+            Memory::Nested => Cow::Borrowed(&[]),
             Memory::Registered(start) => {
                 let reg = &self.registrations[start];
-                slice_segments(&reg.alias.segments, m.vaddr - start, m.size)
+                Cow::Owned(slice_segments(&reg.alias.segments, m.vaddr - start, m.size))
             }
         }
     }
@@ -504,6 +507,10 @@ impl Context {
 
     fn parent_of(&self, id: IoasidId) -> Option<IoasidId> {
         self.ioasid(id).ok().and_then(|io| io.parent)
+    }
+
+    fn has_children(&self, id: IoasidId) -> bool {
+        self.ioasids.iter().any(|(_, io)| io.parent == Some(id))
     }
 
     fn children_of(&self, id: IoasidId) -> Vec<IoasidId> {
@@ -967,27 +974,30 @@ impl Engine {
     /// groups realising it or one of its children.
     fn check_group_rule(&self, c: &Context, id: IoasidId) -> Result<(), EngineError> {
         let child = c.ioasid(id)?.parent.is_some();
-        let groups: BTreeSet<GroupId> = if child {
-            c.groups_of(id).into_iter().collect()
-        } else {
-            c.member_groups(id).into_iter().collect()
+        // The groups realising `id` (for a root, also through its children).
+        let realises = |g: GroupId| {
+            c.realising
+                .get(&g)
+                .is_some_and(|r| r.ioasid == id || (!child && c.parent_of(r.ioasid) == Some(id)))
         };
+        let left_out = |d: &DeviceId, b: &BoundDevice| {
+            realises(self.devices[d].group)
+                && if child {
+                    b.child != Some(id)
+                } else {
+                    b.rid != Some(id)
+                }
+        };
+        // Checked on every map and unmap: no allocation unless it fails.
+        if !c.bound.iter().any(|(d, b)| left_out(d, b)) {
+            return Ok(());
+        }
         let missing: Vec<&str> = c
             .bound
             .iter()
-            .filter(|(d, b)| {
-                groups.contains(&self.devices[d].group)
-                    && if child {
-                        b.child != Some(id)
-                    } else {
-                        b.rid != Some(id)
-                    }
-            })
+            .filter(|(d, b)| left_out(d, b))
             .map(|(d, _)| self.name(*d))
             .collect();
-        if missing.is_empty() {
-            return Ok(());
-        }
         Err(err(
             EBUSY,
             format!(
@@ -1073,10 +1083,14 @@ impl Engine {
 
     /// Check an IOASID accepts commands; returns its realising groups and
     /// domain constraints.
-    fn usable(&self, c: &Context, id: IoasidId) -> Result<(Vec<GroupId>, DomainInfo), EngineError> {
+    fn usable<'c>(
+        &self,
+        c: &'c Context,
+        id: IoasidId,
+    ) -> Result<(Vec<GroupId>, &'c DomainInfo), EngineError> {
         let io = c.ioasid(id)?;
         self.check_group_rule(c, id)?;
-        let known = io.known.clone().ok_or_else(|| {
+        let known = io.known.as_ref().ok_or_else(|| {
             err(
                 ENODEV,
                 format!(
@@ -1217,7 +1231,7 @@ impl Engine {
         }
         c.ioasid_mut(ioasid)?.mappings.insert(iova, mapping);
         // The children see the new mapping at once.
-        if !c.children_of(ioasid).is_empty() {
+        if c.has_children(ioasid) {
             let view = parent_view(&c, ioasid, &[])?;
             if let Err(e) = self.refresh_children(&mut c, ioasid, &view) {
                 let m = c
@@ -1350,7 +1364,7 @@ impl Engine {
         if c.ioasid(ioasid)?.parent.is_some() {
             return self.unmap_child(c, ioasid, gone);
         }
-        if c.children_of(ioasid).is_empty() {
+        if !c.has_children(ioasid) {
             return self.remove_mappings(c, ioasid, groups, gone, unmap);
         }
         let without = parent_view(c, ioasid, gone)?;
@@ -2401,7 +2415,7 @@ fn parent_view(c: &Context, parent: IoasidId, skip: &[u64]) -> Result<ParentView
                 ParentPiece {
                     size: m.size,
                     prot: m.prot,
-                    segs: c.segments(m),
+                    segs: c.segments(m).into_owned(),
                 },
             )
         })
@@ -2427,7 +2441,7 @@ fn parent_view_range(
             ParentPiece {
                 size: m.size,
                 prot: m.prot,
-                segs: c.segments(m),
+                segs: c.segments(m).into_owned(),
             },
         );
     }
