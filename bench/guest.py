@@ -191,15 +191,26 @@ def paths(daemon_t: str | None, direct_t: str) -> list[tuple[str, str]]:
 
 def bench_pairs(sizes: list[int], seconds: float, rounds: int, daemon_t: str | None,
                 direct_t: str) -> dict:
+    """Map+unmap pairs through the daemon and directly, alternating pair by
+    pair on the same memory, with a bare CUSE round trip (the CUSE
+    library's null ioctl) in the same loop, so the daemon's extra cost can
+    be counted in round trips. Rates are 1 / the median time of one pair
+    (or round trip) in each round; the figure is the median over rounds."""
     res: dict = {}
     for size in sizes:
-        row: dict[str, list[float]] = {p: [] for p, _ in paths(daemon_t, direct_t)}
+        row: dict[str, list[float]] = {"direct": []}
         for r in range(rounds):
-            for path, target in paths(daemon_t, direct_t):
-                out = map_client(["pairs", target, str(size), str(seconds), "1"])
-                for line in out.splitlines():
-                    if line.startswith("result "):
-                        row[path].append(float(parse_kv(line)["median"]))
+            if daemon_t:
+                out = map_client(["versus", daemon_t, direct_t, f"/dev/{SCRATCH_NAME}",
+                                  str(size), str(seconds)])
+                kv = next(parse_kv(l) for l in out.splitlines() if l.startswith("result "))
+                for key, field in (("daemon", "daemon_us"), ("direct", "direct_us"),
+                                   ("round_trip", "round_trip_us")):
+                    row.setdefault(key, []).append(1e6 / float(kv[field]))
+            else:
+                out = map_client(["pairs", direct_t, str(size), str(seconds), "1"])
+                row["direct"] += [float(parse_kv(l)["median"]) for l in out.splitlines()
+                                  if l.startswith("result ")]
         res[str(size)] = {p: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
                           for p, v in row.items()}
         log(f"map+unmap {size} bytes: " + ", ".join(
@@ -299,11 +310,19 @@ def main() -> int:
             daemon_t = "daemon:/dev/vfio/devices/dev1" if servers.device_nodes else None
             result["daemon_device_nodes"] = servers.device_nodes
             direct_t = "direct:" + group_of(DIRECT_BDF)
+            # Pairs and scale on vCPU 0, like the pinned round trips: a
+            # wake-up across vCPUs under TCG costs more, and more unevenly,
+            # than anything the daemon does.
+            servers_pids = [p.pid for _, p in servers.procs]
+            pin(servers_pids + [os.getpid()], {0})
+            result["map_pinned"] = True
             result["pairs"] = bench_pairs(sizes, seconds, rounds, daemon_t, direct_t)
             if max(levels) > 65_000 and int(result["dma_entry_limit"]) <= max(levels):
                 log(f"dma_entry_limit is {result['dma_entry_limit']}: scale stops at 10000")
                 levels = [x for x in levels if x <= 10_000]
             result["scale"] = bench_scale(levels, pairs, daemon_t, direct_t, servers.daemon_pid)
+            # Several clients at once: every vCPU.
+            pin(servers_pids + [os.getpid()], set(range(os.cpu_count() or 1)))
             result["clients"] = bench_clients(clients, client_seconds, daemon_t, direct_t)
     except Exception as e:  # report what ran, and why the rest did not
         log(f"FAILED: {e}")

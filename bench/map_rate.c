@@ -16,6 +16,14 @@
  *       map + unmap one SIZE-byte mapping in a loop, REPS times for about
  *       SECONDS seconds (at least one pair). Prints
  *         result pairs SIZE median=PAIRS/S min= max= reps=
+ *   map_rate versus DAEMON_TARGET DIRECT_TARGET NULL_NODE SIZE SECONDS
+ *       one SIZE-byte memfd mapping, mapped + unmapped through the daemon,
+ *       then directly, then one null ioctl (SCRATCH_NOP) on NULL_NODE (the
+ *       CUSE library's scratchpad: a bare round trip), over and over for
+ *       about SECONDS seconds (the order rotates each time). The same pages
+ *       go through both paths, and a change of load on the host hits the
+ *       three alike. Prints the median time of each:
+ *         result versus SIZE daemon_us=D direct_us=X round_trip_us=R n=N
  *   map_rate scale TARGET LEVELS PAIRS [DAEMON_PID]
  *       LEVELS is a comma list of mapping counts (ascending, e.g.
  *       0,10000,100000). For each level: fill the IOASID/container with
@@ -49,6 +57,8 @@
 
 #include <linux/ioasid.h>
 #include <linux/vfio.h>
+
+#include "bench_ioctl.h"
 
 #define PAGE 4096ULL
 /* Where the measured mappings go (clear of the x86 MSI window). */
@@ -249,6 +259,68 @@ static int run_pairs(const struct target *t, __u64 size, double seconds,
 	return 0;
 }
 
+static double median(double *v, long n)
+{
+	qsort(v, n, sizeof(v[0]), cmp_double);
+	return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+static int run_versus(const struct target *daemon, const struct target *direct,
+		      const char *null_node, __u64 size, double seconds)
+{
+	char *mem = shared_memory(size);
+	long n = 0, cap = 1024, i;
+	double *us[3], t0;
+	int nul = open(null_node, O_RDWR | O_CLOEXEC);
+
+	if (nul < 0)
+		die("open %s", null_node);
+	for (i = 0; i < 3; i++) {
+		us[i] = malloc(cap * sizeof(double));
+		if (!us[i])
+			die("malloc");
+	}
+	/* Warm up each path once. */
+	map(daemon, mem, IOVA_PAIRS, size);
+	unmap(daemon, IOVA_PAIRS, size);
+	map(direct, mem, IOVA_PAIRS, size);
+	unmap(direct, IOVA_PAIRS, size);
+	t0 = now();
+	do {
+		if (n == cap) {
+			cap *= 2;
+			for (i = 0; i < 3; i++) {
+				us[i] = realloc(us[i], cap * sizeof(double));
+				if (!us[i])
+					die("realloc");
+			}
+		}
+		for (i = 0; i < 3; i++) {
+			int which = (n + i) % 3;
+			double a = now();
+
+			if (which == 2) {
+				if (ioctl(nul, SCRATCH_NOP, 0) != 0)
+					die("SCRATCH_NOP on %s", null_node);
+			} else {
+				const struct target *t = which ? direct : daemon;
+
+				map(t, mem, IOVA_PAIRS, size);
+				unmap(t, IOVA_PAIRS, size);
+			}
+			us[which][n] = (now() - a) * 1e6;
+		}
+		n++;
+	} while (now() - t0 < seconds);
+	printf("result versus %llu daemon_us=%.2f direct_us=%.2f round_trip_us=%.2f n=%ld\n",
+	       (unsigned long long)size, median(us[0], n), median(us[1], n),
+	       median(us[2], n), n);
+	for (i = 0; i < 3; i++)
+		free(us[i]);
+	close(nul);
+	return 0;
+}
+
 static long rss_kib(long pid)
 {
 	char path[64], line[256];
@@ -382,6 +454,17 @@ int main(int argc, char **argv)
 	 * the accounting refusing it. */
 	setrlimit(RLIMIT_MEMLOCK, &unlimited);
 	open_target(&t, argv[2]);
+	if (!strcmp(argv[1], "versus") && argc == 7) {
+		struct target direct;
+
+		open_target(&direct, argv[3]);
+		if (!t.daemon || direct.daemon) {
+			errno = EINVAL;
+			die("versus takes a daemon: target, then a direct: target");
+		}
+		return run_versus(&t, &direct, argv[4], strtoull(argv[5], NULL, 0),
+				  atof(argv[6]));
+	}
 	if (!strcmp(argv[1], "pairs") && argc == 6)
 		return run_pairs(&t, strtoull(argv[3], NULL, 0), atof(argv[4]),
 				 atoi(argv[5]));
