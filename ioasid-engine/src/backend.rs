@@ -50,7 +50,49 @@ pub struct Alias {
     /// The backend's handle, passed back on release.
     pub token: u64,
     /// The pieces covering the range, in ascending `offset`.
-    pub segments: Vec<Segment>,
+    pub segments: Segments,
+}
+
+/// The pieces of an [`Alias`]: nearly always one (a range inside one area
+/// of client memory), kept inline then, since the engine keeps an alias per
+/// mapping and there may be 100,000 of them; a slice of [`Segment`]s either
+/// way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Segments {
+    /// One piece.
+    One(Segment),
+    /// Any other number of pieces.
+    Many(Vec<Segment>),
+}
+
+impl std::ops::Deref for Segments {
+    type Target = [Segment];
+
+    fn deref(&self) -> &[Segment] {
+        match self {
+            Segments::One(s) => std::slice::from_ref(s),
+            Segments::Many(v) => v,
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a Segments {
+    type Item = &'a Segment;
+    type IntoIter = std::slice::Iter<'a, Segment>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl From<Vec<Segment>> for Segments {
+    fn from(mut v: Vec<Segment>) -> Self {
+        if v.len() == 1 {
+            Segments::One(v.remove(0))
+        } else {
+            Segments::Many(v)
+        }
+    }
 }
 
 /// What an IOMMU domain (a realising container) supports.
@@ -154,5 +196,29 @@ pub trait Backend: Send + Sync {
             libc::EFAULT,
             format!("this backend cannot read client memory (at {daemon_vaddr:#x})"),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_segment_is_kept_inline_and_every_count_reads_as_a_slice() {
+        let seg = |o| Segment {
+            offset: o,
+            daemon_vaddr: 0x1000 + o,
+            len: 0x1000,
+        };
+        let one = Segments::from(vec![seg(0)]);
+        assert_eq!(one, Segments::One(seg(0)));
+        assert_eq!(&*one, &[seg(0)]);
+        let two = Segments::from(vec![seg(0), seg(0x1000)]);
+        assert_eq!(two.len(), 2);
+        assert_eq!(
+            two.iter().map(|s| s.offset).collect::<Vec<_>>(),
+            [0, 0x1000]
+        );
+        assert!(Segments::from(Vec::new()).is_empty());
     }
 }

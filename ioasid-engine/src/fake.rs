@@ -278,7 +278,7 @@ impl Backend for FakeBackend {
         s.next_token += 1;
         let alias = Alias {
             token: s.next_token,
-            segments,
+            segments: segments.into(),
         };
         s.live.insert(alias.token, alias.clone());
         Ok(alias)

@@ -218,7 +218,10 @@ impl Table {
         let token = self.next_token;
         self.next_token += 1;
         self.live.insert(token);
-        Alias { token, segments }
+        Alias {
+            token,
+            segments: segments.into(),
+        }
     }
 }
 
