@@ -131,10 +131,12 @@ impl VfioLegacy {
     /// `VFIO_IOMMU_GET_INFO` of `group`'s container, with its capabilities.
     pub fn iommu_info(&self, group: GroupId) -> Result<DomainInfo> {
         let d = self.domain(group)?;
-        let mut buf = vec![0u8; iommu_info::BASE_SIZE];
-        // The kernel raises argsz when the capabilities do not fit; the
-        // chain cannot grow without a change of attached groups, but bound
-        // the retries anyway.
+        // Room for the usual capability chain (a few IOVA ranges, migration,
+        // DMA avail: well under 1 KiB), so one call is enough. The kernel
+        // raises argsz when the capabilities do not fit; the chain cannot
+        // grow without a change of attached groups, but bound the retries
+        // anyway.
+        let mut buf = vec![0u8; iommu_info::BASE_SIZE.max(1024)];
         for _ in 0..4 {
             sys::iommu_get_info(d.container.as_fd(), &mut buf)
                 .context(|| format!("VFIO_IOMMU_GET_INFO on group {group}'s container"))?;
