@@ -123,8 +123,8 @@ struct Table {
     /// Every daemon mapping, in use or idle.
     entries: HashMap<Key, Entry>,
     /// The same mappings by daemon address: a released alias names its
-    /// mappings by the addresses of its segments, so nothing is kept per
-    /// alias.
+    /// mappings by the addresses of its segments, so of each alias only
+    /// its token is kept (below), not the list of its mappings.
     by_addr: BTreeMap<usize, Key>,
     /// The tokens of the aliases handed out and not yet released (8 bytes
     /// an alias: a second release of one is ignored, not a second put).
