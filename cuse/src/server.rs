@@ -287,9 +287,7 @@ impl Workers {
                 if let Some((work, msg)) = st.queue.pop_front() {
                     st.busy += 1;
                     drop(st);
-                    self.session.run_then(work, &msg, || self.handled());
-                    st = self.lock();
-                    st.finishing -= 1;
+                    st = self.run(work, &msg);
                     continue;
                 }
             }
@@ -326,12 +324,19 @@ impl Workers {
                 }
             }
             drop(st);
-            self.session.run_then(work, &buf[..n], || self.handled());
-            st = self.lock();
-            st.finishing -= 1;
+            st = self.run(work, &buf[..n]);
         }
         st.threads -= 1;
         self.done_cv.notify_all();
+    }
+
+    /// Handle one request counted in `busy` (the state unlocked); the state
+    /// locked again afterwards.
+    fn run(&self, work: Work, msg: &[u8]) -> MutexGuard<'_, WorkState> {
+        self.session.run_then(work, msg, || self.handled());
+        let mut st = self.lock();
+        st.finishing -= 1;
+        st
     }
 
     /// A handler returned: its thread is no longer busy, and will look for
