@@ -40,10 +40,22 @@
 //! context closes), by [`ClientMemory::clear`] and on drop.
 //!
 //! **Races.** Between reading the maps and opening `map_files`, the client may
-//! unmap or replace the area. The daemon checks that the opened file has the
-//! inode the maps listed, and after mapping re-reads the maps to check the
-//! area is unchanged (same bounds, offset, inode, protection); otherwise it
-//! starts over (a few times, then `EAGAIN`).
+//! unmap or replace the area, for instance by a read-only mapping of a file
+//! it may not write, and put its own back before the daemon looks again.
+//! So the daemon never trusts a name:
+//! - it opens `map_files` with no more access than the client's mapping
+//!   had (a read-only mapping is opened `O_RDONLY` and mapped `PROT_READ`,
+//!   and [`ClientMemory::check_access`] refuses device writes to it);
+//! - it identifies what it opened by the fd (`fstat`: device *and* inode,
+//!   as the maps listed them; an inode number alone repeats across file
+//!   systems);
+//! - after mapping, it re-reads the maps and checks that the client still
+//!   maps that very file at that place with that access (bounds, offset,
+//!   device, inode, protection).
+//!
+//! Otherwise it starts over (a few times, then `EAGAIN`). Registrations,
+//! page-table walks and the reads through `/proc/self/mem` all go through
+//! these aliases, so the same checks hold for them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::fd::AsFd;
@@ -51,7 +63,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use ioasid_engine::backend::{Alias, Pid, Segment};
+use ioasid_engine::backend::{Alias, Pid, Prot, Segment};
 use nix::errno::Errno;
 
 use crate::error::{Context, Error, Result};
@@ -422,10 +434,16 @@ impl ClientMemory {
                 return Err(Error::io(&e, format!("cannot open {}{hint}", path.display())).into());
             }
         };
+        // The file is known by the fd opened, never by the name: the area
+        // may have been replaced since the maps were read, by another file
+        // the client can only read, even one with the same inode number on
+        // another file system. Device and inode of what was opened must be
+        // those the maps listed, and the access asked for above is only
+        // what the client's own mapping had.
         let meta = file
             .metadata()
             .context(|| format!("cannot stat {}", path.display()))?;
-        if meta.ino() != vma.inode {
+        if !vma.is_file(meta.dev(), meta.ino()) {
             return Err(Attempt::Changed);
         }
         let len = usize::try_from(vma.end - vma.start)
@@ -440,7 +458,8 @@ impl ClientMemory {
             })?;
         drop(file);
 
-        // The area must still be the one we opened and mapped.
+        // The area must still be the one we opened and mapped: the client
+        // maps this very file, with this access, at this place, now.
         let now = self.areas(pid, vma.start, vma.end)?;
         if now.as_slice() != std::slice::from_ref(vma) {
             return Err(Attempt::Changed);
@@ -473,6 +492,30 @@ impl ClientMemory {
                     "released alias segment is in no daemon mapping"
                 ),
             }
+        }
+    }
+
+    /// Check that `[addr, addr + len)` lies inside one daemon mapping of
+    /// client memory whose access allows `prot`: a device may write only
+    /// memory that the client itself mapped writable (`EFAULT` otherwise,
+    /// as VFIO answers a write mapping of read-only memory).
+    pub fn check_access(&self, addr: u64, len: u64, prot: Prot) -> Result<()> {
+        let table = self.lock();
+        let inside = table.key_at(addr).filter(|key| {
+            let start = table.entries[key].mapping.addr() as u64;
+            addr + len <= start + key.len
+        });
+        match inside {
+            None => Err(Error::new(
+                Errno::EFAULT,
+                format!("{addr:#x}+{len:#x} is not client memory aliased by the daemon"),
+            )),
+            Some(key) if prot.write && !key.write => Err(Error::new(
+                Errno::EFAULT,
+                "the client maps this memory read-only, so a device may only read it: \
+                 map it without the WRITE flag, or map it writable in the client first",
+            )),
+            Some(_) => Ok(()),
         }
     }
 

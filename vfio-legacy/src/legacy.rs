@@ -366,6 +366,8 @@ impl Backend for VfioLegacy {
         size: u64,
         prot: Prot,
     ) -> std::result::Result<(), BackendError> {
+        self.domain(group)?; // an unknown group is ENOENT before anything else
+        self.memory.check_access(daemon_vaddr, size, prot)?;
         Ok(self.map_dma(group, iova, daemon_vaddr, size, prot)?)
     }
 

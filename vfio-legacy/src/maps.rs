@@ -58,6 +58,15 @@ impl Vma {
         self.shared && self.is_file_backed()
     }
 
+    /// Whether the backing file is the one with device number `dev` (as
+    /// `st_dev`) and inode `ino`.
+    pub fn is_file(&self, dev: u64, ino: u64) -> bool {
+        let (major, minor) = (libc::major(dev), libc::minor(dev));
+        self.is_file_backed()
+            && ino == self.inode
+            && (major, minor) == (self.dev_major, self.dev_minor)
+    }
+
     /// The entry's name in `/proc/<pid>/map_files`.
     pub fn map_files_name(&self) -> String {
         map_files_name(self.start, self.end)

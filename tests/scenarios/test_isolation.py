@@ -1,0 +1,113 @@
+"""Isolation under attack: what a hostile client that is not root can and
+cannot make the daemon do, in the test VM.
+
+    cargo build --workspace && tests/c/build && scripts/vm -- \
+        /usr/bin/python3 -m pytest tests/scenarios/test_isolation.py -v
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, in_test_vm
+from harness.daemon import ALONE_3
+
+pytestmark = [
+    pytest.mark.skipif(not in_test_vm(), reason="needs the test VM: run under scripts/vm"),
+    pytest.mark.usefixtures("daemon"),
+]
+
+NOBODY = 65534
+PAGES = 256  # as in tests/c/race_map_files.c
+RACE_MS = 20000
+
+
+@contextmanager
+def fresh_tmpfs(path: Path):
+    """A tmpfs of its own at `path`: its first file gets the same inode
+    number as the first file of any other fresh tmpfs."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "none", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@contextmanager
+def open_to_everyone(paths):
+    """Nodes opened to every user, as `--node-mode 0666` would; restored."""
+    modes = {p: stat.S_IMODE(os.stat(p).st_mode) for p in paths}
+    try:
+        for p in paths:
+            os.chmod(p, 0o666)
+        yield
+    finally:
+        for p, m in modes.items():
+            os.chmod(p, m)
+
+
+def as_nobody():
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
+@pytest.fixture
+def public_dir():
+    """A directory under /tmp that every user may enter (pytest's own
+    tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="isolation-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    for sub in path.iterdir():
+        sub.rmdir()
+    path.rmdir()
+
+
+def test_a_raced_map_never_gives_the_device_a_file_the_client_may_only_read(nodes, public_dir):
+    """A client that is not root swaps, under the address it maps, its own
+    writable file for a root-owned file it may only read, which lives on
+    another tmpfs with the same inode number. However the swaps interleave
+    with the daemon's look-ups, no DMA of the client reads the victim's
+    bytes, and the victim's bytes never change."""
+    node = nodes[ALONE_3]
+    with fresh_tmpfs(public_dir / "own") as own_fs, fresh_tmpfs(public_dir / "victim") as victim_fs:
+        own = own_fs / "buffer"
+        victim = victim_fs / "root-only"
+        own.write_bytes(b"O" * (PAGES * 4096))
+        os.chown(own, NOBODY, NOBODY)
+        os.chmod(own, 0o600)
+        victim.write_bytes(hashlib.sha256(b"victim").digest() * (PAGES * 4096 // 32))
+        os.chmod(victim, 0o644)
+        before = hashlib.sha256(victim.read_bytes()).hexdigest()
+        o, v = os.stat(own), os.stat(victim)
+        assert o.st_ino == v.st_ino and o.st_dev != v.st_dev, (
+            "the attack needs two files with one inode number on two file systems: "
+            f"own {o.st_dev:#x}:{o.st_ino}, victim {v.st_dev:#x}:{v.st_ino}")
+
+        with open_to_everyone(["/dev/ioasid", node]):
+            run = subprocess.run(
+                [str(REPO / "target/c/race_map_files"), node, str(own), str(victim),
+                 str(RACE_MS)],
+                preexec_fn=as_nobody, capture_output=True, text=True,
+                timeout=RACE_MS / 1000 + 120)
+        print(run.stdout, run.stderr)
+        after = hashlib.sha256(victim.read_bytes()).hexdigest()
+        assert after == before, "a DMA write of the client changed the root-owned file"
+        assert run.returncode == 0, f"the hostile client reports:\n{run.stdout}{run.stderr}"
+        m = re.search(r"maps (\d+), refused EFAULT (\d+), EAGAIN (\d+)", run.stdout)
+        assert m, run.stdout
+        # The race ran: maps through the client's own file went through and
+        # were written to by the device, others were refused.
+        assert int(m.group(1)) > 0, run.stdout
