@@ -466,8 +466,9 @@ def test_malformed_tables_are_counted_and_harmless(guest, nodes):
     print(f"budget-bound walk: {took:.1f}s, {sh}")
     assert sh["truncated"] and sh["last_walk_malformed"] == 1
     assert sh["shadow_entries"] == 0
-    # Bounded: about 23 s for a debug daemon under TCG on a loaded host.
-    assert took < 120
+    # Bounded by the walk budget (2^20 units: 16 a table read, 1 a present
+    # entry), not by a clock: how long it took is only printed.
+    assert sh["last_walk_leaves"] + 16 * sh["last_walk_tables"] <= 1 << 20, sh
     fd.unbind_pgtable(giova)
     io.detach_ioasid(g.dev2.fd, giova)
     fd.free(giova)
