@@ -27,7 +27,7 @@ import fcntl
 import os
 import struct
 
-from harness.ioasid import _fileno, _io, ioctl_struct
+from harness.ioasid import NodeFile, _fileno, _io, ioctl_struct
 
 # ---------------------------------------------------------------------------
 # Numbers
@@ -437,25 +437,10 @@ def alloc_iova_model(holes, used, addr, length, allowed=(), iopt_alignment=1):
 RW = IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE
 
 
-class Iommufd:
+class Iommufd(NodeFile):
     """An open /dev/iommu file with one method per ioctl."""
 
-    def __init__(self, path="/dev/iommu", fd=None):
-        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC) if fd is None else fd
-
-    def fileno(self):
-        return self.fd
-
-    def close(self):
-        if self.fd is not None and self.fd >= 0:
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+    PATH = "/dev/iommu"
 
     def destroy(self, obj_id):
         _call(self, IOMMU_DESTROY, _new(iommu_destroy, id=obj_id))

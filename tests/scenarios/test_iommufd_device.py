@@ -35,7 +35,6 @@ from harness.iommufd import (ULONG_MAX, Iommufd, alloc_iova_model, attach_pt, bi
 
 PAGE = vfio.PAGE_SIZE
 MSI_WINDOW = (0xFEE00000, 0xFEEFFFFF)  # reserved by VT-d for interrupts
-EBADFD = 77
 
 pytestmark = iommufd_module_marks()
 
@@ -90,6 +89,15 @@ def rc(fd, request, obj, size=None, tail=b""):
     return 0
 
 
+def attached(cdevs, iommu, bdf=ALONE_1):
+    """`bdf`'s cdev bound to `iommu` and attached to a new IOAS: returns
+    (cdev, device id, IOAS id, the automatic HWPT's id)."""
+    c = cdevs(bdf)
+    dev = bind_iommufd(c, iommu)
+    ioas = iommu.ioas_alloc()
+    return c, dev, ioas, attach_pt(c, ioas)
+
+
 def round_trip(edu: Edu, mem: vfio.DmaBuffer, src_iova: int, dst_iova: int,
                src_off: int = 0, dst_off: int = PAGE) -> None:
     """The device copies random bytes from src_iova to dst_iova; the bytes
@@ -140,11 +148,11 @@ def test_bind_refusals_in_the_kernel_order(cdevs, iommu):
     os.close(closed)
     assert errno_of(bind_iommufd, c, closed) == errno.EBADF
     with open("/dev/null", "rb") as null:
-        assert errno_of(bind_iommufd, c, null.fileno()) == EBADFD
+        assert errno_of(bind_iommufd, c, null.fileno()) == errno.EBADFD
     with rfc.IoasidFd() as other_dialect:
-        assert errno_of(bind_iommufd, c, other_dialect) == EBADFD
+        assert errno_of(bind_iommufd, c, other_dialect) == errno.EBADFD
     other = cdevs(ALONE_2)
-    assert errno_of(bind_iommufd, c, other) == EBADFD, "a vfioN node is no iommufd"
+    assert errno_of(bind_iommufd, c, other) == errno.EBADFD, "a vfioN node is no iommufd"
     # The token (SR-IOV VF token) is checked before the iommufd is looked
     # up; the edu is neither PF nor VF (vfio_pci_core_match_token_uuid).
     uuid = ctypes.create_string_buffer(16)
@@ -315,10 +323,7 @@ def test_hwpt_alloc_refusals(cdevs, iommu):
 
 def test_a_hwpt_id_where_an_ioas_is_expected_and_back(cdevs, iommu):
     a = fd_abi
-    c = cdevs(ALONE_1)
-    dev = bind_iommufd(c, iommu)
-    ioas = iommu.ioas_alloc()
-    hwpt = attach_pt(c, ioas)
+    c, dev, ioas, hwpt = attached(cdevs, iommu)
     with vfio.DmaBuffer(PAGE) as mem:
         assert errno_of(iommu.map, hwpt, mem.addr, PAGE, iova=0x100000) == errno.ENOENT
         assert errno_of(iommu.map_file, hwpt, mem.memfd, 0, PAGE) == errno.ENOENT
@@ -427,10 +432,7 @@ def test_get_hw_info_reports_no_driver_data(cdevs, iommu):
 
 def test_dirty_tracking_invalidate_and_viommu_on_a_paging_hwpt(cdevs, iommu):
     a = fd_abi
-    c = cdevs(ALONE_1)
-    dev = bind_iommufd(c, iommu)
-    ioas = iommu.ioas_alloc()
-    hwpt = attach_pt(c, ioas)
+    c, dev, ioas, hwpt = attached(cdevs, iommu)
     with vfio.DmaBuffer(2 * PAGE) as mem:
         iommu.map(ioas, mem.addr, 2 * PAGE, iova=0x200000)
         sdt = a.iommu_hwpt_set_dirty_tracking(hwpt_id=hwpt,
@@ -546,10 +548,7 @@ def test_dma_in_qemus_order_with_a_fixed_iova(cdevs):
 
 
 def test_dma_with_an_allocated_iova(cdevs, iommu):
-    c = cdevs(ALONE_1)
-    bind_iommufd(c, iommu)
-    ioas = iommu.ioas_alloc()
-    attach_pt(c, ioas)
+    c, _, ioas, _ = attached(cdevs, iommu)
     holes, alignment = iommu.iova_ranges(ioas)
     with vfio.DmaBuffer(4 * PAGE) as mem:
         iova = iommu.map(ioas, mem.addr, 4 * PAGE)
@@ -559,10 +558,7 @@ def test_dma_with_an_allocated_iova(cdevs, iommu):
 
 
 def test_dma_through_map_file(cdevs, iommu):
-    c = cdevs(ALONE_1)
-    bind_iommufd(c, iommu)
-    ioas = iommu.ioas_alloc()
-    attach_pt(c, ioas)
+    c, _, ioas, _ = attached(cdevs, iommu)
     with vfio.DmaBuffer(4 * PAGE) as mem:
         # File pages 2 and 3 at IOVA 0x400000: the device sees mem's pages 2, 3.
         assert iommu.map_file(ioas, mem.memfd, 2 * PAGE, 2 * PAGE, iova=0x400000) == 0x400000
