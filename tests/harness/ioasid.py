@@ -435,11 +435,14 @@ def parse_info(buf):
 # ---------------------------------------------------------------------------
 
 
-class IoasidFd:
-    """An open /dev/ioasid file with one method per ioctl."""
+class NodeFile:
+    """An open device node (or `fd`, taken over), closed by close() or at
+    the end of a with block. Base of the clients of each node."""
 
-    def __init__(self, path="/dev/ioasid", fd=None):
-        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC) if fd is None else fd
+    PATH = ""
+
+    def __init__(self, path=None, fd=None):
+        self.fd = os.open(path or self.PATH, os.O_RDWR | os.O_CLOEXEC) if fd is None else fd
 
     def fileno(self):
         return self.fd
@@ -454,6 +457,12 @@ class IoasidFd:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class IoasidFd(NodeFile):
+    """An open /dev/ioasid file with one method per ioctl."""
+
+    PATH = "/dev/ioasid"
 
     def check_extension(self, ext):
         return ioctl_int(self, IOASID_CHECK_EXTENSION, ext)
