@@ -115,8 +115,10 @@ mod offset;
 mod request;
 mod server;
 mod session;
+mod slots;
 mod sys;
 pub mod wire;
+mod workers;
 
 #[cfg(test)]
 mod tests;
@@ -127,6 +129,7 @@ pub use offset::{Offset, OffsetError};
 pub use request::Request;
 pub use server::{DeviceConfig, DeviceNumber, NodeInfo, Server, ShutdownHandle, MAX_TRANSFER};
 pub use session::{Channel, Session, Work};
+pub use workers::PoolStats;
 
 use std::path::PathBuf;
 
