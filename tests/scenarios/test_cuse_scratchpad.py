@@ -29,7 +29,7 @@ EXAMPLE = REPO / "target" / "debug" / "examples" / "scratchpad"
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/cuse"),
     reason="needs /dev/cuse: run inside the test VM (scripts/vm)",
-)
+)  # with --require-vm this skip fails (tests/harness/vm_guard.py)
 
 # ---- the example's ABI -------------------------------------------------------
 
@@ -92,12 +92,12 @@ class Scratchpad:
     """The example daemon serving one node per name; `self.devs[name]` is
     the "MAJOR:MINOR" it reported. The first name is the default node."""
 
-    def __init__(self, *names, workers=16):
+    def __init__(self, *names, workers=16, extra=()):
         if not EXAMPLE.exists():
             pytest.fail(f"{EXAMPLE} missing: run `cargo build -p cuse-server --examples` on the host")
         self.name = names[0]
         self.path = Path("/dev") / self.name
-        args = [str(EXAMPLE), "--workers", str(workers)]
+        args = [str(EXAMPLE), "--workers", str(workers), *extra]
         for n in names:
             args += ["--name", n]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
