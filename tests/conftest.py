@@ -19,7 +19,14 @@ if str(TESTS) not in sys.path:
 
 REPO = TESTS.parent
 
+from harness import vm_guard  # noqa: E402
 from harness.daemon import ALL_EDU, DAEMON, daemon_pids, wait_for  # noqa: E402
+
+# --require-vm: a scenario that skips for lack of the VM or the daemon fails
+# (scripts/test's VM stages; tests/harness/vm_guard.py).
+pytest_addoption = vm_guard.pytest_addoption
+pytest_sessionstart = vm_guard.pytest_sessionstart
+pytest_runtest_makereport = vm_guard.pytest_runtest_makereport
 
 
 def in_test_vm() -> bool:

@@ -3,7 +3,8 @@
 //! drives it.
 //!
 //! ```text
-//! scratchpad [--name NAME]... [--workers N]
+//! scratchpad [--name NAME]... [--workers N] [--workers-per-client N]
+//!            [--idle-timeout-ms MS]
 //! ```
 //!
 //! Serves one node per `--name` (default `scratchpad`), each with its own
@@ -36,6 +37,13 @@
 //!     the pattern of a daemon asking its own node who a file is.
 //!   - `SCRATCH_NOP` `_IO('S', 9)`: does nothing and returns 0 (a null
 //!     ioctl: `scripts/bench` times the bare round trip with it).
+//!   - `SCRATCH_HOLD` `_IO('S', 10)`: blocks until the gate is opened
+//!     (`SCRATCH_LETGO`), `EINTR` as soon as the request is interrupted; a
+//!     slow call that ends when the test says so.
+//!   - `SCRATCH_LETGO` `_IO('S', 11)`: opens the gate for good; returns the
+//!     number of calls it released.
+//!   - `SCRATCH_HELD` `_IOR('S', 12, struct held { u64 holding, started; })`:
+//!     HOLD calls in progress now, and started so far.
 //!
 //! `struct xform { u32 argsz; u32 flags; u64 value; u8 text[16]; }` (32
 //! bytes); `struct stats { u64 opens, releases, reads, writes, ioctls,
@@ -72,6 +80,9 @@ const SCRATCH_GREET: u32 = ioc(IOC_NONE, 6, 0);
 const SCRATCH_WHOAMI: u32 = ioc(IOC_READ, 7, std::mem::size_of::<Who>());
 const SCRATCH_RELAY: u32 = ioc(IOC_READ | IOC_WRITE, 8, std::mem::size_of::<Relay>());
 const SCRATCH_NOP: u32 = ioc(IOC_NONE, 9, 0);
+const SCRATCH_HOLD: u32 = ioc(IOC_NONE, 10, 0);
+const SCRATCH_LETGO: u32 = ioc(IOC_NONE, 11, 0);
+const SCRATCH_HELD: u32 = ioc(IOC_READ, 12, std::mem::size_of::<Held>());
 
 nix::ioctl_read!(scratch_whoami, b'S', 7, Who);
 
@@ -103,6 +114,21 @@ struct Stats {
     writes: u64,
     ioctls: u64,
     polls: u64,
+}
+
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
+struct Held {
+    holding: u64,
+    started: u64,
+}
+
+/// The gate of `SCRATCH_HOLD`.
+#[derive(Default)]
+struct Gate {
+    open: bool,
+    holding: u64,
+    started: u64,
 }
 
 #[repr(C)]
@@ -142,6 +168,7 @@ struct Scratchpad {
     counters: Counters,
     rings: Mutex<Rings>,
     next_fh: AtomicU64,
+    gate: Mutex<Gate>,
 }
 
 impl Scratchpad {
@@ -188,6 +215,25 @@ impl Scratchpad {
                 Err(Errno::EINVAL)
             }
         }
+    }
+
+    /// `SCRATCH_HOLD`: wait for the gate, or for an interrupt.
+    fn hold(&self, req: &Request) -> Result<IoctlResult, Errno> {
+        {
+            let mut gate = self.gate.lock().unwrap();
+            gate.started += 1;
+            gate.holding += 1;
+        }
+        let outcome = loop {
+            if self.gate.lock().unwrap().open {
+                break Ok(IoctlResult::value(0));
+            }
+            if req.wait_interrupted(Duration::from_millis(20)) {
+                break Err(Errno::EINTR);
+            }
+        };
+        self.gate.lock().unwrap().holding -= 1;
+        outcome
     }
 
     fn stats(&self) -> Stats {
@@ -312,6 +358,23 @@ impl Device for Scratchpad {
                 Ok(IoctlResult::value(0))
             }
             SCRATCH_NOP => Ok(IoctlResult::value(0)),
+            SCRATCH_HOLD => self.hold(req),
+            SCRATCH_LETGO => {
+                let mut gate = self.gate.lock().unwrap();
+                gate.open = true;
+                Ok(IoctlResult::value(gate.holding as i32))
+            }
+            SCRATCH_HELD => {
+                let held = {
+                    let gate = self.gate.lock().unwrap();
+                    Held {
+                        holding: gate.holding,
+                        started: gate.started,
+                    }
+                };
+                req.write_obj(args.arg, &held)?;
+                Ok(IoctlResult::value(0))
+            }
             _ => Err(Errno::ENOTTY),
         }
     }
@@ -351,6 +414,13 @@ struct Args {
     /// Requests handled at once.
     #[arg(long, default_value_t = 16)]
     workers: usize,
+    /// Requests of one client process handled at once.
+    #[arg(long, default_value_t = 8)]
+    workers_per_client: usize,
+    /// Milliseconds a spare server thread waits for a request before it
+    /// exits.
+    #[arg(long, default_value_t = 2000)]
+    idle_timeout_ms: u64,
 }
 
 fn main() {
@@ -382,7 +452,10 @@ fn main() {
     };
     let ours = Arc::new(Mutex::new(Vec::new()));
     for name in &args.names {
-        let config = DeviceConfig::new(name).max_workers(args.workers);
+        let config = DeviceConfig::new(name)
+            .max_workers(args.workers)
+            .max_workers_per_client(args.workers_per_client)
+            .idle_timeout(Duration::from_millis(args.idle_timeout_ms));
         let device = Scratchpad {
             nodes: ours.clone(),
             ..Default::default()

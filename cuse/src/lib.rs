@@ -47,7 +47,8 @@
 //!   in-memory fake.
 //! - **session** ([`Server`]): registration through `/dev/cuse`, a growable
 //!   set of threads per node, each reading a request and handling it itself
-//!   (no hand-over between threads), shutdown.
+//!   (no hand-over between threads), handler slots budgeted per client
+//!   (see "Fairness"), idle threads that go away, shutdown.
 //! - **caller access** ([`Request`]): the caller's thread and process id,
 //!   uid, gid; its memory (`process_vm_readv`/`writev`); its file
 //!   descriptors (`pidfd_getfd`); whether the request was interrupted; and
@@ -95,6 +96,56 @@
 //!   without `SA_RESTART`); the kernel wakes one blocked reader per request,
 //!   so idle threads cost nothing.
 //!
+//! # Fairness
+//!
+//! Every caller blocked on a node waits for the server, so one client must
+//! not be able to make the others wait. A node's handler slots
+//! ([`DeviceConfig::max_workers`], default 32) are shared, and each client
+//! *process* (the caller's thread-group id) may hold only
+//! [`DeviceConfig::max_workers_per_client`] of them (default 8):
+//!
+//! - A client over its budget **waits for its own slots**, its calls in the
+//!   order they came; nobody else waits for them. It is not answered an
+//!   errno: an ioctl or read that fails with `EAGAIN` because the same
+//!   process has other calls in flight would be a spurious failure for a
+//!   multi-threaded program (QEMU's vCPU and I/O threads, a test issuing
+//!   calls from a thread pool), and real programs do not retry it. The
+//!   wait is interruptible: a signal to the waiting thread makes the kernel
+//!   send an INTERRUPT, and a waiting call is then answered `EINTR` at once,
+//!   without running. Only a client with more than 64 calls waiting gets
+//!   `EAGAIN` for the extra ones (the server keeps each waiting call's
+//!   bytes, up to 128 KiB for a write).
+//! - When all shared slots are taken, a client with no call running may
+//!   still start one, up to twice `max_workers` in all: a process making
+//!   one call at a time never waits for the calls of others. A freed slot
+//!   goes to the waiting client with the fewest calls running.
+//! - RELEASE (the last close of a file, sent by the kernel with pid 0, so
+//!   it is no one's call) never waits for a slot: its caller is in
+//!   `close(2)` or `exit`, where the kernel waits for the answer without
+//!   letting any signal interrupt it. INTERRUPT is answered by the thread
+//!   that reads it. So a client killed while another one hogs the node
+//!   still exits at once.
+//! - A caller's process is found in `/proc/<tid>/status` only when it can
+//!   matter: while fewer calls run than one client may hold, calls start
+//!   without that look-up. A thread that is already gone counts as a client
+//!   of its own; callers the server cannot see (the kernel sends pid 0 for
+//!   a caller outside the server's pid namespace) share one budget.
+//! - Threads: one per running call, plus readers; after a burst, threads
+//!   beyond the two an idle node keeps exit once they have waited
+//!   [`DeviceConfig::idle_timeout`] (default 2 s) without a request.
+//!   [`Server::stats`] shows threads, running and waiting calls per node.
+//!
+//! What CUSE itself cannot avoid: the kernel waits for a RELEASE
+//! uninterruptibly (it is a *forced* request, `FR_FORCE`: in
+//! `request_wait_answer` of `fs/fuse/dev.c` only a request still queued
+//! can be abandoned on a fatal signal, and a forced one skips even that,
+//! on 6.1 as on current kernels). So a client whose server is *stopped*
+//! (`SIGSTOP`, a debugger) stays in D state at close, even when
+//! SIGKILLed, until the server runs again and answers, or its
+//! `/dev/cuse` fd is closed (then the kernel ends its requests itself).
+//! A hung handler does the same to its caller's close of that file.
+//! `tests/scenarios/test_cuse_fairness.py` shows it.
+//!
 //! # Testing a `Device`
 //!
 //! Handlers are plain methods: call them directly with
@@ -115,8 +166,10 @@ mod offset;
 mod request;
 mod server;
 mod session;
+mod slots;
 mod sys;
 pub mod wire;
+mod workers;
 
 #[cfg(test)]
 mod tests;
@@ -127,6 +180,7 @@ pub use offset::{Offset, OffsetError};
 pub use request::Request;
 pub use server::{DeviceConfig, DeviceNumber, NodeInfo, Server, ShutdownHandle, MAX_TRANSFER};
 pub use session::{Channel, Session, Work};
+pub use workers::PoolStats;
 
 use std::path::PathBuf;
 

@@ -196,7 +196,7 @@ impl Request {
 }
 
 /// `Tgid:` of `<proc_root>/<tid>/status`.
-fn tgid_of(proc_root: &Path, tid: u32) -> Result<u32, Errno> {
+pub(crate) fn tgid_of(proc_root: &Path, tid: u32) -> Result<u32, Errno> {
     let text = std::fs::read_to_string(proc_root.join(tid.to_string()).join("status"))
         .map_err(|_| Errno::ESRCH)?;
     text.lines()

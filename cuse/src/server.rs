@@ -2,23 +2,22 @@
 //! each with its own threads (each reads requests and handles what it read),
 //! and shutting down.
 
-use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use slab::Slab;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::device::Device;
-use crate::session::{init_reply, Channel, InitParams, Session, Work};
+use crate::session::{init_reply, Channel, InitParams, Session};
+use crate::slots::Budget;
 use crate::sys;
 use crate::wire::{FuseInHeader, FuseWriteIn, FUSE_MIN_READ_BUFFER};
+use crate::workers::{PoolConfig, PoolStats, Workers};
 use crate::Error;
 
 /// Largest transfer per READ/WRITE request the kernel allows (32 pages).
@@ -33,7 +32,9 @@ pub struct DeviceConfig {
     max_read: u32,
     max_write: u32,
     max_workers: usize,
+    max_workers_per_client: usize,
     max_idle: usize,
+    idle_timeout: Duration,
     cuse_path: PathBuf,
     sysfs_dir: PathBuf,
     dev_dir: PathBuf,
@@ -42,8 +43,8 @@ pub struct DeviceConfig {
 impl DeviceConfig {
     /// A node named `name` (the `DEVNAME`: `/dev/<name>`; slashes make
     /// subdirectories, e.g. `vfio/devices/dev1`), with a device number
-    /// chosen by the kernel, 128 KiB transfers and up to 32 concurrent
-    /// handlers.
+    /// chosen by the kernel, 128 KiB transfers, and up to 32 concurrent
+    /// handlers, 8 of them for one client process.
     pub fn new(name: impl Into<String>) -> Self {
         DeviceConfig {
             name: name.into(),
@@ -52,7 +53,9 @@ impl DeviceConfig {
             max_read: MAX_TRANSFER,
             max_write: MAX_TRANSFER,
             max_workers: 32,
+            max_workers_per_client: 8,
             max_idle: 4,
+            idle_timeout: Duration::from_secs(2),
             cuse_path: PathBuf::from("/dev/cuse"),
             sysfs_dir: PathBuf::from("/sys/class/cuse"),
             dev_dir: PathBuf::from("/dev"),
@@ -75,9 +78,24 @@ impl DeviceConfig {
         self
     }
 
-    /// How many requests of this node may be handled at once (at least 1).
+    /// How many requests of this node may be handled at once by all
+    /// clients together (at least 1, default 32). A client process with no
+    /// request running may still start one when all are taken, up to twice
+    /// this many: a process making one call at a time never waits for the
+    /// calls of others.
     pub fn max_workers(mut self, n: usize) -> Self {
         self.max_workers = n.max(1);
+        self
+    }
+
+    /// How many requests of one client process may be handled at once (at
+    /// least 1, at most [`DeviceConfig::max_workers`], default 8). Its
+    /// further requests wait for one of its own slots, in order, and are
+    /// answered `EINTR` if interrupted meanwhile; other clients do not
+    /// notice. More than 64 waiting requests of one client are answered
+    /// `EAGAIN`. See the crate documentation, "Fairness".
+    pub fn max_workers_per_client(mut self, n: usize) -> Self {
+        self.max_workers_per_client = n.max(1);
         self
     }
 
@@ -89,6 +107,23 @@ impl DeviceConfig {
     pub fn max_idle_workers(mut self, n: usize) -> Self {
         self.max_idle = n.max(2);
         self
+    }
+
+    /// How long a waiting thread beyond the two an idle node keeps waits
+    /// for a request before it exits (default 2 s, at least 1 ms): after a
+    /// burst the node returns to two threads.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    fn pool_config(&self) -> PoolConfig {
+        PoolConfig {
+            buffer_size: self.read_buffer_size(),
+            budget: Budget::new(self.max_workers, self.max_workers_per_client),
+            max_idle: self.max_idle,
+            idle_timeout: self.idle_timeout,
+        }
     }
 
     /// The node name.
@@ -171,8 +206,8 @@ pub struct NodeInfo {
 }
 
 /// The `/dev/cuse` fd of one node as a reply channel.
-struct FdChannel {
-    fd: OwnedFd,
+pub(crate) struct FdChannel {
+    pub(crate) fd: OwnedFd,
 }
 
 impl Channel for FdChannel {
@@ -186,238 +221,6 @@ impl Channel for FdChannel {
                 Err(Errno::EINTR) => continue,
                 Err(e) => return Err(e),
             }
-        }
-    }
-}
-
-/// The request-serving threads of one node, libfuse style: every thread
-/// reads `/dev/cuse` itself and handles the request it read, so a request
-/// costs the kernel's two wake-ups (caller to server, server to caller) and
-/// no hand-over between threads.
-///
-/// - Idle threads block in `read(2)`, where the kernel wakes exactly one of
-///   them per request.
-/// - A thread that takes a request while no other thread is waiting (or
-///   about to: just started, or just done with a request) spawns one, so a
-///   slow handler never stops the node from reading (other requests,
-///   INTERRUPTs), and a client issuing one request after another is served
-///   by the same two or three threads.
-/// - At most `max_handlers` requests are handled at once; a request read
-///   while all slots are taken waits in `queue` for the next free one, and
-///   the thread that read it goes back to reading. So there are at most
-///   `max_handlers + 1` threads, and always one reading.
-/// - A thread that finishes a request leaves if `max_idle` others are
-///   already waiting, so a burst's threads go away again.
-/// - Shutdown sets `closed` and sends [`sys::wake_signal`] to the threads
-///   blocked in `read` until all have left.
-struct Workers {
-    name: String,
-    session: Arc<Session>,
-    channel: Arc<FdChannel>,
-    buffer_size: usize,
-    max_handlers: usize,
-    max_idle: usize,
-    state: Mutex<WorkState>,
-    done_cv: Condvar,
-}
-
-#[derive(Default)]
-struct WorkState {
-    /// Threads alive.
-    threads: usize,
-    /// Threads started so far.
-    spawned: u64,
-    /// Threads started that have not yet looked for work.
-    starting: usize,
-    /// The threads waiting for a request (in, or on their way into,
-    /// `read`), by pthread id: the ones to signal at shutdown.
-    readers: Slab<libc::pthread_t>,
-    /// Requests being handled.
-    busy: usize,
-    /// Threads whose handler has returned and that are on their way back
-    /// to `read` (or to the queue, or out): the caller may already have
-    /// sent its next request, which they will pick up.
-    finishing: usize,
-    /// Requests read while every handler slot was taken, with their bytes.
-    queue: VecDeque<(Work, Vec<u8>)>,
-    /// Shutting down, or the connection is gone: threads leave.
-    closed: bool,
-    handles: Vec<JoinHandle<()>>,
-}
-
-/// What one `read` on `/dev/cuse` gave.
-enum Received {
-    /// A message of this many bytes.
-    Message(usize),
-    /// Nothing (interrupted, or taken by another reader): look again.
-    Nothing,
-    /// The connection is gone: this node stops serving.
-    Gone,
-}
-
-impl Workers {
-    fn lock(&self) -> MutexGuard<'_, WorkState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Start one more thread; the caller holds the state lock.
-    fn spawn(self: &Arc<Self>, st: &mut WorkState) -> Result<(), std::io::Error> {
-        st.handles.retain(|h| !h.is_finished());
-        let workers = self.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("cuse:{}", self.name))
-            .spawn(move || workers.serve())?;
-        st.threads += 1;
-        st.spawned += 1;
-        st.starting += 1;
-        st.handles.push(handle);
-        debug!(node = %self.name, threads = st.threads, started = st.spawned, "server thread started");
-        Ok(())
-    }
-
-    /// The loop of every thread: wait for a request, handle it, repeat.
-    fn serve(self: Arc<Self>) {
-        sys::unblock_wake_signal();
-        let me = sys::this_thread();
-        let mut buf = vec![0u8; self.buffer_size];
-        let mut st = self.lock();
-        st.starting -= 1;
-        loop {
-            if st.busy < self.max_handlers {
-                if let Some((work, msg)) = st.queue.pop_front() {
-                    st.busy += 1;
-                    drop(st);
-                    st = self.run(work, &msg);
-                    continue;
-                }
-            }
-            if st.closed || st.readers.len() >= self.max_idle {
-                break;
-            }
-            let key = st.readers.insert(me);
-            drop(st);
-            let received = self.receive(&mut buf);
-            st = self.lock();
-            st.readers.remove(key);
-            let n = match received {
-                Received::Message(n) => n,
-                Received::Nothing => continue,
-                Received::Gone => {
-                    st.closed = true;
-                    break;
-                }
-            };
-            drop(st);
-            let work = self.session.accept(&buf[..n]);
-            st = self.lock();
-            let Some(work) = work else { continue };
-            if st.busy >= self.max_handlers {
-                st.queue.push_back((work, buf[..n].to_vec()));
-                continue;
-            }
-            st.busy += 1;
-            if st.readers.is_empty() && st.starting == 0 && st.finishing == 0 && !st.closed {
-                if let Err(e) = self.spawn(&mut st) {
-                    // This request is still answered, by this thread; the
-                    // node reads again when it is done.
-                    warn!(node = %self.name, error = %e, "cannot spawn a server thread");
-                }
-            }
-            drop(st);
-            st = self.run(work, &buf[..n]);
-        }
-        st.threads -= 1;
-        self.done_cv.notify_all();
-    }
-
-    /// Handle one request counted in `busy` (the state unlocked); the state
-    /// locked again afterwards.
-    fn run(&self, work: Work, msg: &[u8]) -> MutexGuard<'_, WorkState> {
-        self.session.run_then(work, msg, || self.handled());
-        let mut st = self.lock();
-        st.finishing -= 1;
-        st
-    }
-
-    /// A handler returned: its thread is no longer busy, and will look for
-    /// work again as soon as the reply is out.
-    fn handled(&self) {
-        let mut st = self.lock();
-        st.busy -= 1;
-        st.finishing += 1;
-    }
-
-    /// One `read` on `/dev/cuse`.
-    fn receive(&self, buf: &mut [u8]) -> Received {
-        let fd = self.channel.fd.as_fd();
-        match sys::read(fd, buf) {
-            Ok(0) => {
-                self.gone("end of file on /dev/cuse");
-                Received::Gone
-            }
-            Ok(n) => Received::Message(n),
-            // The wake signal (shutdown), or the request went away before
-            // we got it (ENOENT).
-            Err(Errno::EINTR) | Err(Errno::ENOENT) => Received::Nothing,
-            // A nonblocking fd (tests may hand one in): wait until readable.
-            Err(Errno::EAGAIN) => match sys::poll_in(&[fd], -1) {
-                Ok(_) => Received::Nothing,
-                Err(e) => {
-                    self.gone(&format!("poll on /dev/cuse failed: {e}"));
-                    Received::Gone
-                }
-            },
-            Err(Errno::ENODEV) => {
-                self.gone("CUSE connection aborted");
-                Received::Gone
-            }
-            Err(e) => {
-                self.gone(&format!("read on /dev/cuse failed: {e}"));
-                Received::Gone
-            }
-        }
-    }
-
-    /// Log, once per node, why it stops serving.
-    fn gone(&self, why: &str) {
-        let first = !self.lock().closed;
-        if first {
-            warn!(node = %self.name, "{why}; node stops serving");
-        }
-    }
-
-    /// Make every thread leave once it has nothing left to do.
-    fn close(&self) {
-        self.lock().closed = true;
-    }
-
-    /// Wait until every thread left or `deadline` passed; true if all did.
-    /// Requests still in flight are marked interrupted, and the threads
-    /// blocked in `read` are woken, until then.
-    fn wait_exit(&self, deadline: Instant) -> bool {
-        let mut st = self.lock();
-        loop {
-            if st.threads == 0 {
-                for h in st.handles.drain(..) {
-                    let _ = h.join();
-                }
-                return true;
-            }
-            self.session.interrupt_all();
-            for (_, &thread) in st.readers.iter() {
-                sys::wake(thread);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            // A signal sent just before its thread entered read() is lost;
-            // the next round sends it again.
-            let pause = (deadline - now).min(Duration::from_millis(5));
-            st = match self.done_cv.wait_timeout(st, pause) {
-                Ok((g, _)) => g,
-                Err(e) => e.into_inner().0,
-            };
         }
     }
 }
@@ -568,14 +371,7 @@ impl Server {
         }
         let info = node_info(&config)?;
         info!(name = %info.name, dev = %info.dev, "CUSE device registered");
-        self.serve(
-            info,
-            channel,
-            config.read_buffer_size(),
-            device,
-            config.max_workers,
-            config.max_idle,
-        )
+        self.serve(info, channel, device, config.pool_config())
     }
 
     /// Serve an initialised connection with its first thread.
@@ -583,23 +379,12 @@ impl Server {
         &self,
         info: NodeInfo,
         channel: Arc<FdChannel>,
-        buffer_size: usize,
         device: Arc<dyn Device>,
-        max_handlers: usize,
-        max_idle: usize,
+        pool: PoolConfig,
     ) -> Result<NodeInfo, Error> {
         let session = Arc::new(Session::new(device, channel.clone()));
-        let workers = Arc::new(Workers {
-            name: info.name.clone(),
-            session,
-            channel,
-            buffer_size,
-            max_handlers,
-            max_idle,
-            state: Mutex::new(WorkState::default()),
-            done_cv: Condvar::new(),
-        });
-        workers.spawn(&mut workers.lock()).map_err(|e| Error::Io {
+        let workers = Arc::new(Workers::new(info.name.clone(), session, channel, pool));
+        workers.start().map_err(|e| Error::Io {
             what: "spawn a server thread",
             errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN)),
         })?;
@@ -626,6 +411,14 @@ impl Server {
     /// The nodes registered so far.
     pub fn nodes(&self) -> Vec<NodeInfo> {
         self.lock_nodes().iter().map(|n| n.info.clone()).collect()
+    }
+
+    /// Threads and requests of every node now, by node name.
+    pub fn stats(&self) -> Vec<(String, PoolStats)> {
+        self.lock_nodes()
+            .iter()
+            .map(|n| (n.info.name.clone(), n.workers.stats()))
+            .collect()
     }
 
     /// Block until a [`ShutdownHandle::stop`] (or [`Server::stop`]), then
@@ -899,255 +692,8 @@ mod tests {
 
     struct Nop;
     impl Device for Nop {}
-
-    use crate::{IoctlArgs, IoctlResult, Request};
-    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-
-    /// A node served over one end of a SEQPACKET socket pair; the test
-    /// plays the kernel on the other end.
-    fn fake_node(server: &Server, device: Arc<dyn Device>, workers: usize) -> OwnedFd {
-        fake_node_idle(server, device, workers, 4)
-    }
-
-    fn fake_node_idle(
-        server: &Server,
-        device: Arc<dyn Device>,
-        workers: usize,
-        max_idle: usize,
-    ) -> OwnedFd {
-        let (ours, kernel) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap();
-        let info = NodeInfo {
-            name: "fake".into(),
-            dev: DeviceNumber { major: 0, minor: 0 },
-            path: PathBuf::from("/nonexistent/fake"),
-            sysfs: PathBuf::from("/nonexistent/sysfs/fake"),
-        };
-        let channel = Arc::new(FdChannel { fd: ours });
-        server
-            .serve(info, channel, 1 << 17, device, workers, max_idle)
-            .unwrap();
-        kernel
-    }
-
-    fn ioctl_request(unique: u64, cmd: u32) -> Vec<u8> {
-        let mut m = Vec::new();
-        m.extend(72u32.to_le_bytes());
-        m.extend(39u32.to_le_bytes()); // FUSE_IOCTL
-        m.extend(unique.to_le_bytes());
-        m.extend([0u8; 8 + 4 + 4 + 4 + 4]); // nodeid uid gid pid extlen+pad
-        m.extend(1u64.to_le_bytes()); // fh
-        m.extend(2u32.to_le_bytes()); // flags: UNRESTRICTED
-        m.extend(cmd.to_le_bytes());
-        m.extend([0u8; 16]); // arg, in_size, out_size
-        m
-    }
-
-    fn interrupt_request(unique: u64, target: u64) -> Vec<u8> {
-        let mut m = Vec::new();
-        m.extend(48u32.to_le_bytes());
-        m.extend(36u32.to_le_bytes()); // FUSE_INTERRUPT
-        m.extend(unique.to_le_bytes());
-        m.extend([0u8; 24]);
-        m.extend(target.to_le_bytes());
-        m
-    }
-
-    /// The next message from the server: (unique, error, ioctl result), or
-    /// None at end of file or after `timeout`.
-    fn recv(kernel: &OwnedFd, timeout: Duration) -> Option<(u64, i32, Option<i32>)> {
-        let ms = timeout.as_millis() as i32;
-        let ready = sys::poll_in(&[kernel.as_fd()], ms).unwrap();
-        if !ready[0].readable && !ready[0].error {
-            return None;
-        }
-        let mut buf = [0u8; 256];
-        let n = nix::unistd::read(kernel, &mut buf).unwrap();
-        if n == 0 {
-            return None;
-        }
-        let error = i32::from_le_bytes(buf[4..8].try_into().unwrap());
-        let unique = u64::from_le_bytes(buf[8..16].try_into().unwrap());
-        let result = (n >= 20).then(|| i32::from_le_bytes(buf[16..20].try_into().unwrap()));
-        Some((unique, error, result))
-    }
-
-    fn send(kernel: &OwnedFd, msg: &[u8]) {
-        assert_eq!(nix::unistd::write(kernel, msg).unwrap(), msg.len());
-    }
-
-    /// cmd 1: waits (up to 20 s) until interrupted, then EINTR; cmd 2:
-    /// answers 7 at once; cmd 3: sleeps 1.5 s ignoring interrupts.
-    struct Waiter;
-    impl Device for Waiter {
-        fn ioctl(&self, req: &Request, _fh: u64, a: IoctlArgs<'_>) -> Result<IoctlResult, Errno> {
-            match a.cmd {
-                1 => {
-                    if req.wait_interrupted(Duration::from_secs(20)) {
-                        Err(Errno::EINTR)
-                    } else {
-                        Ok(IoctlResult::value(1))
-                    }
-                }
-                2 => Ok(IoctlResult::value(7)),
-                3 => {
-                    std::thread::sleep(Duration::from_millis(1500));
-                    Ok(IoctlResult::value(3))
-                }
-                _ => Err(Errno::ENOTTY),
-            }
-        }
-    }
-
-    const T: Duration = Duration::from_secs(10);
-
-    #[test]
-    fn served_concurrently_interrupted_and_stopped_over_a_real_fd() {
-        let server = Server::new().unwrap();
-        let kernel = fake_node(&server, Arc::new(Waiter), 4);
-        // A slow request does not hold up a fast one.
-        send(&kernel, &ioctl_request(2, 1));
-        send(&kernel, &ioctl_request(4, 2));
-        assert_eq!(recv(&kernel, T), Some((4, 0, Some(7))));
-        // INTERRUPT for the slow one: it answers EINTR; the interrupt itself
-        // gets no answer.
-        send(&kernel, &interrupt_request(3, 2));
-        assert_eq!(recv(&kernel, T), Some((2, -libc::EINTR, None)));
-        assert_eq!(recv(&kernel, Duration::from_millis(200)), None);
-        // An INTERRUPT for an unknown request: EAGAIN (kernel requeues).
-        send(&kernel, &interrupt_request(9, 8));
-        assert_eq!(recv(&kernel, T), Some((9, -libc::EAGAIN, None)));
-        // Stop with a request in flight: it is interrupted and answered,
-        // then the fd is closed (end of file for the "kernel").
-        send(&kernel, &ioctl_request(6, 1));
-        std::thread::sleep(Duration::from_millis(100));
-        let t0 = Instant::now();
-        server.stop();
-        assert!(t0.elapsed() < Duration::from_secs(5));
-        assert_eq!(recv(&kernel, T), Some((6, -libc::EINTR, None)));
-        assert_eq!(recv(&kernel, T), None);
-        let mut b = [0u8; 8];
-        assert_eq!(
-            nix::unistd::read(&kernel, &mut b),
-            Ok(0),
-            "server end closed"
-        );
-    }
-
-    #[test]
-    fn a_handler_that_ignores_interrupts_does_not_hang_shutdown() {
-        let mut server = Server::new().unwrap();
-        server.set_shutdown_grace(Duration::from_millis(100));
-        let kernel = fake_node(&server, Arc::new(Waiter), 2);
-        send(&kernel, &ioctl_request(2, 3));
-        std::thread::sleep(Duration::from_millis(100));
-        let t0 = Instant::now();
-        server.stop();
-        // Two grace periods (wait, then abort and wait), not the handler's
-        // 1.5 s.
-        assert!(
-            t0.elapsed() < Duration::from_millis(1000),
-            "{:?}",
-            t0.elapsed()
-        );
-        // The handler still answers when it is done, and the fd then closes.
-        assert_eq!(recv(&kernel, T), Some((2, 0, Some(3))));
-        assert_eq!(recv(&kernel, T), None);
-    }
-
-    #[test]
-    fn the_pool_grows_to_its_limit_and_no_further() {
-        let server = Server::new().unwrap();
-        let kernel = fake_node(&server, Arc::new(Waiter), 2);
-        // Two slow requests take both workers; a fast one must wait.
-        send(&kernel, &ioctl_request(2, 1));
-        send(&kernel, &ioctl_request(4, 1));
-        send(&kernel, &ioctl_request(6, 2));
-        assert_eq!(recv(&kernel, Duration::from_millis(300)), None);
-        send(&kernel, &interrupt_request(3, 2));
-        let mut got = vec![recv(&kernel, T), recv(&kernel, T)];
-        got.sort();
-        assert_eq!(
-            got,
-            vec![Some((2, -libc::EINTR, None)), Some((6, 0, Some(7)))]
-        );
-        server.stop();
-        assert_eq!(recv(&kernel, T), Some((4, -libc::EINTR, None)));
-    }
-
-    #[test]
-    fn threads_of_a_burst_exit_down_to_the_idle_limit() {
-        let server = Server::new().unwrap();
-        let kernel = fake_node_idle(&server, Arc::new(Waiter), 4, 2);
-        let threads = |s: &Server| s.lock_nodes()[0].workers.lock().threads;
-        for u in [2, 4, 6] {
-            send(&kernel, &ioctl_request(u, 1));
-        }
-        let deadline = Instant::now() + T;
-        while threads(&server) < 4 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        assert_eq!(
-            threads(&server),
-            4,
-            "one thread per request being handled, and one reading"
-        );
-        for (i, u) in [2u64, 4, 6].iter().enumerate() {
-            send(&kernel, &interrupt_request(11 + 2 * i as u64, *u));
-        }
-        for _ in 0..3 {
-            assert_eq!(recv(&kernel, T).map(|r| r.1), Some(-libc::EINTR));
-        }
-        let deadline = Instant::now() + T;
-        while threads(&server) > 2 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert_eq!(threads(&server), 2);
-        // The remaining threads still serve, and new ones are spawned again.
-        send(&kernel, &ioctl_request(20, 2));
-        assert_eq!(recv(&kernel, T), Some((20, 0, Some(7))));
-        send(&kernel, &ioctl_request(22, 1));
-        send(&kernel, &ioctl_request(24, 1));
-        send(&kernel, &ioctl_request(26, 2));
-        assert_eq!(recv(&kernel, T), Some((26, 0, Some(7))));
-        server.stop();
-    }
-
-    #[test]
-    fn one_request_after_another_reuses_the_same_threads() {
-        let server = Server::new().unwrap();
-        let kernel = fake_node(&server, Arc::new(Waiter), 8);
-        for u in 0..200u64 {
-            send(&kernel, &ioctl_request(2 * u + 2, 2));
-            assert_eq!(recv(&kernel, T), Some((2 * u + 2, 0, Some(7))));
-        }
-        let spawned = server.lock_nodes()[0].workers.lock().spawned;
-        // The first thread starts a second when it takes the first request
-        // (nobody else would be reading). A thread that has just answered
-        // may not be reading again when the next request comes, so a third
-        // may start; then one handles, one is on its way back and one
-        // reads, and no thread is ever started again.
-        assert!(
-            spawned <= 3,
-            "{spawned} threads started for 200 sequential requests"
-        );
-        server.stop();
-    }
-
-    #[test]
-    fn the_reader_stops_at_end_of_file() {
-        let server = Server::new().unwrap();
-        let kernel = fake_node(&server, Arc::new(Waiter), 2);
-        drop(kernel);
-        // stop() must not hang on a reader that already left.
-        let t0 = Instant::now();
-        server.stop();
-        assert!(t0.elapsed() < Duration::from_secs(5));
-    }
 }
+
+#[cfg(test)]
+#[path = "pool_tests.rs"]
+mod pool_tests;

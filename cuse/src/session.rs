@@ -46,6 +46,23 @@ impl Work {
     pub fn unique(&self) -> u64 {
         self.header.unique
     }
+
+    /// The calling thread (`fuse_in_header.pid`; 0 for RELEASE, which the
+    /// kernel sends on behalf of no one).
+    pub fn tid(&self) -> u32 {
+        self.header.pid
+    }
+
+    /// Whether this is a RELEASE (the last close of an open file): the
+    /// server never makes it wait behind other work.
+    pub fn is_release(&self) -> bool {
+        matches!(self.op, Operation::Release(_))
+    }
+
+    /// Whether an INTERRUPT for this request has arrived.
+    pub fn interrupted(&self) -> bool {
+        self.flag.is_raised()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -89,6 +106,12 @@ impl Session {
     pub fn with_proc_root(mut self, root: &Path) -> Self {
         self.proc_root = Arc::from(root);
         self
+    }
+
+    /// The process (thread-group id) of calling thread `tid`, from
+    /// `/proc/<tid>/status`; `ESRCH` if it is gone.
+    pub(crate) fn caller_process(&self, tid: u32) -> Result<u32, Errno> {
+        crate::request::tgid_of(&self.proc_root, tid)
     }
 
     /// Number of requests accepted and not yet answered.
@@ -215,6 +238,12 @@ impl Session {
                 self.reply_error(header.unique, Errno::EAGAIN);
             }
         }
+    }
+
+    /// Answer an accepted request with `errno` without calling the handler
+    /// (e.g. `EINTR` for one interrupted while it waited for a slot).
+    pub fn refuse(&self, work: Work, errno: Errno) {
+        Reply::new(self, work.header.unique).error(errno);
     }
 
     /// Call the handler for an accepted request and send its one reply.

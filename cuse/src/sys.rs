@@ -192,3 +192,76 @@ pub(crate) fn wake(thread: libc::pthread_t) {
         libc::pthread_kill(thread, wake_signal());
     }
 }
+
+/// A timer that sends [`wake_signal`] to the thread that made it, every
+/// period while armed (`timer_create` with `SIGEV_THREAD_ID`): it wakes an
+/// idle server thread blocked in `read(2)` so that the thread can see
+/// whether it has been idle long enough to leave. Deleted on drop. Not
+/// `Send`: it belongs to its thread.
+pub(crate) struct WakeTimer {
+    id: libc::timer_t,
+}
+
+impl WakeTimer {
+    /// A disarmed timer aimed at the calling thread.
+    pub(crate) fn for_this_thread() -> Result<Self, Errno> {
+        // SAFETY: an all-zero sigevent is a valid value (SIGEV_SIGNAL with
+        // signal 0); the fields that matter are set below.
+        let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
+        sev.sigev_notify = libc::SIGEV_THREAD_ID;
+        sev.sigev_signo = wake_signal();
+        sev.sigev_notify_thread_id = nix::unistd::gettid().as_raw();
+        let mut id: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: `sev` and `id` are live locals the call reads and writes
+        // for its duration only; the result is checked before `id` is used.
+        let ret = unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut id) };
+        if ret != 0 {
+            return Err(Errno::last());
+        }
+        Ok(WakeTimer { id })
+    }
+
+    /// Fire after `period`, then every `period`, until disarmed.
+    pub(crate) fn arm(&self, period: std::time::Duration) -> Result<(), Errno> {
+        let ts = libc::timespec {
+            tv_sec: period.as_secs().try_into().unwrap_or(libc::time_t::MAX),
+            tv_nsec: period.subsec_nanos().into(),
+        };
+        self.set(libc::itimerspec {
+            it_interval: ts,
+            it_value: ts,
+        })
+    }
+
+    /// Stop firing.
+    pub(crate) fn disarm(&self) -> Result<(), Errno> {
+        let zero = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        self.set(libc::itimerspec {
+            it_interval: zero,
+            it_value: zero,
+        })
+    }
+
+    fn set(&self, spec: libc::itimerspec) -> Result<(), Errno> {
+        // SAFETY: `self.id` is a timer created by timer_create and not yet
+        // deleted (deleted only in drop); `spec` is a live local read for the
+        // duration of the call; the old value is not asked for.
+        let ret = unsafe { libc::timer_settime(self.id, 0, &spec, std::ptr::null_mut()) };
+        if ret != 0 {
+            return Err(Errno::last());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for WakeTimer {
+    fn drop(&mut self) {
+        // SAFETY: `self.id` is a live timer, deleted exactly once, here.
+        unsafe {
+            libc::timer_delete(self.id);
+        }
+    }
+}

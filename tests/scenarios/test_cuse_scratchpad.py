@@ -29,7 +29,7 @@ EXAMPLE = REPO / "target" / "debug" / "examples" / "scratchpad"
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/cuse"),
     reason="needs /dev/cuse: run inside the test VM (scripts/vm)",
-)
+)  # with --require-vm this skip fails (tests/harness/vm_guard.py)
 
 # ---- the example's ABI -------------------------------------------------------
 
@@ -92,12 +92,12 @@ class Scratchpad:
     """The example daemon serving one node per name; `self.devs[name]` is
     the "MAJOR:MINOR" it reported. The first name is the default node."""
 
-    def __init__(self, *names, workers=16):
+    def __init__(self, *names, workers=16, extra=()):
         if not EXAMPLE.exists():
             pytest.fail(f"{EXAMPLE} missing: run `cargo build -p cuse-server --examples` on the host")
         self.name = names[0]
         self.path = Path("/dev") / self.name
-        args = [str(EXAMPLE), "--workers", str(workers)]
+        args = [str(EXAMPLE), "--workers", str(workers), *extra]
         for n in names:
             args += ["--name", n]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -302,14 +302,19 @@ def test_poll_wakes_when_another_process_rings(pad):
 
 def test_signal_interrupts_a_slow_ioctl(pad):
     fd = pad.open()
-    old = signal.signal(signal.SIGALRM, lambda *_: None)
+    fired = []
+    old = signal.signal(signal.SIGALRM, lambda sig, _: fired.append(sig))
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.5)
         t0 = time.monotonic()
         ret, err = raw_ioctl(fd, SCRATCH_SLOW, 30_000)
         elapsed = time.monotonic() - t0
+        # The call ended with EINTR because of the signal (which arrived),
+        # long before its 30 s. (No lower bound on the time: under a loaded
+        # emulator the guest's clock saw the 0.5 s timer fire after 0.38 s.)
         assert (ret, err) == (-1, errno.EINTR)
-        assert 0.4 <= elapsed < 10, elapsed
+        assert fired == [signal.SIGALRM]
+        assert elapsed < 20, elapsed
         # The daemon is healthy: a short slow ioctl completes, others work.
         assert raw_ioctl(fd, SCRATCH_SLOW, 100) == (0, 0)
         assert transform(fd, 1, b"x")[2] == 3
