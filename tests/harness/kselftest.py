@@ -15,14 +15,12 @@ test gave; ``Run.table`` prints them for a report.
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from harness import project_scripts
 
 TAP_LINE = re.compile(r"^(not ok|ok) \d+ (\S+)(?: # (SKIP|XFAIL|XPASS)\b ?(.*))?$")
 
@@ -74,15 +72,8 @@ def parse_tap(text: str) -> list[Case]:
 
 
 def binaries() -> Path | None:
-    """The directory scripts/vfio-selftests built, or None. Asks the script
-    itself (loaded as a module: no second interpreter)."""
-    path = REPO / "scripts" / "vfio-selftests"
-    loader = importlib.machinery.SourceFileLoader("vfio_selftests", str(path))
-    spec = importlib.util.spec_from_loader("vfio_selftests", loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module.built()
+    """The directory scripts/vfio-selftests built, or None."""
+    return project_scripts.load("vfio-selftests").built()
 
 
 def run(bindir: Path, program: str, bdf: str, filters: list[str] = (),

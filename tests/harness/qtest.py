@@ -26,15 +26,14 @@ and writes one function's configuration space through the I/O ports.
 from __future__ import annotations
 
 import base64
-import importlib.machinery
-import importlib.util
 import json
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from harness import project_scripts
+
 PCI_CONFIG_ADDRESS = 0xCF8
 PCI_CONFIG_DATA = 0xCFC
 
@@ -347,12 +346,5 @@ def machine_args(memory_mb: int = 32) -> list[str]:
 
 
 def cached_qemu() -> Path | None:
-    """The QEMU that scripts/fetch-qemu unpacked, or None if it has not run.
-    Asks the script itself (loaded as a module: no second interpreter)."""
-    path = REPO / "scripts" / "fetch-qemu"
-    loader = importlib.machinery.SourceFileLoader("fetch_qemu", str(path))
-    spec = importlib.util.spec_from_loader("fetch_qemu", loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module.cached()
+    """The QEMU that scripts/fetch-qemu unpacked, or None if it has not run."""
+    return project_scripts.load("fetch-qemu").cached()

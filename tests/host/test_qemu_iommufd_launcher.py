@@ -9,8 +9,6 @@ against a made-up sysfs tree.
 Run: /usr/bin/python3 -m pytest tests/host
 """
 
-import importlib.machinery
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,19 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from harness import project_scripts
+
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "scripts" / "qemu-iommufd"
 
 
-def _load_launcher():
-    loader = importlib.machinery.SourceFileLoader("qemu_iommufd", str(LAUNCHER))
-    spec = importlib.util.spec_from_loader("qemu_iommufd", loader)
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
-
-
-launcher = _load_launcher()
+launcher = project_scripts.load("qemu-iommufd")
 
 FAKE_QEMU = """#!{python}
 import json, os, re, sys
