@@ -11,25 +11,14 @@ change under the project's feet when sid moves; delete
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import re
 import subprocess
 from pathlib import Path
 
+from harness.project_scripts import load
+
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "uapi-headers"
-
-
-def _scripts_vm():
-    """scripts/vm as a module (it has no .py suffix): its Apt class and
-    cache lock."""
-    path = REPO / "scripts" / "vm"
-    loader = importlib.machinery.SourceFileLoader("scripts_vm", str(path))
-    spec = importlib.util.spec_from_loader("scripts_vm", loader)
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
 
 
 def linux_libc_dev() -> tuple[str, Path]:
@@ -39,7 +28,7 @@ def linux_libc_dev() -> tuple[str, Path]:
     if ready:
         root = ready[-1].parent
         return root.name, root / "usr" / "include"
-    vm = _scripts_vm()
+    vm = load("vm")  # its Apt and the cache lock
     with vm.cache_lock("new"):  # the same lock scripts/vm holds over sid's lists
         apt = vm.Apt("sid")
         if not apt.has_lists():
