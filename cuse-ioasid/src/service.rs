@@ -243,18 +243,27 @@ mod tests {
         tracing::trace!("more detail");
     }
 
-    #[test]
-    fn journal_format_is_one_line_per_event_led_by_its_priority() {
+    /// What `log_every_level` writes, in the journal format or in text.
+    fn captured(journal: bool) -> String {
         let sink = Sink::default();
         let writer = sink.clone();
-        let subscriber = tracing_subscriber::fmt()
+        let builder = tracing_subscriber::fmt()
             .with_max_level(Level::TRACE)
             .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .event_format(JournalFormat::default())
-            .finish();
-        tracing::subscriber::with_default(subscriber, log_every_level);
+            .with_writer(move || writer.clone());
+        if journal {
+            let subscriber = builder.event_format(JournalFormat::default()).finish();
+            tracing::subscriber::with_default(subscriber, log_every_level);
+        } else {
+            tracing::subscriber::with_default(builder.finish(), log_every_level);
+        }
         let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        text
+    }
+
+    #[test]
+    fn journal_format_is_one_line_per_event_led_by_its_priority() {
+        let text = captured(true);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 5, "one line per event:\n{text}");
         let prefixes: Vec<&str> = lines.iter().map(|l| &l[..3]).collect();
@@ -270,15 +279,7 @@ mod tests {
 
     #[test]
     fn text_format_without_a_terminal_has_no_escape_codes() {
-        let sink = Sink::default();
-        let writer = sink.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(Level::TRACE)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::with_default(subscriber, log_every_level);
-        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        let text = captured(false);
         assert!(text.contains("ERROR") && text.contains("serving"), "{text}");
         assert!(!text.contains('\x1b'), "{text:?}");
     }
