@@ -3,12 +3,12 @@
 //! Registers `/dev/ioasid` and one `/dev/vfio/devices/devN` per VFIO device
 //! with CUSE and realises the I/O address spaces on legacy VFIO containers.
 
+mod service;
+
 use std::collections::BTreeSet;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Parser;
 use cuse_server::{DeviceConfig, Server};
 use cuse_vfio_devices::DeviceNodes;
@@ -17,6 +17,8 @@ use nix::sys::signal::{SigSet, Signal};
 use vfio_legacy::{PciDevice, Sysfs, VfioLegacy};
 
 use cuse_ioasid::node::IoasidNode;
+use sd_notify::NotifyState;
+use service::{LogFormat, NodeAccess};
 
 /// Serve /dev/ioasid and /dev/vfio/devices/devN over CUSE, on top of the
 /// legacy VFIO container/group interface.
@@ -26,6 +28,9 @@ use cuse_ioasid::node::IoasidNode;
 /// are numbered dev1, dev2, ... in PCI address order. `--list` prints which
 /// node is which device; the daemon also logs the table at start. Stop it
 /// with SIGTERM or SIGINT: the nodes disappear and clients get ENODEV.
+///
+/// Under systemd (Type=notify) it sends READY=1 once every node exists and
+/// STOPPING=1 when it receives a stop signal.
 #[derive(Parser, Debug)]
 #[command(
     version,
@@ -56,15 +61,26 @@ struct Args {
     #[arg(long, default_value = "vfio/devices/dev", value_name = "PREFIX")]
     node_prefix: String,
 
-    /// Permissions to give the nodes (octal, e.g. 0666). Default: the
-    /// kernel's 0600, root only.
+    /// Permissions to give the nodes (octal, e.g. 0666). Default: 0660
+    /// with --node-group, else the kernel's 0600, root only.
     #[arg(long, value_name = "MODE", value_parser = parse_mode)]
     node_mode: Option<u32>,
+
+    /// Give the nodes to this group (name or number), mode 0660 unless
+    /// --node-mode says otherwise: its members use the daemon without root.
+    /// A Unix group only: unrelated to IOMMU groups. Each client's pinned
+    /// memory is still charged to its own RLIMIT_MEMLOCK.
+    #[arg(long, value_name = "GROUP")]
+    node_group: Option<String>,
 
     /// Log filter (tracing-subscriber syntax, e.g. `debug` or
     /// `cuse_ioasid=debug,info`); RUST_LOG overrides it.
     #[arg(long, default_value = "info", value_name = "FILTER")]
     log: String,
+
+    /// How log lines are written to stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Auto, value_name = "FORMAT")]
+    log_format: LogFormat,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -78,13 +94,13 @@ fn main() {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let format = service::init_logging(filter, args.log_format);
     if let Err(e) = run(args) {
         tracing::error!("{e:#}");
-        eprintln!("cuse-ioasid: {e:#}");
+        if format != LogFormat::Journal {
+            // Also without the log (`--log off`); the journal has it once.
+            eprintln!("cuse-ioasid: {e:#}");
+        }
         std::process::exit(1);
     }
 }
@@ -105,6 +121,7 @@ fn select_devices(args: &Args) -> Result<Vec<PciDevice>> {
 }
 
 fn run(args: Args) -> Result<()> {
+    let access = NodeAccess::new(args.node_group.as_deref(), args.node_mode)?;
     let devices = select_devices(&args)?;
     let nodes: Vec<String> = (1..=devices.len())
         .map(|n| format!("{}{n}", args.node_prefix))
@@ -180,7 +197,7 @@ fn run(args: Args) -> Result<()> {
                 args.ioasid_name
             )
         })?;
-    set_mode(&ioasid.path, args.node_mode)?;
+    access.apply(&ioasid.path)?;
     tracing::info!(node = %ioasid.path.display(), dev = %ioasid.dev, "serving");
 
     device_nodes
@@ -193,7 +210,7 @@ fn run(args: Args) -> Result<()> {
         let info = server
             .register(DeviceConfig::new(name), node)
             .with_context(|| format!("registering /dev/{name} for {}", dev.bdf))?;
-        set_mode(&info.path, args.node_mode)?;
+        access.apply(&info.path)?;
         tracing::info!(
             node = %info.path.display(),
             device = %dev.bdf,
@@ -204,16 +221,27 @@ fn run(args: Args) -> Result<()> {
         );
     }
 
+    service::notify(&[
+        NotifyState::Ready,
+        NotifyState::Status(&format!(
+            "serving /dev/{} and {} device node(s)",
+            args.ioasid_name,
+            devices.len()
+        )),
+    ]);
+
     let stop = server.shutdown_handle();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || match stop_signals.wait() {
             Ok(sig) => {
                 tracing::info!("{sig}: stopping");
+                service::notify(&[NotifyState::Stopping]);
                 stop.stop();
             }
             Err(e) => {
                 tracing::error!("waiting for signals failed: {e}; stopping");
+                service::notify(&[NotifyState::Stopping]);
                 stop.stop();
             }
         })
@@ -222,15 +250,6 @@ fn run(args: Args) -> Result<()> {
     server.wait();
     tracing::info!("stopped");
     Ok(())
-}
-
-fn set_mode(path: &Path, mode: Option<u32>) -> Result<()> {
-    let Some(mode) = mode else { return Ok(()) };
-    if !path.exists() {
-        bail!("{} did not appear", path.display());
-    }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("chmod {:o} {}", mode, path.display()))
 }
 
 #[cfg(test)]

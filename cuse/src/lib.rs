@@ -9,29 +9,91 @@
 //!
 //! # Example
 //!
+//! A whole server: a device whose one ioctl doubles the caller's number in
+//! place, served as `/dev/doubler` until SIGTERM or SIGINT. It needs root
+//! (or the capabilities to open `/dev/cuse` and reach the callers' memory)
+//! and the `cuse` module, so it is compiled here but not run; the test
+//! below runs its handler. A client calls `ioctl(fd, DOUBLE, &number)`.
+//!
 //! ```no_run
 //! use std::sync::Arc;
-//! use cuse_server::{Device, DeviceConfig, IoctlArgs, IoctlResult, Request, Server};
-//! use nix::errno::Errno;
+//!
+//! use cuse_server::{Device, DeviceConfig, Errno, IoctlArgs, IoctlResult, Request, Server};
+//! use nix::sys::signal::{SigSet, Signal};
+//!
+//! /// `_IOWR('D', 1, u64)`.
+//! const DOUBLE: u32 = nix::request_code_readwrite!(b'D', 1, 8) as u32;
 //!
 //! struct Doubler;
+//!
 //! impl Device for Doubler {
 //!     fn ioctl(&self, req: &Request, _fh: u64, args: IoctlArgs<'_>) -> Result<IoctlResult, Errno> {
-//!         // The argument points at a u64 in the caller: read, double, write back.
-//!         let v: u64 = req.read_obj(args.arg)?;
-//!         req.write_obj(args.arg, &(v * 2))?;
+//!         if args.cmd != DOUBLE {
+//!             return Err(Errno::ENOTTY);
+//!         }
+//!         // `arg` points at a u64 in the caller: read it, write it back doubled.
+//!         let n: u64 = req.read_obj(args.arg)?;
+//!         req.write_obj(args.arg, &n.checked_mul(2).ok_or(Errno::EOVERFLOW)?)?;
 //!         Ok(IoctlResult::value(0))
 //!     }
 //! }
 //!
-//! let server = Server::new()?;
-//! let node = server.register(DeviceConfig::new("doubler"), Arc::new(Doubler))?;
-//! println!("{} is {}", node.path.display(), node.dev);
-//! let stop = server.shutdown_handle(); // give to a signal-waiting thread
-//! # stop.stop();
-//! server.wait(); // until stop.stop(); then nodes are removed
-//! # Ok::<(), cuse_server::Error>(())
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     // Block the stop signals before any thread starts (threads inherit
+//!     // the mask), so that only the waiting thread below receives them.
+//!     let mut stop_signals = SigSet::empty();
+//!     stop_signals.add(Signal::SIGTERM);
+//!     stop_signals.add(Signal::SIGINT);
+//!     stop_signals.thread_block()?;
+//!
+//!     let server = Server::new()?;
+//!     let node = server.register(DeviceConfig::new("doubler"), Arc::new(Doubler))?;
+//!     eprintln!("serving {} (device {})", node.path.display(), node.dev);
+//!
+//!     let stop = server.shutdown_handle();
+//!     std::thread::spawn(move || {
+//!         let _ = stop_signals.wait();
+//!         stop.stop();
+//!     });
+//!     server.wait(); // returns once stopped; /dev/doubler is gone
+//!     Ok(())
+//! }
 //! ```
+//!
+//! The handler is a plain method, so it is tested without CUSE or root by
+//! calling it as if this thread had made the ioctl ([`Request::for_caller`]):
+//!
+//! ```
+//! # use cuse_server::{Device, Errno, IoctlArgs, IoctlResult, Request};
+//! # const DOUBLE: u32 = nix::request_code_readwrite!(b'D', 1, 8) as u32;
+//! # struct Doubler;
+//! # impl Device for Doubler {
+//! #     fn ioctl(&self, req: &Request, _fh: u64, args: IoctlArgs<'_>) -> Result<IoctlResult, Errno> {
+//! #         if args.cmd != DOUBLE {
+//! #             return Err(Errno::ENOTTY);
+//! #         }
+//! #         let n: u64 = req.read_obj(args.arg)?;
+//! #         req.write_obj(args.arg, &n.checked_mul(2).ok_or(Errno::EOVERFLOW)?)?;
+//! #         Ok(IoctlResult::value(0))
+//! #     }
+//! # }
+//! let me = Request::for_caller(nix::unistd::gettid().as_raw() as u32, 0, 0);
+//! let mut number: u64 = 21;
+//! let addr = &mut number as *mut u64 as u64; // what the caller passes
+//! let args = |cmd| IoctlArgs {
+//!     cmd,
+//!     arg: addr,
+//!     input: &[],
+//!     out_size: 0,
+//! };
+//! assert_eq!(Doubler.ioctl(&me, 0, args(DOUBLE)), Ok(IoctlResult::value(0)));
+//! assert_eq!(Doubler.ioctl(&me, 0, args(DOUBLE + 1)), Err(Errno::ENOTTY));
+//! assert_eq!(number, 42);
+//! ```
+//!
+//! `examples/scratchpad.rs` in the crate's sources is a device that uses
+//! every feature (offsets, poll, interrupts, the caller's fds); the
+//! project's VM test drives it against the real kernel.
 //!
 //! # Layers
 //!
