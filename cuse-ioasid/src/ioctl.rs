@@ -21,7 +21,7 @@
 //! at debug level for a client's mistake, at warn level otherwise.
 
 use ioasid_engine::backend::{Pid, Prot};
-use ioasid_engine::{ContextId, DmaMap, Engine, EngineError, Invalidation, IoasidInfo};
+use ioasid_engine::{ContextId, DmaMap, Engine, Error, Invalidation, IoasidInfo};
 use ioasid_uapi::{
     ArgStruct, FlagsCheck, IoasidBindPasidTable, IoasidBindPgtable, IoasidCmd, IoasidDmaMap,
     IoasidDmaUnmap, IoasidInfoCapDmaAvail, IoasidInfoCapHeader, IoasidInfoCapIovaRanges,
@@ -80,30 +80,6 @@ pub fn has_extension(ext: u64) -> bool {
 /// Width of a PASID, reported in `IOASID_INFO_CAP_PASID`.
 const PASID_BITS: u32 = ioasid_uapi::IOASID_PASID_BITS;
 
-/// A failure on its way to the log and the reply.
-struct Fail {
-    errno: Errno,
-    message: String,
-}
-
-impl Fail {
-    fn new(errno: Errno, message: impl Into<String>) -> Self {
-        Fail {
-            errno,
-            message: message.into(),
-        }
-    }
-}
-
-impl From<EngineError> for Fail {
-    fn from(e: EngineError) -> Self {
-        Fail {
-            errno: Errno::from_raw(e.errno),
-            message: e.message,
-        }
-    }
-}
-
 /// Handle ioctl `cmd` with argument `arg` on the `/dev/ioasid` file of
 /// context `ctx`, issued by the process `caller` (its memory, and its pid
 /// for the commands that need one). Returns the ioctl's return value or
@@ -133,7 +109,7 @@ pub fn dispatch(
     }
     let result = handle(engine, ctx, caller, command, arg);
     if let Err(f) = &result {
-        if is_client_mistake(f.errno) {
+        if f.is_client_mistake() {
             tracing::debug!(cmd = command.name(), errno = %f.errno, "{}", f.message);
         } else {
             tracing::warn!(cmd = command.name(), errno = %f.errno, "{}", f.message);
@@ -142,35 +118,18 @@ pub fn dispatch(
     result.map_err(|f| f.errno)
 }
 
-/// The errnos that report something the client did (or may fix itself).
-fn is_client_mistake(e: Errno) -> bool {
-    matches!(
-        e,
-        Errno::EINVAL
-            | Errno::E2BIG
-            | Errno::EFAULT
-            | Errno::ENOENT
-            | Errno::EEXIST
-            | Errno::EBUSY
-            | Errno::ENODEV
-            | Errno::ENOMEM
-            | Errno::ENOSPC
-            | Errno::EPERM
-    )
-}
-
 fn handle(
     engine: &Engine,
     ctx: ContextId,
     caller: &dyn CallerMemory,
     command: IoasidCmd,
     arg: u64,
-) -> Result<i32, Fail> {
+) -> Result<i32, Error> {
     match command {
         IoasidCmd::CheckExtension => Ok(i32::from(has_extension(arg))),
         IoasidCmd::Alloc => {
             let id = engine.alloc(ctx)?;
-            i32::try_from(id).map_err(|_| Fail::new(Errno::ENOSPC, "IOASID number too large"))
+            i32::try_from(id).map_err(|_| Error::new(Errno::ENOSPC, "IOASID number too large"))
         }
         IoasidCmd::Free => {
             let id = int_ioasid(arg)?;
@@ -180,9 +139,9 @@ fn handle(
         IoasidCmd::DaemonIdentify => {
             let pid = caller
                 .pid()
-                .map_err(|e| Fail::new(e, "the calling process is gone"))?;
+                .map_err(|e| Error::new(e, "the calling process is gone"))?;
             if u32::try_from(pid).ok() != Some(std::process::id()) {
-                return Err(Fail::new(
+                return Err(Error::new(
                     Errno::EPERM,
                     format!(
                         "IOASID_DAEMON_IDENTIFY from process {pid}: it is private to the daemon"
@@ -190,7 +149,7 @@ fn handle(
                 ));
             }
             i32::try_from(ctx.0)
-                .map_err(|_| Fail::new(Errno::EOVERFLOW, "context id does not fit an int"))
+                .map_err(|_| Error::new(Errno::EOVERFLOW, "context id does not fit an int"))
         }
         IoasidCmd::RegisterMemory | IoasidCmd::UnregisterMemory => {
             let (r, _) = read_struct::<IoasidRegisterMemory>(caller, arg)?;
@@ -222,7 +181,7 @@ fn handle(
             no_reserved(u.reserved)?;
             let bytes = if u.flags & ioasid_uapi::IOASID_DMA_UNMAP_FLAG_ALL != 0 {
                 if u.iova != 0 || u.size != 0 {
-                    return Err(Fail::new(
+                    return Err(Error::new(
                         Errno::EINVAL,
                         "IOASID_DMA_UNMAP_FLAG_ALL needs iova and size 0",
                     ));
@@ -239,7 +198,7 @@ fn handle(
         IoasidCmd::CreateNesting => {
             let parent = int_ioasid(arg)?;
             let id = engine.create_nesting(ctx, parent)?;
-            i32::try_from(id).map_err(|_| Fail::new(Errno::ENOSPC, "IOASID number too large"))
+            i32::try_from(id).map_err(|_| Error::new(Errno::ENOSPC, "IOASID number too large"))
         }
         IoasidCmd::BindPgtable => {
             let (b, _) = read_struct::<IoasidBindPgtable>(caller, arg)?;
@@ -276,11 +235,11 @@ fn handle(
 
 /// The granularity of an `IOASID_INVALIDATE_CACHE`, with the field rules
 /// the engine cannot see: fields a flag does not enable must be 0.
-fn invalidation(i: &IoasidInvalidateCache) -> Result<Invalidation, Fail> {
+fn invalidation(i: &IoasidInvalidateCache) -> Result<Invalidation, Error> {
     let range = if i.flags & ioasid_uapi::IOASID_INVALIDATE_ADDR != 0 {
         Some((i.addr, i.size))
     } else if i.addr != 0 || i.size != 0 {
-        return Err(Fail::new(
+        return Err(Error::new(
             Errno::EINVAL,
             "addr and size must be 0 without IOASID_INVALIDATE_ADDR",
         ));
@@ -289,14 +248,14 @@ fn invalidation(i: &IoasidInvalidateCache) -> Result<Invalidation, Fail> {
     };
     let pasid = if i.flags & ioasid_uapi::IOASID_INVALIDATE_PASID != 0 {
         if i.pasid >= 1 << PASID_BITS {
-            return Err(Fail::new(
+            return Err(Error::new(
                 Errno::EINVAL,
                 format!("PASID {:#x} does not fit {PASID_BITS} bits", i.pasid),
             ));
         }
         Some(i.pasid)
     } else if i.pasid != 0 {
-        return Err(Fail::new(
+        return Err(Error::new(
             Errno::EINVAL,
             "pasid must be 0 without IOASID_INVALIDATE_PASID",
         ));
@@ -310,13 +269,14 @@ fn invalidation(i: &IoasidInvalidateCache) -> Result<Invalidation, Fail> {
     })
 }
 
-fn int_ioasid(arg: u64) -> Result<u32, Fail> {
-    u32::try_from(arg).map_err(|_| Fail::new(Errno::ENOENT, format!("IOASID {arg} does not exist")))
+fn int_ioasid(arg: u64) -> Result<u32, Error> {
+    u32::try_from(arg)
+        .map_err(|_| Error::new(Errno::ENOENT, format!("IOASID {arg} does not exist")))
 }
 
-fn no_reserved(reserved: u32) -> Result<(), Fail> {
+fn no_reserved(reserved: u32) -> Result<(), Error> {
     if reserved != 0 {
-        return Err(Fail::new(
+        return Err(Error::new(
             Errno::EINVAL,
             format!("__reserved is {reserved:#x}; it must be 0"),
         ));
@@ -324,9 +284,9 @@ fn no_reserved(reserved: u32) -> Result<(), Fail> {
     Ok(())
 }
 
-fn read(caller: &dyn CallerMemory, addr: u64, buf: &mut [u8]) -> Result<(), Fail> {
+fn read(caller: &dyn CallerMemory, addr: u64, buf: &mut [u8]) -> Result<(), Error> {
     caller.read(addr, buf).map_err(|e| {
-        Fail::new(
+        Error::new(
             e,
             format!(
                 "cannot read {} bytes of the argument at {addr:#x}",
@@ -336,9 +296,9 @@ fn read(caller: &dyn CallerMemory, addr: u64, buf: &mut [u8]) -> Result<(), Fail
     })
 }
 
-fn write(caller: &dyn CallerMemory, addr: u64, buf: &[u8]) -> Result<(), Fail> {
+fn write(caller: &dyn CallerMemory, addr: u64, buf: &[u8]) -> Result<(), Error> {
     caller.write(addr, buf).map_err(|e| {
-        Fail::new(
+        Error::new(
             e,
             format!(
                 "cannot write {} bytes of the argument at {addr:#x}",
@@ -355,7 +315,7 @@ fn write(caller: &dyn CallerMemory, addr: u64, buf: &[u8]) -> Result<(), Fail> {
 /// common case); only if that faults, because a shorter struct ends just
 /// before an unmapped page, is `argsz` read first and then `argsz` bytes.
 /// Bytes past `argsz` are never used: they are zeroed.
-fn read_struct<T: ArgStruct>(caller: &dyn CallerMemory, arg: u64) -> Result<(T, u32), Fail> {
+fn read_struct<T: ArgStruct>(caller: &dyn CallerMemory, arg: u64) -> Result<(T, u32), Error> {
     let rules = StructArg::of::<T>();
     let mut value = T::new_zeroed();
     let whole = caller.read(arg, value.as_mut_bytes()).is_ok();
@@ -368,7 +328,7 @@ fn read_struct<T: ArgStruct>(caller: &dyn CallerMemory, arg: u64) -> Result<(T, 
     };
     let given = argsz as usize;
     if given < rules.min_size {
-        return Err(Fail::new(
+        return Err(Error::new(
             Errno::EINVAL,
             format!(
                 "argsz {argsz} is below sizeof(struct {}) = {}",
@@ -388,7 +348,7 @@ fn read_struct<T: ArgStruct>(caller: &dyn CallerMemory, arg: u64) -> Result<(T, 
     if let FlagsCheck::Mask(mask) = rules.flags {
         let flags = u32::read_from_bytes(&value.as_bytes()[4..8]).unwrap_or(0);
         if flags & !mask != 0 {
-            return Err(Fail::new(
+            return Err(Error::new(
                 Errno::EINVAL,
                 format!(
                     "unknown flags {:#x} in struct {}",
@@ -407,10 +367,10 @@ fn check_zero_tail(
     arg: u64,
     rules: StructArg,
     given: usize,
-) -> Result<(), Fail> {
+) -> Result<(), Error> {
     let tail = given - rules.size;
     if tail > MAX_TAIL {
-        return Err(Fail::new(
+        return Err(Error::new(
             Errno::E2BIG,
             format!(
                 "argsz {given} is more than {MAX_TAIL} bytes past struct {} ({} bytes)",
@@ -424,7 +384,7 @@ fn check_zero_tail(
         let n = (given - at).min(TAIL_CHUNK);
         read(caller, arg + at as u64, &mut chunk[..n])?;
         if let Some(i) = chunk[..n].iter().position(|&b| b != 0) {
-            return Err(Fail::new(
+            return Err(Error::new(
                 Errno::E2BIG,
                 format!(
                     "byte {} of the argument, past struct {} ({} bytes), is not zero",
@@ -447,7 +407,7 @@ fn get_info(
     ctx: ContextId,
     caller: &dyn CallerMemory,
     arg: u64,
-) -> Result<i32, Fail> {
+) -> Result<i32, Error> {
     let (mut out, argsz) = read_struct::<ioasid_uapi::IoasidInfo>(caller, arg)?;
     let info = engine.info(ctx, out.ioasid)?;
     out.flags = 0;
@@ -476,7 +436,7 @@ fn get_info(
         } else {
             // VFIO style: succeed, say there are capabilities, ask for room.
             out.argsz = u32::try_from(needed)
-                .map_err(|_| Fail::new(Errno::EOVERFLOW, "capability chain too large"))?;
+                .map_err(|_| Error::new(Errno::EOVERFLOW, "capability chain too large"))?;
         }
     }
     // Output fields only: argsz and flags, then cap_offset and

@@ -68,7 +68,7 @@ impl DeviceOpener for VfioLegacy {
     }
 
     fn group_fds(&self, groups: &[GroupId]) -> Result<Vec<BorrowedFd<'_>>> {
-        groups.iter().map(|&g| Ok(self.group_fd(g)?)).collect()
+        groups.iter().map(|&g| self.group_fd(g)).collect()
     }
 }
 

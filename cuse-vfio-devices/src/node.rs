@@ -286,7 +286,7 @@ impl DeviceNode {
                         ))
                     }
                 })
-                .and_then(|()| Ok(self.engine.unbind(self.spec.id, ctx)?))
+                .and_then(|()| self.engine.unbind(self.spec.id, ctx))
                 .and_then(|()| st.unbind(fh, ctx));
             (r, stale)
         };

@@ -7,7 +7,8 @@
 //! enforces type1v2's rules in memory, so the engine is unit-tested without
 //! root, VFIO or a VM.
 
-use std::fmt;
+pub use ioasid_uapi::Error;
+use nix::errno::Errno;
 
 /// An IOMMU group number, as in `/sys/kernel/iommu_groups/<N>`.
 pub type GroupId = u32;
@@ -106,34 +107,6 @@ pub struct DomainInfo {
     pub dma_avail: Option<u32>,
 }
 
-/// An error from the system, carrying the errno to answer and a message
-/// that tells the user what to do.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BackendError {
-    /// The errno the failed operation should report.
-    pub errno: i32,
-    /// What failed and, where possible, what the user can do about it.
-    pub message: String,
-}
-
-impl BackendError {
-    /// An error with errno `errno` and message `message`.
-    pub fn new(errno: i32, message: impl Into<String>) -> Self {
-        BackendError {
-            errno,
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for BackendError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (errno {})", self.message, self.errno)
-    }
-}
-
-impl std::error::Error for BackendError {}
-
 /// Realises the engine's decisions on the system.
 ///
 /// Every IOMMU group the daemon manages has one I/O page table of its own
@@ -146,7 +119,7 @@ pub trait Backend: Send + Sync {
     /// daemon. Fails with `EFAULT` when the range is not mapped, or is
     /// private memory that cannot be shared (the message tells the user to
     /// use shared memory).
-    fn alias(&self, pid: Pid, vaddr: u64, size: u64) -> Result<Alias, BackendError>;
+    fn alias(&self, pid: Pid, vaddr: u64, size: u64) -> Result<Alias, Error>;
 
     /// Give back an alias returned by [`Backend::alias`].
     fn release_alias(&self, alias: &Alias);
@@ -158,10 +131,10 @@ pub trait Backend: Send + Sync {
 
     /// The memory-lock limit (`RLIMIT_MEMLOCK`, soft, in bytes) of process
     /// `pid`; `None` when unlimited or when the process has `CAP_IPC_LOCK`.
-    fn memlock_limit(&self, pid: Pid) -> Result<Option<u64>, BackendError>;
+    fn memlock_limit(&self, pid: Pid) -> Result<Option<u64>, Error>;
 
     /// What group `group`'s domain supports.
-    fn domain_info(&self, group: GroupId) -> Result<DomainInfo, BackendError>;
+    fn domain_info(&self, group: GroupId) -> Result<DomainInfo, Error>;
 
     /// Map `size` bytes at daemon address `daemon_vaddr` to `iova` in group
     /// `group`'s domain (type1v2 rules: `EEXIST` on overlap, `EINVAL` when
@@ -173,15 +146,15 @@ pub trait Backend: Send + Sync {
         daemon_vaddr: u64,
         size: u64,
         prot: Prot,
-    ) -> Result<(), BackendError>;
+    ) -> Result<(), Error>;
 
     /// Unmap `[iova, iova + size)` from group `group`'s domain; returns the
     /// bytes unmapped (type1v2: 0 when nothing was mapped there, `EINVAL`
     /// when the range would split a mapping).
-    fn unmap(&self, group: GroupId, iova: u64, size: u64) -> Result<u64, BackendError>;
+    fn unmap(&self, group: GroupId, iova: u64, size: u64) -> Result<u64, Error>;
 
     /// Unmap everything from group `group`'s domain.
-    fn unmap_all(&self, group: GroupId) -> Result<(), BackendError>;
+    fn unmap_all(&self, group: GroupId) -> Result<(), Error>;
 
     /// Copy `buf.len()` bytes of client memory from daemon address
     /// `daemon_vaddr`, which lies inside a live alias (a [`Segment`] of an
@@ -190,10 +163,10 @@ pub trait Backend: Send + Sync {
     /// The client (or a device) may change the bytes at any time: the copy
     /// is a snapshot, possibly torn, never a reference. `EFAULT` if the
     /// memory cannot be read. The default cannot read anything.
-    fn read(&self, daemon_vaddr: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+    fn read(&self, daemon_vaddr: u64, buf: &mut [u8]) -> Result<(), Error> {
         let _ = buf;
-        Err(BackendError::new(
-            libc::EFAULT,
+        Err(Error::new(
+            Errno::EFAULT,
             format!("this backend cannot read client memory (at {daemon_vaddr:#x})"),
         ))
     }

@@ -55,11 +55,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use libc::{EBUSY, EEXIST, EFAULT, EINVAL, ENODEV, ENOENT, ENOMEM};
+use nix::errno::Errno::{EBUSY, EEXIST, EFAULT, EINVAL, ENODEV, ENOENT, ENOMEM, ENOSPC};
 use slab::Slab;
 
 use crate::backend::{Alias, Backend, DomainInfo, GroupId, Pid, Prot, Segment};
-use crate::error::{err, EngineError};
+use crate::error::{err, Error};
 use crate::pgtable::{self, Leaf, PasidEntry, WalkStats};
 
 /// Width of a PCIe PASID.
@@ -216,7 +216,7 @@ pub struct ClosedContext {
     pub unbound: Vec<DeviceId>,
     /// Backend failures met on the way. A group whose domain could not be
     /// emptied is taken out of service (its devices cannot be bound again).
-    pub errors: Vec<EngineError>,
+    pub errors: Vec<Error>,
 }
 
 /// Where a mapping's memory comes from.
@@ -451,14 +451,14 @@ fn ioasid_key(id: IoasidId) -> Option<usize> {
 }
 
 impl Context {
-    fn check_open(&self, ctx: ContextId) -> Result<(), EngineError> {
+    fn check_open(&self, ctx: ContextId) -> Result<(), Error> {
         if self.closed {
             return Err(not_open(ctx));
         }
         Ok(())
     }
 
-    fn ioasid(&self, id: IoasidId) -> Result<&Ioasid, EngineError> {
+    fn ioasid(&self, id: IoasidId) -> Result<&Ioasid, Error> {
         ioasid_key(id)
             .and_then(|k| self.ioasids.get(k))
             .ok_or_else(|| {
@@ -469,7 +469,7 @@ impl Context {
             })
     }
 
-    fn ioasid_mut(&mut self, id: IoasidId) -> Result<&mut Ioasid, EngineError> {
+    fn ioasid_mut(&mut self, id: IoasidId) -> Result<&mut Ioasid, Error> {
         ioasid_key(id)
             .and_then(|k| self.ioasids.get_mut(k))
             .ok_or_else(|| {
@@ -535,7 +535,7 @@ impl Context {
 impl Engine {
     /// An engine serving `devices` over `backend`. Fails with `EINVAL` when
     /// two devices share an id.
-    pub fn new(backend: Arc<dyn Backend>, devices: Vec<DeviceSpec>) -> Result<Self, EngineError> {
+    pub fn new(backend: Arc<dyn Backend>, devices: Vec<DeviceSpec>) -> Result<Self, Error> {
         let mut table = BTreeMap::new();
         for d in devices {
             if let Some(old) = table.insert(d.id, d) {
@@ -570,7 +570,7 @@ impl Engine {
         lock(&self.registry).bound.get(&dev).copied()
     }
 
-    fn context(&self, ctx: ContextId) -> Result<Arc<Mutex<Context>>, EngineError> {
+    fn context(&self, ctx: ContextId) -> Result<Arc<Mutex<Context>>, Error> {
         self.contexts
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -583,7 +583,7 @@ impl Engine {
         self.devices.get(&dev).map_or("?", |d| d.name.as_str())
     }
 
-    fn spec(&self, dev: DeviceId) -> Result<&DeviceSpec, EngineError> {
+    fn spec(&self, dev: DeviceId) -> Result<&DeviceSpec, Error> {
         self.devices
             .get(&dev)
             .ok_or_else(|| err(EINVAL, format!("no device with id {}", dev.0)))
@@ -602,7 +602,7 @@ impl Engine {
     /// Destroy context `ctx` and everything in it: detach and unbind its
     /// devices (emptying their groups' domains), free its IOASIDs and
     /// release every alias. `EINVAL` if `ctx` is not open.
-    pub fn close_context(&self, ctx: ContextId) -> Result<ClosedContext, EngineError> {
+    pub fn close_context(&self, ctx: ContextId) -> Result<ClosedContext, Error> {
         let arc = self
             .contexts
             .write()
@@ -617,7 +617,7 @@ impl Engine {
         for (group, _) in std::mem::take(&mut c.realising) {
             if let Err(e) = self.backend.unmap_all(group) {
                 lock(&self.registry).out_of_service.insert(group);
-                closed.errors.push(EngineError::new(
+                closed.errors.push(Error::new(
                     e.errno,
                     format!(
                         "IOMMU group {group}: could not empty its domain ({}); the group is \
@@ -657,7 +657,7 @@ impl Engine {
     /// Bind device `dev` to context `ctx`. `EBUSY` if it is bound already
     /// (here or elsewhere), or if another device of its IOMMU group is
     /// bound to another context.
-    pub fn bind(&self, dev: DeviceId, ctx: ContextId) -> Result<(), EngineError> {
+    pub fn bind(&self, dev: DeviceId, ctx: ContextId) -> Result<(), Error> {
         let spec = self.spec(dev)?;
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
@@ -709,7 +709,7 @@ impl Engine {
 
     /// Unbind device `dev` from context `ctx`, detaching it from every
     /// IOASID first. `EINVAL` if it is not bound to `ctx`.
-    pub fn unbind(&self, dev: DeviceId, ctx: ContextId) -> Result<(), EngineError> {
+    pub fn unbind(&self, dev: DeviceId, ctx: ContextId) -> Result<(), Error> {
         let spec = self.spec(dev)?;
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
@@ -742,7 +742,7 @@ impl Engine {
         ctx: ContextId,
         ioasid: IoasidId,
         pasid: Option<u32>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), Error> {
         let spec = self.spec(dev)?;
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
@@ -797,12 +797,7 @@ impl Engine {
         Ok(())
     }
 
-    fn attach_rid(
-        &self,
-        c: &mut Context,
-        spec: &DeviceSpec,
-        id: IoasidId,
-    ) -> Result<(), EngineError> {
+    fn attach_rid(&self, c: &mut Context, spec: &DeviceSpec, id: IoasidId) -> Result<(), Error> {
         if let Some(cur) = c.bound[&spec.id].rid {
             return Err(err(
                 EBUSY,
@@ -849,14 +844,14 @@ impl Engine {
     }
 
     /// Map every mapping of `id` into `group`'s (empty) domain, or nothing.
-    fn replay(&self, c: &Context, group: GroupId, id: IoasidId) -> Result<(), EngineError> {
+    fn replay(&self, c: &Context, group: GroupId, id: IoasidId) -> Result<(), Error> {
         let io = c.ioasid(id)?;
         for (&iova, m) in &io.mappings {
             if let Err(e) = self.map_segments(group, iova, &c.segments(m), m.prot) {
                 if let Err(undo) = self.backend.unmap_all(group) {
                     tracing::debug!(group, error = %undo, "rollback of a replay failed");
                 }
-                return Err(EngineError::new(
+                return Err(Error::new(
                     e.errno,
                     format!(
                         "attaching IOMMU group {group} to IOASID {id}: replaying the mapping at \
@@ -876,7 +871,7 @@ impl Engine {
         iova: u64,
         segs: &[Segment],
         prot: Prot,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), Error> {
         for (i, s) in segs.iter().enumerate() {
             if let Err(e) = self
                 .backend
@@ -887,7 +882,7 @@ impl Engine {
                         tracing::debug!(group, error = %undo, "rollback of a map failed");
                     }
                 }
-                return Err(e.into());
+                return Err(e);
             }
         }
         Ok(())
@@ -902,7 +897,7 @@ impl Engine {
         ctx: ContextId,
         ioasid: IoasidId,
         pasid: Option<u32>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), Error> {
         let spec = self.spec(dev)?;
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
@@ -945,12 +940,7 @@ impl Engine {
         }
     }
 
-    fn detach_rid(
-        &self,
-        c: &mut Context,
-        spec: &DeviceSpec,
-        id: IoasidId,
-    ) -> Result<(), EngineError> {
+    fn detach_rid(&self, c: &mut Context, spec: &DeviceSpec, id: IoasidId) -> Result<(), Error> {
         let last = !c.bound.iter().any(|(d, b)| {
             *d != spec.id && b.rid == Some(id) && self.devices[d].group == spec.group
         });
@@ -972,7 +962,7 @@ impl Engine {
     /// For a child, "attached" means attached to the child by RID, in the
     /// groups realising the child; for a root, attached to it by RID, in the
     /// groups realising it or one of its children.
-    fn check_group_rule(&self, c: &Context, id: IoasidId) -> Result<(), EngineError> {
+    fn check_group_rule(&self, c: &Context, id: IoasidId) -> Result<(), Error> {
         let child = c.ioasid(id)?.parent.is_some();
         // The groups realising `id` (for a root, also through its children).
         let realises = |g: GroupId| {
@@ -1010,7 +1000,7 @@ impl Engine {
 
     /// Allocate an IOASID in context `ctx`. It accepts map and unmap only
     /// once a device has been attached.
-    pub fn alloc(&self, ctx: ContextId) -> Result<IoasidId, EngineError> {
+    pub fn alloc(&self, ctx: ContextId) -> Result<IoasidId, Error> {
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
         c.check_open(ctx)?;
@@ -1018,14 +1008,14 @@ impl Engine {
         let id = u32::try_from(entry.key() + 1)
             .ok()
             .filter(|&i| i <= i32::MAX as u32)
-            .ok_or_else(|| err(libc::ENOSPC, "no IOASID number left in this ioasid fd"))?;
+            .ok_or_else(|| err(ENOSPC, "no IOASID number left in this ioasid fd"))?;
         entry.insert(Ioasid::default());
         Ok(id)
     }
 
     /// Free IOASID `ioasid` and its mappings. `ENOENT` if unknown, `EBUSY`
     /// while a device is attached to it (or the group rule holds).
-    pub fn free(&self, ctx: ContextId, ioasid: IoasidId) -> Result<(), EngineError> {
+    pub fn free(&self, ctx: ContextId, ioasid: IoasidId) -> Result<(), Error> {
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
         c.check_open(ctx)?;
@@ -1087,7 +1077,7 @@ impl Engine {
         &self,
         c: &'c Context,
         id: IoasidId,
-    ) -> Result<(Vec<GroupId>, &'c DomainInfo), EngineError> {
+    ) -> Result<(Vec<GroupId>, &'c DomainInfo), Error> {
         let io = c.ioasid(id)?;
         self.check_group_rule(c, id)?;
         let known = io.known.as_ref().ok_or_else(|| {
@@ -1118,7 +1108,7 @@ impl Engine {
         pid: Pid,
         ioasid: IoasidId,
         map: DmaMap,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), Error> {
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
         c.check_open(ctx)?;
@@ -1251,7 +1241,7 @@ impl Engine {
         Ok(())
     }
 
-    fn check_memlock(&self, c: &Context, pid: Pid, more: u64) -> Result<(), EngineError> {
+    fn check_memlock(&self, c: &Context, pid: Pid, more: u64) -> Result<(), Error> {
         let Some(limit) = self.backend.memlock_limit(pid)? else {
             return Ok(());
         };
@@ -1282,7 +1272,7 @@ impl Engine {
         ioasid: IoasidId,
         iova: u64,
         size: u64,
-    ) -> Result<u64, EngineError> {
+    ) -> Result<u64, Error> {
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
         c.check_open(ctx)?;
@@ -1336,7 +1326,7 @@ impl Engine {
 
     /// Unmap everything from IOASID `ioasid` (`VFIO_DMA_UNMAP_FLAG_ALL`);
     /// returns the bytes unmapped.
-    pub fn unmap_all_dma(&self, ctx: ContextId, ioasid: IoasidId) -> Result<u64, EngineError> {
+    pub fn unmap_all_dma(&self, ctx: ContextId, ioasid: IoasidId) -> Result<u64, Error> {
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
         c.check_open(ctx)?;
@@ -1359,8 +1349,8 @@ impl Engine {
         ioasid: IoasidId,
         groups: &[GroupId],
         gone: &[u64],
-        unmap: impl Fn(&dyn Backend, GroupId) -> Result<(), crate::backend::BackendError>,
-    ) -> Result<u64, EngineError> {
+        unmap: impl Fn(&dyn Backend, GroupId) -> Result<(), Error>,
+    ) -> Result<u64, Error> {
         if c.ioasid(ioasid)?.parent.is_some() {
             return self.unmap_child(c, ioasid, gone);
         }
@@ -1390,8 +1380,8 @@ impl Engine {
         ioasid: IoasidId,
         groups: &[GroupId],
         gone: &[u64],
-        unmap: impl Fn(&dyn Backend, GroupId) -> Result<(), crate::backend::BackendError>,
-    ) -> Result<u64, EngineError> {
+        unmap: impl Fn(&dyn Backend, GroupId) -> Result<(), Error>,
+    ) -> Result<u64, Error> {
         for (i, &g) in groups.iter().enumerate() {
             if let Err(e) = unmap(self.backend.as_ref(), g) {
                 let io = c.ioasid(ioasid)?;
@@ -1403,7 +1393,7 @@ impl Engine {
                         }
                     }
                 }
-                return Err(e.into());
+                return Err(e);
             }
         }
         let mut bytes = 0;
@@ -1430,7 +1420,7 @@ impl Engine {
         pid: Pid,
         vaddr: u64,
         size: u64,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), Error> {
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
         c.check_open(ctx)?;
@@ -1470,12 +1460,7 @@ impl Engine {
 
     /// Undo [`Engine::register_memory`]. `ENOENT` unless `(vaddr, size)` is
     /// exactly a registration; `EBUSY` while a mapping uses it.
-    pub fn unregister_memory(
-        &self,
-        ctx: ContextId,
-        vaddr: u64,
-        size: u64,
-    ) -> Result<(), EngineError> {
+    pub fn unregister_memory(&self, ctx: ContextId, vaddr: u64, size: u64) -> Result<(), Error> {
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
         c.check_open(ctx)?;
@@ -1506,7 +1491,7 @@ impl Engine {
 
     /// What IOASID `ioasid` is: empty (`attached == false`) until a device
     /// has been attached. `ENOENT` unknown, `EBUSY` group rule.
-    pub fn info(&self, ctx: ContextId, ioasid: IoasidId) -> Result<IoasidInfo, EngineError> {
+    pub fn info(&self, ctx: ContextId, ioasid: IoasidId) -> Result<IoasidInfo, Error> {
         let arc = self.context(ctx)?;
         let c = lock(&arc);
         c.check_open(ctx)?;
@@ -1586,7 +1571,7 @@ impl Engine {
 
     /// Bytes pinned for context `ctx`: registered bytes plus the bytes of
     /// mappings not made from a registration.
-    pub fn pinned_bytes(&self, ctx: ContextId) -> Result<u64, EngineError> {
+    pub fn pinned_bytes(&self, ctx: ContextId) -> Result<u64, Error> {
         let arc = self.context(ctx)?;
         let c = lock(&arc);
         c.check_open(ctx)?;
@@ -1610,11 +1595,7 @@ impl Engine {
     /// `ENOENT` unknown parent; `EINVAL` the parent is itself a child (one
     /// level only); `ENODEV` the parent never had a device attached;
     /// `EBUSY` the group rule on the parent; `ENOSPC` no number left.
-    pub fn create_nesting(
-        &self,
-        ctx: ContextId,
-        parent: IoasidId,
-    ) -> Result<IoasidId, EngineError> {
+    pub fn create_nesting(&self, ctx: ContextId, parent: IoasidId) -> Result<IoasidId, Error> {
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
         c.check_open(ctx)?;
@@ -1643,7 +1624,7 @@ impl Engine {
         let id = u32::try_from(entry.key() + 1)
             .ok()
             .filter(|&i| i <= i32::MAX as u32)
-            .ok_or_else(|| err(libc::ENOSPC, "no IOASID number left in this ioasid fd"))?;
+            .ok_or_else(|| err(ENOSPC, "no IOASID number left in this ioasid fd"))?;
         entry.insert(Ioasid {
             parent: Some(parent),
             ..Ioasid::default()
@@ -1668,7 +1649,7 @@ impl Engine {
         format: u32,
         addr_width: u32,
         root: u64,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), Error> {
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
         c.check_open(ctx)?;
@@ -1734,7 +1715,7 @@ impl Engine {
     /// Unbind the page table of child `ioasid`: it translates nothing
     /// until a table is bound or mappings are made. `ENOENT` if no page
     /// table is bound; `EBUSY` (group rule), `ENODEV` as usual.
-    pub fn unbind_pgtable(&self, ctx: ContextId, ioasid: IoasidId) -> Result<(), EngineError> {
+    pub fn unbind_pgtable(&self, ctx: ContextId, ioasid: IoasidId) -> Result<(), Error> {
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
         c.check_open(ctx)?;
@@ -1769,7 +1750,7 @@ impl Engine {
         format: u32,
         table: u64,
         entries: u32,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), Error> {
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
         c.check_open(ctx)?;
@@ -1826,7 +1807,7 @@ impl Engine {
     }
 
     /// Unbind the PASID table of child `ioasid`. `ENOENT` if none is bound.
-    pub fn unbind_pasid_table(&self, ctx: ContextId, ioasid: IoasidId) -> Result<(), EngineError> {
+    pub fn unbind_pasid_table(&self, ctx: ContextId, ioasid: IoasidId) -> Result<(), Error> {
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
         c.check_open(ctx)?;
@@ -1860,7 +1841,7 @@ impl Engine {
         ctx: ContextId,
         ioasid: IoasidId,
         inv: Invalidation,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), Error> {
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
         c.check_open(ctx)?;
@@ -1960,7 +1941,7 @@ impl Engine {
         view: &ParentView,
         start: u64,
         end: u64,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), Error> {
         let root = c.ioasid(ioasid)?.pgtable.as_ref().expect("checked").root;
         let mut budget = self.walk_limit.load(Ordering::Relaxed);
         let (found, stats) = pgtable::walk(
@@ -2088,7 +2069,7 @@ impl Engine {
     }
 
     /// `EBUSY` if a table is bound to `id` (no map or unmap then).
-    fn check_no_table(&self, c: &Context, id: IoasidId) -> Result<(), EngineError> {
+    fn check_no_table(&self, c: &Context, id: IoasidId) -> Result<(), Error> {
         let io = c.ioasid(id)?;
         if io.pgtable.is_some() || io.pasid_table.is_some() {
             return Err(err(
@@ -2116,7 +2097,7 @@ impl Engine {
         gpa: u64,
         size: u64,
         prot: Prot,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), Error> {
         let parent = child_parent(c, id)?;
         c.ioasid_mut(id)?.mappings.insert(
             iova,
@@ -2139,7 +2120,7 @@ impl Engine {
     }
 
     /// Remove the mappings starting at `gone` from child `id`.
-    fn unmap_child(&self, c: &mut Context, id: IoasidId, gone: &[u64]) -> Result<u64, EngineError> {
+    fn unmap_child(&self, c: &mut Context, id: IoasidId, gone: &[u64]) -> Result<u64, Error> {
         let mut removed = Vec::new();
         for s in gone {
             let m = c.ioasid_mut(id)?.mappings.remove(s).expect("collected");
@@ -2167,7 +2148,7 @@ impl Engine {
         c: &mut Context,
         parent: IoasidId,
         view: &ParentView,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), Error> {
         let mut done: Vec<(IoasidId, Shadow)> = Vec::new();
         for k in c.children_of(parent) {
             let new = child_shadow(c.ioasid(k)?, view);
@@ -2187,7 +2168,7 @@ impl Engine {
 
     /// Make `new` the shadow of child `id` in every group realising it,
     /// changing only the entries that differ; all or nothing.
-    fn apply_shadow(&self, c: &mut Context, id: IoasidId, new: Shadow) -> Result<(), EngineError> {
+    fn apply_shadow(&self, c: &mut Context, id: IoasidId, new: Shadow) -> Result<(), Error> {
         let old = &c.ioasid(id)?.shadow;
         let removed: Vec<(u64, ShadowEntry)> = old
             .iter()
@@ -2210,7 +2191,7 @@ impl Engine {
         id: IoasidId,
         removed: Vec<(u64, ShadowEntry)>,
         mut added: Shadow,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), Error> {
         let removed: Vec<(u64, ShadowEntry)> = removed
             .into_iter()
             .filter(|(k, v)| {
@@ -2249,7 +2230,7 @@ impl Engine {
         g: GroupId,
         removed: &[(u64, ShadowEntry)],
         added: &[(u64, ShadowEntry)],
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), Error> {
         let remap = |entries: &[(u64, ShadowEntry)]| {
             for (iova, e) in entries {
                 if let Err(undo) = self.backend.map(g, *iova, e.daemon_vaddr, e.size, e.prot) {
@@ -2260,7 +2241,7 @@ impl Engine {
         for (i, (iova, e)) in removed.iter().enumerate() {
             if let Err(fail) = self.backend.unmap(g, *iova, e.size) {
                 remap(&removed[..i]);
-                return Err(fail.into());
+                return Err(fail);
             }
         }
         for (i, (iova, e)) in added.iter().enumerate() {
@@ -2271,7 +2252,7 @@ impl Engine {
                     }
                 }
                 remap(removed);
-                return Err(fail.into());
+                return Err(fail);
             }
         }
         Ok(())
@@ -2279,7 +2260,7 @@ impl Engine {
 
     /// Map the shadow of child `id` into `group`'s (empty) domain, or
     /// nothing.
-    fn replay_shadow(&self, c: &Context, group: GroupId, id: IoasidId) -> Result<(), EngineError> {
+    fn replay_shadow(&self, c: &Context, group: GroupId, id: IoasidId) -> Result<(), Error> {
         for (&iova, e) in &c.ioasid(id)?.shadow {
             if let Err(fail) = self
                 .backend
@@ -2288,7 +2269,7 @@ impl Engine {
                 if let Err(undo) = self.backend.unmap_all(group) {
                     tracing::debug!(group, error = %undo, "rollback of a replay failed");
                 }
-                return Err(EngineError::new(
+                return Err(Error::new(
                     fail.errno,
                     format!(
                         "attaching IOMMU group {group} to IOASID {id}: mapping its shadow at IOVA \
@@ -2310,7 +2291,7 @@ impl Engine {
         spec: &DeviceSpec,
         child: IoasidId,
         parent: IoasidId,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), Error> {
         if let Some(cur) = c.bound[&spec.id].child {
             return Err(err(
                 EBUSY,
@@ -2365,7 +2346,7 @@ impl Engine {
         c: &mut Context,
         spec: &DeviceSpec,
         child: IoasidId,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), Error> {
         let parent = child_parent(c, child)?;
         let last = !c.bound.iter().any(|(d, b)| {
             *d != spec.id && b.child == Some(child) && self.devices[d].group == spec.group
@@ -2392,7 +2373,7 @@ impl Engine {
 }
 
 /// The parent of child `id`; `EINVAL` for a root.
-fn child_parent(c: &Context, id: IoasidId) -> Result<IoasidId, EngineError> {
+fn child_parent(c: &Context, id: IoasidId) -> Result<IoasidId, Error> {
     c.ioasid(id)?.parent.ok_or_else(|| {
         err(
             EINVAL,
@@ -2403,7 +2384,7 @@ fn child_parent(c: &Context, id: IoasidId) -> Result<IoasidId, EngineError> {
 
 /// The mappings of `parent` but those starting at `skip`, with their
 /// daemon addresses.
-fn parent_view(c: &Context, parent: IoasidId, skip: &[u64]) -> Result<ParentView, EngineError> {
+fn parent_view(c: &Context, parent: IoasidId, skip: &[u64]) -> Result<ParentView, Error> {
     let skip: BTreeSet<u64> = skip.iter().copied().collect();
     Ok(c.ioasid(parent)?
         .mappings
@@ -2424,12 +2405,7 @@ fn parent_view(c: &Context, parent: IoasidId, skip: &[u64]) -> Result<ParentView
 
 /// The mappings of `parent` that meet `[lo, hi)`, with their daemon
 /// addresses.
-fn parent_view_range(
-    c: &Context,
-    parent: IoasidId,
-    lo: u64,
-    hi: u64,
-) -> Result<ParentView, EngineError> {
+fn parent_view_range(c: &Context, parent: IoasidId, lo: u64, hi: u64) -> Result<ParentView, Error> {
     let mappings = &c.ioasid(parent)?.mappings;
     let mut view = ParentView::new();
     for (&k, m) in mappings.range(..hi).rev() {
@@ -2612,11 +2588,11 @@ fn pasid_status(t: &BoundPasidTable) -> PasidTableStatus {
     s
 }
 
-fn not_open(ctx: ContextId) -> EngineError {
+fn not_open(ctx: ContextId) -> Error {
     err(EINVAL, format!("ioasid context {} is not open", ctx.0))
 }
 
-fn not_bound(spec: &DeviceSpec) -> EngineError {
+fn not_bound(spec: &DeviceSpec) -> Error {
     err(
         EINVAL,
         format!(

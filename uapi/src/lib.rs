@@ -17,14 +17,20 @@
 //! * [`vfio`]: the numbers of the legacy VFIO ioctls (the `vfio-bindings`
 //!   crate has the structs but not the numbers).
 //!
-//! The errno conventions (which errno for which failure) are documented in
-//! the header and in `docs/uapi.md`; the front ends implement them.
+//! * [`error`]: the errno vocabulary: the one [`Error`] type of the daemon
+//!   (an errno to answer and a message to log) and which errnos report a
+//!   client's mistake.
+//!
+//! Which errno answers which failure is documented in the header and in
+//! `docs/uapi.md`; the front ends implement it.
 
 pub mod commands;
+pub mod error;
 pub mod numbers;
 pub mod structs;
 pub mod vfio;
 
 pub use commands::{ArgKind, ArgStruct, FlagsCheck, IoasidCmd, StructArg, VfioDeviceCmd};
+pub use error::{is_client_mistake, Error};
 pub use numbers::*;
 pub use structs::*;

@@ -285,7 +285,7 @@ fn run() -> Result<()> {
     v.map(g2, IOVA_C, daemon_c, page, rw)
         .map_err(anyhow::Error::msg)?;
     let e = v.map(g1, IOVA_A, daemon_a, page, rw).unwrap_err();
-    ensure!(e.errno == libc::EEXIST, "overlapping map: {e}");
+    ensure!(e.errno == nix::errno::Errno::EEXIST, "overlapping map: {e}");
     println!("ok: overlapping map refused with EEXIST");
     let avail = v.domain_info(g1).map_err(anyhow::Error::msg)?.dma_avail;
     ensure!(

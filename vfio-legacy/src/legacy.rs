@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use ioasid_engine::backend::{Alias, Backend, BackendError, DomainInfo, GroupId, Pid, Prot};
+use ioasid_engine::backend::{Alias, Backend, DomainInfo, GroupId, Pid, Prot};
 use nix::errno::Errno;
 use vfio_bindings::bindings::vfio::{
     vfio_device_info, vfio_iommu_type1_dma_map, vfio_iommu_type1_dma_unmap, vfio_region_info,
@@ -338,8 +338,8 @@ pub fn region_info(device: BorrowedFd<'_>, index: u32) -> Result<vfio_region_inf
 }
 
 impl Backend for VfioLegacy {
-    fn alias(&self, pid: Pid, vaddr: u64, size: u64) -> std::result::Result<Alias, BackendError> {
-        Ok(self.memory.alias(pid, vaddr, size)?)
+    fn alias(&self, pid: Pid, vaddr: u64, size: u64) -> Result<Alias> {
+        self.memory.alias(pid, vaddr, size)
     }
 
     fn release_alias(&self, alias: &Alias) {
@@ -350,12 +350,12 @@ impl Backend for VfioLegacy {
         self.memory.trim()
     }
 
-    fn memlock_limit(&self, pid: Pid) -> std::result::Result<Option<u64>, BackendError> {
-        Ok(memlock_limit(pid)?)
+    fn memlock_limit(&self, pid: Pid) -> Result<Option<u64>> {
+        memlock_limit(pid)
     }
 
-    fn domain_info(&self, group: GroupId) -> std::result::Result<DomainInfo, BackendError> {
-        Ok(self.iommu_info(group)?)
+    fn domain_info(&self, group: GroupId) -> Result<DomainInfo> {
+        self.iommu_info(group)
     }
 
     fn map(
@@ -365,25 +365,20 @@ impl Backend for VfioLegacy {
         daemon_vaddr: u64,
         size: u64,
         prot: Prot,
-    ) -> std::result::Result<(), BackendError> {
-        Ok(self.map_dma(group, iova, daemon_vaddr, size, prot)?)
+    ) -> Result<()> {
+        self.map_dma(group, iova, daemon_vaddr, size, prot)
     }
 
-    fn unmap(
-        &self,
-        group: GroupId,
-        iova: u64,
-        size: u64,
-    ) -> std::result::Result<u64, BackendError> {
-        Ok(self.unmap_dma(group, iova, size)?)
+    fn unmap(&self, group: GroupId, iova: u64, size: u64) -> Result<u64> {
+        self.unmap_dma(group, iova, size)
     }
 
-    fn unmap_all(&self, group: GroupId) -> std::result::Result<(), BackendError> {
+    fn unmap_all(&self, group: GroupId) -> Result<()> {
         self.unmap_all_dma(group)?;
         Ok(())
     }
 
-    fn read(&self, daemon_vaddr: u64, buf: &mut [u8]) -> std::result::Result<(), BackendError> {
+    fn read(&self, daemon_vaddr: u64, buf: &mut [u8]) -> Result<()> {
         let mem = match self.own_memory.get() {
             Some(f) => f,
             None => {
@@ -391,7 +386,7 @@ impl Backend for VfioLegacy {
                 self.own_memory.get_or_init(|| f)
             }
         };
-        Ok(read_own_memory(mem, daemon_vaddr, buf)?)
+        read_own_memory(mem, daemon_vaddr, buf)
     }
 }
 
@@ -495,13 +490,13 @@ mod tests {
         let v = VfioLegacy::with_paths(&[], &no_vfio_paths("none")).unwrap();
         assert_eq!(v.groups().count(), 0);
         let e = Backend::domain_info(&v, 4).unwrap_err();
-        assert_eq!(e.errno, libc::ENOENT);
+        assert_eq!(e.errno, Errno::ENOENT);
         assert!(e.message.contains("group 4"), "{}", e.message);
         assert_eq!(
             Backend::map(&v, 4, 0, 0x1000, 0x1000, Prot::default())
                 .unwrap_err()
                 .errno,
-            libc::ENOENT
+            Errno::ENOENT
         );
         assert_eq!(
             v.open_device(4, "0000:00:03.0").unwrap_err().errno,
@@ -524,7 +519,7 @@ mod tests {
         }
         assert_eq!(
             Backend::memlock_limit(&v, i32::MAX).unwrap_err().errno,
-            libc::ESRCH
+            Errno::ESRCH
         );
     }
 }

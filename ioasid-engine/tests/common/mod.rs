@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use ioasid_engine::backend::Prot;
 use ioasid_engine::fake::{FakeBackend, FakeEntry, FAKE_DAEMON_BASE};
-use ioasid_engine::{DeviceId, DeviceSpec, DmaMap, Engine, EngineError};
+use ioasid_engine::{DeviceId, DeviceSpec, DmaMap, Engine, Error};
 
 pub const PID: i32 = 100;
 /// Shared memory of PID: two adjacent 8 MiB pieces at MEM, and a separate
@@ -84,6 +84,6 @@ pub fn e(iova: u64, vaddr: u64, size: u64, prot: Prot) -> FakeEntry {
 }
 
 #[track_caller]
-pub fn errno<T: std::fmt::Debug>(r: Result<T, EngineError>) -> i32 {
+pub fn errno<T: std::fmt::Debug>(r: Result<T, Error>) -> nix::errno::Errno {
     r.expect_err("expected an error").errno
 }
