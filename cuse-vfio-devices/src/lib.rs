@@ -102,9 +102,9 @@
 //!   private `sys` module.
 
 pub mod binding;
-mod caller;
 pub mod device_file;
 mod error;
+pub mod ioctl;
 mod node;
 pub mod regions;
 mod sys;
@@ -113,7 +113,7 @@ pub mod vfio_args;
 #[cfg(test)]
 mod tests;
 
-pub use caller::{Caller, MAX_ARG};
 pub use device_file::{ContextLookup, DeviceFile, DeviceOpener, IoasidIdentify, VfioDeviceFd};
 pub use error::{Error, Result};
+pub use ioctl_table::{Caller, MAX_ARG};
 pub use node::{DeviceNode, DeviceNodes};

@@ -9,36 +9,29 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use cuse_server::{Device, DeviceNumber, IoctlArgs, IoctlResult, Offset, OpenFlags, Request};
 use ioasid_engine::{ClosedContext, ContextId, DeviceId, DeviceSpec, Engine};
 use ioasid_uapi::vfio as nr;
-use ioasid_uapi::{VfioAttachIoasid, VfioDeviceCmd, IOASID_ATTACH_USER_PASID};
+use ioasid_uapi::{VfioAttachIoasid, IOASID_ATTACH_USER_PASID};
 use nix::errno::Errno;
-use vfio_bindings::bindings::vfio::{vfio_device_info, vfio_irq_info, vfio_pci_hot_reset_info};
+use vfio_bindings::bindings::vfio::vfio_device_info;
 use vfio_legacy::VfioLegacy;
 
 use crate::binding::{BindState, Bound};
-use crate::caller::{self, Caller};
 use crate::device_file::{ContextLookup, DeviceFile, DeviceOpener, IoasidIdentify};
 use crate::error::{Error, Result};
+use crate::ioctl::{DEVICE_TABLE, NEEDS_BIND};
 use crate::regions::{self, Access, Region, RegionTable};
-use crate::vfio_args::{self, IrqSet, HOT_RESET_HEADER, IRQ_SET_HEADER, REGION_INFO_SIZE};
+use crate::vfio_args::{self, IrqSet, HOT_RESET_HEADER, REGION_INFO_SIZE};
+use ioctl_table::{Caller, Ucmd};
 
 /// Most regions read into the table at bind (vfio-pci has 9 plus
 /// device-specific ones).
 const MAX_REGIONS: u32 = 64;
 
-/// `offsetofend(struct vfio_device_info, num_irqs)`: VFIO's minimum argsz.
-const DEVICE_INFO_MIN: usize = std::mem::offset_of!(vfio_device_info, cap_offset);
-/// `sizeof(struct vfio_irq_info)`.
-const IRQ_INFO_MIN: usize = std::mem::size_of::<vfio_irq_info>();
-/// `sizeof(struct vfio_pci_hot_reset_info)` without the devices.
-const HOT_RESET_INFO_MIN: usize = std::mem::size_of::<vfio_pci_hot_reset_info>();
-const _: () = assert!(HOT_RESET_INFO_MIN == HOT_RESET_HEADER);
-
 /// What a binding owns: the real device file (closing it resets the
 /// device) and the region table read when it was opened.
 #[derive(Debug, Clone)]
-struct Opened {
-    device: Arc<dyn DeviceFile>,
-    regions: Arc<RegionTable>,
+pub(crate) struct Opened {
+    pub(crate) device: Arc<dyn DeviceFile>,
+    pub(crate) regions: Arc<RegionTable>,
 }
 
 /// One `/dev/vfio/devices/devN` node: implements [`cuse_server::Device`].
@@ -145,7 +138,7 @@ impl DeviceNode {
     }
 
     /// The binding of open file `fh`, for a request that needs the device.
-    fn access(&self, fh: u64) -> Result<(ContextId, Opened)> {
+    pub(crate) fn access(&self, fh: u64) -> Result<(ContextId, Opened)> {
         let (r, stale) = {
             let mut st = self.lock();
             let stale = self.take_stale(&mut st);
@@ -165,14 +158,34 @@ impl DeviceNode {
 
     /// Handle ioctl `cmd` with argument `arg` from open file `fh`; the
     /// whole ioctl path, with the caller behind a trait.
+    ///
+    /// The commands are the rows of [`DEVICE_TABLE`]. A VFIO number the
+    /// table does not serve is `EINVAL` until the device is bound (as the
+    /// kernel's device cdev answers before `access_granted`), `ENOTTY`
+    /// after; any other number is `ENOTTY`.
     pub fn handle_ioctl(&self, caller: &dyn Caller, fh: u64, cmd: u32, arg: u64) -> Result<i32> {
-        match VfioDeviceCmd::try_from(cmd) {
-            Ok(VfioDeviceCmd::BindIoasidFd) => self.bind(caller, fh, arg),
-            Ok(VfioDeviceCmd::UnbindIoasidFd) => self.unbind(caller, fh, arg),
-            Ok(VfioDeviceCmd::AttachIoasid) => self.attach(caller, fh, arg, true),
-            Ok(VfioDeviceCmd::DetachIoasid) => self.attach(caller, fh, arg, false),
-            Err(cmd) => self.device_ioctl(caller, fh, cmd, arg),
+        let table = &DEVICE_TABLE;
+        let Some(op) = table.find(cmd) else {
+            let known = nr::ALL
+                .iter()
+                .find(|(_, n)| *n == cmd)
+                .map(|(name, _)| *name);
+            let Some(name) = known else {
+                return Err(Error::new(
+                    Errno::ENOTTY,
+                    format!("unknown ioctl {cmd:#x} on a VFIO device node"),
+                ));
+            };
+            self.access(fh)?;
+            return Err(Error::new(
+                Errno::ENOTTY,
+                format!("{name} is not available on a device node"),
+            ));
+        };
+        if op.requires == NEEDS_BIND {
+            self.access(fh)?;
         }
+        table.call(op, self, caller, fh, arg)
     }
 
     /// The caller's fd number in an integer ioctl argument.
@@ -202,7 +215,7 @@ impl DeviceNode {
         Ok((file, ctx))
     }
 
-    fn bind(&self, caller: &dyn Caller, fh: u64, arg: u64) -> Result<i32> {
+    pub(crate) fn bind(&self, caller: &dyn Caller, fh: u64, arg: u64) -> Result<i32> {
         let (file, ctx) = self.resolve(caller, arg)?;
         let (r, stale) = {
             let mut st = self.lock();
@@ -268,7 +281,7 @@ impl DeviceNode {
         })
     }
 
-    fn unbind(&self, caller: &dyn Caller, fh: u64, arg: u64) -> Result<i32> {
+    pub(crate) fn unbind(&self, caller: &dyn Caller, fh: u64, arg: u64) -> Result<i32> {
         let (file, ctx) = self.resolve(caller, arg)?;
         let (r, stale) = {
             let mut st = self.lock();
@@ -299,9 +312,8 @@ impl DeviceNode {
         Ok(0)
     }
 
-    fn attach(&self, caller: &dyn Caller, fh: u64, arg: u64, attach: bool) -> Result<i32> {
+    pub(crate) fn attach(&self, fh: u64, a: VfioAttachIoasid, attach: bool) -> Result<i32> {
         let (ctx, _) = self.access(fh)?;
-        let a: VfioAttachIoasid = caller::read_ext_struct(caller, arg)?;
         let pasid = if a.flags & IOASID_ATTACH_USER_PASID != 0 {
             Some(a.user_pasid)
         } else if a.user_pasid != 0 {
@@ -331,60 +343,20 @@ impl DeviceNode {
         Ok(0)
     }
 
-    /// The device's own VFIO ioctls, forwarded to the real device fd.
-    fn device_ioctl(&self, caller: &dyn Caller, fh: u64, cmd: u32, arg: u64) -> Result<i32> {
-        let known = nr::ALL
-            .iter()
-            .find(|(_, n)| *n == cmd)
-            .map(|(name, _)| *name);
-        let Some(name) = known else {
-            return Err(Error::new(
-                Errno::ENOTTY,
-                format!("unknown ioctl {cmd:#x} on a VFIO device node"),
-            ));
-        };
-        // As the VFIO cdev: every device command needs the bind first.
-        let (ctx, opened) = self.access(fh)?;
-        let dev = &*opened.device;
-        match cmd {
-            nr::VFIO_DEVICE_GET_INFO => {
-                forward(caller, dev, cmd, arg, name, DEVICE_INFO_MIN, false)
-            }
-            nr::VFIO_DEVICE_GET_IRQ_INFO => {
-                forward(caller, dev, cmd, arg, name, IRQ_INFO_MIN, false)
-            }
-            nr::VFIO_DEVICE_GET_PCI_HOT_RESET_INFO => {
-                forward(caller, dev, cmd, arg, name, HOT_RESET_INFO_MIN, true)
-            }
-            nr::VFIO_DEVICE_GET_REGION_INFO => region_info(caller, dev, arg),
-            nr::VFIO_DEVICE_SET_IRQS => set_irqs(caller, dev, arg),
-            nr::VFIO_DEVICE_RESET => dev
-                .ioctl_none(cmd)
-                .map_err(|e| Error::new(e, format!("{name} failed on the device"))),
-            nr::VFIO_DEVICE_PCI_HOT_RESET => self.hot_reset(caller, ctx, dev, arg),
-            _ => Err(Error::new(
-                Errno::ENOTTY,
-                format!("{name} is not available on a device node"),
-            )),
-        }
-    }
-
     /// `VFIO_DEVICE_PCI_HOT_RESET`. The caller holds no group fds in this
     /// model: it passes `count` 0 (and no fds); the daemon asks the device
     /// which devices the reset affects (`GET_PCI_HOT_RESET_INFO`), requires
     /// every device of their IOMMU groups to be bound to the caller's
     /// context (`EPERM` otherwise: the reset would hit another client's
     /// device), and passes its own group fds.
-    fn hot_reset(
+    pub(crate) fn hot_reset(
         &self,
-        caller: &dyn Caller,
         ctx: ContextId,
         dev: &dyn DeviceFile,
-        arg: u64,
+        given: Vec<u8>,
     ) -> Result<i32> {
         const NAME: &str = "VFIO_DEVICE_PCI_HOT_RESET";
         const INFO: &str = "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO";
-        let given = caller::read_vfio_arg(caller, arg, NAME, HOT_RESET_HEADER)?;
         let flags = u32::from_ne_bytes(given[4..8].try_into().expect("4 bytes"));
         let count = u32::from_ne_bytes(given[8..12].try_into().expect("4 bytes"));
         if flags != 0 {
@@ -526,23 +498,21 @@ impl DeviceNode {
 /// the daemon's copy, write the struct back. With `enospc_writeback`, an
 /// `ENOSPC` answer still writes back (VFIO's hot-reset info raises `count`
 /// and fails with `ENOSPC`).
-fn forward(
-    caller: &dyn Caller,
+pub(crate) fn forward(
+    u: &Ucmd<'_>,
     dev: &dyn DeviceFile,
     cmd: u32,
-    arg: u64,
-    name: &str,
-    min: usize,
+    mut buf: Vec<u8>,
     enospc_writeback: bool,
 ) -> Result<i32> {
-    let mut buf = caller::read_vfio_arg(caller, arg, name, min)?;
+    let name = u.name;
     match dev.ioctl_buf(cmd, &mut buf) {
         Ok(v) => {
-            caller::write(caller, arg, &buf)?;
+            u.write_at(0, &buf)?;
             Ok(v)
         }
         Err(Errno::ENOSPC) if enospc_writeback => {
-            caller::write(caller, arg, &buf)?;
+            u.write_at(0, &buf)?;
             Err(Error::new(
                 Errno::ENOSPC,
                 format!("{name}: the array is too small; count says how many are needed"),
@@ -555,9 +525,8 @@ fn forward(
 /// `VFIO_DEVICE_GET_REGION_INFO`: ask the device with the daemon's own
 /// buffer (large enough for the whole chain), strip mmap, answer the
 /// caller by VFIO's rules for its argsz.
-fn region_info(caller: &dyn Caller, dev: &dyn DeviceFile, arg: u64) -> Result<i32> {
+pub(crate) fn region_info(u: &Ucmd<'_>, dev: &dyn DeviceFile, given: Vec<u8>) -> Result<i32> {
     const NAME: &str = "VFIO_DEVICE_GET_REGION_INFO";
-    let given = caller::read_vfio_arg(caller, arg, NAME, REGION_INFO_SIZE)?;
     let call = |size: usize| -> Result<Vec<u8>> {
         let mut b = vec![0u8; size];
         b[..REGION_INFO_SIZE].copy_from_slice(&given[..REGION_INFO_SIZE]);
@@ -575,7 +544,7 @@ fn region_info(caller: &dyn Caller, dev: &dyn DeviceFile, arg: u64) -> Result<i3
         let mut need = argsz(&full);
         let mut got = None;
         for _ in 0..3 {
-            if need <= REGION_INFO_SIZE || need > caller::MAX_ARG {
+            if need <= REGION_INFO_SIZE || need > ioctl_table::MAX_ARG {
                 break;
             }
             let b = call(need)?;
@@ -606,7 +575,7 @@ fn region_info(caller: &dyn Caller, dev: &dyn DeviceFile, arg: u64) -> Result<i3
         tracing::warn!("{NAME}: malformed capability chain from the device dropped: {why}");
     }
     let out = vfio_args::region_info_reply(&full, given.len(), &stripped);
-    caller::write(caller, arg, &out)?;
+    u.write_at(0, &out)?;
     Ok(0)
 }
 
@@ -614,9 +583,8 @@ fn region_info(caller: &dyn Caller, dev: &dyn DeviceFile, arg: u64) -> Result<i3
 /// daemon's copies (the kernel takes its own references, so the copies are
 /// closed right after the call). -1 (and any negative number) stays as is:
 /// it tears the trigger down.
-fn set_irqs(caller: &dyn Caller, dev: &dyn DeviceFile, arg: u64) -> Result<i32> {
+pub(crate) fn set_irqs(u: &Ucmd<'_>, dev: &dyn DeviceFile, mut buf: Vec<u8>) -> Result<i32> {
     const NAME: &str = "VFIO_DEVICE_SET_IRQS";
-    let mut buf = caller::read_vfio_arg(caller, arg, NAME, IRQ_SET_HEADER)?;
     let header = IrqSet::parse(&buf)?;
     let mut copies = Vec::new();
     if header.has_eventfds() {
@@ -627,7 +595,7 @@ fn set_irqs(caller: &dyn Caller, dev: &dyn DeviceFile, arg: u64) -> Result<i32> 
                 ours.push(fd);
                 continue;
             }
-            let copy = caller.get_fd(fd).map_err(|e| {
+            let copy = u.caller.get_fd(fd).map_err(|e| {
                 Error::new(
                     e,
                     format!("{NAME}: eventfd {fd} could not be copied from the caller ({e})"),

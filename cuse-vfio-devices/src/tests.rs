@@ -24,10 +24,10 @@ use vfio_bindings::bindings::vfio::{
 };
 use zerocopy::IntoBytes;
 
-use crate::caller::fake::FakeCaller;
 use crate::device_file::{ContextLookup, DeviceFile, DeviceOpener};
 use crate::error::{Error, Result};
 use crate::node::{DeviceNode, DeviceNodes};
+use ioctl_table::fake::FakeCaller;
 
 const DEV_A: DeviceId = DeviceId(1); // group 3
 const DEV_X: DeviceId = DeviceId(10); // group 7
@@ -341,9 +341,9 @@ impl Fx {
 
 /// A caller whose memory is `mem` at ARG, holding `fds` as (number, file).
 fn caller(mem: Vec<u8>, fds: &[(i32, &OwnedFd)]) -> FakeCaller {
-    let mut c = FakeCaller::new(ARG, mem);
+    let mut c = FakeCaller::new(ARG, mem, 1);
     for (n, f) in fds {
-        c.fds.push((*n, f.try_clone().unwrap()));
+        c.hold(*n, f);
     }
     c
 }
@@ -1039,5 +1039,73 @@ fn racing_binds_and_closes_leave_one_consistent_binding() {
             log.closes.load(Ordering::SeqCst),
             "every opened device fd is closed"
         );
+    }
+}
+
+// ---- the table -------------------------------------------------------------
+
+#[test]
+fn argument_kinds_of_the_rfc_commands() {
+    use crate::ioctl::DEVICE_TABLE;
+    use ioctl_table::Handler;
+    let row = |c| DEVICE_TABLE.find(c).unwrap();
+    for c in [VFIO_BIND_IOASID_FD, VFIO_UNBIND_IOASID_FD] {
+        assert!(matches!(row(c).handler, Handler::Int(_)), "{}", row(c).name);
+    }
+    for c in [VFIO_ATTACH_IOASID, VFIO_DETACH_IOASID] {
+        let Handler::Struct(s, _) = &row(c).handler else {
+            panic!("{} takes a struct", row(c).name)
+        };
+        assert_eq!((s.c_name, s.min_size), ("vfio_attach_ioasid", 16));
+        assert_eq!(s.flags.accepted(), Some(IOASID_ATTACH_USER_PASID));
+    }
+    assert_eq!(DEVICE_TABLE.unknown_flags, Errno::EINVAL);
+    assert!(DEVICE_TABLE.find(nr::VFIO_DEVICE_FEATURE).is_none());
+}
+
+/// TEST_LENGTH over every struct row of the device table, on a bound node:
+/// one byte short of the minimum is `EINVAL`, a size past what the daemon
+/// reads is `E2BIG`, and a size the reader accepts never fails for its
+/// length.
+#[test]
+fn test_length_every_row_of_the_device_table() {
+    use crate::ioctl::DEVICE_TABLE;
+    let fx = Fx::new();
+    let node = fx.node(DEV_A);
+    let (_ctx, f) = fx.context();
+    bind(&node, 1, &f).unwrap();
+    for op in DEVICE_TABLE.ops {
+        let Some(rules) = op.rules() else { continue };
+        let run = |argsz: usize| {
+            let mut mem = vec![0u8; 4096];
+            mem[..4].copy_from_slice(&(argsz as u32).to_ne_bytes());
+            ioctl(&node, &caller(mem, &[]), 1, op.number, ARG)
+        };
+        let name = op.name;
+        assert_eq!(
+            errno(run(rules.min_size - 1)),
+            Errno::EINVAL,
+            "{name} min-1"
+        );
+        assert_eq!(errno(run(0)), Errno::EINVAL, "{name} argsz 0");
+        assert_eq!(
+            errno(run(ioctl_table::MAX_ARG + ioctl_table::MAX_TAIL + 1)),
+            Errno::E2BIG,
+            "{name} past the cap"
+        );
+        assert_eq!(
+            errno(run(u32::MAX as usize)),
+            Errno::E2BIG,
+            "{name} u32::MAX"
+        );
+        for size in [rules.min_size, rules.size, rules.size + 8] {
+            if let Err(e) = run(size) {
+                assert!(
+                    ![Errno::E2BIG, Errno::EFAULT].contains(&e.errno)
+                        && !e.message.contains("argsz"),
+                    "{name} argsz {size}: {e}"
+                );
+            }
+        }
     }
 }

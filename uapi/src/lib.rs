@@ -11,9 +11,9 @@
 //!   id, flag, capability id and format.
 //! * [`structs`]: the `#[repr(C)]` argument structs, deriving zerocopy's
 //!   `FromBytes`, `IntoBytes`, `KnownLayout` and `Immutable`, with
-//!   compile-time size and offset checks.
-//! * [`commands`]: the dispatch table: every command with its argument kind
-//!   and, for struct commands, its minimum `argsz` and accepted flags.
+//!   compile-time size and offset checks; [`ArgStruct`] marks every struct
+//!   an ioctl takes by pointer (these, and the bindings crates' structs
+//!   the daemon reads from callers) as plain bytes.
 //! * [`vfio`]: the numbers of the legacy VFIO ioctls (the `vfio-bindings`
 //!   crate has the structs but not the numbers).
 //!
@@ -24,13 +24,11 @@
 //! Which errno answers which failure is documented in the header and in
 //! `docs/uapi.md`; the front ends implement it.
 
-pub mod commands;
 pub mod error;
 pub mod numbers;
 pub mod structs;
 pub mod vfio;
 
-pub use commands::{ArgKind, ArgStruct, FlagsCheck, IoasidCmd, StructArg, VfioDeviceCmd};
 pub use error::{is_client_mistake, Error};
 pub use numbers::*;
 pub use structs::*;
