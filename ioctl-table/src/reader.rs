@@ -21,6 +21,7 @@
 //! covers.
 
 use ioasid_uapi::error::{Error, Result};
+use ioasid_uapi::plain::{bytes_of, bytes_of_mut, zeroed};
 use ioasid_uapi::ArgStruct;
 use nix::errno::Errno;
 
@@ -94,33 +95,6 @@ pub struct StructRules {
     pub tail: Tail,
 }
 
-/// The bytes of `value`, to be filled.
-fn bytes_mut<T: ArgStruct>(value: &mut T) -> &mut [u8] {
-    // SAFETY: `ArgStruct` promises a `#[repr(C)]` struct without padding
-    // for which every bit pattern is valid, so all `size_of::<T>()` bytes
-    // are initialised and any bytes written through the slice leave a valid
-    // `T`; the slice borrows `value` mutably for its whole life.
-    unsafe {
-        std::slice::from_raw_parts_mut((value as *mut T).cast::<u8>(), std::mem::size_of::<T>())
-    }
-}
-
-/// The bytes of `value`.
-pub(crate) fn bytes_of<T: ArgStruct>(value: &T) -> &[u8] {
-    // SAFETY: as for `bytes_mut`: no padding, so every byte is initialised;
-    // the slice borrows `value` for its whole life.
-    unsafe {
-        std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>())
-    }
-}
-
-/// An all-zero `T`.
-fn zeroed<T: ArgStruct>() -> T {
-    // SAFETY: every bit pattern of an `ArgStruct`, all zeros included, is a
-    // valid value.
-    unsafe { std::mem::zeroed() }
-}
-
 fn u32_at(bytes: &[u8], at: usize) -> u32 {
     bytes
         .get(at..at + 4)
@@ -166,7 +140,7 @@ pub fn read_struct<T: ArgStruct>(
 ) -> Result<(T, usize)> {
     debug_assert_eq!(rules.size, std::mem::size_of::<T>());
     let mut value = zeroed::<T>();
-    let whole = caller.read_mem(addr, bytes_mut(&mut value)).is_ok();
+    let whole = caller.read_mem(addr, bytes_of_mut(&mut value)).is_ok();
     let given = if whole {
         u32_at(bytes_of(&value), 0)
     } else {
@@ -185,9 +159,9 @@ pub fn read_struct<T: ArgStruct>(
     }
     let known = given.min(rules.size);
     if whole {
-        bytes_mut(&mut value)[known..].fill(0);
+        bytes_of_mut(&mut value)[known..].fill(0);
     } else {
-        read_arg(caller, addr, &mut bytes_mut(&mut value)[..known])?;
+        read_arg(caller, addr, &mut bytes_of_mut(&mut value)[..known])?;
     }
     if given > rules.size && rules.tail == Tail::Zero {
         check_zero_tail(caller, addr, rules, given)?;

@@ -44,7 +44,7 @@ impl Ucmd<'_> {
         range: std::ops::Range<usize>,
     ) -> Result<()> {
         let start = range.start;
-        self.write_at(start, &reader::bytes_of(value)[range])
+        self.write_at(start, &ioasid_uapi::plain::bytes_of(value)[range])
     }
 
     /// Write the whole of `value` back, as much of it as the caller's size

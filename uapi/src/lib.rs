@@ -17,6 +17,7 @@
 //! * [`vfio`]: the numbers of the legacy VFIO ioctls (the `vfio-bindings`
 //!   crate has the structs but not the numbers).
 //!
+//! * [`plain`]: byte views of the argument structs.
 //! * [`error`]: the errno vocabulary: the one [`Error`] type of the daemon
 //!   (an errno to answer and a message to log) and which errnos report a
 //!   client's mistake.
@@ -26,6 +27,7 @@
 
 pub mod error;
 pub mod numbers;
+pub mod plain;
 pub mod structs;
 pub mod vfio;
 

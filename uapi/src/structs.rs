@@ -24,23 +24,23 @@ pub trait CStruct: FromBytes + IntoBytes + KnownLayout + Immutable + Copy {
 }
 
 /// A struct an ioctl takes by pointer, read from and written to the caller
-/// as plain bytes (the front ends' one argument reader takes any of them).
-/// Every [`CStruct`] is one; a struct of a bindings crate (VFIO's,
-/// iommufd's) is made one here, with its own safety argument.
+/// or the kernel as plain bytes (see [`crate::plain`]). Every [`CStruct`]
+/// is one; a struct of a bindings crate is made one in this crate (VFIO's
+/// in [`crate::vfio`]), with its own safety argument.
 ///
 /// # Safety
 ///
-/// Implement it only for a `#[repr(C)]` struct without padding, pointers
-/// or references, every bit pattern of which (all zeros included) is a
-/// valid value: the reader fills it from the caller's bytes.
-pub unsafe trait ArgStruct: Copy + Send + Sync + 'static {
+/// Implement it only for a `#[repr(C)]` struct without padding, pointers,
+/// references or drop glue, every bit pattern of which (all zeros
+/// included) is a valid value.
+pub unsafe trait ArgStruct: Sized + Send + Sync + 'static {
     /// The struct's name in C, for messages.
     const C_NAME: &'static str;
 }
 
 // SAFETY: a `CStruct` derives zerocopy's `FromBytes` (every bit pattern is
 // valid) and `IntoBytes` (no padding), which the derive checks at compile
-// time; `abi_struct!` makes every one `#[repr(C)]`.
+// time; it is `Copy` (no drop glue) and `abi_struct!` makes it `#[repr(C)]`.
 unsafe impl<T: CStruct + Send + Sync + 'static> ArgStruct for T {
     const C_NAME: &'static str = <T as CStruct>::C_NAME;
 }

@@ -4,20 +4,20 @@
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use ioasid_engine::backend::{Alias, Backend, DomainInfo, GroupId, Pid, Prot};
 use nix::errno::Errno;
 use vfio_bindings::bindings::vfio::{
-    vfio_device_info, vfio_iommu_type1_dma_map, vfio_iommu_type1_dma_unmap, vfio_region_info,
-    VFIO_TYPE1v2_IOMMU, VFIO_API_VERSION, VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE,
-    VFIO_DMA_UNMAP_FLAG_ALL, VFIO_GROUP_FLAGS_CONTAINER_SET, VFIO_GROUP_FLAGS_VIABLE,
-    VFIO_UNMAP_ALL,
+    vfio_iommu_type1_dma_map, vfio_iommu_type1_dma_unmap, VFIO_TYPE1v2_IOMMU, VFIO_API_VERSION,
+    VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_DMA_UNMAP_FLAG_ALL,
+    VFIO_GROUP_FLAGS_CONTAINER_SET, VFIO_GROUP_FLAGS_VIABLE, VFIO_UNMAP_ALL,
 };
 
 use crate::alias::{memlock_limit, ClientMemory};
+use crate::device::VfioDevice;
 use crate::discovery::Sysfs;
 use crate::error::{Context, Error, Result};
 use crate::iommu_info;
@@ -119,13 +119,14 @@ impl VfioLegacy {
 
     /// Open device `bdf` of `group` (`VFIO_GROUP_GET_DEVICE_FD`). Closing
     /// the returned fd resets the device.
-    pub fn open_device(&self, group: GroupId, bdf: &str) -> Result<OwnedFd> {
+    pub fn open_device(&self, group: GroupId, bdf: &str) -> Result<VfioDevice> {
         let d = self.domain(group)?;
         let name = CString::new(bdf)
             .map_err(|_| Error::new(Errno::EINVAL, format!("bad device name {bdf:?}")))?;
-        sys::group_get_device_fd(d.group.as_fd(), &name).context(|| {
+        let fd = sys::group_get_device_fd(d.group.as_fd(), &name).context(|| {
             format!("VFIO_GROUP_GET_DEVICE_FD {bdf} in group {group} (is it in this group, and not open elsewhere?)")
-        })
+        })?;
+        Ok(VfioDevice::new(fd))
     }
 
     /// `VFIO_IOMMU_GET_INFO` of `group`'s container, with its capabilities.
@@ -321,20 +322,6 @@ fn not_viable(g: GroupId, sysfs: &Sysfs) -> Error {
              (or to no driver); bound elsewhere: {culprits}"
         ),
     )
-}
-
-/// `VFIO_DEVICE_GET_INFO` of a device fd (base struct; capabilities not
-/// read).
-pub fn device_info(device: BorrowedFd<'_>) -> Result<vfio_device_info> {
-    sys::device_get_info(device).context(|| "VFIO_DEVICE_GET_INFO".to_string())
-}
-
-/// `VFIO_DEVICE_GET_REGION_INFO` of region `index` of a device fd (base
-/// struct; capabilities not read). `offset` is where the region starts for
-/// `pread`/`pwrite` on the device fd.
-pub fn region_info(device: BorrowedFd<'_>, index: u32) -> Result<vfio_region_info> {
-    sys::device_get_region_info(device, index)
-        .context(|| format!("VFIO_DEVICE_GET_REGION_INFO region {index}"))
 }
 
 impl Backend for VfioLegacy {
