@@ -9,6 +9,7 @@
 
 pub use ioasid_uapi::Error;
 use nix::errno::Errno;
+use smallvec::SmallVec;
 
 /// An IOMMU group number, as in `/sys/kernel/iommu_groups/<N>`.
 pub type GroupId = u32;
@@ -56,45 +57,8 @@ pub struct Alias {
 
 /// The pieces of an [`Alias`]: nearly always one (a range inside one area
 /// of client memory), kept inline then, since the engine keeps an alias per
-/// mapping and there may be 100,000 of them; a slice of [`Segment`]s either
-/// way.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Segments {
-    /// One piece.
-    One(Segment),
-    /// Any other number of pieces.
-    Many(Vec<Segment>),
-}
-
-impl std::ops::Deref for Segments {
-    type Target = [Segment];
-
-    fn deref(&self) -> &[Segment] {
-        match self {
-            Segments::One(s) => std::slice::from_ref(s),
-            Segments::Many(v) => v,
-        }
-    }
-}
-
-impl<'a> IntoIterator for &'a Segments {
-    type Item = &'a Segment;
-    type IntoIter = std::slice::Iter<'a, Segment>;
-
-    fn into_iter(self) -> Self::IntoIter {
-        self.iter()
-    }
-}
-
-impl From<Vec<Segment>> for Segments {
-    fn from(mut v: Vec<Segment>) -> Self {
-        if v.len() == 1 {
-            Segments::One(v.remove(0))
-        } else {
-            Segments::Many(v)
-        }
-    }
-}
+/// mapping and there may be 100,000 of them.
+pub type Segments = SmallVec<[Segment; 1]>;
 
 /// What an IOMMU domain (a realising container) supports.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -139,7 +103,15 @@ pub trait Backend: Send + Sync {
     /// Map `size` bytes at daemon address `daemon_vaddr` to `iova` in group
     /// `group`'s domain (type1v2 rules: `EEXIST` on overlap, `EINVAL` when
     /// misaligned, `ENOSPC` when the domain is full).
-    fn map(
+    ///
+    /// # Safety
+    ///
+    /// `[daemon_vaddr, daemon_vaddr + size)` must lie inside a [`Segment`]
+    /// of an [`Alias`] this backend returned and that is not released, and
+    /// the caller must keep that alias until no domain may map the range
+    /// any more (an `unmap` or `unmap_all` covering it succeeded): devices
+    /// read and write the memory at any time, behind Rust's back.
+    unsafe fn map(
         &self,
         group: GroupId,
         iova: u64,
@@ -184,7 +156,7 @@ mod tests {
             len: 0x1000,
         };
         let one = Segments::from(vec![seg(0)]);
-        assert_eq!(one, Segments::One(seg(0)));
+        assert!(!one.spilled(), "one segment is kept inline");
         assert_eq!(&*one, &[seg(0)]);
         let two = Segments::from(vec![seg(0), seg(0x1000)]);
         assert_eq!(two.len(), 2);
@@ -193,5 +165,7 @@ mod tests {
             [0, 0x1000]
         );
         assert!(Segments::from(Vec::new()).is_empty());
+        // As small as the enum it replaced: a segment and a length.
+        assert_eq!(std::mem::size_of::<Segments>(), 32);
     }
 }

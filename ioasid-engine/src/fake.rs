@@ -280,7 +280,7 @@ impl Backend for FakeBackend {
         s.next_token += 1;
         let alias = Alias {
             token: s.next_token,
-            segments: segments.into(),
+            segments: segments.into_iter().collect(),
         };
         s.live.insert(alias.token, alias.clone());
         Ok(alias)
@@ -311,7 +311,9 @@ impl Backend for FakeBackend {
         })
     }
 
-    fn map(
+    /// Checks the range like type1v2 and records it; nothing is read or
+    /// written at `daemon_vaddr`.
+    unsafe fn map(
         &self,
         group: GroupId,
         iova: u64,

@@ -888,7 +888,7 @@ impl ioasid_engine::backend::Backend for GatedBackend {
     ) -> Result<ioasid_engine::backend::DomainInfo, ioasid_engine::Error> {
         self.fake.domain_info(group)
     }
-    fn map(
+    unsafe fn map(
         &self,
         group: u32,
         iova: u64,
@@ -896,7 +896,8 @@ impl ioasid_engine::backend::Backend for GatedBackend {
         size: u64,
         prot: Prot,
     ) -> Result<(), ioasid_engine::Error> {
-        self.fake.map(group, iova, daemon_vaddr, size, prot)
+        // SAFETY: the caller's contract, passed on unchanged.
+        unsafe { self.fake.map(group, iova, daemon_vaddr, size, prot) }
     }
     fn unmap(&self, group: u32, iova: u64, size: u64) -> Result<u64, ioasid_engine::Error> {
         self.fake.unmap(group, iova, size)

@@ -153,8 +153,18 @@ impl VfioLegacy {
         ))
     }
 
-    /// `VFIO_IOMMU_MAP_DMA` in `group`'s container.
-    pub fn map_dma(
+    /// `VFIO_IOMMU_MAP_DMA` in `group`'s container: the kernel pins
+    /// `[vaddr, vaddr + size)` of this process and lets the group's devices
+    /// read it (and write it, with `prot.write`).
+    ///
+    /// # Safety
+    ///
+    /// The range must be memory of this process that no Rust reference
+    /// points into for as long as the container maps it (the devices change
+    /// it behind Rust's back: a reference into DMA-mapped memory is
+    /// undefined behaviour), such as an alias from [`ClientMemory`], kept
+    /// until the range is unmapped.
+    pub unsafe fn map_dma(
         &self,
         group: GroupId,
         iova: u64,
@@ -177,7 +187,9 @@ impl VfioLegacy {
             iova,
             size,
         };
-        sys::iommu_map_dma(d.container.as_fd(), &map).context(|| {
+        // SAFETY: the range is memory no Rust reference points into, kept
+        // while mapped: this function's own contract.
+        unsafe { sys::iommu_map_dma(d.container.as_fd(), &map) }.context(|| {
             format!("VFIO_IOMMU_MAP_DMA iova {iova:#x} size {size:#x} vaddr {vaddr:#x} in group {group}")
         })
     }
@@ -345,7 +357,7 @@ impl Backend for VfioLegacy {
         self.iommu_info(group)
     }
 
-    fn map(
+    unsafe fn map(
         &self,
         group: GroupId,
         iova: u64,
@@ -353,7 +365,10 @@ impl Backend for VfioLegacy {
         size: u64,
         prot: Prot,
     ) -> Result<()> {
-        self.map_dma(group, iova, daemon_vaddr, size, prot)
+        // SAFETY: the range lies in a live alias the engine keeps while the
+        // container may map it (`Backend::map`'s contract); aliases are
+        // mappings of client files that no Rust reference points into.
+        unsafe { self.map_dma(group, iova, daemon_vaddr, size, prot) }
     }
 
     fn unmap(&self, group: GroupId, iova: u64, size: u64) -> Result<u64> {
@@ -480,7 +495,9 @@ mod tests {
         assert_eq!(e.errno, Errno::ENOENT);
         assert!(e.message.contains("group 4"), "{}", e.message);
         assert_eq!(
-            Backend::map(&v, 4, 0, 0x1000, 0x1000, Prot::default())
+            // SAFETY: group 4 is not managed: the call fails before anything
+            // reaches the kernel.
+            unsafe { Backend::map(&v, 4, 0, 0x1000, 0x1000, Prot::default()) }
                 .unwrap_err()
                 .errno,
             Errno::ENOENT

@@ -201,11 +201,14 @@ pub(crate) fn iommu_get_info(container: BorrowedFd<'_>, buf: &mut [u8]) -> Resul
 
 /// `VFIO_IOMMU_MAP_DMA`.
 ///
+/// # Safety
+///
 /// The kernel pins the pages of this process at `map.vaddr` and lets the
-/// device read (and write, with the WRITE flag) them. No Rust reference may
-/// ever point into such memory; the crate only maps its own aliases of
-/// client memory, which it touches through raw addresses only.
-pub(crate) fn iommu_map_dma(
+/// device read (and write, with the WRITE flag) them: no Rust reference may
+/// point into `[map.vaddr, map.vaddr + map.size)` while it is mapped (the
+/// crate maps only its own aliases of client memory, which it touches
+/// through raw addresses and `/proc/self/mem` only).
+pub(crate) unsafe fn iommu_map_dma(
     container: BorrowedFd<'_>,
     map: &vfio_iommu_type1_dma_map,
 ) -> Result<(), Errno> {

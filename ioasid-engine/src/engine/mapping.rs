@@ -181,10 +181,7 @@ impl Engine {
         prot: Prot,
     ) -> Result<(), Error> {
         for (i, s) in segs.iter().enumerate() {
-            if let Err(e) = self
-                .backend
-                .map(group, iova + s.offset, s.daemon_vaddr, s.len, prot)
-            {
+            if let Err(e) = self.map_alias(group, iova + s.offset, s.daemon_vaddr, s.len, prot) {
                 for done in &segs[..i] {
                     if let Err(undo) = self.backend.unmap(group, iova + done.offset, done.len) {
                         tracing::debug!(group, error = %undo, "rollback of a map failed");

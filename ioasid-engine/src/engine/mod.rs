@@ -208,6 +208,27 @@ impl Engine {
         lock(&self.registry).bound.get(&dev).copied()
     }
 
+    /// Map `[daemon_vaddr, +size)` at `iova` in `group`'s domain: the one
+    /// place the engine hands client memory to a domain.
+    fn map_alias(
+        &self,
+        group: GroupId,
+        iova: u64,
+        daemon_vaddr: u64,
+        size: u64,
+        prot: Prot,
+    ) -> Result<(), Error> {
+        // SAFETY: every daemon address the engine maps is cut from a
+        // segment of an alias it holds: a root mapping's own, a
+        // registration's (kept while a mapping uses it), or for a shadow
+        // entry the parent mapping's, which is taken out of every child's
+        // shadow before it goes. An alias is released only after the
+        // domains stopped mapping it, or, when an undo failed and a domain
+        // may still map it, only once that group's domain has been emptied
+        // (the group is out of service meanwhile).
+        unsafe { self.backend.map(group, iova, daemon_vaddr, size, prot) }
+    }
+
     /// Run `f` on context `ctx` under its lock: `EINVAL` if the context
     /// is not open (or was closed while this call waited for the lock).
     fn with_context<R>(

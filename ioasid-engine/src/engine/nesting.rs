@@ -221,7 +221,7 @@ impl Engine {
     ) -> Result<(), Error> {
         let remap = |entries: &[(u64, ShadowEntry)]| {
             for (iova, e) in entries {
-                if let Err(undo) = self.backend.map(g, *iova, e.daemon_vaddr, e.size, e.prot) {
+                if let Err(undo) = self.map_alias(g, *iova, e.daemon_vaddr, e.size, e.prot) {
                     tracing::warn!(group = g, error = %undo, "rollback of a shadow unmap failed");
                 }
             }
@@ -233,7 +233,7 @@ impl Engine {
             }
         }
         for (i, (iova, e)) in added.iter().enumerate() {
-            if let Err(fail) = self.backend.map(g, *iova, e.daemon_vaddr, e.size, e.prot) {
+            if let Err(fail) = self.map_alias(g, *iova, e.daemon_vaddr, e.size, e.prot) {
                 for (iova, e) in &added[..i] {
                     if let Err(undo) = self.backend.unmap(g, *iova, e.size) {
                         tracing::warn!(group = g, error = %undo, "rollback of a shadow map failed");
@@ -255,10 +255,7 @@ impl Engine {
         id: IoasidId,
     ) -> Result<(), Error> {
         for (&iova, e) in &c.ioasid(id)?.shadow {
-            if let Err(fail) = self
-                .backend
-                .map(group, iova, e.daemon_vaddr, e.size, e.prot)
-            {
+            if let Err(fail) = self.map_alias(group, iova, e.daemon_vaddr, e.size, e.prot) {
                 if let Err(undo) = self.backend.unmap_all(group) {
                     tracing::debug!(group, error = %undo, "rollback of a replay failed");
                 }
