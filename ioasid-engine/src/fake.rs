@@ -7,7 +7,7 @@
 //! aliasable only where a test declared it shared; the daemon address of
 //! client address `v` is always `FAKE_DAEMON_BASE + v`, so tests can predict
 //! what the domains hold. Every call is logged, live aliases are counted,
-//! and the next map (or unmap-all) can be made to fail.
+//! and the next map, unmap or unmap-all can be made to fail (an undo too).
 //!
 //! Client memory holds real bytes (zero until written with
 //! [`FakeBackend::write_memory`]), which [`Backend::read`] returns when
@@ -101,6 +101,8 @@ struct FakeState {
     /// Maps to let through before failing one with this errno.
     map_failure: Option<(usize, Errno)>,
     unmap_all_failure: Option<Errno>,
+    /// Unmaps to let through before failing one with this errno.
+    unmap_failure: Option<(usize, Errno)>,
     /// Client memory by 4 KiB page of daemon address.
     pages: HashMap<u64, Box<[u8; 4096]>>,
     /// How many times `trim` was called.
@@ -159,6 +161,12 @@ impl FakeBackend {
     /// Let `after` more maps succeed, then fail one with `errno`.
     pub fn fail_map_after(&self, after: usize, errno: Errno) {
         self.state().map_failure = Some((after, errno));
+    }
+
+    /// Let `after` more unmaps succeed, then fail one with `errno` (an undo
+    /// that fails, when the engine is rolling a change back).
+    pub fn fail_unmap_after(&self, after: usize, errno: Errno) {
+        self.state().unmap_failure = Some((after, errno));
     }
 
     /// Fail the next `unmap_all` with `errno`.
@@ -371,6 +379,13 @@ impl Backend for FakeBackend {
     fn unmap(&self, group: GroupId, iova: u64, size: u64) -> Result<u64, Error> {
         let mut s = self.state();
         s.calls.push(FakeCall::Unmap { group, iova, size });
+        if let Some((after, errno)) = s.unmap_failure {
+            if after == 0 {
+                s.unmap_failure = None;
+                return Err(Error::new(errno, "injected unmap failure"));
+            }
+            s.unmap_failure = Some((after - 1, errno));
+        }
         let d = s.domains.entry(group).or_default();
         let pg = min_pgsize(d.pgsize_bitmap);
         if size == 0 || (iova | size) & (pg - 1) != 0 {

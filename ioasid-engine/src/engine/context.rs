@@ -83,8 +83,10 @@ pub(super) struct Realising {
     pub(super) info: DomainInfo,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Context {
+    /// Its id.
+    pub(super) id: ContextId,
     /// Set by `close_context`; every later operation fails.
     pub(super) closed: bool,
     /// Slab key `k` is IOASID `k + 1`.
@@ -97,9 +99,30 @@ pub(super) struct Context {
     pub(super) registered_bytes: u64,
     /// Bytes of mappings holding their own alias.
     pub(super) own_bytes: u64,
+    /// How many groups are out of service because an undo failed in this
+    /// context (see `service`); read without the registry lock.
+    pub(super) broken: AtomicUsize,
+    /// Aliases given back while a group was out of service: its domain may
+    /// still map them. Released once no group of the context is.
+    pub(super) held: Vec<Alias>,
 }
 
 impl Context {
+    pub(super) fn new(id: ContextId) -> Self {
+        Context {
+            id,
+            closed: false,
+            ioasids: Slab::new(),
+            bound: BTreeMap::new(),
+            registrations: BTreeMap::new(),
+            realising: BTreeMap::new(),
+            registered_bytes: 0,
+            own_bytes: 0,
+            broken: AtomicUsize::new(0),
+            held: Vec::new(),
+        }
+    }
+
     pub(super) fn check_open(&self, ctx: ContextId) -> Result<(), Error> {
         if self.closed {
             return Err(not_open(ctx));
@@ -241,7 +264,7 @@ impl Engine {
     pub(super) fn drop_memory(&self, c: &mut Context, m: Mapping) {
         match m.memory {
             Memory::Own(alias) => {
-                self.backend.release_alias(&alias);
+                self.release(c, alias);
                 c.own_bytes -= m.size;
             }
             Memory::Registered(start) => {

@@ -12,12 +12,18 @@ impl Engine {
         let spec = self.spec(dev)?;
         self.with_context(ctx, |c| {
             let mut reg = lock(&self.registry);
-            if reg.out_of_service.contains(&spec.group) {
+            if let Some(owner) = reg.out_of_service.get(&spec.group) {
+                let what = match owner {
+                    None => "its domain could not be emptied; restart the daemon",
+                    Some(_) => {
+                        "a failed change of its domain could not be undone; unbind its devices \
+                         or close the ioasid fd that holds them"
+                    }
+                };
                 return Err(err(
                     EBUSY,
                     format!(
-                        "device {}: IOMMU group {} is out of service (its domain could not be \
-                         emptied); restart the daemon",
+                        "device {}: IOMMU group {} is out of service ({what})",
                         spec.name, spec.group
                     ),
                 ));
@@ -70,6 +76,25 @@ impl Engine {
             if let Some(id) = rid {
                 self.detach_rid(c, spec, id)?;
             }
+            let attached = c.bound.iter().any(|(d, b)| {
+                *d != dev
+                    && self.devices[d].group == spec.group
+                    && (b.rid.is_some() || b.child.is_some())
+            });
+            if !attached && self.is_broken(c, spec.group) {
+                // Nothing of the group is attached any more: empty its
+                // domain to put it back in service.
+                match self.backend.unmap_all(spec.group) {
+                    Ok(()) => self.emptied(c, spec.group),
+                    Err(e) => tracing::warn!(
+                        group = spec.group,
+                        errno = %e.errno,
+                        "IOMMU group {} stays out of service: emptying its domain failed ({})",
+                        spec.group,
+                        e.message
+                    ),
+                }
+            }
             c.bound.remove(&dev);
             lock(&self.registry).bound.remove(&dev);
             Ok(())
@@ -95,6 +120,7 @@ impl Engine {
         let spec = self.spec(dev)?;
         self.with_context(ctx, |c| {
             let bd = c.bound.get(&dev).ok_or_else(|| not_bound(spec))?;
+            self.check_in_service(c, [spec.group])?;
             let parent = c.ioasid(ioasid)?.parent;
             if let Some(p) = parent {
                 if bd.rid != Some(p) {
@@ -258,6 +284,7 @@ impl Engine {
         });
         if last {
             self.backend.unmap_all(spec.group)?;
+            self.emptied(c, spec.group);
             c.realising.remove(&spec.group);
             let groups = c.member_groups(id);
             if let Some(combined) = combine(groups.iter().map(|g| &c.realising[g].info)) {
@@ -282,6 +309,8 @@ impl Engine {
                 .get(&g)
                 .is_some_and(|r| r.ioasid == id || (!child && c.parent_of(r.ioasid) == Some(id)))
         };
+        // A group out of service refuses every command on what it realises.
+        self.check_in_service(c, c.realising.keys().copied().filter(|&g| realises(g)))?;
         let left_out = |d: &DeviceId, b: &BoundDevice| {
             realises(self.devices[d].group)
                 && if child {

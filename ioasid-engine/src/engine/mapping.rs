@@ -112,22 +112,30 @@ impl Engine {
                 memory,
             };
             let segs = c.segments(&mapping);
+            let mut failed = None;
             for (i, &g) in groups.iter().enumerate() {
-                if let Err(e) = self.map_segments(g, iova, &segs, prot) {
+                if let Err(e) = self.map_segments(c, g, iova, &segs, prot) {
                     for &done in &groups[..i] {
                         if let Err(undo) = self.backend.unmap(done, iova, size) {
-                            tracing::debug!(group = done, error = %undo, "rollback of a map failed");
+                            self.undo_failed(c, done, "unmapping a map refused elsewhere", &undo);
                         }
                     }
-                    if let Memory::Own(alias) = &mapping.memory {
-                        self.backend.release_alias(alias);
-                    }
-                    return Err(e);
+                    failed = Some(e);
+                    break;
                 }
+            }
+            drop(segs);
+            if let Some(e) = failed {
+                if let Memory::Own(alias) = mapping.memory {
+                    self.release(c, alias);
+                }
+                return Err(e);
             }
             match mapping.memory {
                 Memory::Own(_) => c.own_bytes += size,
-                Memory::Registered(s) => c.registrations.get_mut(&s).expect("found above").users += 1,
+                Memory::Registered(s) => {
+                    c.registrations.get_mut(&s).expect("found above").users += 1
+                }
                 Memory::Nested => {}
             }
             c.ioasid_mut(ioasid)?.mappings.insert(iova, mapping);
@@ -142,7 +150,7 @@ impl Engine {
                         .expect("inserted above");
                     for &g in &groups {
                         if let Err(undo) = self.backend.unmap(g, iova, size) {
-                            tracing::debug!(group = g, error = %undo, "rollback of a map failed");
+                            self.undo_failed(c, g, "unmapping a map its children refused", &undo);
                         }
                     }
                     self.drop_memory(c, m);
@@ -175,6 +183,7 @@ impl Engine {
     /// Map one mapping's segments into `group`; all or nothing.
     pub(super) fn map_segments(
         &self,
+        c: &Context,
         group: GroupId,
         iova: u64,
         segs: &[Segment],
@@ -184,7 +193,7 @@ impl Engine {
             if let Err(e) = self.map_alias(group, iova + s.offset, s.daemon_vaddr, s.len, prot) {
                 for done in &segs[..i] {
                     if let Err(undo) = self.backend.unmap(group, iova + done.offset, done.len) {
-                        tracing::debug!(group, error = %undo, "rollback of a map failed");
+                        self.undo_failed(c, group, "unmapping the first pieces of a map", &undo);
                     }
                 }
                 return Err(e);
@@ -197,9 +206,9 @@ impl Engine {
     pub(super) fn replay(&self, c: &Context, group: GroupId, id: IoasidId) -> Result<(), Error> {
         let io = c.ioasid(id)?;
         for (&iova, m) in &io.mappings {
-            if let Err(e) = self.map_segments(group, iova, &c.segments(m), m.prot) {
+            if let Err(e) = self.map_segments(c, group, iova, &c.segments(m), m.prot) {
                 if let Err(undo) = self.backend.unmap_all(group) {
-                    tracing::debug!(group, error = %undo, "rollback of a replay failed");
+                    self.undo_failed(c, group, "emptying the domain after a failed replay", &undo);
                 }
                 return Err(Error::new(
                     e.errno,
@@ -340,8 +349,13 @@ impl Engine {
                 for &done in &groups[..i] {
                     for s in gone {
                         let m = &io.mappings[s];
-                        if let Err(undo) = self.map_segments(done, *s, &c.segments(m), m.prot) {
-                            tracing::debug!(group = done, error = %undo, "rollback of an unmap failed");
+                        if let Err(undo) = self.map_segments(c, done, *s, &c.segments(m), m.prot) {
+                            self.undo_failed(
+                                c,
+                                done,
+                                "mapping back an unmap refused elsewhere",
+                                &undo,
+                            );
                         }
                     }
                 }
@@ -435,7 +449,7 @@ impl Engine {
                 ));
             }
             let r = c.registrations.remove(&vaddr).expect("found above");
-            self.backend.release_alias(&r.alias);
+            self.release(c, r.alias);
             c.registered_bytes -= size;
             Ok(())
         })

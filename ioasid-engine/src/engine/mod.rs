@@ -60,11 +60,11 @@
 //! touched under the lock of the context that owns the group.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use nix::errno::Errno::{EBUSY, EEXIST, EFAULT, EINVAL, ENODEV, ENOENT, ENOMEM, ENOSPC};
+use nix::errno::Errno::{EBUSY, EEXIST, EFAULT, EINVAL, EIO, ENODEV, ENOENT, ENOMEM, ENOSPC};
 use slab::Slab;
 
 use crate::backend::{Alias, Backend, DomainInfo, GroupId, Pid, Prot, Segment};
@@ -75,6 +75,7 @@ mod context;
 mod device;
 mod mapping;
 mod nesting;
+mod service;
 mod tables;
 mod types;
 
@@ -86,8 +87,11 @@ pub use types::*;
 #[derive(Debug, Default)]
 struct Registry {
     bound: HashMap<DeviceId, ContextId>,
-    /// Groups whose domain could not be emptied on close.
-    out_of_service: HashSet<GroupId>,
+    /// Groups whose domain may hold what the engine does not track: an
+    /// undo failed in the context named (`Some`), or the domain could not
+    /// be emptied when its context closed (`None`: until the daemon
+    /// restarts). See `service`.
+    out_of_service: HashMap<GroupId, Option<ContextId>>,
 }
 
 /// The IOASID engine. Share it as `Arc<Engine>`; every method takes `&self`.
@@ -267,7 +271,7 @@ impl Engine {
         self.contexts
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, Arc::new(Mutex::new(Context::default())));
+            .insert(id, Arc::new(Mutex::new(Context::new(id))));
         id
     }
 
@@ -286,9 +290,19 @@ impl Engine {
         // find it closed once they get the lock.
         c.closed = true;
         let mut closed = ClosedContext::default();
-        for (group, _) in std::mem::take(&mut c.realising) {
+        // The groups to empty: those realising an IOASID, and those out of
+        // service because of this context (their domain may hold anything).
+        let mut groups: BTreeSet<GroupId> = std::mem::take(&mut c.realising).into_keys().collect();
+        groups.extend(
+            lock(&self.registry)
+                .out_of_service
+                .iter()
+                .filter(|(_, owner)| **owner == Some(ctx))
+                .map(|(g, _)| *g),
+        );
+        for group in groups {
             if let Err(e) = self.backend.unmap_all(group) {
-                lock(&self.registry).out_of_service.insert(group);
+                lock(&self.registry).out_of_service.insert(group, None);
                 closed.errors.push(Error::new(
                     e.errno,
                     format!(
@@ -297,7 +311,16 @@ impl Engine {
                         e.message
                     ),
                 ));
+            } else {
+                let mut reg = lock(&self.registry);
+                if reg.out_of_service.get(&group) == Some(&Some(ctx)) {
+                    reg.out_of_service.remove(&group);
+                }
             }
+        }
+        c.broken.store(0, Ordering::Relaxed);
+        for alias in std::mem::take(&mut c.held) {
+            self.backend.release_alias(&alias);
         }
         let bound = std::mem::take(&mut c.bound);
         {

@@ -194,10 +194,15 @@ impl Engine {
         let added: Vec<(u64, ShadowEntry)> = added.into_iter().collect();
         let groups = c.groups_of(id);
         for (i, &g) in groups.iter().enumerate() {
-            if let Err(e) = self.shadow_update(g, &removed, &added) {
+            if let Err(e) = self.shadow_update(c, g, &removed, &added) {
                 for &done in &groups[..i] {
-                    if let Err(undo) = self.shadow_update(done, &added, &removed) {
-                        tracing::warn!(group = done, error = %undo, "rollback of a shadow update failed");
+                    if let Err(undo) = self.shadow_update(c, done, &added, &removed) {
+                        self.undo_failed(
+                            c,
+                            done,
+                            "undoing a shadow update refused elsewhere",
+                            &undo,
+                        );
                     }
                 }
                 return Err(e);
@@ -215,6 +220,7 @@ impl Engine {
     /// failure put back what was done.
     pub(super) fn shadow_update(
         &self,
+        c: &Context,
         g: GroupId,
         removed: &[(u64, ShadowEntry)],
         added: &[(u64, ShadowEntry)],
@@ -222,7 +228,7 @@ impl Engine {
         let remap = |entries: &[(u64, ShadowEntry)]| {
             for (iova, e) in entries {
                 if let Err(undo) = self.map_alias(g, *iova, e.daemon_vaddr, e.size, e.prot) {
-                    tracing::warn!(group = g, error = %undo, "rollback of a shadow unmap failed");
+                    self.undo_failed(c, g, "mapping back a shadow entry", &undo);
                 }
             }
         };
@@ -236,7 +242,7 @@ impl Engine {
             if let Err(fail) = self.map_alias(g, *iova, e.daemon_vaddr, e.size, e.prot) {
                 for (iova, e) in &added[..i] {
                     if let Err(undo) = self.backend.unmap(g, *iova, e.size) {
-                        tracing::warn!(group = g, error = %undo, "rollback of a shadow map failed");
+                        self.undo_failed(c, g, "unmapping a new shadow entry", &undo);
                     }
                 }
                 remap(removed);
@@ -257,7 +263,12 @@ impl Engine {
         for (&iova, e) in &c.ioasid(id)?.shadow {
             if let Err(fail) = self.map_alias(group, iova, e.daemon_vaddr, e.size, e.prot) {
                 if let Err(undo) = self.backend.unmap_all(group) {
-                    tracing::debug!(group, error = %undo, "rollback of a replay failed");
+                    self.undo_failed(
+                        c,
+                        group,
+                        "emptying the domain after a failed shadow replay",
+                        &undo,
+                    );
                 }
                 return Err(Error::new(
                     fail.errno,
@@ -310,7 +321,7 @@ impl Engine {
             self.backend.unmap_all(spec.group)?;
             if let Err(e) = self.replay_shadow(c, spec.group, child) {
                 if let Err(undo) = self.replay(c, spec.group, parent) {
-                    tracing::warn!(group = spec.group, error = %undo, "restoring the parent's mappings failed");
+                    self.undo_failed(c, spec.group, "restoring the parent's mappings", &undo);
                 }
                 return Err(e);
             }
@@ -343,9 +354,10 @@ impl Engine {
         });
         if last {
             self.backend.unmap_all(spec.group)?;
+            self.emptied(c, spec.group);
             if let Err(e) = self.replay(c, spec.group, parent) {
                 if let Err(undo) = self.replay_shadow(c, spec.group, child) {
-                    tracing::warn!(group = spec.group, error = %undo, "restoring the child's shadow failed");
+                    self.undo_failed(c, spec.group, "restoring the child's shadow", &undo);
                 }
                 return Err(e);
             }
