@@ -38,12 +38,12 @@ use crate::info::get_info;
 /// Everything else is 0 and its commands are `ENOTTY`: hardware nesting
 /// and PASID DMA routing, which legacy VFIO cannot do.
 pub const EXTENSIONS: &[u32] = &[
-    IOASID_EXT_TYPE1V2_DMA,
-    IOASID_EXT_REGISTER_MEMORY,
-    IOASID_EXT_NESTING_SOFTWARE,
-    IOASID_EXT_BIND_PGTABLE_SHADOW,
-    IOASID_EXT_BIND_PASID_TABLE_SHADOW,
-    IOASID_EXT_USER_PASID_TRACKED,
+    ioasid_uapi::IOASID_EXT_TYPE1V2_DMA,
+    ioasid_uapi::IOASID_EXT_REGISTER_MEMORY,
+    ioasid_uapi::IOASID_EXT_NESTING_SOFTWARE,
+    ioasid_uapi::IOASID_EXT_BIND_PGTABLE_SHADOW,
+    ioasid_uapi::IOASID_EXT_BIND_PASID_TABLE_SHADOW,
+    ioasid_uapi::IOASID_EXT_USER_PASID_TRACKED,
 ];
 
 /// Whether extension `ext` is provided.

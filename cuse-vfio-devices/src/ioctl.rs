@@ -20,7 +20,7 @@ use vfio_bindings::bindings::vfio::{
     vfio_region_info, VFIO_REGION_INFO_FLAG_CAPS,
 };
 use vfio_legacy::region_info::{self, REGION_INFO_SIZE};
-use vfio_legacy::VfioArg;
+use vfio_legacy::{DeviceFile, VfioArg};
 
 use crate::node::DeviceNode;
 
@@ -97,12 +97,15 @@ fn vfio_arg<T: ioasid_uapi::ArgStruct>(bytes: Vec<u8>) -> Result<VfioArg<T>> {
 /// with `enospc_writeback`, an `ENOSPC` answer is written back too (VFIO's
 /// hot-reset info raises `count` and fails with `ENOSPC`).
 fn forward<T: ioasid_uapi::ArgStruct>(
+    node: &DeviceNode,
     u: &Ucmd<'_>,
-    mut arg: VfioArg<T>,
-    ioctl: impl FnOnce(&mut VfioArg<T>) -> std::result::Result<(), Errno>,
+    arg: Vec<u8>,
+    ioctl: impl FnOnce(&dyn DeviceFile, &mut VfioArg<T>) -> std::result::Result<(), Errno>,
     enospc_writeback: bool,
 ) -> Result<i32> {
-    match ioctl(&mut arg) {
+    let (_, opened) = node.access(u.fh)?;
+    let mut arg = vfio_arg::<T>(arg)?;
+    match ioctl(&*opened.device, &mut arg) {
         Ok(()) => {
             u.write_at(0, arg.as_bytes())?;
             Ok(0)
@@ -145,23 +148,18 @@ fn device_info(node: &DeviceNode, u: &Ucmd<'_>, arg: Vec<u8>) -> Result<i32> {
 }
 
 fn irq_info(node: &DeviceNode, u: &Ucmd<'_>, arg: Vec<u8>) -> Result<i32> {
-    let (_, opened) = node.access(u.fh)?;
     forward(
+        node,
         u,
-        vfio_arg::<vfio_irq_info>(arg)?,
-        |a| opened.device.irq_info(a),
+        arg,
+        |d, a: &mut VfioArg<vfio_irq_info>| d.irq_info(a),
         false,
     )
 }
 
 fn hot_reset_info(node: &DeviceNode, u: &Ucmd<'_>, arg: Vec<u8>) -> Result<i32> {
-    let (_, opened) = node.access(u.fh)?;
-    forward(
-        u,
-        vfio_arg::<vfio_pci_hot_reset_info>(arg)?,
-        |a| opened.device.hot_reset_info(a),
-        true,
-    )
+    let ask = |d: &dyn DeviceFile, a: &mut VfioArg<vfio_pci_hot_reset_info>| d.hot_reset_info(a);
+    forward(node, u, arg, ask, true)
 }
 
 /// `VFIO_DEVICE_GET_REGION_INFO`: ask the device with the daemon's own

@@ -60,6 +60,20 @@ pub struct Alias {
 /// mapping and there may be 100,000 of them.
 pub type Segments = SmallVec<[Segment; 1]>;
 
+/// One entry of a domain: `size` bytes at daemon address `daemon_vaddr`
+/// seen by devices at `iova`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaEntry {
+    /// First IOVA.
+    pub iova: u64,
+    /// Daemon address it translates to.
+    pub daemon_vaddr: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Access granted.
+    pub prot: Prot,
+}
+
 /// What an IOMMU domain (a realising container) supports.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct DomainInfo {
@@ -100,25 +114,17 @@ pub trait Backend: Send + Sync {
     /// What group `group`'s domain supports.
     fn domain_info(&self, group: GroupId) -> Result<DomainInfo, Error>;
 
-    /// Map `size` bytes at daemon address `daemon_vaddr` to `iova` in group
-    /// `group`'s domain (type1v2 rules: `EEXIST` on overlap, `EINVAL` when
-    /// misaligned, `ENOSPC` when the domain is full).
+    /// Map `entry` into group `group`'s domain (type1v2 rules: `EEXIST` on
+    /// overlap, `EINVAL` when misaligned, `ENOSPC` when the domain is full).
     ///
     /// # Safety
     ///
-    /// `[daemon_vaddr, daemon_vaddr + size)` must lie inside a [`Segment`]
+    /// The entry's `[daemon_vaddr, daemon_vaddr + size)` must lie inside a [`Segment`]
     /// of an [`Alias`] this backend returned and that is not released, and
     /// the caller must keep that alias until no domain may map the range
     /// any more (an `unmap` or `unmap_all` covering it succeeded): devices
     /// read and write the memory at any time, behind Rust's back.
-    unsafe fn map(
-        &self,
-        group: GroupId,
-        iova: u64,
-        daemon_vaddr: u64,
-        size: u64,
-        prot: Prot,
-    ) -> Result<(), Error>;
+    unsafe fn map(&self, group: GroupId, entry: DmaEntry) -> Result<(), Error>;
 
     /// Unmap `[iova, iova + size)` from group `group`'s domain; returns the
     /// bytes unmapped (type1v2: 0 when nothing was mapped there, `EINVAL`

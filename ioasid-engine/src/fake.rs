@@ -18,7 +18,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use nix::errno::Errno;
 
-use crate::backend::{Alias, Backend, DomainInfo, Error, GroupId, Pid, Prot, Segment};
+use crate::backend::{Alias, Backend, DmaEntry, DomainInfo, Error, GroupId, Pid, Segment};
 
 /// The daemon address of client address `v` is `FAKE_DAEMON_BASE + v`.
 pub const FAKE_DAEMON_BASE: u64 = 0x7000_0000_0000;
@@ -59,17 +59,7 @@ pub enum FakeCall {
 }
 
 /// One entry of a fake domain.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FakeEntry {
-    /// First IOVA.
-    pub iova: u64,
-    /// Daemon address it translates to.
-    pub daemon_vaddr: u64,
-    /// Length in bytes.
-    pub size: u64,
-    /// Access granted.
-    pub prot: Prot,
-}
+pub type FakeEntry = DmaEntry;
 
 #[derive(Clone, Debug)]
 struct FakeDomain {
@@ -227,6 +217,14 @@ impl FakeBackend {
     }
 }
 
+/// Count one call down on an injected failure (`after` calls to let
+/// through, then the errno); the errno when it is this call's turn.
+fn injected(failure: &mut Option<(usize, Errno)>) -> Option<Errno> {
+    let (after, errno) = (*failure)?;
+    *failure = (after > 0).then(|| (after - 1, errno));
+    (after == 0).then_some(errno)
+}
+
 fn einval(msg: String) -> Error {
     Error::new(Errno::EINVAL, msg)
 }
@@ -321,14 +319,13 @@ impl Backend for FakeBackend {
 
     /// Checks the range like type1v2 and records it; nothing is read or
     /// written at `daemon_vaddr`.
-    unsafe fn map(
-        &self,
-        group: GroupId,
-        iova: u64,
-        daemon_vaddr: u64,
-        size: u64,
-        prot: Prot,
-    ) -> Result<(), Error> {
+    unsafe fn map(&self, group: GroupId, entry: DmaEntry) -> Result<(), Error> {
+        let DmaEntry {
+            iova,
+            daemon_vaddr,
+            size,
+            ..
+        } = entry;
         let mut s = self.state();
         s.calls.push(FakeCall::Map {
             group,
@@ -336,12 +333,8 @@ impl Backend for FakeBackend {
             daemon_vaddr,
             size,
         });
-        if let Some((after, errno)) = s.map_failure {
-            if after == 0 {
-                s.map_failure = None;
-                return Err(Error::new(errno, "injected map failure"));
-            }
-            s.map_failure = Some((after - 1, errno));
+        if let Some(errno) = injected(&mut s.map_failure) {
+            return Err(Error::new(errno, "injected map failure"));
         }
         let d = s.domains.entry(group).or_default();
         let pg = min_pgsize(d.pgsize_bitmap);
@@ -364,27 +357,15 @@ impl Backend for FakeBackend {
         if d.entries.len() >= d.entry_limit {
             return Err(Error::new(Errno::ENOSPC, "domain entry limit reached"));
         }
-        d.entries.insert(
-            iova,
-            FakeEntry {
-                iova,
-                daemon_vaddr,
-                size,
-                prot,
-            },
-        );
+        d.entries.insert(iova, entry);
         Ok(())
     }
 
     fn unmap(&self, group: GroupId, iova: u64, size: u64) -> Result<u64, Error> {
         let mut s = self.state();
         s.calls.push(FakeCall::Unmap { group, iova, size });
-        if let Some((after, errno)) = s.unmap_failure {
-            if after == 0 {
-                s.unmap_failure = None;
-                return Err(Error::new(errno, "injected unmap failure"));
-            }
-            s.unmap_failure = Some((after - 1, errno));
+        if let Some(errno) = injected(&mut s.unmap_failure) {
+            return Err(Error::new(errno, "injected unmap failure"));
         }
         let d = s.domains.entry(group).or_default();
         let pg = min_pgsize(d.pgsize_bitmap);

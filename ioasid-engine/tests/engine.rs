@@ -7,7 +7,7 @@ use std::sync::Arc;
 use common::*;
 use ioasid_engine::backend::Prot;
 use ioasid_engine::fake::{FakeBackend, FakeCall, FakeEntry};
-use ioasid_engine::{Attachment, ContextId, DeviceId, DeviceSpec, DmaMap, Engine, Error};
+use ioasid_engine::{Attachment, DeviceId, DeviceSpec, DmaMap, Engine, Error};
 use nix::errno::Errno::{EBUSY, EEXIST, EFAULT, EINVAL, ENODEV, ENOENT, ENOMEM, ENOSPC};
 
 /// Private memory of PID.
@@ -18,17 +18,6 @@ const TOP_PAGE: u64 = !0xfff;
 /// A domain entry mapping `iova` to client address `vaddr`, read-write.
 fn e_rw(iova: u64, vaddr: u64, size: u64) -> FakeEntry {
     e(iova, vaddr, size, RW)
-}
-
-impl Fixture {
-    /// A context with device A bound and RID-attached to a new IOASID.
-    fn attached(&self) -> (ContextId, u32) {
-        let ctx = self.engine.open_context();
-        let io = self.engine.alloc(ctx).unwrap();
-        self.engine.bind(DEV_A, ctx).unwrap();
-        self.engine.attach(DEV_A, ctx, io, None).unwrap();
-        (ctx, io)
-    }
 }
 
 #[test]
@@ -409,13 +398,7 @@ fn failed_map_in_the_second_group_is_undone_in_the_first() {
 #[test]
 fn replay_failure_rolls_back_and_fails_the_attach() {
     let f = fixture();
-    let (ctx, io) = f.attached();
-    for i in 0..3 {
-        f.engine
-            .map_dma(ctx, PID, io, m(i * K4, MEM + i * K4, K4))
-            .unwrap();
-    }
-    f.engine.bind(DEV_B, ctx).unwrap();
+    let (ctx, io) = f.b_bound_to_three_mappings();
     f.fake.fail_map_after(1, ENOSPC);
     let e = f.engine.attach(DEV_B, ctx, io, None).unwrap_err();
     assert_eq!(e.errno, ENOSPC);
@@ -891,13 +874,10 @@ impl ioasid_engine::backend::Backend for GatedBackend {
     unsafe fn map(
         &self,
         group: u32,
-        iova: u64,
-        daemon_vaddr: u64,
-        size: u64,
-        prot: Prot,
+        entry: ioasid_engine::backend::DmaEntry,
     ) -> Result<(), ioasid_engine::Error> {
         // SAFETY: the caller's contract, passed on unchanged.
-        unsafe { self.fake.map(group, iova, daemon_vaddr, size, prot) }
+        unsafe { self.fake.map(group, entry) }
     }
     fn unmap(&self, group: u32, iova: u64, size: u64) -> Result<u64, ioasid_engine::Error> {
         self.fake.unmap(group, iova, size)

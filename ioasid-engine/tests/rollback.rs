@@ -12,12 +12,9 @@ use nix::errno::Errno::{EBUSY, EIO, ENOSPC};
 /// A context with device A (group 3) and B (group 4) both attached to one
 /// IOASID.
 fn two_groups(f: &Fixture) -> (ContextId, u32) {
-    let ctx = f.engine.open_context();
-    let io = f.engine.alloc(ctx).unwrap();
-    for dev in [DEV_A, DEV_B] {
-        f.engine.bind(dev, ctx).unwrap();
-        f.engine.attach(dev, ctx, io, None).unwrap();
-    }
+    let (ctx, io) = f.attached();
+    f.engine.bind(DEV_B, ctx).unwrap();
+    f.engine.attach(DEV_B, ctx, io, None).unwrap();
     (ctx, io)
 }
 
@@ -90,16 +87,7 @@ fn a_failed_undo_of_an_unmap_takes_the_group_out_of_service_until_it_is_emptied(
 /// bound, and a replay into B's group 4 that failed and could not be
 /// undone.
 fn broken_replay(f: &Fixture) -> (ContextId, u32) {
-    let ctx = f.engine.open_context();
-    let io = f.engine.alloc(ctx).unwrap();
-    f.engine.bind(DEV_A, ctx).unwrap();
-    f.engine.attach(DEV_A, ctx, io, None).unwrap();
-    for i in 0..3 {
-        f.engine
-            .map_dma(ctx, PID, io, m(i * K4, MEM + i * K4, K4))
-            .unwrap();
-    }
-    f.engine.bind(DEV_B, ctx).unwrap();
+    let (ctx, io) = f.b_bound_to_three_mappings();
     f.fake.fail_map_after(1, ENOSPC);
     f.fake.fail_next_unmap_all(EIO);
     assert_eq!(errno(f.engine.attach(DEV_B, ctx, io, None)), ENOSPC);

@@ -102,6 +102,17 @@ fn u32_at(bytes: &[u8], at: usize) -> u32 {
         .map_or(0, u32::from_ne_bytes)
 }
 
+/// `EINVAL`: the caller's size is below the struct's minimum.
+fn below_minimum(given: usize, rules: &StructRules) -> Error {
+    Error::new(
+        Errno::EINVAL,
+        format!(
+            "argsz {given} is below the {} bytes of struct {}",
+            rules.min_size, rules.c_name
+        ),
+    )
+}
+
 /// Read `buf.len()` bytes of the argument at `addr`.
 pub(crate) fn read_arg(caller: &dyn Caller, addr: u64, buf: &mut [u8]) -> Result<()> {
     caller.read_mem(addr, buf).map_err(|e| {
@@ -149,13 +160,7 @@ pub fn read_struct<T: ArgStruct>(
         u32::from_ne_bytes(size)
     } as usize;
     if given < rules.min_size {
-        return Err(Error::new(
-            Errno::EINVAL,
-            format!(
-                "argsz {given} is below the {} bytes of struct {}",
-                rules.min_size, rules.c_name
-            ),
-        ));
+        return Err(below_minimum(given, rules));
     }
     let known = given.min(rules.size);
     if whole {
@@ -225,13 +230,7 @@ pub fn read_data(caller: &dyn Caller, addr: u64, rules: &StructRules) -> Result<
     read_arg(caller, addr, &mut size)?;
     let given = u32::from_ne_bytes(size) as usize;
     if given < rules.min_size {
-        return Err(Error::new(
-            Errno::EINVAL,
-            format!(
-                "argsz {given} is below the {} bytes of struct {}",
-                rules.min_size, rules.c_name
-            ),
-        ));
+        return Err(below_minimum(given, rules));
     }
     if given > MAX_ARG {
         return Err(Error::new(

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use client::{Client, HUGE_PAGE, PAGE};
-use ioasid_engine::backend::{Backend, GroupId, Prot};
+use ioasid_engine::backend::{Backend, DmaEntry, GroupId, Prot};
 use vfio_legacy::{PciDevice, Sysfs, VfioDevice, VfioLegacy};
 
 const EDU_VENDOR: u16 = 0x1234;
@@ -279,10 +279,16 @@ fn run() -> Result<()> {
     let g1 = d1.group;
     let g2 = d2.group;
     let map = |g, iova, at| {
+        let entry = DmaEntry {
+            iova,
+            daemon_vaddr: at,
+            size: page,
+            prot: rw,
+        };
         // SAFETY: every range mapped here is a page of the aliases a1 and
         // a2, which stay alive until the end of this function, after the
         // containers are emptied; nothing holds a reference into them.
-        unsafe { v.map(g, iova, at, page, rw) }
+        unsafe { v.map(g, entry) }
     };
     map(g1, IOVA_A, daemon_a).map_err(anyhow::Error::msg)?;
     map(g1, IOVA_B, daemon_b).map_err(anyhow::Error::msg)?;

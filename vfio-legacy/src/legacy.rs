@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use ioasid_engine::backend::{Alias, Backend, DomainInfo, GroupId, Pid, Prot};
+use ioasid_engine::backend::{Alias, Backend, DmaEntry, DomainInfo, GroupId, Pid, Prot};
 use nix::errno::Errno;
 use vfio_bindings::bindings::vfio::{
     vfio_iommu_type1_dma_map, vfio_iommu_type1_dma_unmap, VFIO_TYPE1v2_IOMMU, VFIO_API_VERSION,
@@ -357,18 +357,11 @@ impl Backend for VfioLegacy {
         self.iommu_info(group)
     }
 
-    unsafe fn map(
-        &self,
-        group: GroupId,
-        iova: u64,
-        daemon_vaddr: u64,
-        size: u64,
-        prot: Prot,
-    ) -> Result<()> {
+    unsafe fn map(&self, group: GroupId, e: DmaEntry) -> Result<()> {
         // SAFETY: the range lies in a live alias the engine keeps while the
         // container may map it (`Backend::map`'s contract); aliases are
         // mappings of client files that no Rust reference points into.
-        unsafe { self.map_dma(group, iova, daemon_vaddr, size, prot) }
+        unsafe { self.map_dma(group, e.iova, e.daemon_vaddr, e.size, e.prot) }
     }
 
     fn unmap(&self, group: GroupId, iova: u64, size: u64) -> Result<u64> {
@@ -497,9 +490,17 @@ mod tests {
         assert_eq!(
             // SAFETY: group 4 is not managed: the call fails before anything
             // reaches the kernel.
-            unsafe { Backend::map(&v, 4, 0, 0x1000, 0x1000, Prot::default()) }
-                .unwrap_err()
-                .errno,
+            unsafe {
+                let entry = DmaEntry {
+                    iova: 0,
+                    daemon_vaddr: 0x1000,
+                    size: 0x1000,
+                    prot: Prot::default(),
+                };
+                Backend::map(&v, 4, entry)
+            }
+            .unwrap_err()
+            .errno,
             Errno::ENOENT
         );
         assert_eq!(

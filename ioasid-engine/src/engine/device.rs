@@ -178,13 +178,7 @@ impl Engine {
         id: IoasidId,
     ) -> Result<(), Error> {
         if let Some(cur) = c.bound[&spec.id].rid {
-            return Err(err(
-                EBUSY,
-                format!(
-                    "device {} is already attached to IOASID {cur} by RID; detach it first",
-                    spec.name
-                ),
-            ));
+            return Err(already_attached(spec, cur));
         }
         match c.realising.get(&spec.group) {
             // Another device of the group is attached to a child of `id`:
@@ -338,4 +332,15 @@ impl Engine {
             ),
         ))
     }
+}
+
+/// `EBUSY`: `spec` is attached by RID to `cur` already.
+pub(super) fn already_attached(spec: &DeviceSpec, cur: IoasidId) -> Error {
+    err(
+        EBUSY,
+        format!(
+            "device {} is already attached to IOASID {cur} by RID; detach it first",
+            spec.name
+        ),
+    )
 }

@@ -190,7 +190,15 @@ impl Engine {
         prot: Prot,
     ) -> Result<(), Error> {
         for (i, s) in segs.iter().enumerate() {
-            if let Err(e) = self.map_alias(group, iova + s.offset, s.daemon_vaddr, s.len, prot) {
+            if let Err(e) = self.map_alias(
+                group,
+                DmaEntry {
+                    iova: iova + s.offset,
+                    daemon_vaddr: s.daemon_vaddr,
+                    size: s.len,
+                    prot,
+                },
+            ) {
                 for done in &segs[..i] {
                     if let Err(undo) = self.backend.unmap(group, iova + done.offset, done.len) {
                         self.undo_failed(c, group, "unmapping the first pieces of a map", &undo);

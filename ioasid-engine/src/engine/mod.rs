@@ -67,7 +67,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use nix::errno::Errno::{EBUSY, EEXIST, EFAULT, EINVAL, EIO, ENODEV, ENOENT, ENOMEM, ENOSPC};
 use slab::Slab;
 
-use crate::backend::{Alias, Backend, DomainInfo, GroupId, Pid, Prot, Segment};
+use crate::backend::{Alias, Backend, DmaEntry, DomainInfo, GroupId, Pid, Prot, Segment};
 use crate::error::{err, Error};
 use crate::pgtable::{self, Leaf, PasidEntry, WalkStats};
 
@@ -80,6 +80,7 @@ mod tables;
 mod types;
 
 use context::*;
+
 use nesting::*;
 use tables::*;
 pub use types::*;
@@ -212,16 +213,9 @@ impl Engine {
         lock(&self.registry).bound.get(&dev).copied()
     }
 
-    /// Map `[daemon_vaddr, +size)` at `iova` in `group`'s domain: the one
-    /// place the engine hands client memory to a domain.
-    fn map_alias(
-        &self,
-        group: GroupId,
-        iova: u64,
-        daemon_vaddr: u64,
-        size: u64,
-        prot: Prot,
-    ) -> Result<(), Error> {
+    /// Map `entry` into `group`'s domain: the one place the engine hands
+    /// client memory to a domain.
+    fn map_alias(&self, group: GroupId, entry: DmaEntry) -> Result<(), Error> {
         // SAFETY: every daemon address the engine maps is cut from a
         // segment of an alias it holds: a root mapping's own, a
         // registration's (kept while a mapping uses it), or for a shadow
@@ -230,7 +224,7 @@ impl Engine {
         // domains stopped mapping it, or, when an undo failed and a domain
         // may still map it, only once that group's domain has been emptied
         // (the group is out of service meanwhile).
-        unsafe { self.backend.map(group, iova, daemon_vaddr, size, prot) }
+        unsafe { self.backend.map(group, entry) }
     }
 
     /// Run `f` on context `ctx` under its lock: `EINVAL` if the context

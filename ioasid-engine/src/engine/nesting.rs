@@ -12,6 +12,18 @@ pub(super) struct ShadowEntry {
     pub(super) prot: Prot,
 }
 
+impl ShadowEntry {
+    /// The domain entry of this shadow entry at `iova`.
+    pub(super) fn at(&self, iova: u64) -> DmaEntry {
+        DmaEntry {
+            iova,
+            daemon_vaddr: self.daemon_vaddr,
+            size: self.size,
+            prot: self.prot,
+        }
+    }
+}
+
 pub(super) type Shadow = BTreeMap<u64, ShadowEntry>;
 
 /// One mapping of a parent as a child's shadow sees it.
@@ -227,7 +239,7 @@ impl Engine {
     ) -> Result<(), Error> {
         let remap = |entries: &[(u64, ShadowEntry)]| {
             for (iova, e) in entries {
-                if let Err(undo) = self.map_alias(g, *iova, e.daemon_vaddr, e.size, e.prot) {
+                if let Err(undo) = self.map_alias(g, e.at(*iova)) {
                     self.undo_failed(c, g, "mapping back a shadow entry", &undo);
                 }
             }
@@ -239,7 +251,7 @@ impl Engine {
             }
         }
         for (i, (iova, e)) in added.iter().enumerate() {
-            if let Err(fail) = self.map_alias(g, *iova, e.daemon_vaddr, e.size, e.prot) {
+            if let Err(fail) = self.map_alias(g, e.at(*iova)) {
                 for (iova, e) in &added[..i] {
                     if let Err(undo) = self.backend.unmap(g, *iova, e.size) {
                         self.undo_failed(c, g, "unmapping a new shadow entry", &undo);
@@ -261,7 +273,7 @@ impl Engine {
         id: IoasidId,
     ) -> Result<(), Error> {
         for (&iova, e) in &c.ioasid(id)?.shadow {
-            if let Err(fail) = self.map_alias(group, iova, e.daemon_vaddr, e.size, e.prot) {
+            if let Err(fail) = self.map_alias(group, e.at(iova)) {
                 if let Err(undo) = self.backend.unmap_all(group) {
                     self.undo_failed(
                         c,
@@ -294,13 +306,7 @@ impl Engine {
         parent: IoasidId,
     ) -> Result<(), Error> {
         if let Some(cur) = c.bound[&spec.id].child {
-            return Err(err(
-                EBUSY,
-                format!(
-                    "device {} is already attached to IOASID {cur} by RID; detach it first",
-                    spec.name
-                ),
-            ));
+            return Err(super::device::already_attached(spec, cur));
         }
         let switch = match c.realising.get(&spec.group) {
             Some(r) if r.ioasid == child => None,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use ioasid_engine::backend::Prot;
 use ioasid_engine::fake::{FakeBackend, FakeEntry, FAKE_DAEMON_BASE};
-use ioasid_engine::{DeviceId, DeviceSpec, DmaMap, Engine, Error};
+use ioasid_engine::{ContextId, DeviceId, DeviceSpec, DmaMap, Engine, Error};
 
 pub const PID: i32 = 100;
 /// Shared memory of PID: two adjacent 8 MiB pieces at MEM, and a separate
@@ -56,6 +56,30 @@ pub fn fixture() -> Fixture {
     Fixture {
         fake,
         engine: Arc::new(engine),
+    }
+}
+
+impl Fixture {
+    /// A context with device A bound and RID-attached to a new IOASID.
+    pub fn attached(&self) -> (ContextId, u32) {
+        let ctx = self.engine.open_context();
+        let io = self.engine.alloc(ctx).unwrap();
+        self.engine.bind(DEV_A, ctx).unwrap();
+        self.engine.attach(DEV_A, ctx, io, None).unwrap();
+        (ctx, io)
+    }
+
+    /// [`Fixture::attached`] with three 4 KiB mappings, and device B
+    /// (group 4) bound but not attached.
+    pub fn b_bound_to_three_mappings(&self) -> (ContextId, u32) {
+        let (ctx, io) = self.attached();
+        for i in 0..3 {
+            self.engine
+                .map_dma(ctx, PID, io, m(i * K4, MEM + i * K4, K4))
+                .unwrap();
+        }
+        self.engine.bind(DEV_B, ctx).unwrap();
+        (ctx, io)
     }
 }
 
