@@ -11,7 +11,7 @@ use std::sync::Arc;
 use cuse_server::{Device, Errno, IoctlArgs, IoctlResult, OpenFlags, Request};
 use ioasid_engine::{ClosedContext, ContextId, Engine};
 
-use crate::ioctl::{dispatch, CallerMemory};
+use crate::ioctl::dispatch;
 
 /// What to do after a context was closed: the device front end closes the
 /// device fds of the devices the engine unbound.
@@ -31,38 +31,6 @@ impl IoasidNode {
     }
 }
 
-/// The caller of a CUSE request as [`CallerMemory`].
-struct Caller<'a>(&'a Request);
-
-impl CallerMemory for Caller<'_> {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
-        self.0.read_mem(addr, buf)
-    }
-
-    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), Errno> {
-        self.0.write_mem(addr, buf)
-    }
-
-    /// `fuse_in_header.pid`: the calling thread, blocked in its ioctl for
-    /// as long as the request is served.
-    fn task(&self) -> i32 {
-        // Thread ids fit an int (pid_max is at most 2^22).
-        self.0.tid() as i32
-    }
-
-    /// `Request::pid` reads `/proc/<tid>/status` once per request.
-    fn pid(&self) -> Result<i32, Errno> {
-        let req = self.0;
-        let pid = req.pid().inspect_err(|_| {
-            tracing::debug!(
-                tid = req.tid(),
-                "caller vanished before its ioctl was served"
-            );
-        })?;
-        i32::try_from(pid).map_err(|_| Errno::ESRCH)
-    }
-}
-
 impl Device for IoasidNode {
     fn open(&self, req: &Request, _flags: OpenFlags) -> Result<u64, Errno> {
         let ctx = self.engine.open_context();
@@ -71,13 +39,7 @@ impl Device for IoasidNode {
     }
 
     fn ioctl(&self, req: &Request, fh: u64, args: IoctlArgs<'_>) -> Result<IoctlResult, Errno> {
-        let value = dispatch(
-            &self.engine,
-            ContextId(fh),
-            &Caller(req),
-            args.cmd,
-            args.arg,
-        )?;
+        let value = dispatch(&self.engine, ContextId(fh), req, args.cmd, args.arg)?;
         Ok(IoctlResult::value(value))
     }
 

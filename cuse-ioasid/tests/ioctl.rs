@@ -2,15 +2,15 @@
 //! fake caller memory: argument sizes, flags, reserved fields, addresses,
 //! and the full happy path with the bytes written back decoded.
 
-use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 
-use cuse_ioasid::ioctl::{dispatch, CallerMemory, MAX_TAIL};
+use cuse_ioasid::ioctl::{dispatch, IOASID_TABLE, MAX_TAIL};
 use ioasid_engine::fake::{FakeBackend, FakeCall, FAKE_IOVA_RANGES, FAKE_PGSIZES};
 use ioasid_engine::{ContextId, DeviceId, DeviceSpec, Engine};
 use ioasid_uapi::*;
+use ioctl_table::fake::FakeCaller;
 use nix::errno::Errno;
-use zerocopy::{FromBytes, IntoBytes};
+use zerocopy::IntoBytes;
 
 const PID: i32 = 4242;
 /// Shared memory of PID, for maps.
@@ -23,84 +23,12 @@ const LEN: usize = 0x8000;
 const ARG: u64 = BASE + 0x100;
 const DEV: DeviceId = DeviceId(1);
 
-/// A caller's memory: one byte buffer; everything else faults.
-struct Caller {
-    bytes: RefCell<Vec<u8>>,
-    writable: bool,
-    /// Every (address, length) written.
-    writes: RefCell<Vec<(u64, usize)>>,
-    /// The caller's pid, or the errno of a caller that vanished.
-    pid: Cell<Result<i32, Errno>>,
-    /// How many times the pid was asked for.
-    pid_asked: Cell<usize>,
-}
+/// A caller's memory: one byte buffer of LEN bytes at BASE; everything
+/// else faults. The calling thread is PID.
+type Caller = FakeCaller;
 
-impl Caller {
-    fn new() -> Self {
-        Caller {
-            bytes: RefCell::new(vec![0; LEN]),
-            writable: true,
-            writes: RefCell::new(Vec::new()),
-            pid: Cell::new(Ok(PID)),
-            pid_asked: Cell::new(0),
-        }
-    }
-
-    fn range(addr: u64, len: usize) -> Result<std::ops::Range<usize>, Errno> {
-        let start = addr.checked_sub(BASE).ok_or(Errno::EFAULT)? as usize;
-        let end = start.checked_add(len).ok_or(Errno::EFAULT)?;
-        if end > LEN {
-            return Err(Errno::EFAULT);
-        }
-        Ok(start..end)
-    }
-
-    /// Put `bytes` at `addr`.
-    fn put(&self, addr: u64, bytes: &[u8]) {
-        let r = Self::range(addr, bytes.len()).unwrap();
-        self.bytes.borrow_mut()[r].copy_from_slice(bytes);
-    }
-
-    /// Zero everything.
-    fn clear(&self) {
-        self.bytes.borrow_mut().fill(0);
-    }
-
-    fn get(&self, addr: u64, len: usize) -> Vec<u8> {
-        let r = Self::range(addr, len).unwrap();
-        self.bytes.borrow()[r].to_vec()
-    }
-
-    fn struct_at<T: FromBytes>(&self, addr: u64) -> T {
-        T::read_from_bytes(&self.get(addr, std::mem::size_of::<T>())).unwrap()
-    }
-}
-
-impl CallerMemory for Caller {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
-        let r = Self::range(addr, buf.len())?;
-        buf.copy_from_slice(&self.bytes.borrow()[r]);
-        Ok(())
-    }
-
-    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), Errno> {
-        if !self.writable {
-            return Err(Errno::EFAULT);
-        }
-        let r = Self::range(addr, buf.len())?;
-        self.bytes.borrow_mut()[r].copy_from_slice(buf);
-        self.writes.borrow_mut().push((addr, buf.len()));
-        Ok(())
-    }
-
-    fn task(&self) -> i32 {
-        PID
-    }
-
-    fn pid(&self) -> Result<i32, Errno> {
-        self.pid_asked.set(self.pid_asked.get() + 1);
-        self.pid.get()
-    }
+fn new_caller() -> Caller {
+    FakeCaller::new(BASE, vec![0; LEN], PID)
 }
 
 struct Fixture {
@@ -128,7 +56,7 @@ impl Fixture {
             fake,
             engine,
             ctx,
-            mem: Caller::new(),
+            mem: new_caller(),
         }
     }
 
@@ -415,6 +343,23 @@ fn struct_sizes_match_the_header() {
 }
 
 #[test]
+fn the_cases_cover_every_struct_row_of_the_table() {
+    let cases = cases();
+    for op in IOASID_TABLE.ops {
+        let Some(rules) = op.rules() else { continue };
+        let case = cases.iter().find(|c| c.cmd == op.number);
+        let case = case.unwrap_or_else(|| panic!("no length case for {}", op.name));
+        assert_eq!(case.size, rules.size, "{}", op.name);
+        assert_eq!(
+            case.tail_is_output,
+            rules.tail == ioctl_table::Tail::Output,
+            "{}",
+            op.name
+        );
+    }
+}
+
+#[test]
 fn test_length_every_struct_command() {
     for c in cases() {
         let size = c.size as u32;
@@ -567,19 +512,20 @@ fn unknown_and_unimplemented_commands_are_enotty() {
         IOASID_INVALIDATE_CACHE,
     ] {
         assert_ne!(f.ioctl(cmd, 1), Err(Errno::ENOTTY), "{cmd:#x}");
-        let cmd = IoasidCmd::try_from(cmd).unwrap();
-        let ext = cmd.extension().unwrap();
+        let cmd = IOASID_TABLE.find(cmd).unwrap();
+        let ext = cmd.requires;
+        assert_ne!(ext, 0, "{}", cmd.name);
         assert_eq!(
             f.ioctl(IOASID_CHECK_EXTENSION, ext.into()),
             Ok(1),
             "{}",
-            cmd.name()
+            cmd.name
         );
     }
     // Every command of an extension reported 0 is ENOTTY: none is left.
-    for cmd in IoasidCmd::ALL {
-        if let Some(ext) = cmd.extension() {
-            assert_eq!(f.ioctl(IOASID_CHECK_EXTENSION, ext.into()), Ok(1));
+    for cmd in IOASID_TABLE.ops {
+        if cmd.requires != 0 {
+            assert_eq!(f.ioctl(IOASID_CHECK_EXTENSION, cmd.requires.into()), Ok(1));
         }
     }
 }
@@ -856,9 +802,9 @@ fn happy_path_with_get_info_decoded() {
 
 #[test]
 fn unwritable_results_are_efault() {
-    let mut f = Fixture::attached();
+    let f = Fixture::attached();
     assert_eq!(f.ioctl_struct(IOASID_MAP_DMA, &map(1, 0, MEM, K4)), Ok(0));
-    f.mem.writable = false;
+    f.mem.writable.set(false);
     assert_eq!(
         f.ioctl_struct(IOASID_GET_INFO, &info(1, 24)),
         Err(Errno::EFAULT)
@@ -880,7 +826,7 @@ fn group_rule_reaches_the_client_as_ebusy() {
     };
     let engine = Engine::new(fake, vec![spec(1, "0000:01:00.0"), spec(2, "0000:01:00.1")]).unwrap();
     let ctx = engine.open_context();
-    let mem = Caller::new();
+    let mem = new_caller();
     let call = |cmd, arg| dispatch(&engine, ctx, &mem, cmd, arg);
     assert_eq!(call(IOASID_ALLOC, 0), Ok(1));
     engine.bind(DeviceId(1), ctx).unwrap();

@@ -1,10 +1,10 @@
 //! The seams between a node and the system: the real VFIO device file
-//! ([`DeviceFile`], opened by a [`DeviceOpener`]) and the lookup of the
-//! ioasid context behind a file descriptor ([`ContextLookup`]). The real
-//! implementations are [`VfioLegacy`] / [`VfioDeviceFd`] and
+//! ([`DeviceFile`], vfio-legacy's, opened by a [`DeviceOpener`]) and the
+//! lookup of the ioasid context behind a file descriptor
+//! ([`ContextLookup`]). The real implementations are [`VfioLegacy`] and
 //! [`IoasidIdentify`]; unit tests use fakes.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::OnceLock;
 
 use cuse_server::DeviceNumber;
@@ -12,23 +12,9 @@ use ioasid_engine::backend::GroupId;
 use ioasid_engine::{ContextId, DeviceSpec};
 use nix::errno::Errno;
 use nix::sys::stat::{fstat, SFlag};
-use vfio_legacy::VfioLegacy;
+use vfio_legacy::{DeviceFile, VfioLegacy};
 
 use crate::error::{Error, Result};
-use crate::sys;
-
-/// An open VFIO device: what a bound node forwards to.
-pub trait DeviceFile: Send + Sync + std::fmt::Debug {
-    /// An ioctl whose argument is the struct in `buf` (the struct's `argsz`
-    /// is at most `buf.len()`). Returns the ioctl's value.
-    fn ioctl_buf(&self, cmd: u32, buf: &mut [u8]) -> std::result::Result<i32, Errno>;
-    /// An ioctl without argument (`VFIO_DEVICE_RESET`).
-    fn ioctl_none(&self, cmd: u32) -> std::result::Result<i32, Errno>;
-    /// `pread` at `pos`.
-    fn read_at(&self, buf: &mut [u8], pos: u64) -> std::result::Result<usize, Errno>;
-    /// `pwrite` at `pos`.
-    fn write_at(&self, data: &[u8], pos: u64) -> std::result::Result<usize, Errno>;
-}
 
 /// Opens devices at bind time (closing, i.e. dropping, the returned file
 /// resets the device) and lends the daemon's group files.
@@ -40,35 +26,15 @@ pub trait DeviceOpener: Send + Sync {
     fn group_fds(&self, groups: &[GroupId]) -> Result<Vec<BorrowedFd<'_>>>;
 }
 
-/// A real VFIO device fd (from `VFIO_GROUP_GET_DEVICE_FD`).
-#[derive(Debug)]
-pub struct VfioDeviceFd(pub OwnedFd);
-
-impl DeviceFile for VfioDeviceFd {
-    fn ioctl_buf(&self, cmd: u32, buf: &mut [u8]) -> std::result::Result<i32, Errno> {
-        sys::ioctl_buf(self.0.as_fd(), cmd, buf)
-    }
-    fn ioctl_none(&self, cmd: u32) -> std::result::Result<i32, Errno> {
-        sys::ioctl_int(self.0.as_fd(), cmd, 0)
-    }
-    fn read_at(&self, buf: &mut [u8], pos: u64) -> std::result::Result<usize, Errno> {
-        let pos = i64::try_from(pos).map_err(|_| Errno::EINVAL)?;
-        nix::sys::uio::pread(&self.0, buf, pos)
-    }
-    fn write_at(&self, data: &[u8], pos: u64) -> std::result::Result<usize, Errno> {
-        let pos = i64::try_from(pos).map_err(|_| Errno::EINVAL)?;
-        nix::sys::uio::pwrite(&self.0, data, pos)
-    }
-}
-
 impl DeviceOpener for VfioLegacy {
     fn open_device(&self, spec: &DeviceSpec) -> Result<Box<dyn DeviceFile>> {
-        let fd = VfioLegacy::open_device(self, spec.group, &spec.name)?;
-        Ok(Box::new(VfioDeviceFd(fd)))
+        Ok(Box::new(VfioLegacy::open_device(
+            self, spec.group, &spec.name,
+        )?))
     }
 
     fn group_fds(&self, groups: &[GroupId]) -> Result<Vec<BorrowedFd<'_>>> {
-        groups.iter().map(|&g| Ok(self.group_fd(g)?)).collect()
+        groups.iter().map(|&g| self.group_fd(g)).collect()
     }
 }
 
@@ -133,7 +99,7 @@ impl ContextLookup for IoasidIdentify {
                 ),
             ));
         }
-        match sys::ioctl_int(file, ioasid_uapi::IOASID_DAEMON_IDENTIFY, 0) {
+        match daemon_identify(file) {
             Ok(id) if id >= 0 => Ok(ContextId(id as u64)),
             Ok(id) => Err(Error::new(
                 Errno::EINVAL,
@@ -148,6 +114,22 @@ impl ContextLookup for IoasidIdentify {
             )),
         }
     }
+}
+
+nix::ioctl_none_bad!(
+    /// `IOASID_DAEMON_IDENTIFY` on an ioasid file: its context id.
+    ioasid_daemon_identify,
+    ioasid_uapi::IOASID_DAEMON_IDENTIFY
+);
+
+/// Ask `file`, a character device with the `/dev/ioasid` node's number,
+/// which context it is.
+fn daemon_identify(file: BorrowedFd<'_>) -> std::result::Result<i32, Errno> {
+    // SAFETY: the fd is open for the call (borrowed); the command takes no
+    // argument, so no memory is handed over; the file is this daemon's own
+    // CUSE node (the caller checked its device number), which answers it
+    // without side effects; the result is checked by the caller.
+    unsafe { ioasid_daemon_identify(file.as_raw_fd()) }
 }
 
 #[cfg(test)]

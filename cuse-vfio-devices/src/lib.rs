@@ -94,26 +94,27 @@
 //!
 //! # Layers
 //!
-//! - [`vfio_args`], [`regions`], [`binding`]: pure logic over bytes and
-//!   state, unit-tested with fixtures.
+//! - [`ioctl`]: the node's ioctl table ([`ioctl_table`] rows) and thin
+//!   handlers; VFIO's structs are read, rewritten and forwarded through
+//!   `vfio-legacy`'s typed wrappers ([`vfio_legacy::VfioArg`],
+//!   [`vfio_legacy::DeviceFile`]), the only code that touches VFIO.
+//! - [`regions`], [`binding`]: pure logic over state, unit-tested.
 //! - [`device_file`]: the seams to the system (opening the device, asking
 //!   an ioasid fd for its context), with the real implementations.
-//! - `node`: [`DeviceNode`] and [`DeviceNodes`]; raw `ioctl`s live in one
-//!   private `sys` module.
+//! - `node`: [`DeviceNode`] and [`DeviceNodes`].
 
 pub mod binding;
-mod caller;
 pub mod device_file;
 mod error;
+pub mod ioctl;
 mod node;
 pub mod regions;
-mod sys;
-pub mod vfio_args;
 
 #[cfg(test)]
 mod tests;
 
-pub use caller::{Caller, MAX_ARG};
-pub use device_file::{ContextLookup, DeviceFile, DeviceOpener, IoasidIdentify, VfioDeviceFd};
+pub use device_file::{ContextLookup, DeviceOpener, IoasidIdentify};
 pub use error::{Error, Result};
+pub use ioctl_table::{Caller, MAX_ARG};
 pub use node::{DeviceNode, DeviceNodes};
+pub use vfio_legacy::DeviceFile;

@@ -2,43 +2,39 @@
 //! daemon's set of them.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cuse_server::{Device, DeviceNumber, IoctlArgs, IoctlResult, Offset, OpenFlags, Request};
 use ioasid_engine::{ClosedContext, ContextId, DeviceId, DeviceSpec, Engine};
 use ioasid_uapi::vfio as nr;
-use ioasid_uapi::{VfioAttachIoasid, VfioDeviceCmd, IOASID_ATTACH_USER_PASID};
+use ioasid_uapi::{VfioAttachIoasid, IOASID_ATTACH_USER_PASID};
 use nix::errno::Errno;
-use vfio_bindings::bindings::vfio::{vfio_device_info, vfio_irq_info, vfio_pci_hot_reset_info};
+use vfio_bindings::bindings::vfio::{
+    vfio_device_info, vfio_pci_dependent_device, vfio_pci_hot_reset, vfio_pci_hot_reset_info,
+    vfio_region_info,
+};
 use vfio_legacy::VfioLegacy;
+use vfio_legacy::{DeviceFile, VfioArg};
 
 use crate::binding::{BindState, Bound};
-use crate::caller::{self, Caller};
-use crate::device_file::{ContextLookup, DeviceFile, DeviceOpener, IoasidIdentify};
+use crate::device_file::{ContextLookup, DeviceOpener, IoasidIdentify};
 use crate::error::{Error, Result};
+use crate::ioctl::{DEVICE_TABLE, NEEDS_BIND};
 use crate::regions::{self, Access, Region, RegionTable};
-use crate::vfio_args::{self, IrqSet, HOT_RESET_HEADER, IRQ_SET_HEADER, REGION_INFO_SIZE};
+use ioctl_table::Caller;
 
 /// Most regions read into the table at bind (vfio-pci has 9 plus
 /// device-specific ones).
 const MAX_REGIONS: u32 = 64;
 
-/// `offsetofend(struct vfio_device_info, num_irqs)`: VFIO's minimum argsz.
-const DEVICE_INFO_MIN: usize = std::mem::offset_of!(vfio_device_info, cap_offset);
-/// `sizeof(struct vfio_irq_info)`.
-const IRQ_INFO_MIN: usize = std::mem::size_of::<vfio_irq_info>();
-/// `sizeof(struct vfio_pci_hot_reset_info)` without the devices.
-const HOT_RESET_INFO_MIN: usize = std::mem::size_of::<vfio_pci_hot_reset_info>();
-const _: () = assert!(HOT_RESET_INFO_MIN == HOT_RESET_HEADER);
-
 /// What a binding owns: the real device file (closing it resets the
 /// device) and the region table read when it was opened.
 #[derive(Debug, Clone)]
-struct Opened {
-    device: Arc<dyn DeviceFile>,
-    regions: Arc<RegionTable>,
+pub(crate) struct Opened {
+    pub(crate) device: Arc<dyn DeviceFile>,
+    pub(crate) regions: Arc<RegionTable>,
 }
 
 /// One `/dev/vfio/devices/devN` node: implements [`cuse_server::Device`].
@@ -145,7 +141,7 @@ impl DeviceNode {
     }
 
     /// The binding of open file `fh`, for a request that needs the device.
-    fn access(&self, fh: u64) -> Result<(ContextId, Opened)> {
+    pub(crate) fn access(&self, fh: u64) -> Result<(ContextId, Opened)> {
         let (r, stale) = {
             let mut st = self.lock();
             let stale = self.take_stale(&mut st);
@@ -165,14 +161,34 @@ impl DeviceNode {
 
     /// Handle ioctl `cmd` with argument `arg` from open file `fh`; the
     /// whole ioctl path, with the caller behind a trait.
+    ///
+    /// The commands are the rows of [`DEVICE_TABLE`]. A VFIO number the
+    /// table does not serve is `EINVAL` until the device is bound (as the
+    /// kernel's device cdev answers before `access_granted`), `ENOTTY`
+    /// after; any other number is `ENOTTY`.
     pub fn handle_ioctl(&self, caller: &dyn Caller, fh: u64, cmd: u32, arg: u64) -> Result<i32> {
-        match VfioDeviceCmd::try_from(cmd) {
-            Ok(VfioDeviceCmd::BindIoasidFd) => self.bind(caller, fh, arg),
-            Ok(VfioDeviceCmd::UnbindIoasidFd) => self.unbind(caller, fh, arg),
-            Ok(VfioDeviceCmd::AttachIoasid) => self.attach(caller, fh, arg, true),
-            Ok(VfioDeviceCmd::DetachIoasid) => self.attach(caller, fh, arg, false),
-            Err(cmd) => self.device_ioctl(caller, fh, cmd, arg),
+        let table = &DEVICE_TABLE;
+        let Some(op) = table.find(cmd) else {
+            let known = nr::ALL
+                .iter()
+                .find(|(_, n)| *n == cmd)
+                .map(|(name, _)| *name);
+            let Some(name) = known else {
+                return Err(Error::new(
+                    Errno::ENOTTY,
+                    format!("unknown ioctl {cmd:#x} on a VFIO device node"),
+                ));
+            };
+            self.access(fh)?;
+            return Err(Error::new(
+                Errno::ENOTTY,
+                format!("{name} is not available on a device node"),
+            ));
+        };
+        if op.requires == NEEDS_BIND {
+            self.access(fh)?;
         }
+        table.call(op, self, caller, fh, arg)
     }
 
     /// The caller's fd number in an integer ioctl argument.
@@ -202,7 +218,7 @@ impl DeviceNode {
         Ok((file, ctx))
     }
 
-    fn bind(&self, caller: &dyn Caller, fh: u64, arg: u64) -> Result<i32> {
+    pub(crate) fn bind(&self, caller: &dyn Caller, fh: u64, arg: u64) -> Result<i32> {
         let (file, ctx) = self.resolve(caller, arg)?;
         let (r, stale) = {
             let mut st = self.lock();
@@ -231,13 +247,11 @@ impl DeviceNode {
     /// Open the real device and read its region table.
     fn open_device(&self) -> Result<Opened> {
         let device: Arc<dyn DeviceFile> = Arc::from(self.opener.open_device(&self.spec)?);
-        let mut info = vec![0u8; std::mem::size_of::<vfio_device_info>()];
-        let len = info.len() as u32;
-        info[..4].copy_from_slice(&len.to_ne_bytes());
+        let mut info = VfioArg::new(&vfio_device_info::default(), 0);
         device
-            .ioctl_buf(nr::VFIO_DEVICE_GET_INFO, &mut info)
+            .info(&mut info)
             .map_err(|e| Error::new(e, "VFIO_DEVICE_GET_INFO on the opened device failed"))?;
-        let num_regions = u32::from_ne_bytes(info[8..12].try_into().expect("4 bytes"));
+        let num_regions = info.header().num_regions;
         if num_regions > MAX_REGIONS {
             tracing::warn!(
                 device = %self.spec.name,
@@ -248,16 +262,21 @@ impl DeviceNode {
         }
         let mut regions = Vec::new();
         for index in 0..num_regions.min(MAX_REGIONS) {
-            let mut b = vec![0u8; REGION_INFO_SIZE];
-            b[..4].copy_from_slice(&(REGION_INFO_SIZE as u32).to_ne_bytes());
-            b[8..12].copy_from_slice(&index.to_ne_bytes());
-            match device.ioctl_buf(nr::VFIO_DEVICE_GET_REGION_INFO, &mut b) {
-                Ok(_) => regions.push(Region {
-                    index,
-                    flags: u32::from_ne_bytes(b[4..8].try_into().expect("4 bytes")),
-                    size: u64::from_ne_bytes(b[16..24].try_into().expect("8 bytes")),
-                    offset: u64::from_ne_bytes(b[24..32].try_into().expect("8 bytes")),
-                }),
+            let ask = vfio_region_info {
+                index,
+                ..Default::default()
+            };
+            let mut r = VfioArg::new(&ask, 0);
+            match device.region_info(&mut r) {
+                Ok(()) => {
+                    let h = r.header();
+                    regions.push(Region {
+                        index,
+                        flags: h.flags,
+                        size: h.size,
+                        offset: h.offset,
+                    })
+                }
                 // vfio-pci answers EINVAL for regions a device lacks (VGA).
                 Err(e) => tracing::debug!(device = %self.spec.name, index, errno = %e, "no region"),
             }
@@ -268,7 +287,7 @@ impl DeviceNode {
         })
     }
 
-    fn unbind(&self, caller: &dyn Caller, fh: u64, arg: u64) -> Result<i32> {
+    pub(crate) fn unbind(&self, caller: &dyn Caller, fh: u64, arg: u64) -> Result<i32> {
         let (file, ctx) = self.resolve(caller, arg)?;
         let (r, stale) = {
             let mut st = self.lock();
@@ -286,7 +305,7 @@ impl DeviceNode {
                         ))
                     }
                 })
-                .and_then(|()| Ok(self.engine.unbind(self.spec.id, ctx)?))
+                .and_then(|()| self.engine.unbind(self.spec.id, ctx))
                 .and_then(|()| st.unbind(fh, ctx));
             (r, stale)
         };
@@ -299,9 +318,8 @@ impl DeviceNode {
         Ok(0)
     }
 
-    fn attach(&self, caller: &dyn Caller, fh: u64, arg: u64, attach: bool) -> Result<i32> {
+    pub(crate) fn attach(&self, fh: u64, a: VfioAttachIoasid, attach: bool) -> Result<i32> {
         let (ctx, _) = self.access(fh)?;
-        let a: VfioAttachIoasid = caller::read_ext_struct(caller, arg)?;
         let pasid = if a.flags & IOASID_ATTACH_USER_PASID != 0 {
             Some(a.user_pasid)
         } else if a.user_pasid != 0 {
@@ -331,62 +349,21 @@ impl DeviceNode {
         Ok(0)
     }
 
-    /// The device's own VFIO ioctls, forwarded to the real device fd.
-    fn device_ioctl(&self, caller: &dyn Caller, fh: u64, cmd: u32, arg: u64) -> Result<i32> {
-        let known = nr::ALL
-            .iter()
-            .find(|(_, n)| *n == cmd)
-            .map(|(name, _)| *name);
-        let Some(name) = known else {
-            return Err(Error::new(
-                Errno::ENOTTY,
-                format!("unknown ioctl {cmd:#x} on a VFIO device node"),
-            ));
-        };
-        // As the VFIO cdev: every device command needs the bind first.
-        let (ctx, opened) = self.access(fh)?;
-        let dev = &*opened.device;
-        match cmd {
-            nr::VFIO_DEVICE_GET_INFO => {
-                forward(caller, dev, cmd, arg, name, DEVICE_INFO_MIN, false)
-            }
-            nr::VFIO_DEVICE_GET_IRQ_INFO => {
-                forward(caller, dev, cmd, arg, name, IRQ_INFO_MIN, false)
-            }
-            nr::VFIO_DEVICE_GET_PCI_HOT_RESET_INFO => {
-                forward(caller, dev, cmd, arg, name, HOT_RESET_INFO_MIN, true)
-            }
-            nr::VFIO_DEVICE_GET_REGION_INFO => region_info(caller, dev, arg),
-            nr::VFIO_DEVICE_SET_IRQS => set_irqs(caller, dev, arg),
-            nr::VFIO_DEVICE_RESET => dev
-                .ioctl_none(cmd)
-                .map_err(|e| Error::new(e, format!("{name} failed on the device"))),
-            nr::VFIO_DEVICE_PCI_HOT_RESET => self.hot_reset(caller, ctx, dev, arg),
-            _ => Err(Error::new(
-                Errno::ENOTTY,
-                format!("{name} is not available on a device node"),
-            )),
-        }
-    }
-
     /// `VFIO_DEVICE_PCI_HOT_RESET`. The caller holds no group fds in this
     /// model: it passes `count` 0 (and no fds); the daemon asks the device
     /// which devices the reset affects (`GET_PCI_HOT_RESET_INFO`), requires
     /// every device of their IOMMU groups to be bound to the caller's
     /// context (`EPERM` otherwise: the reset would hit another client's
     /// device), and passes its own group fds.
-    fn hot_reset(
+    pub(crate) fn hot_reset(
         &self,
-        caller: &dyn Caller,
         ctx: ContextId,
         dev: &dyn DeviceFile,
-        arg: u64,
+        given: VfioArg<vfio_pci_hot_reset>,
     ) -> Result<i32> {
         const NAME: &str = "VFIO_DEVICE_PCI_HOT_RESET";
         const INFO: &str = "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO";
-        let given = caller::read_vfio_arg(caller, arg, NAME, HOT_RESET_HEADER)?;
-        let flags = u32::from_ne_bytes(given[4..8].try_into().expect("4 bytes"));
-        let count = u32::from_ne_bytes(given[8..12].try_into().expect("4 bytes"));
+        let vfio_pci_hot_reset { flags, count, .. } = given.header();
         if flags != 0 {
             return Err(Error::new(
                 Errno::EINVAL,
@@ -404,19 +381,19 @@ impl DeviceNode {
         }
         // Which devices the reset affects: ask with no room, then with room
         // for the count the device reported (bounded; the set may change).
-        let mut size = HOT_RESET_HEADER;
+        let header = std::mem::size_of::<vfio_pci_hot_reset_info>();
+        let device = std::mem::size_of::<vfio_pci_dependent_device>();
+        let mut size = header;
         let mut info = None;
         for _ in 0..4 {
-            let mut b = vec![0u8; size];
-            b[..4].copy_from_slice(&(size as u32).to_ne_bytes());
-            match dev.ioctl_buf(nr::VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, &mut b) {
-                Ok(_) => {
+            let mut b = VfioArg::new(&vfio_pci_hot_reset_info::default(), size);
+            match dev.hot_reset_info(&mut b) {
+                Ok(()) => {
                     info = Some(b);
                     break;
                 }
                 Err(Errno::ENOSPC) => {
-                    let n = u32::from_ne_bytes(b[8..12].try_into().expect("4 bytes"));
-                    size = HOT_RESET_HEADER + 8 * (n as usize).min(4096);
+                    size = header + device * (b.header().count as usize).min(4096);
                 }
                 Err(e) => {
                     return Err(Error::new(
@@ -432,7 +409,7 @@ impl DeviceNode {
                 format!("{INFO}: the set of affected devices kept changing; try again"),
             )
         })?;
-        let groups = vfio_args::hot_reset_groups(&info)?;
+        let groups = info.groups()?;
         for &g in &groups {
             let members: Vec<&DeviceSpec> =
                 self.engine.devices().filter(|d| d.group == g).collect();
@@ -460,13 +437,10 @@ impl DeviceNode {
             }
         }
         let files = self.opener.group_fds(&groups)?;
-        let fds: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
-        let mut reset = vfio_args::hot_reset_arg(&fds);
-        let r = dev
-            .ioctl_buf(nr::VFIO_DEVICE_PCI_HOT_RESET, &mut reset)
+        dev.hot_reset(&files)
             .map_err(|e| Error::new(e, format!("{NAME} failed on the device")))?;
         tracing::info!(device = %self.spec.name, groups = ?groups, "hot reset");
-        Ok(r)
+        Ok(0)
     }
 
     /// `pread` of `size` bytes at `offset` by open file `fh`.
@@ -520,127 +494,6 @@ impl DeviceNode {
         }
         drop(b);
     }
-}
-
-/// Read the caller's struct by its argsz, issue `cmd` on the device with
-/// the daemon's copy, write the struct back. With `enospc_writeback`, an
-/// `ENOSPC` answer still writes back (VFIO's hot-reset info raises `count`
-/// and fails with `ENOSPC`).
-fn forward(
-    caller: &dyn Caller,
-    dev: &dyn DeviceFile,
-    cmd: u32,
-    arg: u64,
-    name: &str,
-    min: usize,
-    enospc_writeback: bool,
-) -> Result<i32> {
-    let mut buf = caller::read_vfio_arg(caller, arg, name, min)?;
-    match dev.ioctl_buf(cmd, &mut buf) {
-        Ok(v) => {
-            caller::write(caller, arg, &buf)?;
-            Ok(v)
-        }
-        Err(Errno::ENOSPC) if enospc_writeback => {
-            caller::write(caller, arg, &buf)?;
-            Err(Error::new(
-                Errno::ENOSPC,
-                format!("{name}: the array is too small; count says how many are needed"),
-            ))
-        }
-        Err(e) => Err(Error::new(e, format!("{name} failed on the device"))),
-    }
-}
-
-/// `VFIO_DEVICE_GET_REGION_INFO`: ask the device with the daemon's own
-/// buffer (large enough for the whole chain), strip mmap, answer the
-/// caller by VFIO's rules for its argsz.
-fn region_info(caller: &dyn Caller, dev: &dyn DeviceFile, arg: u64) -> Result<i32> {
-    const NAME: &str = "VFIO_DEVICE_GET_REGION_INFO";
-    let given = caller::read_vfio_arg(caller, arg, NAME, REGION_INFO_SIZE)?;
-    let call = |size: usize| -> Result<Vec<u8>> {
-        let mut b = vec![0u8; size];
-        b[..REGION_INFO_SIZE].copy_from_slice(&given[..REGION_INFO_SIZE]);
-        b[..4].copy_from_slice(&(size as u32).to_ne_bytes());
-        dev.ioctl_buf(nr::VFIO_DEVICE_GET_REGION_INFO, &mut b)
-            .map_err(|e| Error::new(e, format!("{NAME} failed on the device")))?;
-        Ok(b)
-    };
-    let flags = |b: &[u8]| u32::from_ne_bytes(b[4..8].try_into().expect("4 bytes"));
-    let argsz = |b: &[u8]| u32::from_ne_bytes(b[..4].try_into().expect("4 bytes")) as usize;
-    let cap_offset = |b: &[u8]| u32::from_ne_bytes(b[12..16].try_into().expect("4 bytes"));
-    let mut full = call(REGION_INFO_SIZE)?;
-    let mut chain_end = REGION_INFO_SIZE;
-    if flags(&full) & vfio_bindings::bindings::vfio::VFIO_REGION_INFO_FLAG_CAPS != 0 {
-        let mut need = argsz(&full);
-        let mut got = None;
-        for _ in 0..3 {
-            if need <= REGION_INFO_SIZE || need > caller::MAX_ARG {
-                break;
-            }
-            let b = call(need)?;
-            if cap_offset(&b) != 0 {
-                got = Some(b);
-                break;
-            }
-            need = argsz(&b);
-        }
-        match got {
-            Some(b) => {
-                chain_end = need;
-                full = b;
-            }
-            None => {
-                tracing::warn!(
-                    need,
-                    "{NAME}: the device's capability chain could not be read; answering without it"
-                );
-                let f = flags(&full) & !vfio_bindings::bindings::vfio::VFIO_REGION_INFO_FLAG_CAPS;
-                full[4..8].copy_from_slice(&f.to_ne_bytes());
-                full[12..16].fill(0);
-            }
-        }
-    }
-    let stripped = vfio_args::strip_mmap(&mut full, chain_end);
-    if let Some(why) = &stripped.malformed {
-        tracing::warn!("{NAME}: malformed capability chain from the device dropped: {why}");
-    }
-    let out = vfio_args::region_info_reply(&full, given.len(), &stripped);
-    caller::write(caller, arg, &out)?;
-    Ok(0)
-}
-
-/// `VFIO_DEVICE_SET_IRQS`: eventfd numbers are the caller's; pass the
-/// daemon's copies (the kernel takes its own references, so the copies are
-/// closed right after the call). -1 (and any negative number) stays as is:
-/// it tears the trigger down.
-fn set_irqs(caller: &dyn Caller, dev: &dyn DeviceFile, arg: u64) -> Result<i32> {
-    const NAME: &str = "VFIO_DEVICE_SET_IRQS";
-    let mut buf = caller::read_vfio_arg(caller, arg, NAME, IRQ_SET_HEADER)?;
-    let header = IrqSet::parse(&buf)?;
-    let mut copies = Vec::new();
-    if header.has_eventfds() {
-        let theirs = header.eventfds(&buf)?;
-        let mut ours = Vec::with_capacity(theirs.len());
-        for fd in theirs {
-            if fd < 0 {
-                ours.push(fd);
-                continue;
-            }
-            let copy = caller.get_fd(fd).map_err(|e| {
-                Error::new(
-                    e,
-                    format!("{NAME}: eventfd {fd} could not be copied from the caller ({e})"),
-                )
-            })?;
-            ours.push(copy.as_raw_fd());
-            copies.push(copy);
-        }
-        IrqSet::put_eventfds(&mut buf, &ours);
-    }
-    let r = dev.ioctl_buf(nr::VFIO_DEVICE_SET_IRQS, &mut buf);
-    drop(copies);
-    r.map_err(|e| Error::new(e, format!("{NAME} failed on the device")))
 }
 
 impl Device for DeviceNode {

@@ -18,16 +18,19 @@ use ioasid_uapi::{
 };
 use nix::errno::Errno;
 use vfio_bindings::bindings::vfio::{
+    vfio_device_info, vfio_info_cap_header, vfio_irq_info, vfio_irq_set, vfio_pci_dependent_device,
+    vfio_pci_dependent_device__bindgen_ty_1, vfio_pci_hot_reset_info, vfio_region_info,
     VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_REGION_INFO_CAP_SPARSE_MMAP,
     VFIO_REGION_INFO_CAP_TYPE, VFIO_REGION_INFO_FLAG_CAPS, VFIO_REGION_INFO_FLAG_MMAP,
     VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
+use vfio_legacy::{DeviceFile, VfioArg};
 use zerocopy::IntoBytes;
 
-use crate::caller::fake::FakeCaller;
-use crate::device_file::{ContextLookup, DeviceFile, DeviceOpener};
+use crate::device_file::{ContextLookup, DeviceOpener};
 use crate::error::{Error, Result};
 use crate::node::{DeviceNode, DeviceNodes};
+use ioctl_table::fake::FakeCaller;
 
 const DEV_A: DeviceId = DeviceId(1); // group 3
 const DEV_X: DeviceId = DeviceId(10); // group 7
@@ -96,111 +99,122 @@ fn inode(fd: BorrowedFd<'_>) -> Option<u64> {
 }
 
 impl DeviceFile for FakeDevice {
-    fn ioctl_buf(&self, cmd: u32, buf: &mut [u8]) -> std::result::Result<i32, Errno> {
-        let argsz = get32(buf, 0) as usize;
-        assert!(
-            argsz <= buf.len(),
-            "argsz {argsz} past the buffer {}",
-            buf.len()
-        );
-        match cmd {
-            nr::VFIO_DEVICE_GET_INFO => {
-                put32(buf, 4, 3); // RESET | PCI
-                put32(buf, 8, 9);
-                put32(buf, 12, 5);
-                Ok(0)
+    fn info(&self, arg: &mut VfioArg<vfio_device_info>) -> std::result::Result<(), Errno> {
+        let mut h = arg.header();
+        h.flags = 3; // RESET | PCI
+        h.num_regions = 9;
+        h.num_irqs = 5;
+        arg.set_header(&h);
+        Ok(())
+    }
+
+    fn region_info(&self, arg: &mut VfioArg<vfio_region_info>) -> std::result::Result<(), Errno> {
+        let mut h = arg.header();
+        let (flags, size, offset) = fake_region(h.index).ok_or(Errno::EINVAL)?;
+        h.size = size;
+        h.offset = offset;
+        h.flags = flags;
+        h.cap_offset = 0;
+        if h.index == 0 {
+            // sparse mmap (header, nr_areas 1, reserved, one area: 16 + 16
+            // bytes) then a region type capability (header, type, subtype),
+            // as the kernel lays them out.
+            let region = std::mem::size_of::<vfio_region_info>();
+            let sparse = vfio_info_cap_header {
+                id: VFIO_REGION_INFO_CAP_SPARSE_MMAP as u16,
+                version: 1,
+                next: (region + 32) as u32,
+            };
+            let kind = vfio_info_cap_header {
+                id: VFIO_REGION_INFO_CAP_TYPE as u16,
+                version: 1,
+                next: 0,
+            };
+            h.flags |= VFIO_REGION_INFO_FLAG_CAPS;
+            if arg.len() < region + 48 {
+                h.argsz = (region + 48) as u32;
+                arg.set_header(&h);
+            } else {
+                h.cap_offset = region as u32;
+                arg.set_header(&h);
+                arg.write_at(region, &sparse).unwrap();
+                let tail = arg.tail_mut();
+                put32(tail, 8, 1); // nr_areas
+                tail[24..32].copy_from_slice(&0x1000u64.to_ne_bytes()); // area size
+                arg.write_at(region + 32, &kind).unwrap();
+                put32(arg.tail_mut(), 40, 0x8086);
+                put32(arg.tail_mut(), 44, 7);
             }
-            nr::VFIO_DEVICE_GET_REGION_INFO => {
-                let index = get32(buf, 8);
-                let (flags, size, offset) = fake_region(index).ok_or(Errno::EINVAL)?;
-                buf[16..24].copy_from_slice(&size.to_ne_bytes());
-                buf[24..32].copy_from_slice(&offset.to_ne_bytes());
-                put32(buf, 4, flags);
-                put32(buf, 12, 0);
-                if index == 0 {
-                    // sparse mmap (header, nr_areas 1, reserved, one area)
-                    // then a region type capability, as the kernel lays out.
-                    let mut chain = vec![0u8; 48];
-                    chain[0..2]
-                        .copy_from_slice(&(VFIO_REGION_INFO_CAP_SPARSE_MMAP as u16).to_ne_bytes());
-                    chain[2..4].copy_from_slice(&1u16.to_ne_bytes());
-                    put32(&mut chain, 4, 32 + 32);
-                    put32(&mut chain, 8, 1);
-                    chain[16..24].copy_from_slice(&0u64.to_ne_bytes());
-                    chain[24..32].copy_from_slice(&0x1000u64.to_ne_bytes());
-                    chain[32..34]
-                        .copy_from_slice(&(VFIO_REGION_INFO_CAP_TYPE as u16).to_ne_bytes());
-                    chain[34..36].copy_from_slice(&1u16.to_ne_bytes());
-                    put32(&mut chain, 40, 0x8086);
-                    put32(&mut chain, 44, 7);
-                    put32(buf, 4, flags | VFIO_REGION_INFO_FLAG_CAPS);
-                    if argsz < 32 + chain.len() {
-                        put32(buf, 0, (32 + chain.len()) as u32);
-                    } else {
-                        buf[32..80].copy_from_slice(&chain);
-                        put32(buf, 12, 32);
-                    }
-                }
-                Ok(0)
-            }
-            nr::VFIO_DEVICE_GET_IRQ_INFO => {
-                put32(buf, 12, if get32(buf, 8) == 2 { 8 } else { 1 });
-                Ok(0)
-            }
-            nr::VFIO_DEVICE_SET_IRQS => {
-                let count = get32(buf, 16) as usize;
-                let fds = (0..count)
-                    .map(|i| {
-                        let fd = get32(buf, 20 + 4 * i) as i32;
-                        let ino = (fd >= 0)
-                            // SAFETY: only inspected during the call, while the
-                            // node holds the copy open.
-                            .then(|| inode(unsafe { BorrowedFd::borrow_raw(fd) }))
-                            .flatten();
-                        (fd, ino)
-                    })
-                    .collect();
-                self.log.irq_fds.lock().unwrap().push(fds);
-                Ok(0)
-            }
-            nr::VFIO_DEVICE_GET_PCI_HOT_RESET_INFO => {
-                // Group 7's two devices sit behind a bridge and can be reset
-                // together; the others cannot be hot reset.
-                if self.group != 7 {
-                    return Err(Errno::ENODEV);
-                }
-                put32(buf, 8, 2);
-                if argsz < 12 + 16 {
-                    return Err(Errno::ENOSPC);
-                }
-                for (i, devfn) in [8u32, 16].into_iter().enumerate() {
-                    put32(buf, 12 + 8 * i, 7);
-                    put32(buf, 16 + 8 * i, (devfn << 24) | (1 << 16));
-                }
-                Ok(0)
-            }
-            nr::VFIO_DEVICE_PCI_HOT_RESET => {
-                let count = get32(buf, 8) as usize;
-                assert_eq!(argsz, 12 + 4 * count);
-                let inodes = (0..count)
-                    .map(|i| {
-                        let fd = get32(buf, 12 + 4 * i) as i32;
-                        // SAFETY: only inspected during the call, while the
-                        // node holds the group file open.
-                        inode(unsafe { BorrowedFd::borrow_raw(fd) })
-                    })
-                    .collect();
-                self.log.hot_resets.lock().unwrap().push(inodes);
-                Ok(0)
-            }
-            _ => Err(Errno::ENOTTY),
+            return Ok(());
         }
+        arg.set_header(&h);
+        Ok(())
     }
-    fn ioctl_none(&self, cmd: u32) -> std::result::Result<i32, Errno> {
-        assert_eq!(cmd, nr::VFIO_DEVICE_RESET);
+
+    fn irq_info(&self, arg: &mut VfioArg<vfio_irq_info>) -> std::result::Result<(), Errno> {
+        let mut h = arg.header();
+        h.count = if h.index == 2 { 8 } else { 1 };
+        arg.set_header(&h);
+        Ok(())
+    }
+
+    fn set_irqs(&self, arg: &mut VfioArg<vfio_irq_set>) -> std::result::Result<(), Errno> {
+        let fds = arg
+            .eventfds()
+            .unwrap()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|fd| {
+                let ino = (fd >= 0)
+                    // SAFETY: only inspected during the call, while the
+                    // node holds the copy open.
+                    .then(|| inode(unsafe { BorrowedFd::borrow_raw(fd) }))
+                    .flatten();
+                (fd, ino)
+            })
+            .collect();
+        self.log.irq_fds.lock().unwrap().push(fds);
+        Ok(())
+    }
+
+    fn reset(&self) -> std::result::Result<(), Errno> {
         self.log.resets.fetch_add(1, Ordering::SeqCst);
-        Ok(0)
+        Ok(())
     }
+
+    fn hot_reset_info(
+        &self,
+        arg: &mut VfioArg<vfio_pci_hot_reset_info>,
+    ) -> std::result::Result<(), Errno> {
+        // Group 7's two devices sit behind a bridge and can be reset
+        // together; the others cannot be hot reset.
+        if self.group != 7 {
+            return Err(Errno::ENODEV);
+        }
+        let mut h = arg.header();
+        h.count = 2;
+        arg.set_header(&h);
+        if arg.len() < 12 + 16 {
+            return Err(Errno::ENOSPC);
+        }
+        for (i, devfn) in [8u8, 16].into_iter().enumerate() {
+            let d = vfio_pci_dependent_device {
+                __bindgen_anon_1: vfio_pci_dependent_device__bindgen_ty_1 { group_id: 7 },
+                segment: 0,
+                bus: 1,
+                devfn,
+            };
+            arg.write_at(12 + 8 * i, &d).unwrap();
+        }
+        Ok(())
+    }
+
+    fn hot_reset(&self, groups: &[BorrowedFd<'_>]) -> std::result::Result<(), Errno> {
+        let inodes = groups.iter().map(|g| inode(*g)).collect();
+        self.log.hot_resets.lock().unwrap().push(inodes);
+        Ok(())
+    }
+
     fn read_at(&self, buf: &mut [u8], pos: u64) -> std::result::Result<usize, Errno> {
         let mem = self.log.mem.lock().unwrap();
         for (i, b) in buf.iter_mut().enumerate() {
@@ -208,6 +222,7 @@ impl DeviceFile for FakeDevice {
         }
         Ok(buf.len())
     }
+
     fn write_at(&self, data: &[u8], pos: u64) -> std::result::Result<usize, Errno> {
         let mut mem = self.log.mem.lock().unwrap();
         for (i, b) in data.iter().enumerate() {
@@ -341,9 +356,9 @@ impl Fx {
 
 /// A caller whose memory is `mem` at ARG, holding `fds` as (number, file).
 fn caller(mem: Vec<u8>, fds: &[(i32, &OwnedFd)]) -> FakeCaller {
-    let mut c = FakeCaller::new(ARG, mem);
+    let mut c = FakeCaller::new(ARG, mem, 1);
     for (n, f) in fds {
-        c.fds.push((*n, f.try_clone().unwrap()));
+        c.hold(*n, f);
     }
     c
 }
@@ -1039,5 +1054,73 @@ fn racing_binds_and_closes_leave_one_consistent_binding() {
             log.closes.load(Ordering::SeqCst),
             "every opened device fd is closed"
         );
+    }
+}
+
+// ---- the table -------------------------------------------------------------
+
+#[test]
+fn argument_kinds_of_the_rfc_commands() {
+    use crate::ioctl::DEVICE_TABLE;
+    use ioctl_table::Handler;
+    let row = |c| DEVICE_TABLE.find(c).unwrap();
+    for c in [VFIO_BIND_IOASID_FD, VFIO_UNBIND_IOASID_FD] {
+        assert!(matches!(row(c).handler, Handler::Int(_)), "{}", row(c).name);
+    }
+    for c in [VFIO_ATTACH_IOASID, VFIO_DETACH_IOASID] {
+        let Handler::Struct(s, _) = &row(c).handler else {
+            panic!("{} takes a struct", row(c).name)
+        };
+        assert_eq!((s.c_name, s.min_size), ("vfio_attach_ioasid", 16));
+        assert_eq!(s.flags.accepted(), Some(IOASID_ATTACH_USER_PASID));
+    }
+    assert_eq!(DEVICE_TABLE.unknown_flags, Errno::EINVAL);
+    assert!(DEVICE_TABLE.find(nr::VFIO_DEVICE_FEATURE).is_none());
+}
+
+/// TEST_LENGTH over every struct row of the device table, on a bound node:
+/// one byte short of the minimum is `EINVAL`, a size past what the daemon
+/// reads is `E2BIG`, and a size the reader accepts never fails for its
+/// length.
+#[test]
+fn test_length_every_row_of_the_device_table() {
+    use crate::ioctl::DEVICE_TABLE;
+    let fx = Fx::new();
+    let node = fx.node(DEV_A);
+    let (_ctx, f) = fx.context();
+    bind(&node, 1, &f).unwrap();
+    for op in DEVICE_TABLE.ops {
+        let Some(rules) = op.rules() else { continue };
+        let run = |argsz: usize| {
+            let mut mem = vec![0u8; 4096];
+            mem[..4].copy_from_slice(&(argsz as u32).to_ne_bytes());
+            ioctl(&node, &caller(mem, &[]), 1, op.number, ARG)
+        };
+        let name = op.name;
+        assert_eq!(
+            errno(run(rules.min_size - 1)),
+            Errno::EINVAL,
+            "{name} min-1"
+        );
+        assert_eq!(errno(run(0)), Errno::EINVAL, "{name} argsz 0");
+        assert_eq!(
+            errno(run(ioctl_table::MAX_ARG + ioctl_table::MAX_TAIL + 1)),
+            Errno::E2BIG,
+            "{name} past the cap"
+        );
+        assert_eq!(
+            errno(run(u32::MAX as usize)),
+            Errno::E2BIG,
+            "{name} u32::MAX"
+        );
+        for size in [rules.min_size, rules.size, rules.size + 8] {
+            if let Err(e) = run(size) {
+                assert!(
+                    ![Errno::E2BIG, Errno::EFAULT].contains(&e.errno)
+                        && !e.message.contains("argsz"),
+                    "{name} argsz {size}: {e}"
+                );
+            }
+        }
     }
 }

@@ -139,38 +139,36 @@ pub(crate) fn wake_signal() -> libc::c_int {
 extern "C" fn ignore_wake(_: libc::c_int) {}
 
 /// Install the no-op handler of [`wake_signal`] (once per process).
+///
+/// The action is built with `nix::sys::signal`; it is installed with
+/// `libc::sigaction` because nix's `Signal` has no real-time signals.
 pub(crate) fn install_wake_handler() -> Result<(), Errno> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet};
     static INSTALLED: std::sync::OnceLock<Result<(), Errno>> = std::sync::OnceLock::new();
     *INSTALLED.get_or_init(|| {
-        // SAFETY: an all-zero sigaction is a valid value (no handler, empty
-        // mask, no flags); the fields are set below before use.
-        let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
-        act.sa_sigaction = ignore_wake as extern "C" fn(libc::c_int) as libc::sighandler_t;
-        act.sa_flags = 0; // no SA_RESTART: a blocked read fails with EINTR
-                          // SAFETY: `act` is a valid sigaction whose handler is an
-                          // async-signal-safe function that does nothing; the old action is
-                          // not asked for (null pointer).
-        let ret = unsafe {
-            libc::sigemptyset(&mut act.sa_mask);
-            libc::sigaction(wake_signal(), &act, std::ptr::null_mut())
-        };
-        if ret == 0 {
-            Ok(())
-        } else {
-            Err(Errno::last())
-        }
+        // No SA_RESTART: a blocked read fails with EINTR.
+        let action = SigAction::new(
+            SigHandler::Handler(ignore_wake),
+            SaFlags::empty(),
+            SigSet::empty(),
+        );
+        let act: libc::sigaction = action.into();
+        // SAFETY: `act` is a valid sigaction whose handler is an
+        // async-signal-safe function that does nothing; the old action is
+        // not asked for (null pointer).
+        let ret = unsafe { libc::sigaction(wake_signal(), &act, std::ptr::null_mut()) };
+        Errno::result(ret).map(drop)
     })
 }
 
 /// Let the calling thread receive [`wake_signal`] even if its creator
 /// blocked it (threads inherit the signal mask).
 pub(crate) fn unblock_wake_signal() {
-    // SAFETY: `set` is a local sigset_t initialised by sigemptyset before
-    // use; pthread_sigmask only changes this thread's mask and the old mask
-    // is not asked for (null pointer).
+    let mut set: libc::sigset_t = *nix::sys::signal::SigSet::empty().as_ref();
+    // SAFETY: `set` is an initialised (empty) sigset_t of this frame;
+    // sigaddset only adds a valid signal number to it, and pthread_sigmask
+    // only changes this thread's mask (the old mask is not asked for).
     unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, wake_signal());
         libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
     }
@@ -178,8 +176,7 @@ pub(crate) fn unblock_wake_signal() {
 
 /// The calling thread's pthread id, for [`wake`].
 pub(crate) fn this_thread() -> libc::pthread_t {
-    // SAFETY: pthread_self has no preconditions and cannot fail.
-    unsafe { libc::pthread_self() }
+    nix::sys::pthread::pthread_self()
 }
 
 /// Send [`wake_signal`] to `thread`, which must be alive: callers keep the

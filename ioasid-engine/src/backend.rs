@@ -7,7 +7,9 @@
 //! enforces type1v2's rules in memory, so the engine is unit-tested without
 //! root, VFIO or a VM.
 
-use std::fmt;
+pub use ioasid_uapi::Error;
+use nix::errno::Errno;
+use smallvec::SmallVec;
 
 /// An IOMMU group number, as in `/sys/kernel/iommu_groups/<N>`.
 pub type GroupId = u32;
@@ -55,44 +57,21 @@ pub struct Alias {
 
 /// The pieces of an [`Alias`]: nearly always one (a range inside one area
 /// of client memory), kept inline then, since the engine keeps an alias per
-/// mapping and there may be 100,000 of them; a slice of [`Segment`]s either
-/// way.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Segments {
-    /// One piece.
-    One(Segment),
-    /// Any other number of pieces.
-    Many(Vec<Segment>),
-}
+/// mapping and there may be 100,000 of them.
+pub type Segments = SmallVec<[Segment; 1]>;
 
-impl std::ops::Deref for Segments {
-    type Target = [Segment];
-
-    fn deref(&self) -> &[Segment] {
-        match self {
-            Segments::One(s) => std::slice::from_ref(s),
-            Segments::Many(v) => v,
-        }
-    }
-}
-
-impl<'a> IntoIterator for &'a Segments {
-    type Item = &'a Segment;
-    type IntoIter = std::slice::Iter<'a, Segment>;
-
-    fn into_iter(self) -> Self::IntoIter {
-        self.iter()
-    }
-}
-
-impl From<Vec<Segment>> for Segments {
-    fn from(mut v: Vec<Segment>) -> Self {
-        if v.len() == 1 {
-            Segments::One(v.remove(0))
-        } else {
-            Segments::Many(v)
-        }
-    }
+/// One entry of a domain: `size` bytes at daemon address `daemon_vaddr`
+/// seen by devices at `iova`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaEntry {
+    /// First IOVA.
+    pub iova: u64,
+    /// Daemon address it translates to.
+    pub daemon_vaddr: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Access granted.
+    pub prot: Prot,
 }
 
 /// What an IOMMU domain (a realising container) supports.
@@ -106,34 +85,6 @@ pub struct DomainInfo {
     pub dma_avail: Option<u32>,
 }
 
-/// An error from the system, carrying the errno to answer and a message
-/// that tells the user what to do.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BackendError {
-    /// The errno the failed operation should report.
-    pub errno: i32,
-    /// What failed and, where possible, what the user can do about it.
-    pub message: String,
-}
-
-impl BackendError {
-    /// An error with errno `errno` and message `message`.
-    pub fn new(errno: i32, message: impl Into<String>) -> Self {
-        BackendError {
-            errno,
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for BackendError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (errno {})", self.message, self.errno)
-    }
-}
-
-impl std::error::Error for BackendError {}
-
 /// Realises the engine's decisions on the system.
 ///
 /// Every IOMMU group the daemon manages has one I/O page table of its own
@@ -146,7 +97,7 @@ pub trait Backend: Send + Sync {
     /// daemon. Fails with `EFAULT` when the range is not mapped, or is
     /// private memory that cannot be shared (the message tells the user to
     /// use shared memory).
-    fn alias(&self, pid: Pid, vaddr: u64, size: u64) -> Result<Alias, BackendError>;
+    fn alias(&self, pid: Pid, vaddr: u64, size: u64) -> Result<Alias, Error>;
 
     /// Give back an alias returned by [`Backend::alias`].
     fn release_alias(&self, alias: &Alias);
@@ -158,30 +109,30 @@ pub trait Backend: Send + Sync {
 
     /// The memory-lock limit (`RLIMIT_MEMLOCK`, soft, in bytes) of process
     /// `pid`; `None` when unlimited or when the process has `CAP_IPC_LOCK`.
-    fn memlock_limit(&self, pid: Pid) -> Result<Option<u64>, BackendError>;
+    fn memlock_limit(&self, pid: Pid) -> Result<Option<u64>, Error>;
 
     /// What group `group`'s domain supports.
-    fn domain_info(&self, group: GroupId) -> Result<DomainInfo, BackendError>;
+    fn domain_info(&self, group: GroupId) -> Result<DomainInfo, Error>;
 
-    /// Map `size` bytes at daemon address `daemon_vaddr` to `iova` in group
-    /// `group`'s domain (type1v2 rules: `EEXIST` on overlap, `EINVAL` when
-    /// misaligned, `ENOSPC` when the domain is full).
-    fn map(
-        &self,
-        group: GroupId,
-        iova: u64,
-        daemon_vaddr: u64,
-        size: u64,
-        prot: Prot,
-    ) -> Result<(), BackendError>;
+    /// Map `entry` into group `group`'s domain (type1v2 rules: `EEXIST` on
+    /// overlap, `EINVAL` when misaligned, `ENOSPC` when the domain is full).
+    ///
+    /// # Safety
+    ///
+    /// The entry's `[daemon_vaddr, daemon_vaddr + size)` must lie inside a [`Segment`]
+    /// of an [`Alias`] this backend returned and that is not released, and
+    /// the caller must keep that alias until no domain may map the range
+    /// any more (an `unmap` or `unmap_all` covering it succeeded): devices
+    /// read and write the memory at any time, behind Rust's back.
+    unsafe fn map(&self, group: GroupId, entry: DmaEntry) -> Result<(), Error>;
 
     /// Unmap `[iova, iova + size)` from group `group`'s domain; returns the
     /// bytes unmapped (type1v2: 0 when nothing was mapped there, `EINVAL`
     /// when the range would split a mapping).
-    fn unmap(&self, group: GroupId, iova: u64, size: u64) -> Result<u64, BackendError>;
+    fn unmap(&self, group: GroupId, iova: u64, size: u64) -> Result<u64, Error>;
 
     /// Unmap everything from group `group`'s domain.
-    fn unmap_all(&self, group: GroupId) -> Result<(), BackendError>;
+    fn unmap_all(&self, group: GroupId) -> Result<(), Error>;
 
     /// Copy `buf.len()` bytes of client memory from daemon address
     /// `daemon_vaddr`, which lies inside a live alias (a [`Segment`] of an
@@ -190,10 +141,10 @@ pub trait Backend: Send + Sync {
     /// The client (or a device) may change the bytes at any time: the copy
     /// is a snapshot, possibly torn, never a reference. `EFAULT` if the
     /// memory cannot be read. The default cannot read anything.
-    fn read(&self, daemon_vaddr: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+    fn read(&self, daemon_vaddr: u64, buf: &mut [u8]) -> Result<(), Error> {
         let _ = buf;
-        Err(BackendError::new(
-            libc::EFAULT,
+        Err(Error::new(
+            Errno::EFAULT,
             format!("this backend cannot read client memory (at {daemon_vaddr:#x})"),
         ))
     }
@@ -211,7 +162,7 @@ mod tests {
             len: 0x1000,
         };
         let one = Segments::from(vec![seg(0)]);
-        assert_eq!(one, Segments::One(seg(0)));
+        assert!(!one.spilled(), "one segment is kept inline");
         assert_eq!(&*one, &[seg(0)]);
         let two = Segments::from(vec![seg(0), seg(0x1000)]);
         assert_eq!(two.len(), 2);
@@ -220,5 +171,7 @@ mod tests {
             [0, 0x1000]
         );
         assert!(Segments::from(Vec::new()).is_empty());
+        // As small as the enum it replaced: a segment and a length.
+        assert_eq!(std::mem::size_of::<Segments>(), 32);
     }
 }

@@ -7,7 +7,7 @@
 //! aliasable only where a test declared it shared; the daemon address of
 //! client address `v` is always `FAKE_DAEMON_BASE + v`, so tests can predict
 //! what the domains hold. Every call is logged, live aliases are counted,
-//! and the next map (or unmap-all) can be made to fail.
+//! and the next map, unmap or unmap-all can be made to fail (an undo too).
 //!
 //! Client memory holds real bytes (zero until written with
 //! [`FakeBackend::write_memory`]), which [`Backend::read`] returns when
@@ -16,7 +16,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
-use crate::backend::{Alias, Backend, BackendError, DomainInfo, GroupId, Pid, Prot, Segment};
+use nix::errno::Errno;
+
+use crate::backend::{Alias, Backend, DmaEntry, DomainInfo, Error, GroupId, Pid, Segment};
 
 /// The daemon address of client address `v` is `FAKE_DAEMON_BASE + v`.
 pub const FAKE_DAEMON_BASE: u64 = 0x7000_0000_0000;
@@ -57,17 +59,7 @@ pub enum FakeCall {
 }
 
 /// One entry of a fake domain.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FakeEntry {
-    /// First IOVA.
-    pub iova: u64,
-    /// Daemon address it translates to.
-    pub daemon_vaddr: u64,
-    /// Length in bytes.
-    pub size: u64,
-    /// Access granted.
-    pub prot: Prot,
-}
+pub type FakeEntry = DmaEntry;
 
 #[derive(Clone, Debug)]
 struct FakeDomain {
@@ -97,8 +89,10 @@ struct FakeState {
     next_token: u64,
     calls: Vec<FakeCall>,
     /// Maps to let through before failing one with this errno.
-    map_failure: Option<(usize, i32)>,
-    unmap_all_failure: Option<i32>,
+    map_failure: Option<(usize, Errno)>,
+    unmap_all_failure: Option<Errno>,
+    /// Unmaps to let through before failing one with this errno.
+    unmap_failure: Option<(usize, Errno)>,
     /// Client memory by 4 KiB page of daemon address.
     pages: HashMap<u64, Box<[u8; 4096]>>,
     /// How many times `trim` was called.
@@ -155,12 +149,18 @@ impl FakeBackend {
     }
 
     /// Let `after` more maps succeed, then fail one with `errno`.
-    pub fn fail_map_after(&self, after: usize, errno: i32) {
+    pub fn fail_map_after(&self, after: usize, errno: Errno) {
         self.state().map_failure = Some((after, errno));
     }
 
+    /// Let `after` more unmaps succeed, then fail one with `errno` (an undo
+    /// that fails, when the engine is rolling a change back).
+    pub fn fail_unmap_after(&self, after: usize, errno: Errno) {
+        self.state().unmap_failure = Some((after, errno));
+    }
+
     /// Fail the next `unmap_all` with `errno`.
-    pub fn fail_next_unmap_all(&self, errno: i32) {
+    pub fn fail_next_unmap_all(&self, errno: Errno) {
         self.state().unmap_all_failure = Some(errno);
     }
 
@@ -217,8 +217,16 @@ impl FakeBackend {
     }
 }
 
-fn einval(msg: String) -> BackendError {
-    BackendError::new(libc::EINVAL, msg)
+/// Count one call down on an injected failure (`after` calls to let
+/// through, then the errno); the errno when it is this call's turn.
+fn injected(failure: &mut Option<(usize, Errno)>) -> Option<Errno> {
+    let (after, errno) = (*failure)?;
+    *failure = (after > 0).then(|| (after - 1, errno));
+    (after == 0).then_some(errno)
+}
+
+fn einval(msg: String) -> Error {
+    Error::new(Errno::EINVAL, msg)
 }
 
 fn min_pgsize(bitmap: u64) -> u64 {
@@ -243,11 +251,11 @@ impl FakeState {
 }
 
 impl Backend for FakeBackend {
-    fn alias(&self, pid: Pid, vaddr: u64, size: u64) -> Result<Alias, BackendError> {
+    fn alias(&self, pid: Pid, vaddr: u64, size: u64) -> Result<Alias, Error> {
         let mut s = self.state();
         s.calls.push(FakeCall::Alias { pid, vaddr, size });
         let end = vaddr.checked_add(size).ok_or_else(|| {
-            BackendError::new(libc::EFAULT, format!("range {vaddr:#x}+{size:#x} wraps"))
+            Error::new(Errno::EFAULT, format!("range {vaddr:#x}+{size:#x} wraps"))
         })?;
         let pieces = s.shared.get(&pid).cloned().unwrap_or_default();
         let mut segments = Vec::new();
@@ -267,8 +275,8 @@ impl Backend for FakeBackend {
             }
         }
         if at < end || size == 0 {
-            return Err(BackendError::new(
-                libc::EFAULT,
+            return Err(Error::new(
+                Errno::EFAULT,
                 format!(
                     "process {pid}: {at:#x} is not in shared memory; use MAP_SHARED memory \
                      (memfd, shm, hugetlbfs, a shared file)"
@@ -278,7 +286,7 @@ impl Backend for FakeBackend {
         s.next_token += 1;
         let alias = Alias {
             token: s.next_token,
-            segments: segments.into(),
+            segments: segments.into_iter().collect(),
         };
         s.live.insert(alias.token, alias.clone());
         Ok(alias)
@@ -295,11 +303,11 @@ impl Backend for FakeBackend {
         self.state().trims += 1;
     }
 
-    fn memlock_limit(&self, pid: Pid) -> Result<Option<u64>, BackendError> {
+    fn memlock_limit(&self, pid: Pid) -> Result<Option<u64>, Error> {
         Ok(self.state().memlock.get(&pid).copied())
     }
 
-    fn domain_info(&self, group: GroupId) -> Result<DomainInfo, BackendError> {
+    fn domain_info(&self, group: GroupId) -> Result<DomainInfo, Error> {
         let mut s = self.state();
         let d = s.domains.entry(group).or_default();
         Ok(DomainInfo {
@@ -309,14 +317,15 @@ impl Backend for FakeBackend {
         })
     }
 
-    fn map(
-        &self,
-        group: GroupId,
-        iova: u64,
-        daemon_vaddr: u64,
-        size: u64,
-        prot: Prot,
-    ) -> Result<(), BackendError> {
+    /// Checks the range like type1v2 and records it; nothing is read or
+    /// written at `daemon_vaddr`.
+    unsafe fn map(&self, group: GroupId, entry: DmaEntry) -> Result<(), Error> {
+        let DmaEntry {
+            iova,
+            daemon_vaddr,
+            size,
+            ..
+        } = entry;
         let mut s = self.state();
         s.calls.push(FakeCall::Map {
             group,
@@ -324,12 +333,8 @@ impl Backend for FakeBackend {
             daemon_vaddr,
             size,
         });
-        if let Some((after, errno)) = s.map_failure {
-            if after == 0 {
-                s.map_failure = None;
-                return Err(BackendError::new(errno, "injected map failure"));
-            }
-            s.map_failure = Some((after - 1, errno));
+        if let Some(errno) = injected(&mut s.map_failure) {
+            return Err(Error::new(errno, "injected map failure"));
         }
         let d = s.domains.entry(group).or_default();
         let pg = min_pgsize(d.pgsize_bitmap);
@@ -346,30 +351,22 @@ impl Backend for FakeBackend {
         }
         if let Some((_, e)) = d.entries.range(..=last).next_back() {
             if e.iova + e.size > iova {
-                return Err(BackendError::new(libc::EEXIST, "overlapping mapping"));
+                return Err(Error::new(Errno::EEXIST, "overlapping mapping"));
             }
         }
         if d.entries.len() >= d.entry_limit {
-            return Err(BackendError::new(
-                libc::ENOSPC,
-                "domain entry limit reached",
-            ));
+            return Err(Error::new(Errno::ENOSPC, "domain entry limit reached"));
         }
-        d.entries.insert(
-            iova,
-            FakeEntry {
-                iova,
-                daemon_vaddr,
-                size,
-                prot,
-            },
-        );
+        d.entries.insert(iova, entry);
         Ok(())
     }
 
-    fn unmap(&self, group: GroupId, iova: u64, size: u64) -> Result<u64, BackendError> {
+    fn unmap(&self, group: GroupId, iova: u64, size: u64) -> Result<u64, Error> {
         let mut s = self.state();
         s.calls.push(FakeCall::Unmap { group, iova, size });
+        if let Some(errno) = injected(&mut s.unmap_failure) {
+            return Err(Error::new(errno, "injected unmap failure"));
+        }
         let d = s.domains.entry(group).or_default();
         let pg = min_pgsize(d.pgsize_bitmap);
         if size == 0 || (iova | size) & (pg - 1) != 0 {
@@ -396,25 +393,25 @@ impl Backend for FakeBackend {
         Ok(bytes)
     }
 
-    fn unmap_all(&self, group: GroupId) -> Result<(), BackendError> {
+    fn unmap_all(&self, group: GroupId) -> Result<(), Error> {
         let mut s = self.state();
         s.calls.push(FakeCall::UnmapAll { group });
         if let Some(errno) = s.unmap_all_failure.take() {
-            return Err(BackendError::new(errno, "injected unmap-all failure"));
+            return Err(Error::new(errno, "injected unmap-all failure"));
         }
         s.domains.entry(group).or_default().entries.clear();
         Ok(())
     }
 
-    fn read(&self, daemon_vaddr: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+    fn read(&self, daemon_vaddr: u64, buf: &mut [u8]) -> Result<(), Error> {
         let mut s = self.state();
         s.calls.push(FakeCall::Read {
             daemon_vaddr,
             len: buf.len(),
         });
         if !s.in_live_alias(daemon_vaddr, buf.len() as u64) {
-            return Err(BackendError::new(
-                libc::EFAULT,
+            return Err(Error::new(
+                Errno::EFAULT,
                 format!(
                     "read {daemon_vaddr:#x}+{:#x}: not in a live alias",
                     buf.len()

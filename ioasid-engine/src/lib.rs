@@ -6,7 +6,7 @@
 //! [`fake::FakeBackend`]. [`pgtable`] walks user page tables.
 //!
 //! The front ends (`/dev/ioasid`, `/dev/vfio/devices/devN`) decode ioctls
-//! and call [`Engine`]; every failure is an [`EngineError`] carrying the
+//! and call [`Engine`]; every failure is an [`Error`] carrying the
 //! errno to answer and a message to log.
 
 pub mod backend;
@@ -20,4 +20,4 @@ pub use engine::{
     IoasidId, IoasidInfo, PasidTableStatus, PgtableStatus, PASID_BITS, PASID_TABLE_FLAT_X86_64,
     PASID_TABLE_MAX_ENTRIES, PGTABLE_X86_64_4LVL,
 };
-pub use error::EngineError;
+pub use error::{Error, Result};

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use common::*;
 use ioasid_engine::backend::Prot;
 use ioasid_engine::fake::{FakeBackend, FakeCall, FakeEntry};
-use ioasid_engine::{Attachment, ContextId, DeviceId, DeviceSpec, DmaMap, Engine, EngineError};
-use libc::{EBUSY, EEXIST, EFAULT, EINVAL, ENODEV, ENOENT, ENOMEM, ENOSPC};
+use ioasid_engine::{Attachment, DeviceId, DeviceSpec, DmaMap, Engine, Error};
+use nix::errno::Errno::{EBUSY, EEXIST, EFAULT, EINVAL, ENODEV, ENOENT, ENOMEM, ENOSPC};
 
 /// Private memory of PID.
 const PRIVATE: u64 = 0x2000_0000;
@@ -18,17 +18,6 @@ const TOP_PAGE: u64 = !0xfff;
 /// A domain entry mapping `iova` to client address `vaddr`, read-write.
 fn e_rw(iova: u64, vaddr: u64, size: u64) -> FakeEntry {
     e(iova, vaddr, size, RW)
-}
-
-impl Fixture {
-    /// A context with device A bound and RID-attached to a new IOASID.
-    fn attached(&self) -> (ContextId, u32) {
-        let ctx = self.engine.open_context();
-        let io = self.engine.alloc(ctx).unwrap();
-        self.engine.bind(DEV_A, ctx).unwrap();
-        self.engine.attach(DEV_A, ctx, io, None).unwrap();
-        (ctx, io)
-    }
 }
 
 #[test]
@@ -409,13 +398,7 @@ fn failed_map_in_the_second_group_is_undone_in_the_first() {
 #[test]
 fn replay_failure_rolls_back_and_fails_the_attach() {
     let f = fixture();
-    let (ctx, io) = f.attached();
-    for i in 0..3 {
-        f.engine
-            .map_dma(ctx, PID, io, m(i * K4, MEM + i * K4, K4))
-            .unwrap();
-    }
-    f.engine.bind(DEV_B, ctx).unwrap();
+    let (ctx, io) = f.b_bound_to_three_mappings();
     f.fake.fail_map_after(1, ENOSPC);
     let e = f.engine.attach(DEV_B, ctx, io, None).unwrap_err();
     assert_eq!(e.errno, ENOSPC);
@@ -436,7 +419,7 @@ fn group_rule_refuses_every_command_until_the_group_is_whole() {
     f.engine.bind(DEV_X, ctx).unwrap();
     f.engine.bind(DEV_Y, ctx).unwrap();
     f.engine.attach(DEV_X, ctx, io, None).unwrap();
-    let check = |e: EngineError| {
+    let check = |e: Error| {
         assert_eq!(e.errno, EBUSY);
         assert!(e.message.contains("0000:01:02.0"), "{}", e.message);
         assert!(!e.message.contains("0000:01:01.0"), "{}", e.message);
@@ -804,14 +787,17 @@ fn a_group_that_cannot_be_emptied_goes_out_of_service() {
     let (ctx, io) = f.attached();
     f.engine.map_dma(ctx, PID, io, m(0, MEM, K4)).unwrap();
     // A failing detach changes nothing.
-    f.fake.fail_next_unmap_all(libc::EIO);
-    assert_eq!(errno(f.engine.detach(DEV_A, ctx, io, None)), libc::EIO);
+    f.fake.fail_next_unmap_all(nix::errno::Errno::EIO);
+    assert_eq!(
+        errno(f.engine.detach(DEV_A, ctx, io, None)),
+        nix::errno::Errno::EIO
+    );
     assert_eq!(f.engine.info(ctx, io).unwrap().devices.len(), 1);
-    f.fake.fail_next_unmap_all(libc::EIO);
-    assert_eq!(errno(f.engine.unbind(DEV_A, ctx)), libc::EIO);
+    f.fake.fail_next_unmap_all(nix::errno::Errno::EIO);
+    assert_eq!(errno(f.engine.unbind(DEV_A, ctx)), nix::errno::Errno::EIO);
     assert_eq!(f.engine.bound_context(DEV_A), Some(ctx));
     // On close there is no refusing: the group is fenced off instead.
-    f.fake.fail_next_unmap_all(libc::EIO);
+    f.fake.fail_next_unmap_all(nix::errno::Errno::EIO);
     let closed = f.engine.close_context(ctx).unwrap();
     assert_eq!(closed.unbound, vec![DEV_A]);
     assert_eq!(closed.errors.len(), 1);
@@ -866,7 +852,7 @@ impl ioasid_engine::backend::Backend for GatedBackend {
         pid: i32,
         vaddr: u64,
         size: u64,
-    ) -> Result<ioasid_engine::backend::Alias, ioasid_engine::backend::BackendError> {
+    ) -> Result<ioasid_engine::backend::Alias, ioasid_engine::Error> {
         let gate = self.gate.lock().unwrap().take();
         if let Some(rx) = gate {
             rx.recv().unwrap();
@@ -876,34 +862,27 @@ impl ioasid_engine::backend::Backend for GatedBackend {
     fn release_alias(&self, alias: &ioasid_engine::backend::Alias) {
         self.fake.release_alias(alias)
     }
-    fn memlock_limit(&self, pid: i32) -> Result<Option<u64>, ioasid_engine::backend::BackendError> {
+    fn memlock_limit(&self, pid: i32) -> Result<Option<u64>, ioasid_engine::Error> {
         self.fake.memlock_limit(pid)
     }
     fn domain_info(
         &self,
         group: u32,
-    ) -> Result<ioasid_engine::backend::DomainInfo, ioasid_engine::backend::BackendError> {
+    ) -> Result<ioasid_engine::backend::DomainInfo, ioasid_engine::Error> {
         self.fake.domain_info(group)
     }
-    fn map(
+    unsafe fn map(
         &self,
         group: u32,
-        iova: u64,
-        daemon_vaddr: u64,
-        size: u64,
-        prot: Prot,
-    ) -> Result<(), ioasid_engine::backend::BackendError> {
-        self.fake.map(group, iova, daemon_vaddr, size, prot)
+        entry: ioasid_engine::backend::DmaEntry,
+    ) -> Result<(), ioasid_engine::Error> {
+        // SAFETY: the caller's contract, passed on unchanged.
+        unsafe { self.fake.map(group, entry) }
     }
-    fn unmap(
-        &self,
-        group: u32,
-        iova: u64,
-        size: u64,
-    ) -> Result<u64, ioasid_engine::backend::BackendError> {
+    fn unmap(&self, group: u32, iova: u64, size: u64) -> Result<u64, ioasid_engine::Error> {
         self.fake.unmap(group, iova, size)
     }
-    fn unmap_all(&self, group: u32) -> Result<(), ioasid_engine::backend::BackendError> {
+    fn unmap_all(&self, group: u32) -> Result<(), ioasid_engine::Error> {
         self.fake.unmap_all(group)
     }
 }

@@ -12,7 +12,7 @@ use ioasid_engine::pgtable::{PTE_PRESENT, PTE_PS, PTE_WRITE};
 use ioasid_engine::{
     Attachment, ContextId, Invalidation, PASID_TABLE_FLAT_X86_64, PGTABLE_X86_64_4LVL,
 };
-use libc::{EBUSY, EEXIST, EFAULT, EINVAL, ENODEV, ENOENT, ENOSPC};
+use nix::errno::Errno::{EBUSY, EEXIST, EFAULT, EINVAL, ENODEV, ENOENT, ENOSPC};
 
 const M2: u64 = 2 << 20;
 const G1: u64 = 1 << 30;

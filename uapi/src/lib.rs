@@ -11,20 +11,26 @@
 //!   id, flag, capability id and format.
 //! * [`structs`]: the `#[repr(C)]` argument structs, deriving zerocopy's
 //!   `FromBytes`, `IntoBytes`, `KnownLayout` and `Immutable`, with
-//!   compile-time size and offset checks.
-//! * [`commands`]: the dispatch table: every command with its argument kind
-//!   and, for struct commands, its minimum `argsz` and accepted flags.
+//!   compile-time size and offset checks; [`ArgStruct`] marks every struct
+//!   an ioctl takes by pointer (these, and the bindings crates' structs
+//!   the daemon reads from callers) as plain bytes.
 //! * [`vfio`]: the numbers of the legacy VFIO ioctls (the `vfio-bindings`
 //!   crate has the structs but not the numbers).
 //!
-//! The errno conventions (which errno for which failure) are documented in
-//! the header and in `docs/uapi.md`; the front ends implement them.
+//! * [`plain`]: byte views of the argument structs.
+//! * [`error`]: the errno vocabulary: the one [`Error`] type of the daemon
+//!   (an errno to answer and a message to log) and which errnos report a
+//!   client's mistake.
+//!
+//! Which errno answers which failure is documented in the header and in
+//! `docs/uapi.md`; the front ends implement it.
 
-pub mod commands;
+pub mod error;
 pub mod numbers;
+pub mod plain;
 pub mod structs;
 pub mod vfio;
 
-pub use commands::{ArgKind, ArgStruct, FlagsCheck, IoasidCmd, StructArg, VfioDeviceCmd};
+pub use error::{is_client_mistake, Error};
 pub use numbers::*;
 pub use structs::*;

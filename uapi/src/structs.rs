@@ -23,6 +23,28 @@ pub trait CStruct: FromBytes + IntoBytes + KnownLayout + Immutable + Copy {
     const FIELDS: &'static [FieldLayout];
 }
 
+/// A struct an ioctl takes by pointer, read from and written to the caller
+/// or the kernel as plain bytes (see [`crate::plain`]). Every [`CStruct`]
+/// is one; a struct of a bindings crate is made one in this crate (VFIO's
+/// in [`crate::vfio`]), with its own safety argument.
+///
+/// # Safety
+///
+/// Implement it only for a `#[repr(C)]` struct without padding, pointers,
+/// references or drop glue, every bit pattern of which (all zeros
+/// included) is a valid value.
+pub unsafe trait ArgStruct: Sized + Send + Sync + 'static {
+    /// The struct's name in C, for messages.
+    const C_NAME: &'static str;
+}
+
+// SAFETY: a `CStruct` derives zerocopy's `FromBytes` (every bit pattern is
+// valid) and `IntoBytes` (no padding), which the derive checks at compile
+// time; it is `Copy` (no drop glue) and `abi_struct!` makes it `#[repr(C)]`.
+unsafe impl<T: CStruct + Send + Sync + 'static> ArgStruct for T {
+    const C_NAME: &'static str = <T as CStruct>::C_NAME;
+}
+
 /// Defines an ABI struct with literal size and offsets, checked at compile
 /// time, and its [`CStruct`] description generated from the same list, so
 /// the description cannot miss a field.

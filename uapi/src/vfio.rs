@@ -5,7 +5,13 @@
 //! Several numbers are shared by commands on different file types, exactly
 //! as in the kernel (e.g. `VFIO_BASE + 12`).
 
+use vfio_bindings::bindings::vfio::{
+    vfio_device_info, vfio_info_cap_header, vfio_irq_info, vfio_irq_set, vfio_pci_dependent_device,
+    vfio_pci_hot_reset, vfio_pci_hot_reset_info, vfio_region_info,
+};
+
 use crate::numbers::{io, VFIO_BASE, VFIO_TYPE};
+use crate::structs::ArgStruct;
 
 const fn vfio(n: u8) -> u32 {
     io(VFIO_TYPE, VFIO_BASE + n)
@@ -119,3 +125,32 @@ pub const ALL: &[(&str, u32)] = &[
     ("VFIO_IOMMU_DISABLE", VFIO_IOMMU_DISABLE),
     ("VFIO_IOMMU_DIRTY_PAGES", VFIO_IOMMU_DIRTY_PAGES),
 ];
+
+/// Makes `vfio-bindings` structs [`ArgStruct`]s, each with the size its
+/// fields add up to checked at compile time (so there is no padding).
+macro_rules! vfio_arg_structs {
+    ($($t:ident = $size:literal,)+) => {
+        $(
+            const _: () = assert!(std::mem::size_of::<$t>() == $size);
+            // SAFETY: bindgen's `#[repr(C)]` copy of a VFIO uapi struct made
+            // of `__u16`/`__u32`/`__u64` fields, unions of `__u32`s and
+            // zero-length flexible arrays only: no pointers, references or
+            // drop glue, every bit pattern valid; its size is the sum of its
+            // fields (asserted above), so it has no padding.
+            unsafe impl ArgStruct for $t {
+                const C_NAME: &'static str = stringify!($t);
+            }
+        )+
+    };
+}
+
+vfio_arg_structs! {
+    vfio_device_info = 24,
+    vfio_region_info = 32,
+    vfio_info_cap_header = 8,
+    vfio_irq_info = 16,
+    vfio_irq_set = 20,
+    vfio_pci_hot_reset_info = 12,
+    vfio_pci_dependent_device = 8,
+    vfio_pci_hot_reset = 12,
+}

@@ -21,15 +21,13 @@
 #[path = "../tests/support/client.rs"]
 mod client;
 
-use std::fs::File;
-use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use client::{Client, HUGE_PAGE, PAGE};
-use ioasid_engine::backend::{Backend, GroupId, Prot};
-use vfio_legacy::{device_info, region_info, PciDevice, Sysfs, VfioLegacy};
+use ioasid_engine::backend::{Backend, DmaEntry, GroupId, Prot};
+use vfio_legacy::{PciDevice, Sysfs, VfioDevice, VfioLegacy};
 
 const EDU_VENDOR: u16 = 0x1234;
 const EDU_DEVICE: u16 = 0x11e8;
@@ -64,35 +62,37 @@ const SEED_C: u8 = 0x33;
 /// An `edu` device opened through the backend.
 struct Edu {
     bdf: String,
-    dev: File,
+    dev: VfioDevice,
     bar0: u64,
 }
 
 impl Edu {
     fn open(v: &VfioLegacy, d: &PciDevice) -> Result<Self> {
-        let fd = v.open_device(d.group, &d.bdf)?;
-        let info = device_info(fd.as_fd())?;
+        let dev = v.open_device(d.group, &d.bdf)?;
+        let info = dev.info_base()?;
         ensure!(
             info.num_regions > CONFIG_REGION,
             "{}: only {} regions",
             d.bdf,
             info.num_regions
         );
-        let bar0 = region_info(fd.as_fd(), 0)?;
+        let bar0 = dev.region(0)?;
         ensure!(
             bar0.size >= 0x10_0000,
             "{}: BAR0 is {:#x} bytes",
             d.bdf,
             bar0.size
         );
-        let cfg = region_info(fd.as_fd(), CONFIG_REGION)?;
-        let dev = File::from(fd);
+        let cfg = dev.region(CONFIG_REGION)?;
 
         let mut cmd = [0u8; 2];
-        dev.read_exact_at(&mut cmd, cfg.offset + PCI_COMMAND)?;
+        dev.file()
+            .read_exact_at(&mut cmd, cfg.offset + PCI_COMMAND)?;
         let want = u16::from_le_bytes(cmd) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
-        dev.write_all_at(&want.to_le_bytes(), cfg.offset + PCI_COMMAND)?;
-        dev.read_exact_at(&mut cmd, cfg.offset + PCI_COMMAND)?;
+        dev.file()
+            .write_all_at(&want.to_le_bytes(), cfg.offset + PCI_COMMAND)?;
+        dev.file()
+            .read_exact_at(&mut cmd, cfg.offset + PCI_COMMAND)?;
         ensure!(
             u16::from_le_bytes(cmd) & PCI_COMMAND_MASTER != 0,
             "{}: bus mastering did not stick",
@@ -115,6 +115,7 @@ impl Edu {
     fn read(&self, reg: u64) -> Result<u32> {
         let mut b = [0u8; 4];
         self.dev
+            .file()
             .read_exact_at(&mut b, self.bar0 + reg)
             .with_context(|| format!("{}: read BAR0+{reg:#x}", self.bdf))?;
         Ok(u32::from_le_bytes(b))
@@ -122,6 +123,7 @@ impl Edu {
 
     fn write(&self, reg: u64, val: u32) -> Result<()> {
         self.dev
+            .file()
             .write_all_at(&val.to_le_bytes(), self.bar0 + reg)
             .with_context(|| format!("{}: write BAR0+{reg:#x}", self.bdf))
     }
@@ -276,16 +278,24 @@ fn run() -> Result<()> {
     let page = PAGE as u64;
     let g1 = d1.group;
     let g2 = d2.group;
-    v.map(g1, IOVA_A, daemon_a, page, rw)
-        .map_err(anyhow::Error::msg)?;
-    v.map(g1, IOVA_B, daemon_b, page, rw)
-        .map_err(anyhow::Error::msg)?;
-    v.map(g2, IOVA_A, daemon_a, page, rw)
-        .map_err(anyhow::Error::msg)?;
-    v.map(g2, IOVA_C, daemon_c, page, rw)
-        .map_err(anyhow::Error::msg)?;
-    let e = v.map(g1, IOVA_A, daemon_a, page, rw).unwrap_err();
-    ensure!(e.errno == libc::EEXIST, "overlapping map: {e}");
+    let map = |g, iova, at| {
+        let entry = DmaEntry {
+            iova,
+            daemon_vaddr: at,
+            size: page,
+            prot: rw,
+        };
+        // SAFETY: every range mapped here is a page of the aliases a1 and
+        // a2, which stay alive until the end of this function, after the
+        // containers are emptied; nothing holds a reference into them.
+        unsafe { v.map(g, entry) }
+    };
+    map(g1, IOVA_A, daemon_a).map_err(anyhow::Error::msg)?;
+    map(g1, IOVA_B, daemon_b).map_err(anyhow::Error::msg)?;
+    map(g2, IOVA_A, daemon_a).map_err(anyhow::Error::msg)?;
+    map(g2, IOVA_C, daemon_c).map_err(anyhow::Error::msg)?;
+    let e = map(g1, IOVA_A, daemon_a).unwrap_err();
+    ensure!(e.errno == nix::errno::Errno::EEXIST, "overlapping map: {e}");
     println!("ok: overlapping map refused with EEXIST");
     let avail = v.domain_info(g1).map_err(anyhow::Error::msg)?.dma_avail;
     ensure!(

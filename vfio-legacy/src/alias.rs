@@ -66,7 +66,7 @@ use std::sync::Mutex;
 use ioasid_engine::backend::{Alias, Pid, Prot, Segment};
 use nix::errno::Errno;
 
-use crate::error::{Context, Error, Result};
+use crate::error::{proc_error, Context, Error, Result};
 use crate::maps::{areas_covering, Vma};
 use crate::sys::SharedMapping;
 
@@ -298,7 +298,7 @@ impl ClientMemory {
     fn areas(&self, pid: Pid, start: u64, end: u64) -> Result<Vec<Vma>> {
         let path = format!("{}/{pid}/maps", self.proc_root.display());
         let maps = std::fs::File::open(&path)
-            .map_err(|e| Error::proc(&e, format!("cannot open {path}")))?;
+            .map_err(|e| proc_error(&e, format!("cannot open {path}")))?;
         areas_covering(&maps, start, end).map_err(|e| {
             Error::new(
                 e.errno,

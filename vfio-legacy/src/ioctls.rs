@@ -16,6 +16,7 @@ pub const VFIO_GROUP_GET_DEVICE_FD: libc::c_ulong = nr::VFIO_GROUP_GET_DEVICE_FD
 pub const VFIO_DEVICE_GET_INFO: libc::c_ulong = nr::VFIO_DEVICE_GET_INFO as libc::c_ulong;
 pub const VFIO_DEVICE_GET_REGION_INFO: libc::c_ulong =
     nr::VFIO_DEVICE_GET_REGION_INFO as libc::c_ulong;
+pub const VFIO_DEVICE_RESET: libc::c_ulong = nr::VFIO_DEVICE_RESET as libc::c_ulong;
 pub const VFIO_IOMMU_GET_INFO: libc::c_ulong = nr::VFIO_IOMMU_GET_INFO as libc::c_ulong;
 pub const VFIO_IOMMU_MAP_DMA: libc::c_ulong = nr::VFIO_IOMMU_MAP_DMA as libc::c_ulong;
 pub const VFIO_IOMMU_UNMAP_DMA: libc::c_ulong = nr::VFIO_IOMMU_UNMAP_DMA as libc::c_ulong;

@@ -4,20 +4,20 @@
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use ioasid_engine::backend::{Alias, Backend, BackendError, DomainInfo, GroupId, Pid, Prot};
+use ioasid_engine::backend::{Alias, Backend, DmaEntry, DomainInfo, GroupId, Pid, Prot};
 use nix::errno::Errno;
 use vfio_bindings::bindings::vfio::{
-    vfio_device_info, vfio_iommu_type1_dma_map, vfio_iommu_type1_dma_unmap, vfio_region_info,
-    VFIO_TYPE1v2_IOMMU, VFIO_API_VERSION, VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE,
-    VFIO_DMA_UNMAP_FLAG_ALL, VFIO_GROUP_FLAGS_CONTAINER_SET, VFIO_GROUP_FLAGS_VIABLE,
-    VFIO_UNMAP_ALL,
+    vfio_iommu_type1_dma_map, vfio_iommu_type1_dma_unmap, VFIO_TYPE1v2_IOMMU, VFIO_API_VERSION,
+    VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_DMA_UNMAP_FLAG_ALL,
+    VFIO_GROUP_FLAGS_CONTAINER_SET, VFIO_GROUP_FLAGS_VIABLE, VFIO_UNMAP_ALL,
 };
 
 use crate::alias::{memlock_limit, ClientMemory};
+use crate::device::VfioDevice;
 use crate::discovery::Sysfs;
 use crate::error::{Context, Error, Result};
 use crate::iommu_info;
@@ -119,13 +119,14 @@ impl VfioLegacy {
 
     /// Open device `bdf` of `group` (`VFIO_GROUP_GET_DEVICE_FD`). Closing
     /// the returned fd resets the device.
-    pub fn open_device(&self, group: GroupId, bdf: &str) -> Result<OwnedFd> {
+    pub fn open_device(&self, group: GroupId, bdf: &str) -> Result<VfioDevice> {
         let d = self.domain(group)?;
         let name = CString::new(bdf)
             .map_err(|_| Error::new(Errno::EINVAL, format!("bad device name {bdf:?}")))?;
-        sys::group_get_device_fd(d.group.as_fd(), &name).context(|| {
+        let fd = sys::group_get_device_fd(d.group.as_fd(), &name).context(|| {
             format!("VFIO_GROUP_GET_DEVICE_FD {bdf} in group {group} (is it in this group, and not open elsewhere?)")
-        })
+        })?;
+        Ok(VfioDevice::new(fd))
     }
 
     /// `VFIO_IOMMU_GET_INFO` of `group`'s container, with its capabilities.
@@ -152,8 +153,18 @@ impl VfioLegacy {
         ))
     }
 
-    /// `VFIO_IOMMU_MAP_DMA` in `group`'s container.
-    pub fn map_dma(
+    /// `VFIO_IOMMU_MAP_DMA` in `group`'s container: the kernel pins
+    /// `[vaddr, vaddr + size)` of this process and lets the group's devices
+    /// read it (and write it, with `prot.write`).
+    ///
+    /// # Safety
+    ///
+    /// The range must be memory of this process that no Rust reference
+    /// points into for as long as the container maps it (the devices change
+    /// it behind Rust's back: a reference into DMA-mapped memory is
+    /// undefined behaviour), such as an alias from [`ClientMemory`], kept
+    /// until the range is unmapped.
+    pub unsafe fn map_dma(
         &self,
         group: GroupId,
         iova: u64,
@@ -176,7 +187,9 @@ impl VfioLegacy {
             iova,
             size,
         };
-        sys::iommu_map_dma(d.container.as_fd(), &map).context(|| {
+        // SAFETY: the range is memory no Rust reference points into, kept
+        // while mapped: this function's own contract.
+        unsafe { sys::iommu_map_dma(d.container.as_fd(), &map) }.context(|| {
             format!("VFIO_IOMMU_MAP_DMA iova {iova:#x} size {size:#x} vaddr {vaddr:#x} in group {group}")
         })
     }
@@ -323,23 +336,9 @@ fn not_viable(g: GroupId, sysfs: &Sysfs) -> Error {
     )
 }
 
-/// `VFIO_DEVICE_GET_INFO` of a device fd (base struct; capabilities not
-/// read).
-pub fn device_info(device: BorrowedFd<'_>) -> Result<vfio_device_info> {
-    sys::device_get_info(device).context(|| "VFIO_DEVICE_GET_INFO".to_string())
-}
-
-/// `VFIO_DEVICE_GET_REGION_INFO` of region `index` of a device fd (base
-/// struct; capabilities not read). `offset` is where the region starts for
-/// `pread`/`pwrite` on the device fd.
-pub fn region_info(device: BorrowedFd<'_>, index: u32) -> Result<vfio_region_info> {
-    sys::device_get_region_info(device, index)
-        .context(|| format!("VFIO_DEVICE_GET_REGION_INFO region {index}"))
-}
-
 impl Backend for VfioLegacy {
-    fn alias(&self, pid: Pid, vaddr: u64, size: u64) -> std::result::Result<Alias, BackendError> {
-        Ok(self.memory.alias(pid, vaddr, size)?)
+    fn alias(&self, pid: Pid, vaddr: u64, size: u64) -> Result<Alias> {
+        self.memory.alias(pid, vaddr, size)
     }
 
     fn release_alias(&self, alias: &Alias) {
@@ -350,42 +349,34 @@ impl Backend for VfioLegacy {
         self.memory.trim()
     }
 
-    fn memlock_limit(&self, pid: Pid) -> std::result::Result<Option<u64>, BackendError> {
-        Ok(memlock_limit(pid)?)
+    fn memlock_limit(&self, pid: Pid) -> Result<Option<u64>> {
+        memlock_limit(pid)
     }
 
-    fn domain_info(&self, group: GroupId) -> std::result::Result<DomainInfo, BackendError> {
-        Ok(self.iommu_info(group)?)
+    fn domain_info(&self, group: GroupId) -> Result<DomainInfo> {
+        self.iommu_info(group)
     }
 
-    fn map(
-        &self,
-        group: GroupId,
-        iova: u64,
-        daemon_vaddr: u64,
-        size: u64,
-        prot: Prot,
-    ) -> std::result::Result<(), BackendError> {
+    unsafe fn map(&self, group: GroupId, e: DmaEntry) -> Result<()> {
         self.domain(group)?; // an unknown group is ENOENT before anything else
-        self.memory.check_access(daemon_vaddr, size, prot)?;
-        Ok(self.map_dma(group, iova, daemon_vaddr, size, prot)?)
+        self.memory.check_access(e.daemon_vaddr, e.size, e.prot)?;
+        // SAFETY: the range lies in a live alias the engine keeps while the
+        // container may map it (`Backend::map`'s contract; checked just
+        // above to lie in one alias that allows `e.prot`); aliases are
+        // mappings of client files that no Rust reference points into.
+        unsafe { self.map_dma(group, e.iova, e.daemon_vaddr, e.size, e.prot) }
     }
 
-    fn unmap(
-        &self,
-        group: GroupId,
-        iova: u64,
-        size: u64,
-    ) -> std::result::Result<u64, BackendError> {
-        Ok(self.unmap_dma(group, iova, size)?)
+    fn unmap(&self, group: GroupId, iova: u64, size: u64) -> Result<u64> {
+        self.unmap_dma(group, iova, size)
     }
 
-    fn unmap_all(&self, group: GroupId) -> std::result::Result<(), BackendError> {
+    fn unmap_all(&self, group: GroupId) -> Result<()> {
         self.unmap_all_dma(group)?;
         Ok(())
     }
 
-    fn read(&self, daemon_vaddr: u64, buf: &mut [u8]) -> std::result::Result<(), BackendError> {
+    fn read(&self, daemon_vaddr: u64, buf: &mut [u8]) -> Result<()> {
         let mem = match self.own_memory.get() {
             Some(f) => f,
             None => {
@@ -393,7 +384,7 @@ impl Backend for VfioLegacy {
                 self.own_memory.get_or_init(|| f)
             }
         };
-        Ok(read_own_memory(mem, daemon_vaddr, buf)?)
+        read_own_memory(mem, daemon_vaddr, buf)
     }
 }
 
@@ -497,13 +488,23 @@ mod tests {
         let v = VfioLegacy::with_paths(&[], &no_vfio_paths("none")).unwrap();
         assert_eq!(v.groups().count(), 0);
         let e = Backend::domain_info(&v, 4).unwrap_err();
-        assert_eq!(e.errno, libc::ENOENT);
+        assert_eq!(e.errno, Errno::ENOENT);
         assert!(e.message.contains("group 4"), "{}", e.message);
         assert_eq!(
-            Backend::map(&v, 4, 0, 0x1000, 0x1000, Prot::default())
-                .unwrap_err()
-                .errno,
-            libc::ENOENT
+            // SAFETY: group 4 is not managed: the call fails before anything
+            // reaches the kernel.
+            unsafe {
+                let entry = DmaEntry {
+                    iova: 0,
+                    daemon_vaddr: 0x1000,
+                    size: 0x1000,
+                    prot: Prot::default(),
+                };
+                Backend::map(&v, 4, entry)
+            }
+            .unwrap_err()
+            .errno,
+            Errno::ENOENT
         );
         assert_eq!(
             v.open_device(4, "0000:00:03.0").unwrap_err().errno,
@@ -526,7 +527,7 @@ mod tests {
         }
         assert_eq!(
             Backend::memlock_limit(&v, i32::MAX).unwrap_err().errno,
-            libc::ESRCH
+            Errno::ESRCH
         );
     }
 }

@@ -13,17 +13,20 @@
 //! another (`ioctls`).
 
 pub mod alias;
+pub mod device;
 pub mod discovery;
 mod error;
 mod ioctls;
 pub mod iommu_info;
 mod legacy;
 pub mod maps;
+pub mod region_info;
 mod sys;
 
 pub use alias::ClientMemory;
+pub use device::{DeviceFile, VfioArg, VfioDevice};
 pub use discovery::{discover, PciDevice, Sysfs};
 pub use error::{Error, Result};
-pub use legacy::{device_info, region_info, Paths, VfioLegacy};
-/// The `vfio-bindings` structs the device wrappers return.
-pub use vfio_bindings::bindings::vfio::{vfio_device_info, vfio_region_info};
+pub use legacy::{Paths, VfioLegacy};
+/// The `vfio-bindings` structs the device wrappers take and return.
+pub use vfio_bindings::bindings::vfio as bindings;

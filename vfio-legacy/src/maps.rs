@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::errno::Errno;
 
-use crate::error::{Error, Result};
+use crate::error::{proc_error, Error, Result};
 use crate::sys;
 
 /// One line of `/proc/<pid>/maps`: a virtual memory area.
@@ -213,7 +213,7 @@ fn text_covering(mut maps: &File, start: u64, end: u64) -> Result<Vec<Vma>> {
                 Ok(0) => break,
                 Ok(n) => len += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::proc(&e, "cannot read the maps file")),
+                Err(e) => return Err(proc_error(&e, "cannot read the maps file")),
             }
         }
         covering_lines(&text[..len], start, end)

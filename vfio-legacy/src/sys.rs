@@ -151,6 +151,37 @@ pub(crate) fn device_get_region_info(
     Ok(info)
 }
 
+/// A VFIO device command `request` whose argument is the struct in `buf`.
+///
+/// # Safety
+///
+/// `request` must be a VFIO device command that reads and writes its
+/// argument only within the `argsz` it finds in its first `u32`, and that
+/// `argsz` must be at most `buf.len()`.
+pub(crate) unsafe fn device_ioctl(
+    device: BorrowedFd<'_>,
+    request: u32,
+    buf: &mut [u8],
+) -> Result<i32, Errno> {
+    // SAFETY: (1) valid fd; (2) `buf` is exclusively borrowed for the call
+    // and, by the contract above, the command stays within it; (3)
+    // checked.
+    check(unsafe {
+        libc::ioctl(
+            device.as_raw_fd(),
+            request as libc::c_ulong,
+            buf.as_mut_ptr(),
+        )
+    })
+}
+
+/// `VFIO_DEVICE_RESET`.
+pub(crate) fn device_reset(device: BorrowedFd<'_>) -> Result<(), Errno> {
+    // SAFETY: (1) valid fd; (2) the request takes no argument; (3) checked.
+    check(unsafe { libc::ioctl(device.as_raw_fd(), VFIO_DEVICE_RESET) })?;
+    Ok(())
+}
+
 /// `VFIO_IOMMU_GET_INFO` into `buf`, whose first field (`argsz`) is set to
 /// the buffer's length here; the kernel writes at most that many bytes.
 pub(crate) fn iommu_get_info(container: BorrowedFd<'_>, buf: &mut [u8]) -> Result<(), Errno> {
@@ -170,11 +201,14 @@ pub(crate) fn iommu_get_info(container: BorrowedFd<'_>, buf: &mut [u8]) -> Resul
 
 /// `VFIO_IOMMU_MAP_DMA`.
 ///
+/// # Safety
+///
 /// The kernel pins the pages of this process at `map.vaddr` and lets the
-/// device read (and write, with the WRITE flag) them. No Rust reference may
-/// ever point into such memory; the crate only maps its own aliases of
-/// client memory, which it touches through raw addresses only.
-pub(crate) fn iommu_map_dma(
+/// device read (and write, with the WRITE flag) them: no Rust reference may
+/// point into `[map.vaddr, map.vaddr + map.size)` while it is mapped (the
+/// crate maps only its own aliases of client memory, which it touches
+/// through raw addresses and `/proc/self/mem` only).
+pub(crate) unsafe fn iommu_map_dma(
     container: BorrowedFd<'_>,
     map: &vfio_iommu_type1_dma_map,
 ) -> Result<(), Errno> {

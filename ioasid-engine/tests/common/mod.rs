@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use ioasid_engine::backend::Prot;
 use ioasid_engine::fake::{FakeBackend, FakeEntry, FAKE_DAEMON_BASE};
-use ioasid_engine::{DeviceId, DeviceSpec, DmaMap, Engine, EngineError};
+use ioasid_engine::{ContextId, DeviceId, DeviceSpec, DmaMap, Engine, Error};
 
 pub const PID: i32 = 100;
 /// Shared memory of PID: two adjacent 8 MiB pieces at MEM, and a separate
@@ -59,6 +59,30 @@ pub fn fixture() -> Fixture {
     }
 }
 
+impl Fixture {
+    /// A context with device A bound and RID-attached to a new IOASID.
+    pub fn attached(&self) -> (ContextId, u32) {
+        let ctx = self.engine.open_context();
+        let io = self.engine.alloc(ctx).unwrap();
+        self.engine.bind(DEV_A, ctx).unwrap();
+        self.engine.attach(DEV_A, ctx, io, None).unwrap();
+        (ctx, io)
+    }
+
+    /// [`Fixture::attached`] with three 4 KiB mappings, and device B
+    /// (group 4) bound but not attached.
+    pub fn b_bound_to_three_mappings(&self) -> (ContextId, u32) {
+        let (ctx, io) = self.attached();
+        for i in 0..3 {
+            self.engine
+                .map_dma(ctx, PID, io, m(i * K4, MEM + i * K4, K4))
+                .unwrap();
+        }
+        self.engine.bind(DEV_B, ctx).unwrap();
+        (ctx, io)
+    }
+}
+
 /// A read-write map request.
 pub fn m(iova: u64, vaddr: u64, size: u64) -> DmaMap {
     mp(iova, vaddr, size, RW)
@@ -84,6 +108,6 @@ pub fn e(iova: u64, vaddr: u64, size: u64, prot: Prot) -> FakeEntry {
 }
 
 #[track_caller]
-pub fn errno<T: std::fmt::Debug>(r: Result<T, EngineError>) -> i32 {
+pub fn errno<T: std::fmt::Debug>(r: Result<T, Error>) -> nix::errno::Errno {
     r.expect_err("expected an error").errno
 }

@@ -1,0 +1,485 @@
+//! Mappings: map and unmap on an IOASID, applied to every realising
+//! domain (all or nothing), memory registration, the `RLIMIT_MEMLOCK`
+//! accounting, and replaying an IOASID into a group that joins it.
+
+use super::*;
+
+impl Engine {
+    /// Map `map.size` bytes of process `pid` at `map.vaddr` to `map.iova`
+    /// in IOASID `ioasid`, in every realising domain.
+    ///
+    /// Errors: `ENOENT` unknown IOASID, or the context has registered
+    /// memory and the range is not inside one registration; `EBUSY` group
+    /// rule; `ENODEV` no device ever attached; `EINVAL` no access bit,
+    /// size 0, misaligned, overflowing, outside the permitted ranges;
+    /// `EEXIST` overlapping; `ENOMEM` over `RLIMIT_MEMLOCK`; backend errors
+    /// (`EFAULT` unaliasable memory, `ENOSPC` full domain) pass through.
+    /// On failure nothing changes.
+    pub fn map_dma(
+        &self,
+        ctx: ContextId,
+        pid: Pid,
+        ioasid: IoasidId,
+        map: DmaMap,
+    ) -> Result<(), Error> {
+        self.with_context(ctx, |c| {
+            let (groups, known) = self.usable(c, ioasid)?;
+            self.check_no_table(c, ioasid)?;
+            let DmaMap {
+                iova,
+                vaddr,
+                size,
+                prot,
+            } = map;
+            if !prot.read && !prot.write {
+                return Err(err(EINVAL, "a mapping must allow read, write or both"));
+            }
+            if size == 0 {
+                return Err(err(EINVAL, "cannot map 0 bytes"));
+            }
+            let pg = min_pgsize(known.pgsize_bitmap);
+            if (iova | vaddr | size) & (pg - 1) != 0 {
+                return Err(err(
+                    EINVAL,
+                    format!(
+                        "iova {iova:#x}, vaddr {vaddr:#x} and size {size:#x} must be multiples of \
+                         the IOMMU page size {pg:#x}"
+                    ),
+                ));
+            }
+            let (Some(end), Some(_)) = (iova.checked_add(size), vaddr.checked_add(size)) else {
+                return Err(err(EINVAL, "iova + size or vaddr + size overflows"));
+            };
+            let last = end - 1;
+            if !known.iova_ranges.is_empty()
+                && !known
+                    .iova_ranges
+                    .iter()
+                    .any(|&(a, b)| a <= iova && last <= b)
+            {
+                return Err(err(
+                    EINVAL,
+                    format!(
+                        "IOVA range {iova:#x}..={last:#x} is not inside one permitted range \
+                         (see IOASID_GET_INFO)"
+                    ),
+                ));
+            }
+            let io = c.ioasid(ioasid)?;
+            let is_child = io.parent.is_some();
+            if let Some((&s, m)) = io.mappings.range(..end).next_back() {
+                if s + m.size > iova {
+                    return Err(err(
+                        EEXIST,
+                        format!(
+                            "IOVA range {iova:#x}..={last:#x} overlaps the mapping at {s:#x} \
+                             ({:#x} bytes); unmap it first",
+                            m.size
+                        ),
+                    ));
+                }
+            }
+            if is_child {
+                return self.map_child(c, ioasid, iova, vaddr, size, prot);
+            }
+            let memory = if c.registrations.is_empty() {
+                self.check_memlock(c, pid, size)?;
+                Memory::Own(self.backend.alias(pid, vaddr, size)?)
+            } else {
+                let inside = c
+                    .registrations
+                    .range(..=vaddr)
+                    .next_back()
+                    .filter(|(&s, r)| vaddr + size <= s + r.size);
+                match inside {
+                    Some((&s, _)) => Memory::Registered(s),
+                    None => {
+                        return Err(err(
+                            ENOENT,
+                            format!(
+                                "vaddr range {vaddr:#x}+{size:#x} is not inside one registered \
+                                 range; this ioasid fd has registered memory, so every map must \
+                                 lie in a registration (IOASID_REGISTER_MEMORY)"
+                            ),
+                        ))
+                    }
+                }
+            };
+            let mapping = Mapping {
+                vaddr,
+                size,
+                prot,
+                memory,
+            };
+            let segs = c.segments(&mapping);
+            let mut failed = None;
+            for (i, &g) in groups.iter().enumerate() {
+                if let Err(e) = self.map_segments(c, g, iova, &segs, prot) {
+                    for &done in &groups[..i] {
+                        if let Err(undo) = self.backend.unmap(done, iova, size) {
+                            self.undo_failed(c, done, "unmapping a map refused elsewhere", &undo);
+                        }
+                    }
+                    failed = Some(e);
+                    break;
+                }
+            }
+            drop(segs);
+            if let Some(e) = failed {
+                if let Memory::Own(alias) = mapping.memory {
+                    self.release(c, alias);
+                }
+                return Err(e);
+            }
+            match mapping.memory {
+                Memory::Own(_) => c.own_bytes += size,
+                Memory::Registered(s) => {
+                    c.registrations.get_mut(&s).expect("found above").users += 1
+                }
+                Memory::Nested => {}
+            }
+            c.ioasid_mut(ioasid)?.mappings.insert(iova, mapping);
+            // The children see the new mapping at once.
+            if c.has_children(ioasid) {
+                let view = parent_view(c, ioasid, &[])?;
+                if let Err(e) = self.refresh_children(c, ioasid, &view) {
+                    let m = c
+                        .ioasid_mut(ioasid)?
+                        .mappings
+                        .remove(&iova)
+                        .expect("inserted above");
+                    for &g in &groups {
+                        if let Err(undo) = self.backend.unmap(g, iova, size) {
+                            self.undo_failed(c, g, "unmapping a map its children refused", &undo);
+                        }
+                    }
+                    self.drop_memory(c, m);
+                    return Err(e);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    pub(super) fn check_memlock(&self, c: &Context, pid: Pid, more: u64) -> Result<(), Error> {
+        let Some(limit) = self.backend.memlock_limit(pid)? else {
+            return Ok(());
+        };
+        let total = c.pinned().saturating_add(more);
+        if total > limit {
+            return Err(err(
+                ENOMEM,
+                format!(
+                    "pinning {more:#x} more bytes would bring this ioasid fd to {total:#x} \
+                     bytes, above the RLIMIT_MEMLOCK of process {pid} ({limit:#x} bytes); \
+                     raise the limit (ulimit -l), or register the memory once with \
+                     IOASID_REGISTER_MEMORY"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Map one mapping's segments into `group`; all or nothing.
+    pub(super) fn map_segments(
+        &self,
+        c: &Context,
+        group: GroupId,
+        iova: u64,
+        segs: &[Segment],
+        prot: Prot,
+    ) -> Result<(), Error> {
+        for (i, s) in segs.iter().enumerate() {
+            if let Err(e) = self.map_alias(
+                group,
+                DmaEntry {
+                    iova: iova + s.offset,
+                    daemon_vaddr: s.daemon_vaddr,
+                    size: s.len,
+                    prot,
+                },
+            ) {
+                for done in &segs[..i] {
+                    if let Err(undo) = self.backend.unmap(group, iova + done.offset, done.len) {
+                        self.undo_failed(c, group, "unmapping the first pieces of a map", &undo);
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Map every mapping of `id` into `group`'s (empty) domain, or nothing.
+    pub(super) fn replay(&self, c: &Context, group: GroupId, id: IoasidId) -> Result<(), Error> {
+        let io = c.ioasid(id)?;
+        for (&iova, m) in &io.mappings {
+            if let Err(e) = self.map_segments(c, group, iova, &c.segments(m), m.prot) {
+                if let Err(undo) = self.backend.unmap_all(group) {
+                    self.undo_failed(c, group, "emptying the domain after a failed replay", &undo);
+                }
+                return Err(Error::new(
+                    e.errno,
+                    format!(
+                        "attaching IOMMU group {group} to IOASID {id}: replaying the mapping at \
+                         IOVA {iova:#x} failed: {}",
+                        e.message
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Unmap the mappings inside `[iova, iova + size)` of IOASID `ioasid`
+    /// and return the bytes unmapped, with VFIO type1v2 semantics: a range
+    /// with nothing mapped succeeds with 0 (iommufd would answer `ENOENT`);
+    /// a range that would split a mapping is `EINVAL`; size 0, misaligned
+    /// or overflowing is `EINVAL`. `ENOENT`, `EBUSY`, `ENODEV` as for
+    /// [`Engine::map_dma`].
+    pub fn unmap_dma(
+        &self,
+        ctx: ContextId,
+        ioasid: IoasidId,
+        iova: u64,
+        size: u64,
+    ) -> Result<u64, Error> {
+        self.with_context(ctx, |c| {
+            let (groups, known) = self.usable(c, ioasid)?;
+            self.check_no_table(c, ioasid)?;
+            if size == 0 {
+                return Err(err(EINVAL, "cannot unmap 0 bytes"));
+            }
+            let pg = min_pgsize(known.pgsize_bitmap);
+            if (iova | size) & (pg - 1) != 0 {
+                return Err(err(
+                    EINVAL,
+                    format!(
+                        "iova {iova:#x} and size {size:#x} must be multiples of the IOMMU page \
+                         size {pg:#x}"
+                    ),
+                ));
+            }
+            let end = iova
+                .checked_add(size)
+                .ok_or_else(|| err(EINVAL, "iova + size overflows"))?;
+            let io = c.ioasid(ioasid)?;
+            let split = |s: u64, m: &Mapping| {
+                err(
+                    EINVAL,
+                    format!(
+                        "unmapping {iova:#x}+{size:#x} would split the mapping at {s:#x} ({:#x} \
+                         bytes); unmap whole mappings",
+                        m.size
+                    ),
+                )
+            };
+            if let Some((&s, m)) = io.mappings.range(..iova).next_back() {
+                if s + m.size > iova {
+                    return Err(split(s, m));
+                }
+            }
+            if let Some((&s, m)) = io.mappings.range(iova..end).next_back() {
+                if s + m.size > end {
+                    return Err(split(s, m));
+                }
+            }
+            let gone: Vec<u64> = io.mappings.range(iova..end).map(|(&s, _)| s).collect();
+            if gone.is_empty() {
+                return Ok(0);
+            }
+            self.remove(c, ioasid, &groups, &gone, |b, g| {
+                b.unmap(g, iova, size).map(|_| ())
+            })
+        })
+    }
+
+    /// Unmap everything from IOASID `ioasid` (`VFIO_DMA_UNMAP_FLAG_ALL`);
+    /// returns the bytes unmapped.
+    pub fn unmap_all_dma(&self, ctx: ContextId, ioasid: IoasidId) -> Result<u64, Error> {
+        self.with_context(ctx, |c| {
+            let (groups, _) = self.usable(c, ioasid)?;
+            self.check_no_table(c, ioasid)?;
+            let gone: Vec<u64> = c.ioasid(ioasid)?.mappings.keys().copied().collect();
+            if gone.is_empty() {
+                return Ok(0);
+            }
+            self.remove(c, ioasid, &groups, &gone, |b, g| b.unmap_all(g))
+        })
+    }
+
+    /// Remove the mappings starting at `gone` from `ioasid`: a child's
+    /// through its shadow; a root's from its groups, after taking them out
+    /// of its children's shadows (so no domain maps memory about to be
+    /// released).
+    pub(super) fn remove(
+        &self,
+        c: &mut Context,
+        ioasid: IoasidId,
+        groups: &[GroupId],
+        gone: &[u64],
+        unmap: impl Fn(&dyn Backend, GroupId) -> Result<(), Error>,
+    ) -> Result<u64, Error> {
+        if c.ioasid(ioasid)?.parent.is_some() {
+            return self.unmap_child(c, ioasid, gone);
+        }
+        if !c.has_children(ioasid) {
+            return self.remove_mappings(c, ioasid, groups, gone, unmap);
+        }
+        let without = parent_view(c, ioasid, gone)?;
+        self.refresh_children(c, ioasid, &without)?;
+        match self.remove_mappings(c, ioasid, groups, gone, unmap) {
+            Ok(bytes) => Ok(bytes),
+            Err(e) => {
+                let full = parent_view(c, ioasid, &[])?;
+                if let Err(undo) = self.refresh_children(c, ioasid, &full) {
+                    tracing::warn!(ioasid, error = %undo, "restoring the children's shadows failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Remove the mappings starting at `gone` from `ioasid` and from every
+    /// realising group (with `unmap`); on a backend failure, map them back
+    /// into the groups already done and change nothing.
+    pub(super) fn remove_mappings(
+        &self,
+        c: &mut Context,
+        ioasid: IoasidId,
+        groups: &[GroupId],
+        gone: &[u64],
+        unmap: impl Fn(&dyn Backend, GroupId) -> Result<(), Error>,
+    ) -> Result<u64, Error> {
+        for (i, &g) in groups.iter().enumerate() {
+            if let Err(e) = unmap(self.backend.as_ref(), g) {
+                let io = c.ioasid(ioasid)?;
+                for &done in &groups[..i] {
+                    for s in gone {
+                        let m = &io.mappings[s];
+                        if let Err(undo) = self.map_segments(c, done, *s, &c.segments(m), m.prot) {
+                            self.undo_failed(
+                                c,
+                                done,
+                                "mapping back an unmap refused elsewhere",
+                                &undo,
+                            );
+                        }
+                    }
+                }
+                return Err(e);
+            }
+        }
+        let mut bytes = 0;
+        for s in gone {
+            let m = c
+                .ioasid_mut(ioasid)?
+                .mappings
+                .remove(s)
+                .expect("collected above");
+            bytes += m.size;
+            self.drop_memory(c, m);
+        }
+        Ok(bytes)
+    }
+
+    /// Register `[vaddr, vaddr + size)` of process `pid`: alias and account
+    /// it once, for any number of later maps. `EINVAL` size 0, not 4 KiB
+    /// aligned or overflowing; `EEXIST` overlapping a registration;
+    /// `ENOMEM` over `RLIMIT_MEMLOCK`; `EFAULT` (from the backend) memory
+    /// that cannot be aliased.
+    pub fn register_memory(
+        &self,
+        ctx: ContextId,
+        pid: Pid,
+        vaddr: u64,
+        size: u64,
+    ) -> Result<(), Error> {
+        self.with_context(ctx, |c| {
+            if size == 0 || (vaddr | size) & 4095 != 0 {
+                return Err(err(
+                    EINVAL,
+                    format!(
+                        "vaddr {vaddr:#x} and size {size:#x} must be non-zero multiples of 4 KiB"
+                    ),
+                ));
+            }
+            let end = vaddr
+                .checked_add(size)
+                .ok_or_else(|| err(EINVAL, "vaddr + size overflows"))?;
+            if let Some((&s, r)) = c.registrations.range(..end).next_back() {
+                if s + r.size > vaddr {
+                    return Err(err(
+                        EEXIST,
+                        format!(
+                            "{vaddr:#x}+{size:#x} overlaps the registration {s:#x}+{:#x}",
+                            r.size
+                        ),
+                    ));
+                }
+            }
+            self.check_memlock(c, pid, size)?;
+            let alias = self.backend.alias(pid, vaddr, size)?;
+            c.registrations.insert(
+                vaddr,
+                Registration {
+                    size,
+                    alias,
+                    users: 0,
+                },
+            );
+            c.registered_bytes += size;
+            Ok(())
+        })
+    }
+
+    /// Undo [`Engine::register_memory`]. `ENOENT` unless `(vaddr, size)` is
+    /// exactly a registration; `EBUSY` while a mapping uses it.
+    pub fn unregister_memory(&self, ctx: ContextId, vaddr: u64, size: u64) -> Result<(), Error> {
+        self.with_context(ctx, |c| {
+            let r = c
+                .registrations
+                .get(&vaddr)
+                .filter(|r| r.size == size)
+                .ok_or_else(|| {
+                    err(
+                        ENOENT,
+                        format!("{vaddr:#x}+{size:#x} is not a registration of this ioasid fd"),
+                    )
+                })?;
+            if r.users > 0 {
+                return Err(err(
+                    EBUSY,
+                    format!(
+                        "registration {vaddr:#x}+{size:#x} is used by {} mapping(s); unmap them first",
+                        r.users
+                    ),
+                ));
+            }
+            let r = c.registrations.remove(&vaddr).expect("found above");
+            self.release(c, r.alias);
+            c.registered_bytes -= size;
+            Ok(())
+        })
+    }
+
+    /// `EBUSY` if a table is bound to `id` (no map or unmap then).
+    pub(super) fn check_no_table(&self, c: &Context, id: IoasidId) -> Result<(), Error> {
+        let io = c.ioasid(id)?;
+        if io.pgtable.is_some() || io.pasid_table.is_some() {
+            return Err(err(
+                EBUSY,
+                format!(
+                    "a {} is bound to IOASID {id}: it takes no MAP_DMA or UNMAP_DMA; unbind it \
+                     first",
+                    if io.pgtable.is_some() {
+                        "page table"
+                    } else {
+                        "PASID table"
+                    }
+                ),
+            ));
+        }
+        Ok(())
+    }
+}

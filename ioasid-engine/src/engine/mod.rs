@@ -1,0 +1,374 @@
+//! The engine: contexts, IOASIDs, mappings, registrations, devices,
+//! nesting and tables, one concern per module:
+//!
+//! - `types`: the public vocabulary (ids, requests, reports);
+//! - `context`: contexts and IOASIDs (alloc, free, info);
+//! - `mapping`: map, unmap and registration, on every realising domain;
+//! - `device`: bind, attach, detach and the group rule;
+//! - `nesting`: child IOASIDs and their shadows;
+//! - `tables`: bound page tables, PASID tables and invalidation;
+//! - this file: the [`Engine`] itself, opening and closing contexts.
+//!
+//! # Model
+//!
+//! A *context* is one open of `/dev/ioasid`. It owns its IOASIDs, its
+//! memory registrations and the devices bound to it. An IOASID is a
+//! software object: its mappings live in [`Ioasid::mappings`] and are
+//! *realised* in the domain of every IOMMU group that has a device attached
+//! to the IOASID by RID. The first such device of a group replays the
+//! mappings into the group's domain; the last one to detach empties it.
+//!
+//! # Nesting (software)
+//!
+//! A *child* IOASID ([`Engine::create_nesting`]) translates into its
+//! parent's IOVA space. Its translations come from its own mappings (the
+//! DMA mapping protocol, "vaddr" being a parent IOVA), from a bound page
+//! table ([`Engine::bind_pgtable`], walked in software) or from nothing
+//! (a bound PASID table, which is tracked but routes no RID DMA). The
+//! engine keeps the child's *shadow*: each translation composed with the
+//! parent's mappings as they are now, one piece per (translation, parent
+//! alias segment) overlap, with the intersection of both permissions;
+//! pieces the parent does not map are left out (DMA there is blocked). The
+//! shadow is what the domain of every group realising the child holds, and
+//! every change at either level is applied to those domains as a diff.
+//!
+//! A group realises the child as soon as one of its devices is attached to
+//! the child by RID (such a device stays attached to the parent by RID):
+//! its domain then holds the child's shadow instead of the parent's
+//! mappings, and gets the parent's back when its last device leaves the
+//! child.
+//!
+//! A bound page table is read at bind and at each invalidation only (an
+//! IOTLB): the engine caches its leaves (input → parent IOVA), so a table
+//! entry changed without an invalidation is not seen, while a parent map or
+//! unmap recomposes the shadow from the cached leaves at once.
+//!
+//! # Locking
+//!
+//! - `contexts` (a `RwLock` over the table of contexts) is held only to
+//!   look a context up, insert or remove one; it is released before any
+//!   other lock is taken.
+//! - Each context has its own `Mutex`. Every operation on a context's
+//!   IOASIDs, registrations and devices, including the backend calls they
+//!   make, runs under it, so contexts never wait for each other.
+//! - `registry` (which device is bound to which context, which groups are
+//!   out of service) is taken *after* a context lock, never before, and
+//!   never while holding two context locks. Lock order: context → registry.
+//!
+//! Group ownership (all bound devices of a group belong to one context)
+//! means a group's domain and its devices' attachments are only ever
+//! touched under the lock of the context that owns the group.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use nix::errno::Errno::{EBUSY, EEXIST, EFAULT, EINVAL, EIO, ENODEV, ENOENT, ENOMEM, ENOSPC};
+use slab::Slab;
+
+use crate::backend::{Alias, Backend, DmaEntry, DomainInfo, GroupId, Pid, Prot, Segment};
+use crate::error::{err, Error};
+use crate::pgtable::{self, Leaf, PasidEntry, WalkStats};
+
+mod context;
+mod device;
+mod mapping;
+mod nesting;
+mod service;
+mod tables;
+mod types;
+
+use context::*;
+
+use nesting::*;
+use tables::*;
+pub use types::*;
+
+#[derive(Debug, Default)]
+struct Registry {
+    bound: HashMap<DeviceId, ContextId>,
+    /// Groups whose domain may hold what the engine does not track: an
+    /// undo failed in the context named (`Some`), or the domain could not
+    /// be emptied when its context closed (`None`: until the daemon
+    /// restarts). See `service`.
+    out_of_service: HashMap<GroupId, Option<ContextId>>,
+}
+
+/// The IOASID engine. Share it as `Arc<Engine>`; every method takes `&self`.
+pub struct Engine {
+    backend: Arc<dyn Backend>,
+    devices: BTreeMap<DeviceId, DeviceSpec>,
+    contexts: RwLock<HashMap<ContextId, Arc<Mutex<Context>>>>,
+    next_context: AtomicU64,
+    registry: Mutex<Registry>,
+    /// Budget of one table walk (see [`pgtable::walk`]).
+    walk_limit: AtomicU64,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("devices", &self.devices)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The smallest page size of a bitmap, never below 4 KiB.
+fn min_pgsize(bitmap: u64) -> u64 {
+    if bitmap == 0 {
+        4096
+    } else {
+        (1u64 << bitmap.trailing_zeros()).max(4096)
+    }
+}
+
+fn intersect(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(s1, l1) in a {
+        for &(s2, l2) in b {
+            let (s, l) = (s1.max(s2), l1.min(l2));
+            if s <= l {
+                out.push((s, l));
+            }
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+fn combine<'a>(mut infos: impl Iterator<Item = &'a DomainInfo>) -> Option<DomainInfo> {
+    let first = infos.next()?.clone();
+    Some(infos.fold(first, |acc, i| DomainInfo {
+        pgsize_bitmap: acc.pgsize_bitmap & i.pgsize_bitmap,
+        iova_ranges: intersect(&acc.iova_ranges, &i.iova_ranges),
+        dma_avail: match (acc.dma_avail, i.dma_avail) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        },
+    }))
+}
+
+/// The segments, relative to the mapping's start, of `[off, off + size)`
+/// of an alias.
+fn slice_segments(segments: &[Segment], off: u64, size: u64) -> Vec<Segment> {
+    let end = off + size;
+    segments
+        .iter()
+        .filter_map(|s| {
+            let start = s.offset.max(off);
+            let stop = (s.offset + s.len).min(end);
+            (start < stop).then(|| Segment {
+                offset: start - off,
+                daemon_vaddr: s.daemon_vaddr + (start - s.offset),
+                len: stop - start,
+            })
+        })
+        .collect()
+}
+
+fn ioasid_key(id: IoasidId) -> Option<usize> {
+    (id as usize).checked_sub(1)
+}
+
+impl Engine {
+    /// An engine serving `devices` over `backend`. Fails with `EINVAL` when
+    /// two devices share an id.
+    pub fn new(backend: Arc<dyn Backend>, devices: Vec<DeviceSpec>) -> Result<Self, Error> {
+        let mut table = BTreeMap::new();
+        for d in devices {
+            if let Some(old) = table.insert(d.id, d) {
+                return Err(err(
+                    EINVAL,
+                    format!("device id {} given twice ({})", old.id.0, old.name),
+                ));
+            }
+        }
+        Ok(Engine {
+            backend,
+            devices: table,
+            contexts: RwLock::new(HashMap::new()),
+            next_context: AtomicU64::new(1),
+            registry: Mutex::new(Registry::default()),
+            walk_limit: AtomicU64::new(pgtable::DEFAULT_WALK_LIMIT),
+        })
+    }
+
+    /// The devices served, by id.
+    pub fn devices(&self) -> impl Iterator<Item = &DeviceSpec> {
+        self.devices.values()
+    }
+
+    /// The device with id `id`.
+    pub fn device(&self, id: DeviceId) -> Option<&DeviceSpec> {
+        self.devices.get(&id)
+    }
+
+    /// The context device `dev` is bound to, if any.
+    pub fn bound_context(&self, dev: DeviceId) -> Option<ContextId> {
+        lock(&self.registry).bound.get(&dev).copied()
+    }
+
+    /// Map `entry` into `group`'s domain: the one place the engine hands
+    /// client memory to a domain.
+    fn map_alias(&self, group: GroupId, entry: DmaEntry) -> Result<(), Error> {
+        // SAFETY: every daemon address the engine maps is cut from a
+        // segment of an alias it holds: a root mapping's own, a
+        // registration's (kept while a mapping uses it), or for a shadow
+        // entry the parent mapping's, which is taken out of every child's
+        // shadow before it goes. An alias is released only after the
+        // domains stopped mapping it, or, when an undo failed and a domain
+        // may still map it, only once that group's domain has been emptied
+        // (the group is out of service meanwhile).
+        unsafe { self.backend.map(group, entry) }
+    }
+
+    /// Run `f` on context `ctx` under its lock: `EINVAL` if the context
+    /// is not open (or was closed while this call waited for the lock).
+    fn with_context<R>(
+        &self,
+        ctx: ContextId,
+        f: impl FnOnce(&mut Context) -> Result<R, Error>,
+    ) -> Result<R, Error> {
+        let arc = self.context(ctx)?;
+        let mut c = lock(&arc);
+        c.check_open(ctx)?;
+        f(&mut c)
+    }
+
+    fn context(&self, ctx: ContextId) -> Result<Arc<Mutex<Context>>, Error> {
+        self.contexts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ctx)
+            .cloned()
+            .ok_or_else(|| not_open(ctx))
+    }
+
+    fn name(&self, dev: DeviceId) -> &str {
+        self.devices.get(&dev).map_or("?", |d| d.name.as_str())
+    }
+
+    fn spec(&self, dev: DeviceId) -> Result<&DeviceSpec, Error> {
+        self.devices
+            .get(&dev)
+            .ok_or_else(|| err(EINVAL, format!("no device with id {}", dev.0)))
+    }
+
+    /// Open a new context (one open of `/dev/ioasid`).
+    pub fn open_context(&self) -> ContextId {
+        let id = ContextId(self.next_context.fetch_add(1, Ordering::Relaxed));
+        self.contexts
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, Arc::new(Mutex::new(Context::new(id))));
+        id
+    }
+
+    /// Destroy context `ctx` and everything in it: detach and unbind its
+    /// devices (emptying their groups' domains), free its IOASIDs and
+    /// release every alias. `EINVAL` if `ctx` is not open.
+    pub fn close_context(&self, ctx: ContextId) -> Result<ClosedContext, Error> {
+        let arc = self
+            .contexts
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ctx)
+            .ok_or_else(|| not_open(ctx))?;
+        let mut c = lock(&arc);
+        // Operations that looked the context up before it left the table
+        // find it closed once they get the lock.
+        c.closed = true;
+        let mut closed = ClosedContext::default();
+        // The groups to empty: those realising an IOASID, and those out of
+        // service because of this context (their domain may hold anything).
+        let mut groups: BTreeSet<GroupId> = std::mem::take(&mut c.realising).into_keys().collect();
+        groups.extend(
+            lock(&self.registry)
+                .out_of_service
+                .iter()
+                .filter(|(_, owner)| **owner == Some(ctx))
+                .map(|(g, _)| *g),
+        );
+        for group in groups {
+            if let Err(e) = self.backend.unmap_all(group) {
+                lock(&self.registry).out_of_service.insert(group, None);
+                closed.errors.push(Error::new(
+                    e.errno,
+                    format!(
+                        "IOMMU group {group}: could not empty its domain ({}); the group is \
+                         out of service until the daemon restarts",
+                        e.message
+                    ),
+                ));
+            } else {
+                let mut reg = lock(&self.registry);
+                if reg.out_of_service.get(&group) == Some(&Some(ctx)) {
+                    reg.out_of_service.remove(&group);
+                }
+            }
+        }
+        c.broken.store(0, Ordering::Relaxed);
+        for alias in std::mem::take(&mut c.held) {
+            self.backend.release_alias(&alias);
+        }
+        let bound = std::mem::take(&mut c.bound);
+        {
+            let mut reg = lock(&self.registry);
+            for dev in bound.keys() {
+                reg.bound.remove(dev);
+            }
+        }
+        closed.unbound = bound.into_keys().collect();
+        for (_, ioasid) in std::mem::take(&mut c.ioasids) {
+            for (_, m) in ioasid.mappings {
+                if let Memory::Own(alias) = m.memory {
+                    self.backend.release_alias(&alias);
+                }
+            }
+        }
+        for (_, r) in std::mem::take(&mut c.registrations) {
+            self.backend.release_alias(&r.alias);
+        }
+        c.own_bytes = 0;
+        c.registered_bytes = 0;
+        drop(c);
+        // Released aliases may linger in the backend's idle cache, keeping
+        // client files alive: a closed context leaves nothing behind.
+        self.backend.trim();
+        Ok(closed)
+    }
+
+    /// Bytes pinned for context `ctx`: registered bytes plus the bytes of
+    /// mappings not made from a registration.
+    pub fn pinned_bytes(&self, ctx: ContextId) -> Result<u64, Error> {
+        self.with_context(ctx, |c| Ok(c.pinned()))
+    }
+
+    /// Set the budget of one table walk (default
+    /// [`pgtable::DEFAULT_WALK_LIMIT`]): each table read costs
+    /// [`pgtable::TABLE_READ_COST`], each present entry 1; a walk that runs
+    /// out stops and is counted as malformed. A PASID-table read shares one
+    /// budget among all the PASIDs it walks.
+    pub fn set_walk_limit(&self, limit: u64) {
+        self.walk_limit.store(limit, Ordering::Relaxed);
+    }
+}
+
+fn not_open(ctx: ContextId) -> Error {
+    err(EINVAL, format!("ioasid context {} is not open", ctx.0))
+}
+
+fn not_bound(spec: &DeviceSpec) -> Error {
+    err(
+        EINVAL,
+        format!(
+            "device {} is not bound to this ioasid fd; bind it first (VFIO_BIND_IOASID_FD)",
+            spec.name
+        ),
+    )
+}
