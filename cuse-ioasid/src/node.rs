@@ -11,7 +11,9 @@ use std::sync::Arc;
 use cuse_server::{Device, Errno, IoctlArgs, IoctlResult, OpenFlags, Request};
 use ioasid_engine::{ClosedContext, ContextId, Engine};
 
-use crate::ioctl::dispatch;
+use ioctl_table::log::{self, Client};
+
+use crate::ioctl::{dispatch, IOASID_TABLE};
 
 /// What to do after a context was closed: the device front end closes the
 /// device fds of the devices the engine unbound.
@@ -38,6 +40,10 @@ impl Device for IoasidNode {
         Ok(ctx.0)
     }
 
+    fn ioctl_is_quick(&self, cmd: u32) -> bool {
+        IOASID_TABLE.is_quick(cmd)
+    }
+
     fn ioctl(&self, req: &Request, fh: u64, args: IoctlArgs<'_>) -> Result<IoctlResult, Errno> {
         let value = dispatch(&self.engine, ContextId(fh), req, args.cmd, args.arg)?;
         Ok(IoctlResult::value(value))
@@ -50,11 +56,13 @@ impl Device for IoasidNode {
                     tracing::error!(ctx = fh, "while closing an ioasid context: {e}");
                 }
                 if !closed.unbound.is_empty() {
-                    tracing::info!(
-                        ctx = fh,
-                        devices = ?closed.unbound,
-                        "ioasid fd closed: its devices were detached and unbound"
-                    );
+                    if let Some(dropped) = log::client_line(Client::Context(fh)) {
+                        tracing::info!(
+                            ctx = fh,
+                            devices = ?closed.unbound,
+                            "ioasid fd closed: its devices were detached and unbound{dropped}"
+                        );
+                    }
                 }
                 (self.on_close)(&closed);
             }

@@ -23,6 +23,7 @@ use crate::device_file::{ContextLookup, DeviceOpener, IoasidIdentify};
 use crate::error::{Error, Result};
 use crate::ioctl::{DEVICE_TABLE, NEEDS_BIND};
 use crate::regions::{self, Access, Region, RegionTable};
+use ioctl_table::log::{self, Client};
 use ioctl_table::Caller;
 
 /// Most regions read into the table at bind (vfio-pci has 9 plus
@@ -123,10 +124,10 @@ impl DeviceNode {
         };
         match gone {
             Some(b) => {
-                tracing::info!(
-                    device = %self.spec.name,
-                    ctx = b.ctx.0,
-                    "ioasid fd closed: device unbound, device fd closed (the device is reset)"
+                self.note(
+                    b.ctx,
+                    b.fh,
+                    "ioasid fd closed: device unbound, device fd closed (the device is reset)",
                 );
                 drop(b);
                 true
@@ -151,11 +152,16 @@ impl DeviceNode {
         r
     }
 
-    fn log(&self, op: &str, fh: u64, e: &Error) {
-        if e.is_client_mistake() {
-            tracing::debug!(device = %self.spec.name, op, fh, errno = %e.errno, "{}", e.message);
-        } else {
-            tracing::warn!(device = %self.spec.name, op, fh, errno = %e.errno, "{}", e.message);
+    /// The one log rule for a refused request (`ioctl_table::log`).
+    fn log(&self, caller: &dyn Caller, op: &str, e: &Error) {
+        log::refusal(Client::of(caller), &self.spec.name, op, e);
+    }
+
+    /// An info line about open file `fh` bound to `ctx`, within that
+    /// client's log budget.
+    fn note(&self, ctx: ContextId, fh: u64, what: &str) {
+        if let Some(dropped) = log::client_line(Client::Context(ctx.0)) {
+            tracing::info!(device = %self.spec.name, fh, ctx = ctx.0, "{what}{dropped}");
         }
     }
 
@@ -228,7 +234,7 @@ impl DeviceNode {
         drop(stale);
         drop(file);
         if r.is_ok() {
-            tracing::info!(device = %self.spec.name, fh, ctx = ctx.0, "bound");
+            self.note(ctx, fh, "bound");
         }
         r.map(|()| 0)
     }
@@ -313,7 +319,7 @@ impl DeviceNode {
         drop(file);
         // Dropping the binding closes the device fd: the kernel resets it.
         let gone = r?;
-        tracing::info!(device = %self.spec.name, fh, ctx = ctx.0, "unbound");
+        self.note(ctx, fh, "unbound");
         drop(gone);
         Ok(0)
     }
@@ -336,11 +342,14 @@ impl DeviceNode {
         if attach {
             self.engine.attach(self.spec.id, ctx, a.ioasid, pasid)?;
             if let Some(p) = pasid {
-                tracing::info!(
-                    device = %self.spec.name,
-                    ioasid = a.ioasid,
-                    pasid = p,
-                    "PASID attachment recorded; legacy VFIO cannot route PASID-tagged DMA"
+                self.note(
+                    ctx,
+                    fh,
+                    &format!(
+                        "PASID {p} attachment to IOASID {} recorded; legacy VFIO cannot route \
+                         PASID-tagged DMA",
+                        a.ioasid
+                    ),
                 );
             }
         } else {
@@ -439,7 +448,9 @@ impl DeviceNode {
         let files = self.opener.group_fds(&groups)?;
         dev.hot_reset(&files)
             .map_err(|e| Error::new(e, format!("{NAME} failed on the device")))?;
-        tracing::info!(device = %self.spec.name, groups = ?groups, "hot reset");
+        if let Some(dropped) = log::client_line(Client::Context(ctx.0)) {
+            tracing::info!(device = %self.spec.name, groups = ?groups, "hot reset{dropped}");
+        }
         Ok(0)
     }
 
@@ -486,7 +497,7 @@ impl DeviceNode {
         let gone = self.lock().release(fh);
         let Some(b) = gone else { return };
         match self.engine.unbind(self.spec.id, b.ctx) {
-            Ok(()) => tracing::info!(device = %self.spec.name, fh, "released: unbound"),
+            Ok(()) => self.note(b.ctx, fh, "released: unbound"),
             Err(e) => {
                 // The context may be closing at the same time; it unbinds.
                 tracing::debug!(device = %self.spec.name, fh, error = %e, "unbind at release")
@@ -503,26 +514,26 @@ impl Device for DeviceNode {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         fh: u64,
         size: u32,
         offset: Offset,
     ) -> std::result::Result<Vec<u8>, Errno> {
         self.handle_read(fh, size, &offset).map_err(|e| {
-            self.log("read", fh, &e);
+            self.log(req, "read", &e);
             e.errno
         })
     }
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         fh: u64,
         data: &[u8],
         offset: Offset,
     ) -> std::result::Result<u32, Errno> {
         self.handle_write(fh, data, &offset).map_err(|e| {
-            self.log("write", fh, &e);
+            self.log(req, "write", &e);
             e.errno
         })
     }
@@ -537,7 +548,7 @@ impl Device for DeviceNode {
             Ok(v) => Ok(IoctlResult::value(v)),
             Err(e) => {
                 let op = format!("ioctl {:#x}", args.cmd);
-                self.log(&op, fh, &e);
+                self.log(req, &op, &e);
                 Err(e.errno)
             }
         }

@@ -16,11 +16,14 @@
 //!   [`read_data`] for VFIO's variable-length arguments, forwarded whole.
 //!
 //! Errors are the daemon's one [`ioasid_uapi::Error`]; a node logs each
-//! failure once, at debug level for a client's mistake
-//! ([`ioasid_uapi::is_client_mistake`]) and at warn level otherwise.
+//! refusal once ([`log::refusal`]), at info level for a client's mistake
+//! ([`ioasid_uapi::is_client_mistake`]) and at warn level otherwise, and
+//! every line a client's request writes is within that client's budget
+//! ([`log`]).
 
 mod caller;
 pub mod fake;
+pub mod log;
 mod reader;
 #[doc(hidden)]
 pub mod table;

@@ -85,6 +85,10 @@ pub struct IoctlOp<Cx: 'static> {
     /// node says what the number means: an extension that must be
     /// provided, a device that must be bound); 0 for none.
     pub requires: u32,
+    /// The handler needs no state another call may hold (it answers from
+    /// the table and the argument alone): the node may answer it on the
+    /// thread that read it, without a handler slot ([`Table::is_quick`]).
+    pub stateless: bool,
     /// The argument and the handler.
     pub handler: Handler<Cx>,
 }
@@ -100,6 +104,7 @@ impl<Cx: 'static> IoctlOp<Cx> {
             number,
             name,
             requires: 0,
+            stateless: false,
             handler: Handler::None(f),
         }
     }
@@ -114,6 +119,7 @@ impl<Cx: 'static> IoctlOp<Cx> {
             number,
             name,
             requires: 0,
+            stateless: false,
             handler: Handler::Int(f),
         }
     }
@@ -129,6 +135,7 @@ impl<Cx: 'static> IoctlOp<Cx> {
             number,
             name,
             requires: 0,
+            stateless: false,
             handler: Handler::Struct(rules, f),
         }
     }
@@ -144,6 +151,7 @@ impl<Cx: 'static> IoctlOp<Cx> {
             number,
             name,
             requires: 0,
+            stateless: false,
             handler: Handler::Data(rules, f),
         }
     }
@@ -151,6 +159,14 @@ impl<Cx: 'static> IoctlOp<Cx> {
     /// The row with precondition `requires` (see [`IoctlOp::requires`]).
     pub const fn requires(self, requires: u32) -> Self {
         IoctlOp { requires, ..self }
+    }
+
+    /// The row marked stateless (see [`IoctlOp::stateless`]).
+    pub const fn stateless(self) -> Self {
+        IoctlOp {
+            stateless: true,
+            ..self
+        }
     }
 
     /// The row with its struct's `flags` field output only.
@@ -208,6 +224,14 @@ impl<Cx: 'static> Table<Cx> {
     /// The row of ioctl `number`, if the table has one.
     pub fn find(&self, number: u32) -> Option<&'static IoctlOp<Cx>> {
         self.ops.iter().find(|op| op.number == number)
+    }
+
+    /// Whether ioctl `number` is answered without state another call may
+    /// hold: an unknown number (the node refuses it) or a stateless row.
+    /// A node serves these at once, never behind other calls
+    /// (`cuse_server::Device::ioctl_is_quick`).
+    pub fn is_quick(&self, number: u32) -> bool {
+        self.find(number).map_or(true, |op| op.stateless)
     }
 
     /// Run row `op` of this table for `caller` on open file `fh` with
