@@ -175,7 +175,7 @@ pub fn dispatch(
         return Err(Errno::ENOTTY);
     }
     table.call(op, engine, caller, ctx.0, arg).map_err(|e| {
-        log::refusal(Client::of(caller), table.node, op.name, &e);
+        log::refusal(Client::Context(ctx.0), table.node, op.name, &e);
         e.errno
     })
 }
@@ -272,7 +272,7 @@ fn log_walks(u: &Ucmd<'_>, ioasid: u32, report: &WalkReport) {
     if report.is_clean() {
         return;
     }
-    if let Some(dropped) = log::client_line(Client::of(u.caller)) {
+    if let Some(dropped) = log::client_line(Client::Context(u.fh)) {
         tracing::info!(cmd = u.name, ioasid, "{report}{dropped}");
     }
 }

@@ -152,9 +152,14 @@ impl DeviceNode {
         r
     }
 
-    /// The one log rule for a refused request (`ioctl_table::log`).
-    fn log(&self, caller: &dyn Caller, op: &str, e: &Error) {
-        log::refusal(Client::of(caller), &self.spec.name, op, e);
+    /// The one log rule for a refused request (`ioctl_table::log`),
+    /// charged to the context the file is bound to, or else to the file.
+    fn log(&self, fh: u64, op: &str, e: &Error) {
+        let client = match self.lock().bound() {
+            Some(b) if b.fh == fh => Client::Context(b.ctx.0),
+            _ => Client::DeviceFile(self.spec.id.0, fh),
+        };
+        log::refusal(client, &self.spec.name, op, e);
     }
 
     /// An info line about open file `fh` bound to `ctx`, within that
@@ -514,26 +519,26 @@ impl Device for DeviceNode {
 
     fn read(
         &self,
-        req: &Request,
+        _req: &Request,
         fh: u64,
         size: u32,
         offset: Offset,
     ) -> std::result::Result<Vec<u8>, Errno> {
         self.handle_read(fh, size, &offset).map_err(|e| {
-            self.log(req, "read", &e);
+            self.log(fh, "read", &e);
             e.errno
         })
     }
 
     fn write(
         &self,
-        req: &Request,
+        _req: &Request,
         fh: u64,
         data: &[u8],
         offset: Offset,
     ) -> std::result::Result<u32, Errno> {
         self.handle_write(fh, data, &offset).map_err(|e| {
-            self.log(req, "write", &e);
+            self.log(fh, "write", &e);
             e.errno
         })
     }
@@ -548,7 +553,7 @@ impl Device for DeviceNode {
             Ok(v) => Ok(IoctlResult::value(v)),
             Err(e) => {
                 let op = format!("ioctl {:#x}", args.cmd);
-                self.log(req, &op, &e);
+                self.log(fh, &op, &e);
                 Err(e.errno)
             }
         }

@@ -11,8 +11,7 @@
 //! line that is written says how many were dropped, and [`dropped_total`]
 //! counts them all.
 //!
-//! A client is its process when the request names one, otherwise the open
-//! file it acted on (a RELEASE carries no caller).
+//! A client is the open file a request came on (see [`Client`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,8 +19,6 @@ use std::sync::{LazyLock, Mutex};
 use std::time::Instant;
 
 use ioasid_uapi::Error;
-
-use crate::Caller;
 
 /// Lines a client may write at once.
 pub const BURST: u64 = 20;
@@ -31,23 +28,17 @@ pub const PER_SECOND: u64 = 2;
 /// and a full budget are forgotten first.
 const MAX_CLIENTS: usize = 4096;
 
-/// Whose budget a line is charged to.
+/// Whose budget a line is charged to: the open file the request came on
+/// (known without a look-up; how many files a client may open is bounded
+/// in its turn).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Client {
-    /// A process (its thread-group id).
-    Process(i32),
-    /// An open file of a node, by the engine's context id (a RELEASE, or a
-    /// call whose process could not be named).
+    /// An open file of `/dev/ioasid` or `/dev/iommu`, or a device file
+    /// bound to one: the engine's context id.
     Context(u64),
-}
-
-impl Client {
-    /// The process that issued a request (its id read from `/proc` only
-    /// now, when there is something to log); the calling thread if the
-    /// process is gone.
-    pub fn of(caller: &dyn Caller) -> Client {
-        Client::Process(caller.pid().unwrap_or_else(|_| caller.tid()))
-    }
+    /// A device file not bound to any context: the device and the file
+    /// handle its node gave the open.
+    DeviceFile(u32, u64),
 }
 
 /// How many earlier lines of the client were dropped; displayed as a
@@ -178,7 +169,7 @@ mod tests {
     fn a_burst_then_a_trickle_and_the_drops_are_told() {
         let b = Budgets::new(3, 2);
         let t0 = Instant::now();
-        let a = Client::Process(1);
+        let a = Client::Context(1);
         for _ in 0..3 {
             assert_eq!(b.admit(a, t0), Some(Dropped(0)));
         }
@@ -186,7 +177,7 @@ mod tests {
             assert_eq!(b.admit(a, t0), None);
         }
         // Another client is not affected.
-        assert_eq!(b.admit(Client::Context(1), t0), Some(Dropped(0)));
+        assert_eq!(b.admit(Client::DeviceFile(1, 1), t0), Some(Dropped(0)));
         // Half a second later one line is due, and it tells of the ten.
         let t1 = t0 + Duration::from_millis(500);
         assert_eq!(b.admit(a, t1), Some(Dropped(10)));
@@ -208,7 +199,7 @@ mod tests {
         let written = (0..1_000_000u64)
             .filter(|i| {
                 let now = t0 + Duration::from_micros(i * 10);
-                b.admit(Client::Process(7), now).is_some()
+                b.admit(Client::Context(7), now).is_some()
             })
             .count() as u64;
         assert!(written <= BURST + 10 * PER_SECOND + 1, "{written}");
@@ -219,8 +210,8 @@ mod tests {
     fn the_table_of_clients_stays_bounded() {
         let b = Budgets::new(2, 1);
         let t0 = Instant::now();
-        for pid in 0..(MAX_CLIENTS as i32 + 64) {
-            b.admit(Client::Process(pid), t0);
+        for ctx in 0..(MAX_CLIENTS as u64 + 64) {
+            b.admit(Client::Context(ctx), t0);
         }
         assert!(b.buckets.lock().unwrap().len() <= MAX_CLIENTS);
     }
