@@ -36,6 +36,10 @@
 //!     the pattern of a daemon asking its own node who a file is.
 //!   - `SCRATCH_NOP` `_IO('S', 9)`: does nothing and returns 0 (a null
 //!     ioctl: `scripts/bench` times the bare round trip with it).
+//!   - `SCRATCH_PEEK` `_IOW('S', 10, struct xform)`: reads the caller's
+//!     struct and writes nothing back; returns `value & 0xffff` (`EINVAL`
+//!     if `argsz` is below 32). One round trip plus one `process_vm_readv`:
+//!     `scripts/bench` times the floor of a map call with it.
 //!
 //! `struct xform { u32 argsz; u32 flags; u64 value; u8 text[16]; }` (32
 //! bytes); `struct stats { u64 opens, releases, reads, writes, ioctls,
@@ -72,6 +76,7 @@ const SCRATCH_GREET: u32 = ioc(IOC_NONE, 6, 0);
 const SCRATCH_WHOAMI: u32 = ioc(IOC_READ, 7, std::mem::size_of::<Who>());
 const SCRATCH_RELAY: u32 = ioc(IOC_READ | IOC_WRITE, 8, std::mem::size_of::<Relay>());
 const SCRATCH_NOP: u32 = ioc(IOC_NONE, 9, 0);
+const SCRATCH_PEEK: u32 = ioc(IOC_WRITE, 10, std::mem::size_of::<Xform>());
 
 nix::ioctl_read!(scratch_whoami, b'S', 7, Who);
 
@@ -312,6 +317,13 @@ impl Device for Scratchpad {
                 Ok(IoctlResult::value(0))
             }
             SCRATCH_NOP => Ok(IoctlResult::value(0)),
+            SCRATCH_PEEK => {
+                let x: Xform = req.read_obj(args.arg)?;
+                if (x.argsz as usize) < std::mem::size_of::<Xform>() {
+                    return Err(Errno::EINVAL);
+                }
+                Ok(IoctlResult::value((x.value & 0xffff) as i32))
+            }
             _ => Err(Errno::ENOTTY),
         }
     }
