@@ -64,6 +64,7 @@ SCRATCH_RING = ioc(IOC_NONE, 4, 0)
 SCRATCH_ACK = ioc(IOC_NONE, 5, 0)
 SCRATCH_GREET = ioc(IOC_NONE, 6, 0)
 SCRATCH_WHOAMI = ioc(IOC_READ, 7, WHO.size)
+SCRATCH_PEEK = ioc(IOC_WRITE, 13, XFORM.size)
 
 STAT_NAMES = ("opens", "releases", "reads", "writes", "ioctls", "polls")
 
@@ -206,6 +207,25 @@ def test_struct_ioctl_costs_one_request(pad):
         # A bad pointer is EFAULT, from the daemon's process_vm_readv.
         ret, err = raw_ioctl(fd, SCRATCH_TRANSFORM, 8)
         assert (ret, err) == (-1, errno.EFAULT)
+    finally:
+        os.close(fd)
+
+
+def test_peek_reads_the_struct_and_writes_nothing_back(pad):
+    fd = pad.open()
+    try:
+        before = stats(fd)
+        packed = XFORM.pack(XFORM.size, 7, 0x12345, b"left as it was\0\0")
+        buf = bytearray(packed)
+        # The answer comes from the struct the daemon read (value & 0xffff).
+        assert fcntl_ioctl(fd, SCRATCH_PEEK, buf) == 0x2345
+        assert bytes(buf) == packed, "PEEK must not write the caller's struct"
+        assert stats(fd)["ioctls"] - before["ioctls"] == 2, "one request, plus the second STATS"
+        buf = bytearray(XFORM.pack(8, 0, 1, b""))
+        with pytest.raises(OSError) as e:
+            fcntl_ioctl(fd, SCRATCH_PEEK, buf)
+        assert e.value.errno == errno.EINVAL
+        assert raw_ioctl(fd, SCRATCH_PEEK, 8) == (-1, errno.EFAULT)
     finally:
         os.close(fd)
 
