@@ -7,6 +7,7 @@
 //! The cdev structs of `<linux/vfio.h>` (`vfio_device_bind_iommufd` and
 //! the attach/detach pair) are in [`crate::vfio`].
 
+use iommufd_bindings::iommufd as b;
 pub use iommufd_bindings::iommufd::{
     iommu_destroy, iommu_fault_alloc, iommu_hw_info, iommu_hw_queue_alloc, iommu_hwpt_alloc,
     iommu_hwpt_get_dirty_bitmap, iommu_hwpt_invalidate, iommu_hwpt_set_dirty_tracking,
@@ -15,7 +16,6 @@ pub use iommufd_bindings::iommufd::{
     iommu_iova_range, iommu_option, iommu_vdevice_alloc, iommu_veventq_alloc, iommu_vfio_ioas,
     iommu_viommu_alloc,
 };
-use iommufd_bindings::iommufd as b;
 
 use crate::numbers::io;
 use crate::structs::ArgStruct;
@@ -88,7 +88,10 @@ pub const ALL: &[(&str, u32)] = &[
     ("IOMMU_VFIO_IOAS", IOMMU_VFIO_IOAS),
     ("IOMMU_HWPT_ALLOC", IOMMU_HWPT_ALLOC),
     ("IOMMU_GET_HW_INFO", IOMMU_GET_HW_INFO),
-    ("IOMMU_HWPT_SET_DIRTY_TRACKING", IOMMU_HWPT_SET_DIRTY_TRACKING),
+    (
+        "IOMMU_HWPT_SET_DIRTY_TRACKING",
+        IOMMU_HWPT_SET_DIRTY_TRACKING,
+    ),
     ("IOMMU_HWPT_GET_DIRTY_BITMAP", IOMMU_HWPT_GET_DIRTY_BITMAP),
     ("IOMMU_HWPT_INVALIDATE", IOMMU_HWPT_INVALIDATE),
     ("IOMMU_FAULT_QUEUE_ALLOC", IOMMU_FAULT_QUEUE_ALLOC),

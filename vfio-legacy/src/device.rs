@@ -207,9 +207,9 @@ impl VfioArg<vfio_pci_hot_reset_info> {
     pub fn groups(&self) -> Result<Vec<u32>> {
         let count = self.header().count as usize;
         let size = std::mem::size_of::<vfio_pci_dependent_device>();
-        if !count
+        if count
             .checked_mul(size)
-            .is_some_and(|n| n <= self.tail().len())
+            .is_none_or(|n| n > self.tail().len())
         {
             return Err(Error::new(
                 Errno::EINVAL,
