@@ -246,9 +246,11 @@ fn allow_iovas(n: &IommufdNode, u: &Ucmd<'_>, a: iommu_ioas_allow_iovas) -> Resu
         ));
     }
     let mut raw = vec![0u8; a.num_iovas as usize * 16];
-    u.caller
-        .read_mem(a.allowed_iovas, &mut raw)
-        .map_err(|e| Error::new(e, "allowed_iovas cannot be read"))?;
+    if !raw.is_empty() {
+        u.caller
+            .read_mem(a.allowed_iovas, &mut raw)
+            .map_err(|e| Error::new(e, "allowed_iovas cannot be read"))?;
+    }
     let ranges: Vec<(u64, u64)> = raw
         .chunks_exact(16)
         .map(|c| {
