@@ -171,14 +171,7 @@ pub fn dispatch(
         );
         return Err(Errno::ENOTTY);
     }
-    table.call(op, engine, caller, ctx.0, arg).map_err(|e| {
-        if e.is_client_mistake() {
-            tracing::debug!(cmd = op.name, errno = %e.errno, "{}", e.message);
-        } else {
-            tracing::warn!(cmd = op.name, errno = %e.errno, "{}", e.message);
-        }
-        e.errno
-    })
+    table.call_logged(op, engine, caller, ctx.0, arg)
 }
 
 fn ctx(u: &Ucmd<'_>) -> ContextId {

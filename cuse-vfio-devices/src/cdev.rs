@@ -31,10 +31,10 @@
 //!   drop the iommufd copy, all before the release is answered.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cuse_server::{Device, IoctlArgs, IoctlResult, Offset, OpenFlags, Request};
+use cuse_server::Offset;
 use ioasid_engine::{ContextId, DeviceSpec, Engine, ObjectId};
 use ioasid_uapi::error::{Errno, Error, Result};
 use ioasid_uapi::vfio::{
@@ -56,7 +56,7 @@ use vfio_legacy::{Dependent, VfioArg};
 use crate::binding::BindState;
 use crate::device_file::{ContextLookup, DeviceOpener};
 use crate::ioctl::{device_info, irq_info, region_info, reset, set_irqs, DeviceAccess};
-use crate::node::{affected_devices, open_device, read_region, write_region, Opened};
+use crate::node::{affected_devices, log_failure, open_device, read_region, write_region, Opened};
 
 /// What a bound cdev file holds.
 #[derive(Debug)]
@@ -179,11 +179,7 @@ impl CdevNode {
     }
 
     fn log(&self, op: &str, fh: u64, e: &Error) {
-        if e.is_client_mistake() {
-            tracing::debug!(device = %self.spec.name, op, fh, errno = %e.errno, "{}", e.message);
-        } else {
-            tracing::warn!(device = %self.spec.name, op, fh, errno = %e.errno, "{}", e.message);
-        }
+        log_failure(&self.spec.name, op, fh, e);
     }
 
     /// Forget the binding if its context is gone (see
@@ -524,53 +520,4 @@ fn hot_reset(n: &CdevNode, u: &Ucmd<'_>, arg: Vec<u8>) -> Result<i32> {
     n.hot_reset(u, arg)
 }
 
-impl Device for CdevNode {
-    fn open(&self, _req: &Request, _flags: OpenFlags) -> std::result::Result<u64, Errno> {
-        Ok(self.next_fh.fetch_add(1, Ordering::Relaxed))
-    }
-
-    fn read(
-        &self,
-        _req: &Request,
-        fh: u64,
-        size: u32,
-        offset: Offset,
-    ) -> std::result::Result<Vec<u8>, Errno> {
-        self.handle_read(fh, size, &offset).map_err(|e| {
-            self.log("read", fh, &e);
-            e.errno
-        })
-    }
-
-    fn write(
-        &self,
-        _req: &Request,
-        fh: u64,
-        data: &[u8],
-        offset: Offset,
-    ) -> std::result::Result<u32, Errno> {
-        self.handle_write(fh, data, &offset).map_err(|e| {
-            self.log("write", fh, &e);
-            e.errno
-        })
-    }
-
-    fn ioctl(
-        &self,
-        req: &Request,
-        fh: u64,
-        args: IoctlArgs<'_>,
-    ) -> std::result::Result<IoctlResult, Errno> {
-        match self.handle_ioctl(req, fh, args.cmd, args.arg) {
-            Ok(v) => Ok(IoctlResult::value(v)),
-            Err(e) => {
-                self.log(&format!("ioctl {:#x}", args.cmd), fh, &e);
-                Err(e.errno)
-            }
-        }
-    }
-
-    fn release(&self, fh: u64) {
-        self.handle_release(fh)
-    }
-}
+crate::node::serve_device!(CdevNode);

@@ -3,10 +3,10 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cuse_server::{Device, DeviceNumber, IoctlArgs, IoctlResult, Offset, OpenFlags, Request};
+use cuse_server::{DeviceNumber, Offset};
 use ioasid_engine::{ClosedContext, ContextId, DeviceId, DeviceSpec, Engine};
 use ioasid_uapi::vfio as nr;
 use ioasid_uapi::{VfioAttachIoasid, IOASID_ATTACH_USER_PASID};
@@ -153,11 +153,7 @@ impl DeviceNode {
     }
 
     fn log(&self, op: &str, fh: u64, e: &Error) {
-        if e.is_client_mistake() {
-            tracing::debug!(device = %self.spec.name, op, fh, errno = %e.errno, "{}", e.message);
-        } else {
-            tracing::warn!(device = %self.spec.name, op, fh, errno = %e.errno, "{}", e.message);
-        }
+        log_failure(&self.spec.name, op, fh, e);
     }
 
     /// Handle ioctl `cmd` with argument `arg` from open file `fh`; the
@@ -400,57 +396,81 @@ impl DeviceNode {
     }
 }
 
-impl Device for DeviceNode {
-    fn open(&self, _req: &Request, _flags: OpenFlags) -> std::result::Result<u64, Errno> {
-        Ok(self.next_fh.fetch_add(1, Ordering::Relaxed))
-    }
+crate::node::serve_device!(DeviceNode);
 
-    fn read(
-        &self,
-        _req: &Request,
-        fh: u64,
-        size: u32,
-        offset: Offset,
-    ) -> std::result::Result<Vec<u8>, Errno> {
-        self.handle_read(fh, size, &offset).map_err(|e| {
-            self.log("read", fh, &e);
-            e.errno
-        })
-    }
-
-    fn write(
-        &self,
-        _req: &Request,
-        fh: u64,
-        data: &[u8],
-        offset: Offset,
-    ) -> std::result::Result<u32, Errno> {
-        self.handle_write(fh, data, &offset).map_err(|e| {
-            self.log("write", fh, &e);
-            e.errno
-        })
-    }
-
-    fn ioctl(
-        &self,
-        req: &Request,
-        fh: u64,
-        args: IoctlArgs<'_>,
-    ) -> std::result::Result<IoctlResult, Errno> {
-        match self.handle_ioctl(req, fh, args.cmd, args.arg) {
-            Ok(v) => Ok(IoctlResult::value(v)),
-            Err(e) => {
-                let op = format!("ioctl {:#x}", args.cmd);
-                self.log(&op, fh, &e);
-                Err(e.errno)
-            }
-        }
-    }
-
-    fn release(&self, fh: u64) {
-        self.handle_release(fh)
+/// Log a refused request of a device node once: at debug level for a
+/// client's mistake, at warn level otherwise.
+pub(crate) fn log_failure(device: &str, op: &str, fh: u64, e: &Error) {
+    if e.is_client_mistake() {
+        tracing::debug!(device, op, fh, errno = %e.errno, "{}", e.message);
+    } else {
+        tracing::warn!(device, op, fh, errno = %e.errno, "{}", e.message);
     }
 }
+
+/// `impl cuse_server::Device` for a device node type with `next_fh`,
+/// `log` and the `handle_*` methods (both dialects' nodes).
+macro_rules! serve_device {
+    ($node:ty) => {
+        impl cuse_server::Device for $node {
+            fn open(
+                &self,
+                _req: &cuse_server::Request,
+                _flags: cuse_server::OpenFlags,
+            ) -> std::result::Result<u64, nix::errno::Errno> {
+                Ok(self
+                    .next_fh
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+            }
+
+            fn read(
+                &self,
+                _req: &cuse_server::Request,
+                fh: u64,
+                size: u32,
+                offset: cuse_server::Offset,
+            ) -> std::result::Result<Vec<u8>, nix::errno::Errno> {
+                self.handle_read(fh, size, &offset).map_err(|e| {
+                    self.log("read", fh, &e);
+                    e.errno
+                })
+            }
+
+            fn write(
+                &self,
+                _req: &cuse_server::Request,
+                fh: u64,
+                data: &[u8],
+                offset: cuse_server::Offset,
+            ) -> std::result::Result<u32, nix::errno::Errno> {
+                self.handle_write(fh, data, &offset).map_err(|e| {
+                    self.log("write", fh, &e);
+                    e.errno
+                })
+            }
+
+            fn ioctl(
+                &self,
+                req: &cuse_server::Request,
+                fh: u64,
+                args: cuse_server::IoctlArgs<'_>,
+            ) -> std::result::Result<cuse_server::IoctlResult, nix::errno::Errno> {
+                match self.handle_ioctl(req, fh, args.cmd, args.arg) {
+                    Ok(v) => Ok(cuse_server::IoctlResult::value(v)),
+                    Err(e) => {
+                        self.log(&format!("ioctl {:#x}", args.cmd), fh, &e);
+                        Err(e.errno)
+                    }
+                }
+            }
+
+            fn release(&self, fh: u64) {
+                self.handle_release(fh)
+            }
+        }
+    };
+}
+pub(crate) use serve_device;
 
 /// `pread` of `size` bytes at `offset` of a region of `opened`.
 pub(crate) fn read_region(opened: &Opened, size: u32, offset: &Offset) -> Result<Vec<u8>> {
@@ -688,24 +708,17 @@ impl DeviceNodes {
     pub fn on_context_closed(&self, closed: &ClosedContext) {
         let nodes: Vec<Arc<DeviceNode>> = {
             let map = self.lock();
-            closed
-                .unbound
-                .iter()
-                .filter_map(|id| map.get(id).cloned())
-                .collect()
+            closed.unbound.iter().filter_map(|id| map.get(id).cloned()).collect()
         };
-        for node in nodes {
-            node.forget_stale();
-        }
         let cdevs: Vec<Arc<CdevNode>> = {
             let map = self.cdevs.lock().unwrap_or_else(|e| e.into_inner());
-            closed
-                .unbound
-                .iter()
-                .filter_map(|id| map.get(id).cloned())
-                .collect()
+            closed.unbound.iter().filter_map(|id| map.get(id).cloned()).collect()
         };
-        for node in cdevs {
+        // Outside the locks: dropping a binding closes its files.
+        for node in &nodes {
+            node.forget_stale();
+        }
+        for node in &cdevs {
             node.forget_stale();
         }
     }

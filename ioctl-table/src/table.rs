@@ -244,6 +244,30 @@ impl<Cx: 'static> Table<Cx> {
     }
 }
 
+impl<Cx: 'static> Table<Cx> {
+    /// [`Table::call`], the failure logged once with the command's name (at
+    /// debug level for a client's mistake, at warn level otherwise) and
+    /// turned into its errno: the whole of a node's dispatch once the row
+    /// is found.
+    pub fn call_logged(
+        &self,
+        op: &IoctlOp<Cx>,
+        cx: &Cx,
+        caller: &dyn Caller,
+        fh: u64,
+        arg: u64,
+    ) -> std::result::Result<i32, Errno> {
+        self.call(op, cx, caller, fh, arg).map_err(|e| {
+            if e.is_client_mistake() {
+                tracing::debug!(node = self.node, cmd = op.name, errno = %e.errno, "{}", e.message);
+            } else {
+                tracing::warn!(node = self.node, cmd = op.name, errno = %e.errno, "{}", e.message);
+            }
+            e.errno
+        })
+    }
+}
+
 /// The size of the field `field` returns a reference to (a `const` way to
 /// name a field's size: `size_of_field(|s: &S| &s.f)`).
 pub const fn size_of_field<S, F>(_field: fn(&S) -> &F) -> usize {

@@ -63,13 +63,7 @@ def huge_pages():
 
 
 def report(run: kselftest.Run) -> None:
-    text = "through the daemon (iommufd): " + run.table()
-    print(text)
-    scratch = os.environ.get("VM_SCRATCH")
-    if scratch:
-        kernel = os.environ.get("VM_KERNEL", os.uname().release)
-        with open(Path(scratch) / f"vfio-selftests-{kernel}.txt", "a") as f:
-            f.write(text + "\n\n")
+    kselftest.report(run, "through the daemon (iommufd): ")
 
 
 def results(run: kselftest.Run) -> dict[str, str]:
