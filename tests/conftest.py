@@ -138,7 +138,7 @@ def nodes(daemon) -> dict[str, str]:
 # CUSE_IOASID_IOMMUFD=0 forces the undeclared mode.
 # ---------------------------------------------------------------------------
 
-IOMMUFD_FRONT_END = False
+IOMMUFD_FRONT_END = True
 
 
 def iommufd_declared() -> bool:

@@ -1,7 +1,10 @@
-//! `cuse-ioasid`: serve the 2021 `/dev/ioasid` uAPI proposal from user space.
+//! `cuse-ioasid`: serve the 2021 `/dev/ioasid` uAPI proposal and the
+//! kernel's iommufd uAPI from user space.
 //!
-//! Registers `/dev/ioasid` and one `/dev/vfio/devices/devN` per VFIO device
-//! with CUSE and realises the I/O address spaces on legacy VFIO containers.
+//! Registers `/dev/ioasid`, `/dev/iommu`, and per VFIO device
+//! `/dev/vfio/devices/devN` (the RFC's dialect) and
+//! `/dev/vfio/devices/vfioN` (iommufd's, N the kernel's own index) with
+//! CUSE, and realises the I/O address spaces on legacy VFIO containers.
 
 mod service;
 
@@ -16,17 +19,24 @@ use ioasid_engine::{DeviceId, DeviceSpec, Engine};
 use nix::sys::signal::{SigSet, Signal};
 use vfio_legacy::{PciDevice, Sysfs, VfioLegacy};
 
+use cuse_ioasid::iommufd::IommufdNode;
 use cuse_ioasid::node::IoasidNode;
 use sd_notify::NotifyState;
 use service::{LogFormat, NodeAccess};
 
-/// Serve /dev/ioasid and /dev/vfio/devices/devN over CUSE, on top of the
-/// legacy VFIO container/group interface.
+/// Serve /dev/ioasid and /dev/vfio/devices/devN (the 2021 /dev/ioasid
+/// proposal), and /dev/iommu and /dev/vfio/devices/vfioN (the kernel's
+/// iommufd uAPI of Linux 7.1), over CUSE, on top of the legacy VFIO
+/// container/group interface.
 ///
 /// Needs root, the `cuse` module and devices bound to `vfio-pci`. Every
-/// device bound to vfio-pci is served unless --device names some; the nodes
-/// are numbered dev1, dev2, ... in PCI address order. `--list` prints which
-/// node is which device; the daemon also logs the table at start. Stop it
+/// device bound to vfio-pci is served unless --device names some. Each
+/// device gets two nodes, one per dialect: devN, numbered dev1, dev2, ...
+/// in PCI address order, and vfioN, with the kernel's own N (the name in
+/// /sys/bus/pci/devices/BDF/vfio-dev/), so that tools written for iommufd
+/// find it. A device bound through one is busy for the other. `--list`
+/// prints which node is which device; the daemon also logs the table at
+/// start. Stop it
 /// with SIGTERM or SIGINT: the nodes disappear and clients get ENODEV.
 ///
 /// Under systemd (Type=notify) it sends READY=1 once every node exists and
@@ -39,8 +49,10 @@ use service::{LogFormat, NodeAccess};
     after_long_help = "Memory a client maps for DMA must be shared and file-backed (memfd, \
 shm, hugetlbfs, a shared file or MAP_SHARED|MAP_ANONYMOUS): the daemon reaches it through \
 /proc/PID/map_files; private memory is refused with EFAULT. Pinned memory is charged to the \
-client's RLIMIT_MEMLOCK.\n\nThe uAPI (ioctl numbers, structs, errnos) is the C header \
-uapi/include/linux/ioasid.h of the cuse-ioasid sources, explained in docs/uapi.md there."
+client's RLIMIT_MEMLOCK.\n\nThe RFC's uAPI (ioctl numbers, structs, errnos) is the C header \
+uapi/include/linux/ioasid.h of the cuse-ioasid sources; the iommufd uAPI is the kernel's \
+<linux/iommufd.h> (Linux 7.1) and the cdev part of <linux/vfio.h>. Both are explained, with \
+every difference from the kernel, in docs/uapi.md there."
 )]
 struct Args {
     /// Serve only this device (PCI address such as 0000:00:03.0);
@@ -56,6 +68,11 @@ struct Args {
     /// Name of the ioasid node under /dev.
     #[arg(long, default_value = "ioasid", value_name = "NAME")]
     ioasid_name: String,
+
+    /// Name of the iommufd node under /dev; the VFIO cdevs are
+    /// /dev/vfio/devices/vfioN, the kernel's names.
+    #[arg(long, default_value = "iommu", value_name = "NAME")]
+    iommu_name: String,
 
     /// Device nodes are named PREFIX1, PREFIX2, ... under /dev.
     #[arg(long, default_value = "vfio/devices/dev", value_name = "PREFIX")]
@@ -126,19 +143,21 @@ fn run(args: Args) -> Result<()> {
     let nodes: Vec<String> = (1..=devices.len())
         .map(|n| format!("{}{n}", args.node_prefix))
         .collect();
+    let cdev_name = |d: &PciDevice| d.vfio_dev.as_ref().map(|n| format!("vfio/devices/{n}"));
     if args.list {
         println!(
-            "{:<24} {:<14} {:>5}  vendor:device",
-            "node", "PCI address", "group"
+            "{:<24} {:<14} {:>5}  {:<13}  iommufd cdev (with /dev/{})",
+            "node", "PCI address", "group", "vendor:device", args.iommu_name
         );
         for (node, d) in nodes.iter().zip(&devices) {
             println!(
-                "{:<24} {:<14} {:>5}  {:04x}:{:04x}",
+                "{:<24} {:<14} {:>5}  {:04x}:{:04x}      {}",
                 format!("/dev/{node}"),
                 d.bdf,
                 d.group,
                 d.vendor,
-                d.device
+                d.device,
+                cdev_name(d).map_or("-".to_string(), |n| format!("/dev/{n}"))
             );
         }
         return Ok(());
@@ -203,6 +222,29 @@ fn run(args: Args) -> Result<()> {
     device_nodes
         .set_ioasid_device(ioasid.dev)
         .map_err(|dev| anyhow::anyhow!("the ioasid device number was already set to {dev}"))?;
+
+    let ats = specs
+        .iter()
+        .zip(&devices)
+        .filter(|(_, d)| d.ats)
+        .map(|(s, _)| s.id)
+        .collect();
+    let hook_nodes = device_nodes.clone();
+    let iommu = server
+        .register(
+            DeviceConfig::new(&args.iommu_name),
+            Arc::new(IommufdNode::new(
+                engine.clone(),
+                ats,
+                Box::new(move |closed| hook_nodes.on_context_closed(closed)),
+            )),
+        )
+        .with_context(|| format!("registering /dev/{}", args.iommu_name))?;
+    access.apply(&iommu.path)?;
+    tracing::info!(node = %iommu.path.display(), dev = %iommu.dev, "serving (iommufd)");
+    device_nodes
+        .set_iommufd_device(iommu.dev)
+        .map_err(|dev| anyhow::anyhow!("the iommufd device number was already set to {dev}"))?;
     for ((name, spec), dev) in nodes.iter().zip(&specs).zip(&devices) {
         let node = device_nodes
             .node(spec.id)
@@ -219,13 +261,30 @@ fn run(args: Args) -> Result<()> {
             dev.vendor,
             dev.device
         );
+        let Some(cdev) = cdev_name(dev) else {
+            tracing::warn!(
+                device = %dev.bdf,
+                "no /sys/bus/pci/devices/{}/vfio-dev entry: no iommufd cdev for it",
+                dev.bdf
+            );
+            continue;
+        };
+        let node = device_nodes
+            .cdev(spec.id, dev.sriov)
+            .map_err(|e| anyhow::anyhow!("cdev node for {}: {e}", dev.bdf))?;
+        let info = server
+            .register(DeviceConfig::new(&cdev), node)
+            .with_context(|| format!("registering /dev/{cdev} for {}", dev.bdf))?;
+        access.apply(&info.path)?;
+        tracing::info!(node = %info.path.display(), device = %dev.bdf, "serving (iommufd cdev)");
     }
 
     service::notify(&[
         NotifyState::Ready,
         NotifyState::Status(&format!(
-            "serving /dev/{} and {} device node(s)",
+            "serving /dev/{}, /dev/{} and {} device(s)",
             args.ioasid_name,
+            args.iommu_name,
             devices.len()
         )),
     ]);

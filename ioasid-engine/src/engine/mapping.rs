@@ -82,83 +82,117 @@ impl Engine {
             if is_child {
                 return self.map_child(c, ioasid, iova, vaddr, size, prot);
             }
-            let memory = if c.registrations.is_empty() {
-                self.check_memlock(c, pid, size)?;
-                Memory::Own(self.backend.alias(pid, vaddr, size)?)
-            } else {
-                let inside = c
-                    .registrations
-                    .range(..=vaddr)
-                    .next_back()
-                    .filter(|(&s, r)| vaddr + size <= s + r.size);
-                match inside {
-                    Some((&s, _)) => Memory::Registered(s),
-                    None => {
-                        return Err(err(
-                            ENOENT,
-                            format!(
-                                "vaddr range {vaddr:#x}+{size:#x} is not inside one registered \
-                                 range; this ioasid fd has registered memory, so every map must \
-                                 lie in a registration (IOASID_REGISTER_MEMORY)"
-                            ),
-                        ))
-                    }
-                }
-            };
-            let mapping = Mapping {
-                vaddr,
-                size,
-                prot,
-                memory,
-            };
-            let segs = c.segments(&mapping);
-            let mut failed = None;
-            for (i, &g) in groups.iter().enumerate() {
-                if let Err(e) = self.map_segments(c, g, iova, &segs, prot) {
-                    for &done in &groups[..i] {
-                        if let Err(undo) = self.backend.unmap(done, iova, size) {
-                            self.undo_failed(c, done, "unmapping a map refused elsewhere", &undo);
-                        }
-                    }
-                    failed = Some(e);
-                    break;
+            self.map_user(c, pid, ioasid, &groups, map)
+        })
+    }
+
+    /// Map `map` into IOASID `ioasid` (whose checks passed) and into
+    /// `groups`, its realising domains: the client memory is resolved here
+    /// (a registration, or an alias of the caller's memory, charged to its
+    /// `RLIMIT_MEMLOCK`). The one way from a client's address to a domain,
+    /// for `IOASID_MAP_DMA` and iommufd's `IOMMU_IOAS_MAP` alike.
+    pub(super) fn map_user(
+        &self,
+        c: &mut Context,
+        pid: Pid,
+        ioasid: IoasidId,
+        groups: &[GroupId],
+        map: DmaMap,
+    ) -> Result<(), Error> {
+        let DmaMap {
+            iova,
+            vaddr,
+            size,
+            prot,
+        } = map;
+        let memory = if c.registrations.is_empty() {
+            self.check_memlock(c, pid, size)?;
+            Memory::Own(self.backend.alias(pid, vaddr, size)?)
+        } else {
+            let inside = c
+                .registrations
+                .range(..=vaddr)
+                .next_back()
+                .filter(|(&s, r)| vaddr + size <= s + r.size);
+            match inside {
+                Some((&s, _)) => Memory::Registered(s),
+                None => {
+                    return Err(err(
+                        ENOENT,
+                        format!(
+                            "vaddr range {vaddr:#x}+{size:#x} is not inside one registered \
+                             range; this ioasid fd has registered memory, so every map must \
+                             lie in a registration (IOASID_REGISTER_MEMORY)"
+                        ),
+                    ))
                 }
             }
-            drop(segs);
-            if let Some(e) = failed {
-                if let Memory::Own(alias) = mapping.memory {
-                    self.release(c, alias);
+        };
+        let mapping = Mapping {
+            vaddr,
+            size,
+            prot,
+            memory,
+        };
+        self.map_memory(c, ioasid, groups, iova, mapping)
+    }
+
+    /// Insert `mapping` at `iova` into IOASID `ioasid` and map it into
+    /// `groups`, all or nothing; on failure its memory is given back.
+    pub(super) fn map_memory(
+        &self,
+        c: &mut Context,
+        ioasid: IoasidId,
+        groups: &[GroupId],
+        iova: u64,
+        mapping: Mapping,
+    ) -> Result<(), Error> {
+        let (size, prot) = (mapping.size, mapping.prot);
+        let segs = c.segments(&mapping);
+        let mut failed = None;
+        for (i, &g) in groups.iter().enumerate() {
+            if let Err(e) = self.map_segments(c, g, iova, &segs, prot) {
+                for &done in &groups[..i] {
+                    if let Err(undo) = self.backend.unmap(done, iova, size) {
+                        self.undo_failed(c, done, "unmapping a map refused elsewhere", &undo);
+                    }
                 }
+                failed = Some(e);
+                break;
+            }
+        }
+        drop(segs);
+        if let Some(e) = failed {
+            if let Memory::Own(alias) = mapping.memory {
+                self.release(c, alias);
+            }
+            return Err(e);
+        }
+        match mapping.memory {
+            Memory::Own(_) => c.own_bytes += size,
+            Memory::Registered(s) => c.registrations.get_mut(&s).expect("found above").users += 1,
+            Memory::Nested => {}
+        }
+        c.ioasid_mut(ioasid)?.mappings.insert(iova, mapping);
+        // The children see the new mapping at once.
+        if c.has_children(ioasid) {
+            let view = parent_view(c, ioasid, &[])?;
+            if let Err(e) = self.refresh_children(c, ioasid, &view) {
+                let m = c
+                    .ioasid_mut(ioasid)?
+                    .mappings
+                    .remove(&iova)
+                    .expect("inserted above");
+                for &g in groups {
+                    if let Err(undo) = self.backend.unmap(g, iova, size) {
+                        self.undo_failed(c, g, "unmapping a map its children refused", &undo);
+                    }
+                }
+                self.drop_memory(c, m);
                 return Err(e);
             }
-            match mapping.memory {
-                Memory::Own(_) => c.own_bytes += size,
-                Memory::Registered(s) => {
-                    c.registrations.get_mut(&s).expect("found above").users += 1
-                }
-                Memory::Nested => {}
-            }
-            c.ioasid_mut(ioasid)?.mappings.insert(iova, mapping);
-            // The children see the new mapping at once.
-            if c.has_children(ioasid) {
-                let view = parent_view(c, ioasid, &[])?;
-                if let Err(e) = self.refresh_children(c, ioasid, &view) {
-                    let m = c
-                        .ioasid_mut(ioasid)?
-                        .mappings
-                        .remove(&iova)
-                        .expect("inserted above");
-                    for &g in &groups {
-                        if let Err(undo) = self.backend.unmap(g, iova, size) {
-                            self.undo_failed(c, g, "unmapping a map its children refused", &undo);
-                        }
-                    }
-                    self.drop_memory(c, m);
-                    return Err(e);
-                }
-            }
-            Ok(())
-        })
+        }
+        Ok(())
     }
 
     pub(super) fn check_memlock(&self, c: &Context, pid: Pid, more: u64) -> Result<(), Error> {

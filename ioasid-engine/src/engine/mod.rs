@@ -7,6 +7,8 @@
 //! - `device`: bind, attach, detach and the group rule;
 //! - `nesting`: child IOASIDs and their shadows;
 //! - `tables`: bound page tables, PASID tables and invalidation;
+//! - `ioas`, `hwpt`, `iova`: iommufd's objects (IOAS, HWPT, device ids),
+//!   its IOAS commands, attach and replace, and the IOVA allocator;
 //! - this file: the [`Engine`] itself, opening and closing contexts.
 //!
 //! # Model
@@ -73,6 +75,9 @@ use crate::pgtable::{self, Leaf, PasidEntry, WalkStats};
 
 mod context;
 mod device;
+mod hwpt;
+mod ioas;
+mod iova;
 mod mapping;
 mod nesting;
 mod service;
@@ -81,6 +86,7 @@ mod types;
 
 use context::*;
 
+pub use ioas::{IoasMap, MapSource, ObjectId, ObjectKind};
 use nesting::*;
 use tables::*;
 pub use types::*;
