@@ -1,8 +1,11 @@
-"""Shared pytest set-up: makes ``harness`` importable and offers fixtures
-for the test VM's devices. Tests that need VFIO skip outside the VM."""
+"""Shared pytest set-up: makes ``harness`` (the project's own test helpers)
+and ``cuse_ioasid`` (the Python client, python/cuse_ioasid) importable and
+offers fixtures for the test VM's devices. Tests that need VFIO skip outside
+the VM."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import signal
@@ -18,6 +21,11 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 REPO = TESTS.parent
+
+# The Python client: the installed package when this interpreter has it,
+# else the source tree's.
+if importlib.util.find_spec("cuse_ioasid") is None:
+    sys.path.insert(0, str(REPO / "python"))
 
 from harness import vm_guard  # noqa: E402
 from harness.daemon import ALL_EDU, DAEMON, daemon_pids, wait_for  # noqa: E402
@@ -43,8 +51,8 @@ def repo() -> Path:
 
 @pytest.fixture(scope="session")
 def topology():
-    """The edu devices of the VM (harness.topology.Topology)."""
-    from harness import topology
+    """The edu devices of the VM (cuse_ioasid.topology.Topology)."""
+    from cuse_ioasid import topology
 
     if not in_test_vm():
         pytest.skip("needs the test VM: run under scripts/vm")
@@ -170,7 +178,7 @@ def iommufd_nodes(nodes) -> dict[str, str]:
     """PCI address -> /dev/vfio/devices/vfioN of every edu device, N the
     kernel's own index (sysfs vfio-dev/vfioN); checks /dev/iommu too. Waits
     for them once declared; raises IommufdMissing otherwise."""
-    from harness.iommufd import cdev_path
+    from cuse_ioasid.iommufd import cdev_path
 
     wanted = {bdf: cdev_path(bdf) for bdf in ALL_EDU}
     paths = ["/dev/iommu", *wanted.values()]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import vfio
-from harness.edu import Edu
+from cuse_ioasid import vfio
+from cuse_ioasid.edu import Edu
 
 REPO = Path(__file__).resolve().parents[2]
 

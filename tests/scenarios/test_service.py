@@ -449,7 +449,7 @@ def test_without_limit_memlock_a_large_mapping_fails(root, scratch_dir):
     10 MiB: refused with the default limit, accepted with the unit's."""
     script = (
         "import sys; sys.path.insert(0, %r)\n"
-        "from harness import ioasid as io, vfio\n"
+        "from cuse_ioasid import ioasid as io, vfio\n"
         "dev = vfio.Device.open_node(%r); fd = io.IoasidFd()\n"
         "mem = vfio.DmaBuffer(10 << 20)\n"
         "io.bind_ioasid_fd(dev.fd, fd); gpa = fd.alloc(); io.attach_ioasid(dev.fd, gpa)\n"
@@ -457,7 +457,7 @@ def test_without_limit_memlock_a_large_mapping_fails(root, scratch_dir):
         "    fd.map_dma(gpa, 0x1000000, mem.addr, 10 << 20); print('mapped')\n"
         "except OSError as e:\n"
         "    print('errno', e.errno)\n"
-    ) % (str(REPO / "tests"), NODES[1])
+    ) % (str(REPO / "python"), NODES[1])
     outcome = {}
     for unlimited in (False, True):
         log = scratch_dir / f"service-memlock-{unlimited}.log"
