@@ -96,7 +96,7 @@ impl Engine {
                 pgtable::INPUT_END,
                 &mut budget,
             );
-            log_walk(ioasid, None, &stats);
+            self.log_walk(ioasid, None, &stats);
             c.ioasid_mut(ioasid)?.pgtable = Some(BoundPgtable {
                 root,
                 leaves: found.into_iter().collect(),
@@ -320,7 +320,7 @@ impl Engine {
                             end,
                             &mut budget,
                         );
-                        log_walk(ioasid, Some(p), &s);
+                        self.log_walk(ioasid, Some(p), &s);
                         *stats = s;
                         merge_leaves(leaves, start, end, found, inv.range.is_none());
                     }
@@ -348,7 +348,7 @@ impl Engine {
             end,
             &mut budget,
         );
-        log_walk(ioasid, None, &stats);
+        self.log_walk(ioasid, None, &stats);
         let whole = start == 0 && end >= pgtable::INPUT_END;
         let ranges = known_ranges(c.ioasid(ioasid)?);
         // Only the shadow of the leaves taken out and put in changes.
@@ -420,7 +420,7 @@ impl Engine {
                         pgtable::INPUT_END,
                         &mut budget,
                     );
-                    log_walk(ioasid, Some(p), &stats);
+                    self.log_walk(ioasid, Some(p), &stats);
                     Some(PasidState::Walked {
                         leaves: found.into_iter().collect(),
                         root,
@@ -508,7 +508,16 @@ pub(super) fn merge_leaves(
     killed
 }
 
-pub(super) fn log_walk(ioasid: IoasidId, pasid: Option<u32>, stats: &WalkStats) {
+impl Engine {
+    /// Count a walk (for `cuse-ioasid status`) and log its malformed
+    /// entries.
+    pub(super) fn log_walk(&self, ioasid: IoasidId, pasid: Option<u32>, stats: &WalkStats) {
+        self.board.count_walk(stats);
+        log_malformed(ioasid, pasid, stats);
+    }
+}
+
+fn log_malformed(ioasid: IoasidId, pasid: Option<u32>, stats: &WalkStats) {
     if stats.malformed > 0 {
         tracing::info!(
             ioasid,
