@@ -3,3 +3,4 @@
 mod info;
 pub mod ioctl;
 pub mod node;
+pub mod status;
