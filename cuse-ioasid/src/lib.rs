@@ -4,3 +4,4 @@ mod info;
 pub mod ioctl;
 pub mod iommufd;
 pub mod node;
+pub mod status;

@@ -9,6 +9,7 @@
 mod service;
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -21,6 +22,7 @@ use vfio_legacy::{PciDevice, Sysfs, VfioLegacy};
 
 use cuse_ioasid::iommufd::IommufdNode;
 use cuse_ioasid::node::IoasidNode;
+use cuse_ioasid::status::{self, ServedDevice, StatusSocket, Wiring, DEFAULT_SOCKET};
 use sd_notify::NotifyState;
 use service::{LogFormat, NodeAccess};
 
@@ -41,6 +43,9 @@ use service::{LogFormat, NodeAccess};
 ///
 /// Under systemd (Type=notify) it sends READY=1 once every node exists and
 /// STOPPING=1 when it receives a stop signal.
+///
+/// `cuse-ioasid status` asks the running daemon what it holds: clients,
+/// their files, IOASIDs, mappings, pinned memory, bound devices, counters.
 #[derive(Parser, Debug)]
 #[command(
     version,
@@ -98,6 +103,37 @@ struct Args {
     /// How log lines are written to stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Auto, value_name = "FORMAT")]
     log_format: LogFormat,
+
+    /// The status socket: the daemon answers `cuse-ioasid status` there
+    /// (root's, mode 0600; with --node-group the group's, mode 0660).
+    #[arg(long, global = true, default_value = DEFAULT_SOCKET, value_name = "PATH")]
+    status_socket: PathBuf,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Ask the running daemon what it holds, and print it.
+    ///
+    /// For each client process (pid, command name, RLIMIT_MEMLOCK): its
+    /// open files; for an ioasid file its IOASIDs (mappings, bytes, attached
+    /// devices, the IOMMU groups whose domain holds them), the bytes it
+    /// pins and its bound devices. Then every device served (node, PCI
+    /// address, IOMMU group, which file it is bound to), the daemon's
+    /// requests per command, errors per errno, page-table walks and
+    /// malformed tables, and the CUSE server's threads and calls per node.
+    ///
+    /// The daemon answers without waiting for any client's call: a file
+    /// whose call is still running (a large map, a table walk) is shown
+    /// busy, with the figures it had at its last look. Needs access to the
+    /// status socket: root, or a member of the daemon's --node-group.
+    Status {
+        /// Print the daemon's answer as JSON (the same content).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -138,6 +174,10 @@ fn select_devices(args: &Args) -> Result<Vec<PciDevice>> {
 }
 
 fn run(args: Args) -> Result<()> {
+    if let Some(Command::Status { json }) = args.command {
+        print!("{}", status::show(&args.status_socket, json)?);
+        return Ok(());
+    }
     let access = NodeAccess::new(args.node_group.as_deref(), args.node_mode)?;
     let devices = select_devices(&args)?;
     let nodes: Vec<String> = (1..=devices.len())
@@ -199,16 +239,20 @@ fn run(args: Args) -> Result<()> {
     let engine =
         Arc::new(Engine::new(backend.clone(), specs.clone()).map_err(|e| anyhow::anyhow!("{e}"))?);
 
-    let server = Server::new().context("starting the CUSE server")?;
+    let server = Arc::new(Server::new().context("starting the CUSE server")?);
+    let wiring = Wiring::default();
     let device_nodes = Arc::new(DeviceNodes::new(engine.clone(), backend.clone()));
     let hook_nodes = device_nodes.clone();
     let ioasid = server
         .register(
             DeviceConfig::new(&args.ioasid_name),
-            Arc::new(IoasidNode::new(
-                engine.clone(),
-                Box::new(move |closed| hook_nodes.on_context_closed(closed)),
-            )),
+            wiring.ioasid_node(
+                Arc::new(IoasidNode::new(
+                    engine.clone(),
+                    Box::new(move |closed| hook_nodes.on_context_closed(closed)),
+                )),
+                &format!("/dev/{}", args.ioasid_name),
+            ),
         )
         .with_context(|| {
             format!(
@@ -233,11 +277,14 @@ fn run(args: Args) -> Result<()> {
     let iommu = server
         .register(
             DeviceConfig::new(&args.iommu_name),
-            Arc::new(IommufdNode::new(
-                engine.clone(),
-                ats,
-                Box::new(move |closed| hook_nodes.on_context_closed(closed)),
-            )),
+            wiring.iommufd_node(
+                Arc::new(IommufdNode::new(
+                    engine.clone(),
+                    ats,
+                    Box::new(move |closed| hook_nodes.on_context_closed(closed)),
+                )),
+                &format!("/dev/{}", args.iommu_name),
+            ),
         )
         .with_context(|| format!("registering /dev/{}", args.iommu_name))?;
     access.apply(&iommu.path)?;
@@ -250,7 +297,10 @@ fn run(args: Args) -> Result<()> {
             .node(spec.id)
             .map_err(|e| anyhow::anyhow!("device node for {}: {e}", dev.bdf))?;
         let info = server
-            .register(DeviceConfig::new(name), node)
+            .register(
+                DeviceConfig::new(name),
+                wiring.device_node(node, &format!("/dev/{name}"), &dev.bdf),
+            )
             .with_context(|| format!("registering /dev/{name} for {}", dev.bdf))?;
         access.apply(&info.path)?;
         tracing::info!(
@@ -273,11 +323,33 @@ fn run(args: Args) -> Result<()> {
             .cdev(spec.id, dev.sriov)
             .map_err(|e| anyhow::anyhow!("cdev node for {}: {e}", dev.bdf))?;
         let info = server
-            .register(DeviceConfig::new(&cdev), node)
+            .register(
+                DeviceConfig::new(&cdev),
+                wiring.cdev_node(node, &format!("/dev/{cdev}"), &dev.bdf),
+            )
             .with_context(|| format!("registering /dev/{cdev} for {}", dev.bdf))?;
         access.apply(&info.path)?;
         tracing::info!(node = %info.path.display(), device = %dev.bdf, "serving (iommufd cdev)");
     }
+
+    let served = nodes
+        .iter()
+        .zip(&specs)
+        .map(|(name, spec)| ServedDevice {
+            id: spec.id,
+            pci: spec.name.clone(),
+            node: format!("/dev/{name}"),
+            group: spec.group,
+        })
+        .collect();
+    let mut status_socket = StatusSocket::bind(&args.status_socket, access.group)?;
+    status_socket.serve(Arc::new(wiring.sources(
+        engine.clone(),
+        backend.clone(),
+        served,
+        server.clone(),
+    )))?;
+    tracing::info!(socket = %status_socket.path().display(), "answering `cuse-ioasid status`");
 
     service::notify(&[
         NotifyState::Ready,
@@ -307,6 +379,7 @@ fn run(args: Args) -> Result<()> {
         .context("starting the signal thread")?;
 
     server.wait();
+    drop(status_socket);
     tracing::info!("stopped");
     Ok(())
 }
@@ -316,18 +389,15 @@ mod tests {
     use super::Args;
     use clap::CommandFactory;
 
-    /// The man page `docs/man/cuse-ioasid.8` is rendered from the same
-    /// definitions as `--help`, so the two cannot drift apart. Run with
-    /// `UPDATE_MAN=1` to rewrite it after changing an option.
-    #[test]
-    fn man_page_matches_the_options() {
+    /// `page` must be `docs/man/NAME.8` (rewritten with `UPDATE_MAN=1`).
+    fn check_page(cmd: clap::Command, name: &'static str) {
         let mut page = Vec::new();
-        clap_mangen::Man::new(Args::command().name("cuse-ioasid"))
+        clap_mangen::Man::new(cmd.name(name))
             .section("8")
             .render(&mut page)
             .expect("render the man page");
         let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/man/cuse-ioasid.8");
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../docs/man/{name}.8"));
         if std::env::var_os("UPDATE_MAN").is_some() {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(&path, &page).unwrap();
@@ -338,5 +408,21 @@ mod tests {
             "{} is out of date: run `UPDATE_MAN=1 cargo test -p cuse-ioasid man_page`",
             path.display()
         );
+    }
+
+    /// The man pages `docs/man/cuse-ioasid.8` and `cuse-ioasid-status.8`
+    /// are rendered from the same definitions as `--help` and `status
+    /// --help`, so they cannot drift apart. Run with `UPDATE_MAN=1` to
+    /// rewrite them after changing an option.
+    #[test]
+    fn man_page_matches_the_options() {
+        let mut cmd = Args::command().name("cuse-ioasid");
+        cmd.build();
+        let status = cmd
+            .find_subcommand("status")
+            .expect("the status subcommand")
+            .clone();
+        check_page(cmd, "cuse-ioasid");
+        check_page(status, "cuse-ioasid-status");
     }
 }

@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 
 from conftest import in_test_vm
-from harness import ioasid as io
-from harness import vfio
+from cuse_ioasid import ioasid as io
+from cuse_ioasid import vfio
 from harness.daemon import ALL_EDU, LENGTH, Node, wait_for
 
 pytestmark = [

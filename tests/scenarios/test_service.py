@@ -8,7 +8,8 @@ with `dpkg -i` (built by `scripts/package --profile dev`), and:
   cuse-ioasid.service (Type=notify: `systemctl start` returns on READY=1)
   with its capability bounding set and hardening, runs flow 5.1 as root, as
   a member of the group "ioasid" the package created, and as a user outside
-  it (EACCES), reads the journal (one line per event, its priority), stops
+  it (EACCES), asks `cuse-ioasid status` as each of them (the outsider is
+  refused), reads the journal (one line per event, its priority), stops
   the unit;
 - starts the unit's ExecStart line as systemd would (environment file,
   bounding set, limits: tests/harness/unit.py reads the unit) with
@@ -284,6 +285,23 @@ def test_flow_5_1_as_root_as_group_member_and_outsider(systemd):
     assert "PermissionError" in r.stderr and f"[Errno {errno.EACCES}]" in r.stderr, r.stderr
 
 
+def test_status_answers_root_and_the_group_only(systemd):
+    """The unit's RuntimeDirectory holds the status socket, root:ioasid
+    0660 (the package's --node-group ioasid): root and alice get the
+    status, bob is refused."""
+    socket = "/run/cuse-ioasid/status.sock"
+    r = as_user(systemd, None, ["stat", "-c", "%U:%G %a", socket])
+    assert r.stdout.split() == ["root:ioasid", "660"], r.stdout + r.stderr
+    for user in (None, "alice"):
+        r = as_user(systemd, user, ["cuse-ioasid", "status", "--json"])
+        assert r.returncode == 0, f"status as {user or 'root'}: {r.stderr}"
+        status = json.loads(r.stdout)
+        assert [d["node"] for d in status["devices"]] == NODES[1:], status["devices"]
+        assert status["processes"] == [], status["processes"]
+    r = as_user(systemd, "bob", ["cuse-ioasid", "status"])
+    assert r.returncode == 1 and "permission denied" in r.stderr, r.stdout + r.stderr
+
+
 def test_unit_stops_on_sigterm(systemd):
     systemctl(systemd, "stop", UNIT)
     assert nodes_gone(), [n for n in NODES if os.path.exists(n)]
@@ -449,7 +467,7 @@ def test_without_limit_memlock_a_large_mapping_fails(root, scratch_dir):
     10 MiB: refused with the default limit, accepted with the unit's."""
     script = (
         "import sys; sys.path.insert(0, %r)\n"
-        "from harness import ioasid as io, vfio\n"
+        "from cuse_ioasid import ioasid as io, vfio\n"
         "dev = vfio.Device.open_node(%r); fd = io.IoasidFd()\n"
         "mem = vfio.DmaBuffer(10 << 20)\n"
         "io.bind_ioasid_fd(dev.fd, fd); gpa = fd.alloc(); io.attach_ioasid(dev.fd, gpa)\n"
@@ -457,7 +475,7 @@ def test_without_limit_memlock_a_large_mapping_fails(root, scratch_dir):
         "    fd.map_dma(gpa, 0x1000000, mem.addr, 10 << 20); print('mapped')\n"
         "except OSError as e:\n"
         "    print('errno', e.errno)\n"
-    ) % (str(REPO / "tests"), NODES[1])
+    ) % (str(REPO / "python"), NODES[1])
     outcome = {}
     for unlimited in (False, True):
         log = scratch_dir / f"service-memlock-{unlimited}.log"

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import iommufd_module_marks
 from harness.daemon import ALONE_1, SHARED_A, REPO, daemon_pids
-from harness.iommufd import Iommufd, bind_iommufd
+from cuse_ioasid.iommufd import Iommufd, bind_iommufd
 
 CLIENT = REPO / "tests/vfio-cdev-client/target/debug/vfio-cdev-client"
 

@@ -9,6 +9,7 @@
 //! - `tables`: bound page tables, PASID tables and invalidation;
 //! - `ioas`, `hwpt`, `iova`: iommufd's objects (IOAS, HWPT, device ids),
 //!   its IOAS commands, attach and replace, and the IOVA allocator;
+//! - `snapshot`: what a status request sees, without waiting for calls;
 //! - this file: the [`Engine`] itself, opening and closing contexts.
 //!
 //! # Model
@@ -56,6 +57,10 @@
 //! - `registry` (which device is bound to which context, which groups are
 //!   out of service) is taken *after* a context lock, never before, and
 //!   never while holding two context locks. Lock order: context → registry.
+//! - `board` (the last snapshot of each context, for status requests) is
+//!   held only to store or copy one; it is taken after a context lock or
+//!   alone. [`Engine::snapshot`] only *tries* context locks, so a status
+//!   request never waits for a client's call (see `snapshot`).
 //!
 //! Group ownership (all bound devices of a group belong to one context)
 //! means a group's domain and its devices' attachments are only ever
@@ -81,6 +86,7 @@ mod iova;
 mod mapping;
 mod nesting;
 mod service;
+mod snapshot;
 mod tables;
 mod types;
 
@@ -88,6 +94,9 @@ use context::*;
 
 pub use ioas::{IoasMap, MapSource, ObjectId, ObjectKind};
 use nesting::*;
+pub use snapshot::{
+    BoundDeviceSnapshot, ContextSnapshot, ContextView, EngineCounters, IoasidSnapshot,
+};
 use tables::*;
 pub use types::*;
 
@@ -110,6 +119,8 @@ pub struct Engine {
     registry: Mutex<Registry>,
     /// Budget of one table walk (see [`pgtable::walk`]).
     walk_limit: AtomicU64,
+    /// Last snapshots and counters, for status requests (see `snapshot`).
+    board: snapshot::Board,
 }
 
 impl std::fmt::Debug for Engine {
@@ -201,6 +212,7 @@ impl Engine {
             next_context: AtomicU64::new(1),
             registry: Mutex::new(Registry::default()),
             walk_limit: AtomicU64::new(pgtable::DEFAULT_WALK_LIMIT),
+            board: snapshot::Board::default(),
         })
     }
 
@@ -243,7 +255,9 @@ impl Engine {
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
         c.check_open(ctx)?;
-        f(&mut c)
+        let result = f(&mut c);
+        self.board.call_done(&c, &self.devices);
+        result
     }
 
     fn context(&self, ctx: ContextId) -> Result<Arc<Mutex<Context>>, Error> {
@@ -289,6 +303,7 @@ impl Engine {
         // Operations that looked the context up before it left the table
         // find it closed once they get the lock.
         c.closed = true;
+        self.board.forget(ctx);
         let mut closed = ClosedContext::default();
         // The groups to empty: those realising an IOASID, and those out of
         // service because of this context (their domain may hold anything).
