@@ -55,6 +55,14 @@ DMA_PROOF = ["page B now holds exactly page A's 3000 bytes", "the MSI arrived", 
 NODES = ["/dev/ioasid"] + [f"/dev/vfio/devices/dev{n}" for n in range(1, len(ALL_EDU) + 1)]
 
 
+def iommufd_nodes() -> list[str]:
+    """/dev/iommu and each device's vfioN cdev (N is the kernel's own, from
+    sysfs), which the daemon serves besides NODES."""
+    cdevs = [f"/dev/vfio/devices/{name}" for bdf in ALL_EDU
+             for name in os.listdir(f"/sys/bus/pci/devices/{bdf}/vfio-dev")]
+    return ["/dev/iommu", *sorted(cdevs)]
+
+
 def run(argv, check=True, timeout=300, **kw) -> subprocess.CompletedProcess:
     r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
     if check and r.returncode != 0:
@@ -253,13 +261,13 @@ def test_unit_starts_once_every_node_exists(systemd):
     group = [line for line in (systemd.root / "etc/group").read_text().splitlines()
              if line.startswith("ioasid:")][0]
     gid = int(group.split(":")[2])
-    for node in NODES:
+    for node in NODES + iommufd_nodes():
         st = os.stat(node)
         assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, gid, 0o660), node
     props = unit_properties(systemd, "ActiveState", "SubState", "Type", "StatusText")
     assert (props["ActiveState"], props["SubState"], props["Type"]) == ("active", "running",
                                                                         "notify"), props
-    assert props["StatusText"] == f"serving /dev/ioasid and {len(ALL_EDU)} device node(s)"
+    assert props["StatusText"] == f"serving /dev/ioasid, /dev/iommu and {len(ALL_EDU)} device(s)"
     # The daemon holds exactly the unit's capabilities.
     unit = Unit.read(systemd.root / UNIT_PATH)
     pids = daemon_pids()  # as this process sees them (MainPID is systemd's view)
