@@ -44,6 +44,14 @@ from harness.unit import Unit, cap_mask, setpriv_argv
 
 pytestmark = pytest.mark.skipif(not in_test_vm(), reason="needs the test VM: run under scripts/vm")
 
+# The package is built for Debian 12: its systemd and the capability matrix
+# run on Debian 12's kernel (6.1). On sid's kernel the package installs and
+# the unit's ExecStart line runs under a test's NOTIFY_SOCKET; the rest is
+# left out there to keep the CI run within its time.
+debian_12_kernel_only = pytest.mark.skipif(
+    not os.uname().release.startswith("6.1."),
+    reason="systemd 252 and the capability matrix run on Debian 12's kernel (6.1) only")
+
 UNIT = "cuse-ioasid.service"
 UNIT_PATH = Path("usr/lib/systemd/system") / UNIT
 FLOW_5_1 = REPO / "target" / "c" / "flow_5_1"
@@ -255,6 +263,7 @@ def scratch_dir() -> Path:
     return Path(os.environ["VM_SCRATCH"])
 
 
+@debian_12_kernel_only
 def test_unit_starts_once_every_node_exists(systemd):
     systemctl(systemd, "start", UNIT)  # returns when the daemon sends READY=1
     # No wait here: READY=1 came after the last node was made and chowned.
@@ -282,6 +291,7 @@ def test_unit_starts_once_every_node_exists(systemd):
                for line in limits.splitlines()), limits
 
 
+@debian_12_kernel_only
 def test_flow_5_1_as_root_as_group_member_and_outsider(systemd):
     assert_flow_passes(flow_5_1(systemd, None, NODES[1]), "root")
     assert_flow_passes(flow_5_1(systemd, "alice", NODES[2]), "alice (group ioasid)")
@@ -293,6 +303,7 @@ def test_flow_5_1_as_root_as_group_member_and_outsider(systemd):
     assert "PermissionError" in r.stderr and f"[Errno {errno.EACCES}]" in r.stderr, r.stderr
 
 
+@debian_12_kernel_only
 def test_status_answers_root_and_the_group_only(systemd):
     """The unit's RuntimeDirectory holds the status socket, root:ioasid
     0660 (the package's --node-group ioasid): root and alice get the
@@ -310,6 +321,7 @@ def test_status_answers_root_and_the_group_only(systemd):
     assert r.returncode == 1 and "permission denied" in r.stderr, r.stdout + r.stderr
 
 
+@debian_12_kernel_only
 def test_unit_stops_on_sigterm(systemd):
     systemctl(systemd, "stop", UNIT)
     assert nodes_gone(), [n for n in NODES if os.path.exists(n)]
@@ -317,6 +329,7 @@ def test_unit_stops_on_sigterm(systemd):
     assert props == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}
 
 
+@debian_12_kernel_only
 def test_journal_has_one_line_per_event_with_its_priority(systemd):
     # A start that fails on a bad option logs an error: change the
     # configuration, start, restore.
@@ -449,6 +462,7 @@ def test_every_capability_of_the_unit_is_needed(root):
     assert sorted(WITHOUT) == sorted(Unit.read(root / UNIT_PATH).capabilities())
 
 
+@debian_12_kernel_only
 @pytest.mark.parametrize("cap", sorted(WITHOUT))
 def test_without_capability(root, scratch_dir, cap):
     who, failure = WITHOUT[cap]
@@ -468,6 +482,7 @@ def test_without_capability(root, scratch_dir, cap):
         assert svc.stop() == 0, svc.log_text()
 
 
+@debian_12_kernel_only
 def test_without_limit_memlock_a_large_mapping_fails(root, scratch_dir):
     """The kernel charges what the daemon pins to the daemon's own
     RLIMIT_MEMLOCK (8 MiB by default); the unit lifts it, and the daemon
