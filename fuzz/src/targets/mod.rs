@@ -33,6 +33,26 @@ pub struct Target {
     pub make: fn() -> Feed,
 }
 
+/// An engine over `backend` serving `devices` (id, PCI address, IOMMU
+/// group), with page-table walks cut at `walk_limit` entries.
+pub fn engine(
+    backend: std::sync::Arc<ioasid_engine::fake::FakeBackend>,
+    devices: &[(ioasid_engine::DeviceId, &str, u32)],
+    walk_limit: u64,
+) -> ioasid_engine::Engine {
+    let specs = devices
+        .iter()
+        .map(|&(id, name, group)| ioasid_engine::DeviceSpec {
+            id,
+            name: name.into(),
+            group,
+        })
+        .collect();
+    let engine = ioasid_engine::Engine::new(backend, specs).expect("distinct device ids");
+    engine.set_walk_limit(walk_limit);
+    engine
+}
+
 /// Every target, in the order `fuzz` runs them.
 pub const ALL: &[Target] = &[
     cuse_wire::SESSION,

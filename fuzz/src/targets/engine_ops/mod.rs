@@ -38,7 +38,7 @@ use std::sync::Arc;
 use ioasid_engine::backend::{GroupId, Prot};
 use ioasid_engine::fake::FakeBackend;
 use ioasid_engine::pgtable::{PTE_PRESENT, PTE_PS, PTE_WRITE};
-use ioasid_engine::{ContextId, DeviceId, DeviceSpec, Engine};
+use ioasid_engine::{ContextId, DeviceId, Engine};
 use nix::errno::Errno;
 
 use super::Target;
@@ -134,22 +134,13 @@ impl Ops {
         }
         let memlock = rng.chance(1, 5).then(|| (1 + rng.below(8)) << 20);
         fake.set_memlock(PID, memlock);
-        let dev = |id, name: &str, group| DeviceSpec {
-            id,
-            name: name.into(),
-            group,
-        };
-        let engine = Engine::new(
-            fake.clone(),
-            vec![
-                dev(DEV_A, "0000:00:03.0", 3),
-                dev(DEV_B, "0000:00:04.0", 4),
-                dev(DEV_X, "0000:01:01.0", 7),
-                dev(DEV_Y, "0000:01:02.0", 7),
-            ],
-        )
-        .expect("distinct ids");
-        engine.set_walk_limit(1 << 9);
+        let devices = [
+            (DEV_A, "0000:00:03.0", 3),
+            (DEV_B, "0000:00:04.0", 4),
+            (DEV_X, "0000:01:01.0", 7),
+            (DEV_Y, "0000:01:02.0", 7),
+        ];
+        let engine = super::engine(fake.clone(), &devices, 1 << 9);
         Run {
             fake,
             engine,

@@ -146,6 +146,15 @@ impl Ctx {
         }
     }
 
+    /// Its roots (`false`) or its children (`true`).
+    pub fn ids(&self, children: bool) -> Vec<u32> {
+        let spaces = self.spaces.iter();
+        spaces
+            .filter(|(_, s)| s.parent.is_some() == children)
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
     /// Bytes pinned: registrations and mappings with an alias of their own.
     pub fn pinned(&self) -> u64 {
         let regs: u64 = self.regs.values().sum();

@@ -13,13 +13,7 @@ use super::*;
 /// bound device, an attachment, a mapping, a child, a child attachment),
 /// as an index of [`Ops::rfc_op`]'s operations; `None` once it has all.
 pub(super) fn rfc_build(c: &Ctx) -> Option<u64> {
-    let roots: Vec<u32> = c
-        .spaces
-        .iter()
-        .filter(|(_, s)| s.parent.is_none())
-        .map(|(k, _)| *k)
-        .collect();
-    if roots.is_empty() {
+    if c.ids(false).is_empty() {
         Some(0)
     } else if c.bound.is_empty() {
         Some(10)
@@ -48,23 +42,11 @@ impl Ops {
         };
         let ids: Vec<u32> = c.spaces.keys().copied().collect();
         let id = if op == 15 || op == 5 && rng.chance(1, 2) {
-            let roots: Vec<u32> = c
-                .spaces
-                .iter()
-                .filter(|(_, s)| s.parent.is_none())
-                .map(|(k, _)| *k)
-                .collect();
-            pick_id(rng, &roots)
+            pick_id(rng, &c.ids(false))
         } else if (op == 12 && !c.rid.is_empty() && rng.chance(1, 2))
             || (op >= 16 && rng.chance(3, 4))
         {
-            let kids: Vec<u32> = c
-                .spaces
-                .iter()
-                .filter(|(_, s)| s.parent.is_some())
-                .map(|(k, _)| *k)
-                .collect();
-            pick_id(rng, &kids)
+            pick_id(rng, &c.ids(true))
         } else {
             pick_id(rng, &ids)
         };

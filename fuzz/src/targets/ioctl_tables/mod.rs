@@ -42,7 +42,7 @@ use cuse_vfio_devices::testing::{inode, FakeLookup, FakeOpener};
 use cuse_vfio_devices::{CdevNode, DeviceNode, DeviceNodes};
 use ioasid_engine::backend::Prot;
 use ioasid_engine::fake::FakeBackend;
-use ioasid_engine::{ContextId, DeviceId, DeviceSpec, DmaMap, Engine, IoasMap, MapSource};
+use ioasid_engine::{ContextId, DeviceId, DmaMap, Engine, IoasMap, MapSource};
 use ioasid_uapi::iommufd::IOMMU_IOAS_IOVA_RANGES;
 use ioasid_uapi::iommufd::{iommu_hw_info, iommu_ioas_iova_ranges, IOMMU_GET_HW_INFO};
 use ioasid_uapi::plain::bytes_of;
@@ -178,21 +178,12 @@ impl Tables {
         fake.share(PID, MEM, MEM_LEN / 2);
         fake.share(PID, MEM + MEM_LEN / 2, MEM_LEN / 2);
         fake.add_file(self.map_ino, MEM_LEN);
-        let dev = |id, name: &str, group| DeviceSpec {
-            id,
-            name: name.into(),
-            group,
-        };
-        let engine = Engine::new(
-            fake.clone(),
-            vec![
-                dev(DEV_A, "0000:00:03.0", 3),
-                dev(DEV_X, "0000:01:01.0", 7),
-                dev(DEV_Y, "0000:01:02.0", 7),
-            ],
-        )
-        .expect("distinct ids");
-        engine.set_walk_limit(1 << 10);
+        let devices = [
+            (DEV_A, "0000:00:03.0", 3),
+            (DEV_X, "0000:01:01.0", 7),
+            (DEV_Y, "0000:01:02.0", 7),
+        ];
+        let engine = super::engine(fake.clone(), &devices, 1 << 10);
         let engine = Arc::new(engine);
         let ctx = engine.open_context();
         let file = match node {
