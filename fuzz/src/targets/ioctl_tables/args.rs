@@ -4,7 +4,7 @@
 //! without non-zero bytes, byte mutations, and caller memory with holes.
 
 use ioctl_table::fake::FakeCaller;
-use ioctl_table::{StructRules, MAX_ARG, MAX_TAIL};
+use ioctl_table::{StructRules, Tail, MAX_ARG, MAX_TAIL};
 
 use super::commands::{Arg, Cmd, Field, K};
 use super::{BASE, FD_IOASID, FD_IOMMU, FD_MAP, FD_PIPE, MEM, MEM_LEN, PID};
@@ -165,7 +165,13 @@ pub fn struct_bytes(rng: &mut Rng, cmd: &Cmd, rules: &StructRules, data: bool) -
         21 => u32::MAX as u64,
         _ => rng.interesting() as u32 as u64,
     };
-    let given = given as u32;
+    // An output buffer after the struct (a capability chain): any size
+    // around what the chain needs, often.
+    let given = if rules.tail == Tail::Output && rng.chance(1, 3) {
+        (size as u64 + rng.below(320)) as u32
+    } else {
+        given as u32
+    };
     b[..4].copy_from_slice(&given.to_ne_bytes());
     b.extend_from_slice(&extra);
     if rng.chance(1, 6) {
