@@ -24,9 +24,9 @@
 //! and up to 40 operations, each followed by a check of the whole engine
 //! and fake backend against the model, about 140 µs of CPU where an
 //! `ioctl-tables` input takes about 20; a million would take two and a
-//! half minutes. The whole release run takes about 40 s of CPU on the
-//! 2-core build machine (`ioctl-tables` 21, `engine-ops` 15, the CUSE
-//! targets 3).
+//! half minutes. The whole release run takes 30 to 40 s of CPU on the
+//! 2-core build machine, `ioctl-tables` and `engine-ops` about half each
+//! (85 s of wall-clock time at a load average of 9).
 
 mod gen;
 mod targets;

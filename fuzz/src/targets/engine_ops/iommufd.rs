@@ -230,6 +230,12 @@ impl Ops {
                 }
                 format!("ioas unmap {id} {iova:#x}+{length:#x}: {got:?}")
             }
+            9 if rng.chance(1, 3) => {
+                // Huge pages only change the IOAS's alignment.
+                let set = rng.chance(2, 3).then(|| rng.chance(1, 2));
+                let got = en.ioas_huge_pages(ctx, id, set);
+                format!("huge pages {id} {set:?}: {got:?}")
+            }
             9 => {
                 let ranges: Vec<(u64, u64)> = (0..rng.below(3))
                     .map(|_| {

@@ -6,14 +6,16 @@
 //! alone in group 3, B alone in group 4, X and Y sharing group 7; the
 //! client's shared memory in two adjacent pieces and a third one apart; a
 //! memory file; now and then a small entry limit, 2 MiB pages in group 4,
-//! or an `RLIMIT_MEMLOCK`), then 8 to 40 steps. A step opens or closes a
+//! or an `RLIMIT_MEMLOCK`), then 8 to 40 steps. Now and then the backend
+//! is told to fail a map a few maps ahead (in the middle of a replay, a
+//! shadow update, a copy), more rarely an unmap. A step opens or closes a
 //! context (an RFC `/dev/ioasid` file or an iommufd one), or runs one
 //! operation of that context's uAPI on it: alloc and free, register and
 //! unregister, map, unmap and unmap-all, bind, attach, detach and unbind,
 //! nesting, page-table and PASID-table binds and invalidations over random
 //! tables in the client's memory; IOAS alloc and destroy, map (of user
-//! memory or of the file), copy, unmap, allowed ranges, device bind, HWPT
-//! alloc, attach (replace) and detach. Arguments come mostly from what
+//! memory or of the file), copy, unmap, allowed ranges, huge pages, device
+//! bind, HWPT alloc, attach (replace) and detach. Arguments come mostly from what
 //! exists, so that most operations get deep.
 //!
 //! After each step: the model's success-only bookkeeping agrees with the
@@ -25,7 +27,10 @@
 //! own); bound groups belong to one context; a map or unmap that
 //! succeeded had the RFC's group rule hold; a successful pinning stayed
 //! within the limit. After the last step every context is closed: nothing
-//! is pinned, bound, mapped or aliased any more.
+//! is pinned, bound, mapped or aliased any more. When an undo failed too
+//! (two failures in one operation) a group is out of service, the
+//! documented degraded mode the model does not follow: the sequence stops
+//! there, and closing must still leave nothing behind.
 
 mod iommufd;
 mod model;
@@ -158,6 +163,11 @@ impl Ops {
                 // the middle of a replay, a shadow update, a copy...
                 let errno = *rng.pick(&[Errno::ENOSPC, Errno::ENOMEM, Errno::EFAULT]);
                 r.fake.fail_map_after(rng.below(6) as usize, errno);
+            }
+            if rng.chance(1, 40) {
+                // An unmap fails: an undo may fail with it, and a group
+                // goes out of service.
+                r.fake.fail_unmap_after(rng.below(4) as usize, Errno::EIO);
             }
             let what = self.step(rng, &mut r);
             let what = format!("step {i}: {what}");
