@@ -18,8 +18,6 @@ vfio-pci,fd=M,iommufd=...`` on the daemon's nodes instead of ``host=``.
 from __future__ import annotations
 
 import os
-from pathlib import Path
-
 import pytest
 
 from cuse_ioasid import vfio
@@ -27,7 +25,6 @@ from cuse_ioasid.edu import Edu
 from cuse_ioasid.qtest import Qemu, machine_args
 from cuse_ioasid.qtest_edu import PCI_BAR0, PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, \
     QtestEdu
-from harness.project_scripts import cached_qemu
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/vfio/vfio"),
@@ -39,16 +36,6 @@ DST = 0x0020_0000
 MSI_ADDR = 0x0000_7000  # a word of guest RAM that receives the MSI data
 MSI_DATA = 0x4ED1
 LENGTH = 3000  # below the edu's 4096-byte buffer
-
-
-@pytest.fixture(scope="module")
-def qemu_binary() -> Path:
-    """The cached QEMU 10; a failure, not a skip, when it was not fetched."""
-    binary = cached_qemu()
-    if binary is None:
-        pytest.fail("QEMU 10 is not in .cache/qemu: run scripts/fetch-qemu on the host "
-                    "(scripts/test does it before the VM stages)")
-    return binary
 
 
 def legacy_args(bdf: str) -> list[str]:
