@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
-import shutil
 from pathlib import Path
 from types import ModuleType
 
@@ -29,23 +28,9 @@ def cached_qemu() -> Path | None:
     return load("fetch-qemu").cached()
 
 
-def qemu_copy(binary: Path, dest: Path) -> Path:
-    """A copy of the unpacked QEMU's binary under ``dest`` (the test VM's
-    tmpfs), beside links to the unpacked tree's firmware and modules, so it
-    finds them relative to itself as the original does.
 
-    Why: the test VM reads the host's files over 9p without a page cache,
-    so every start of QEMU faults its 28 MB binary in page by page (the
-    dynamic loader touches most of it); from tmpfs a start is several times
-    faster (20-35 s against 6-10 s on a loaded host)."""
-    root = binary.parents[2]  # .../VERSION/usr/bin/qemu-system-x86_64
-    usr = dest / "usr"
-    (usr / "bin").mkdir(parents=True, exist_ok=True)
-    for sub in ("share", "lib"):
-        link = usr / sub
-        if not link.is_symlink():
-            link.symlink_to(root / "usr" / sub)
-    copy = usr / "bin" / binary.name
-    if not copy.exists():
-        shutil.copy2(binary, copy)
-    return copy
+def qemu_copy(binary: Path, dest: Path) -> Path:
+    """``binary`` copied under ``dest`` (the test VM's tmpfs), where it
+    starts several times faster than over 9p (scripts/fetch-qemu
+    --copy-to)."""
+    return load("fetch-qemu").copy_to(binary, dest)
