@@ -15,7 +15,6 @@ daemon. Exits non-zero if anything is not as it should be.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -29,7 +28,7 @@ sys.path.insert(0, str(REPO / "python"))
 from cuse_ioasid.iommufd import cdev_path  # noqa: E402
 from cuse_ioasid.qtest import Qemu, QtestError  # noqa: E402
 from cuse_ioasid.qtest_edu import QtestEdu  # noqa: E402
-from flow_demo import DAEMON, say, start_daemon, stop_daemon  # noqa: E402
+from flow_demo import DAEMON, say, start_daemon, stop_daemon, wait_for_nodes  # noqa: E402
 
 DEVICE = "0000:00:0a.0"  # an edu alone in its IOMMU group
 SRC = 0x0010_0000  # guest-physical addresses in the guest's RAM
@@ -45,15 +44,6 @@ def qemu_args() -> list[str]:
     return ["-accel", "tcg",
             "-machine", "q35,memory-backend=ram0,aux-ram-share=on", "-m", str(RAM_MB),
             "-object", f"memory-backend-memfd,id=ram0,size={RAM_MB}M,share=on"]
-
-
-def wait_for_nodes(paths: list[str], timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while not all(os.path.exists(p) for p in paths):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def status() -> dict:

@@ -116,20 +116,6 @@ def launch(qemu_binary: Path, bdfs: list[str], args: list[str], workdir: Path) -
     return Qemu(qemu_binary, args, workdir, launcher=launcher)
 
 
-def round_trip(qemu: Qemu, edu: QtestEdu, irq: bool) -> None:
-    """Pattern at SRC → device → DST, checked in guest RAM."""
-    pattern = os.urandom(LENGTH)
-    qemu.memwrite(SRC, pattern)
-    qemu.memwrite(DST, bytes(LENGTH))
-    edu.to_device(SRC, LENGTH, irq=irq)
-    edu.to_memory(DST, LENGTH, irq=irq)
-    got = qemu.memread(DST, LENGTH)
-    assert got == pattern, (
-        f"guest RAM at {DST:#x} after the edu's DMA differs from the pattern in "
-        f"{sum(a != b for a, b in zip(got, pattern))} of {LENGTH} bytes")
-    assert qemu.memread(SRC, LENGTH) == pattern, "the source was modified"
-
-
 def kind(node: str) -> str:
     return "iommufd" if node == "/dev/iommu" else "cdev"
 
@@ -167,7 +153,7 @@ def exercise(qemu: Qemu, edus: list[QtestEdu], msi_data: int) -> None:
         edu.enable()
         edu.enable_msi(MSI_ADDR + 4 * i, msi_data + i)
     for edu in edus:
-        round_trip(qemu, edu, irq=True)
+        edu.round_trip(SRC, DST, LENGTH, irq=True)
 
 
 def run_leg(qemu_binary: Path, daemon, bdfs: list[str], workdir: Path, request,

@@ -18,6 +18,7 @@ vfio-pci,fd=M,iommufd=...`` on the daemon's nodes instead of ``host=``.
 from __future__ import annotations
 
 import os
+
 import pytest
 
 from cuse_ioasid import vfio
@@ -43,20 +44,6 @@ def legacy_args(bdf: str) -> list[str]:
     return [*machine_args(), "-device", f"vfio-pci,host={bdf},addr=04.0"]
 
 
-def round_trip(qemu: Qemu, edu: QtestEdu, irq: bool) -> None:
-    """Pattern at SRC → device → DST, checked in guest RAM."""
-    pattern = os.urandom(LENGTH)
-    qemu.memwrite(SRC, pattern)
-    qemu.memwrite(DST, bytes(LENGTH))
-    edu.to_device(SRC, LENGTH, irq=irq)
-    edu.to_memory(DST, LENGTH, irq=irq)
-    got = qemu.memread(DST, LENGTH)
-    assert got == pattern, (
-        f"guest RAM at {DST:#x} after the edu's DMA differs from the pattern in "
-        f"{sum(a != b for a, b in zip(got, pattern))} of {LENGTH} bytes")
-    assert qemu.memread(SRC, LENGTH) == pattern, "the source was modified"
-
-
 def test_dma_msi_reset_and_clean_exit(qemu_binary, topology, tmp_path):
     bdf = topology.alone[0].bdf
     qemu = Qemu(qemu_binary, legacy_args(bdf), tmp_path)
@@ -64,7 +51,7 @@ def test_dma_msi_reset_and_clean_exit(qemu_binary, topology, tmp_path):
         edu = QtestEdu.find(qemu)
         edu.enable()
         edu.enable_msi(MSI_ADDR, MSI_DATA)
-        round_trip(qemu, edu, irq=True)
+        edu.round_trip(SRC, DST, LENGTH, irq=True)
 
         qemu.system_reset()
         cmd = edu.cfg.read16(PCI_COMMAND)
@@ -74,7 +61,7 @@ def test_dma_msi_reset_and_clean_exit(qemu_binary, topology, tmp_path):
 
         edu.enable()
         edu.enable_msi(MSI_ADDR, MSI_DATA + 1)
-        round_trip(qemu, edu, irq=True)
+        edu.round_trip(SRC, DST, LENGTH, irq=True)
         status = qemu.quit()
     assert status == 0, f"QEMU exited with {status}; its log:\n{qemu.log()}"
     assert_reusable(topology.alone[0])
@@ -109,7 +96,7 @@ def test_device_of_a_shared_group(qemu_binary, topology, tmp_path):
     with qemu:
         edu = QtestEdu.find(qemu)
         edu.enable()
-        round_trip(qemu, edu, irq=False)
+        edu.round_trip(SRC, DST, LENGTH, irq=False)
         status = qemu.quit()
     assert status == 0, f"QEMU exited with {status}; its log:\n{qemu.log()}"
     assert_reusable(topology.shared[0][0])
