@@ -69,7 +69,7 @@ RAM_MB = 32
 
 # What QEMU 10.0 asks of the daemon (issue 13, from QEMU's hw/vfio/ and
 # backends/iommufd.c), by node kind. `read` is the pread of config space.
-EXPECTED = {
+EXPECTED_10 = {
     ("cdev", "VFIO_DEVICE_BIND_IOMMUFD"),
     ("iommufd", "IOMMU_GET_HW_INFO"),
     ("iommufd", "IOMMU_IOAS_ALLOC"),
@@ -83,6 +83,11 @@ EXPECTED = {
     ("cdev", "read"),
     ("cdev", "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO"),
 }
+# QEMU 10.1 and later map RAM that is backed by a file (a memfd here)
+# with IOMMU_IOAS_MAP_FILE.
+EXPECTED_11 = EXPECTED_10 - {("iommufd", "IOMMU_IOAS_MAP")} | {("iommufd", "IOMMU_IOAS_MAP_FILE")}
+EXPECTED = {"10.0": EXPECTED_10, "11.1": EXPECTED_11}
+
 # Refusals QEMU expects, each the kernel's own answer: the first
 # IOVA_RANGES has no room and learns the count from EMSGSIZE (per IOAS);
 # the error-reporting IRQ of a device that is not PCI Express is EINVAL;
@@ -157,7 +162,7 @@ def exercise(qemu: Qemu, edus: list[QtestEdu], msi_data: int) -> None:
 
 
 def run_leg(qemu_binary: Path, daemon, bdfs: list[str], workdir: Path, request,
-            args: list[str] | None = None) -> list[Request]:
+            args: list[str] | None = None, version: str = "10.0") -> list[Request]:
     """QEMU with ``bdfs`` (on shared RAM unless ``args`` says otherwise):
     DMA and MSIs, system_reset, again, a clean exit; then the requests it
     made (returned), and the devices free."""
@@ -183,14 +188,14 @@ def run_leg(qemu_binary: Path, daemon, bdfs: list[str], workdir: Path, request,
           f"its log:\n{qemu.log()}")
     assert status == 0, f"QEMU exited with {status}; its log:\n{qemu.log()}"
     assert daemon.client(pid) is None, "QEMU's files outlived it in the daemon"
-    log = assert_requests(daemon, pid, len(bdfs), before, request)
+    log = assert_requests(daemon, pid, len(bdfs), before, request, EXPECTED[version])
     for bdf in bdfs:
         assert_reusable(daemon, bdf)
     return log
 
 
-def assert_requests(daemon, pid: int, devices: int, before: Counter,
-                    request) -> list[Request]:
+def assert_requests(daemon, pid: int, devices: int, before: Counter, request,
+                    expected: set[tuple[str, str]]) -> list[Request]:
     """QEMU asked for every command the issue lists, was refused only what
     the kernel refuses too, opened and closed its files once each, and the
     log's count of each command is the daemon's counters' own. The
@@ -212,7 +217,7 @@ def assert_requests(daemon, pid: int, devices: int, before: Counter,
         failed = Counter(r.result for r in qemus if (kind(r.node), r.command) == (k, c)
                          and r.result != "ok")
         print(f"  {k:8} {c:40} {n:4}  {dict(failed) or ''}")
-    missing = EXPECTED - set(calls)
+    missing = expected - set(calls)
     assert not missing, f"QEMU never asked for {sorted(missing)}; it asked {dict(calls)}"
     refused = Counter((kind(r.node), r.command, r.result) for r in qemus if r.result != "ok"
                       and not (r.command == "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO"
@@ -248,8 +253,15 @@ def assert_reusable(daemon, bdf: str) -> None:
         os.close(fd)
 
 
-def test_three_devices_dma_msi_reset_and_clean_exit(qemu_binary, ioasid_daemon, tmp_path,
-                                                     request):
+@pytest.fixture(params=["10.0", "11.1"])
+def any_qemu(request) -> tuple[Path, str]:
+    """QEMU 10.0 (bookworm-backports) and 11.1 (sid, with sid's C library),
+    and which it is."""
+    binary = request.getfixturevalue("qemu_binary" if request.param == "10.0" else "qemu11_binary")
+    return binary, request.param
+
+
+def test_three_devices_dma_msi_reset_and_clean_exit(any_qemu, ioasid_daemon, tmp_path, request):
     """One QEMU, one IOAS, three edu devices: one alone in its IOMMU group
     on the root bus, and both devices behind the PCI bridge (one group).
     At system_reset QEMU reads each device's hot-reset info: the root bus
@@ -258,7 +270,8 @@ def test_three_devices_dma_msi_reset_and_clean_exit(qemu_binary, ioasid_daemon, 
     both devices, DEV_ID_OWNED) and resets the bus with the zero-length
     device-id form of VFIO_DEVICE_PCI_HOT_RESET."""
     bdfs = [ALONE_1, SHARED_A, SHARED_B]
-    log = run_leg(qemu_binary, ioasid_daemon, bdfs, tmp_path, request)
+    binary, version = any_qemu
+    log = run_leg(binary, ioasid_daemon, bdfs, tmp_path, request, version=version)
     root_bus = [r for r in log if r.command == "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO"
                 and r.node == cdev_path(ALONE_1)]
     assert root_bus and {r.result for r in root_bus} == {"ENODEV"}, root_bus
