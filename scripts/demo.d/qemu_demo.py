@@ -84,7 +84,7 @@ def demo() -> int:
     say(f"The launcher scripts/qemu-iommufd opens /dev/iommu and {node} (the device")
     say(f"{DEVICE}) and starts QEMU with the two file descriptors:")
     say("   qemu-system-x86_64 -object iommufd,id=iommufd0,fd=3 \\")
-    say("       -device vfio-pci,fd=4,iommufd=iommufd0,addr=04.0 \\")
+    say(f"       -device vfio-pci,fd=4,iommufd=iommufd0,id={Path(node).name},addr=04.0 \\")
     say(f"       {shlex.join(qemu_args())}")
     say("   (plus -qtest stdio -S: no guest OS; this script plays the guest's driver)")
     say()
