@@ -259,7 +259,7 @@ def test_unit_starts_once_every_node_exists(systemd):
     props = unit_properties(systemd, "ActiveState", "SubState", "Type", "StatusText")
     assert (props["ActiveState"], props["SubState"], props["Type"]) == ("active", "running",
                                                                         "notify"), props
-    assert props["StatusText"] == f"serving /dev/ioasid and {len(ALL_EDU)} device node(s)"
+    assert props["StatusText"] == f"serving /dev/ioasid, /dev/iommu and {len(ALL_EDU)} device(s)"
     # The daemon holds exactly the unit's capabilities.
     unit = Unit.read(systemd.root / UNIT_PATH)
     pids = daemon_pids()  # as this process sees them (MainPID is systemd's view)
