@@ -98,6 +98,34 @@ def topology():
     return topology.discover()
 
 
+@pytest.fixture(scope="session")
+def qemu_binary(tmp_path_factory) -> Path:
+    """The QEMU 10 that scripts/fetch-qemu unpacked, copied into the test
+    VM's tmpfs (harness.project_scripts.qemu_copy); a failure, not a skip,
+    when it was not fetched."""
+    from harness.project_scripts import cached_qemu, qemu_copy
+
+    binary = cached_qemu()
+    if binary is None:
+        pytest.fail("QEMU 10 is not in .cache/qemu: run scripts/fetch-qemu on the host "
+                    "(scripts/test does it before the VM stages)")
+    return qemu_copy(binary, tmp_path_factory.mktemp("qemu"))
+
+
+@pytest.fixture(scope="session")
+def qemu11_binary(tmp_path_factory) -> Path:
+    """Debian sid's QEMU 11 with sid's C library (scripts/fetch-qemu --sid),
+    its binary copied into the test VM's tmpfs; a failure when it was not
+    fetched."""
+    from harness.project_scripts import cached_qemu, qemu_copy
+
+    wrapper = cached_qemu(sid=True)
+    if wrapper is None:
+        pytest.fail("QEMU 11 is not in .cache/qemu-sid: run scripts/fetch-qemu --sid on the host "
+                    "(scripts/test does it before the VM stages)")
+    return qemu_copy(wrapper, tmp_path_factory.mktemp("qemu11"))
+
+
 @pytest.fixture
 def scratch() -> Path:
     """The writable directory shared with the host (VM_SCRATCH)."""

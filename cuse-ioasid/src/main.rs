@@ -97,6 +97,9 @@ struct Args {
 
     /// Log filter (tracing-subscriber syntax, e.g. `debug` or
     /// `cuse_ioasid=debug,info`); RUST_LOG overrides it.
+    /// `info,cuse_ioasid::requests=debug` adds one line per request (node,
+    /// file, the process that opened it, command, result): what a program
+    /// asks of the daemon.
     #[arg(long, default_value = "info", value_name = "FILTER")]
     log: String,
 

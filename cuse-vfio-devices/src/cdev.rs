@@ -203,10 +203,7 @@ impl CdevNode {
             self.access(fh)?;
         }
         let Some(op) = CDEV_TABLE.find(cmd) else {
-            return Err(Error::new(
-                Errno::ENOTTY,
-                format!("ioctl {cmd:#x} is not a command of a VFIO device cdev"),
-            ));
+            return Err(crate::ioctl::not_served(cmd, "a VFIO device cdev"));
         };
         CDEV_TABLE.call(op, self, caller, fh, arg)
     }

@@ -174,21 +174,10 @@ impl DeviceNode {
     pub fn handle_ioctl(&self, caller: &dyn Caller, fh: u64, cmd: u32, arg: u64) -> Result<i32> {
         let table = &DEVICE_TABLE;
         let Some(op) = table.find(cmd) else {
-            let known = nr::ALL
-                .iter()
-                .find(|(_, n)| *n == cmd)
-                .map(|(name, _)| *name);
-            let Some(name) = known else {
-                return Err(Error::new(
-                    Errno::ENOTTY,
-                    format!("unknown ioctl {cmd:#x} on a VFIO device node"),
-                ));
-            };
-            self.access(fh)?;
-            return Err(Error::new(
-                Errno::ENOTTY,
-                format!("{name} is not available on a device node"),
-            ));
+            if nr::ALL.iter().any(|(_, n)| *n == cmd) {
+                self.access(fh)?;
+            }
+            return Err(crate::ioctl::not_served(cmd, "a device node"));
         };
         if op.requires == NEEDS_BIND {
             self.access(fh)?;

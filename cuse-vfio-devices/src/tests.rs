@@ -934,6 +934,45 @@ mod cdev {
         assert_eq!(cbind(&node, 2, &file).unwrap(), 2, "the id is free again");
     }
 
+    /// QEMU's migration probe, VFIO_DEVICE_FEATURE, at every device start:
+    /// EINVAL before bind, ENOTTY after (the kernel's answer for a feature
+    /// the device lacks), with a line that names the command; a VFIO
+    /// number the cdev does not serve is named too.
+    #[test]
+    fn the_feature_probe_is_enotty_and_says_what_is_not_served() {
+        let fx = Fx::new();
+        let node = cdev(&fx, DEV_A);
+        let (ctx, file) = fx.context();
+        let c = caller(vec![0; 64], &[]);
+        assert_eq!(
+            errno(node.handle_ioctl(&c, 1, nr::VFIO_DEVICE_FEATURE, ARG)),
+            Errno::EINVAL
+        );
+        fx.engine.ioas_alloc(ctx).unwrap();
+        cbind(&node, 1, &file).unwrap();
+        let e = node
+            .handle_ioctl(&c, 1, nr::VFIO_DEVICE_FEATURE, ARG)
+            .unwrap_err();
+        assert_eq!(e.errno, Errno::ENOTTY);
+        assert!(
+            e.message
+                .starts_with("VFIO_DEVICE_FEATURE is not served on a VFIO device cdev")
+                && e.message.contains("migration"),
+            "{}",
+            e.message
+        );
+        let e = node
+            .handle_ioctl(&c, 1, nr::VFIO_DEVICE_IOEVENTFD, ARG)
+            .unwrap_err();
+        assert_eq!(
+            (e.errno, e.message.as_str()),
+            (
+                Errno::ENOTTY,
+                "VFIO_DEVICE_IOEVENTFD is not served on a VFIO device cdev"
+            )
+        );
+    }
+
     /// A device bound through one dialect is busy for the other.
     #[test]
     fn one_device_two_dialects() {
