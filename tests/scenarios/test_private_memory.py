@@ -29,7 +29,6 @@ pytestmark = needs_vm
 
 EXAMPLE = REPO / "target" / "debug" / "examples" / "inject_dma"
 CLIENT = REPO / "target" / "c" / "private_dma"
-NODE = "/dev/inject-dma"
 
 
 class Daemon:
@@ -42,8 +41,9 @@ class Daemon:
             self.fifo.unlink()
         os.mkfifo(self.fifo)
         self.log = open(self.log_path, "w")
+        self.node = f"/dev/inject-dma-{name}"
         self.proc = subprocess.Popen(
-            [str(EXAMPLE), "--bdf", bdf, "--hold-fifo", str(self.fifo)],
+            [str(EXAMPLE), "--bdf", bdf, "--name", f"inject-dma-{name}", "--hold-fifo", str(self.fifo)],
             stdout=subprocess.PIPE,
             stderr=self.log,
             text=True,
@@ -80,12 +80,13 @@ def scratch_dir() -> Path:
     return Path(os.environ["VM_SCRATCH"])
 
 
-def client(kind: str, *args: str, iova: int = 0x100000, timeout: float = 120):
+def client(kind: str, *args: str, iova: int = 0x100000, node: str = "/dev/inject-dma-module"):
     return subprocess.run(
         [*args, str(CLIENT), kind, hex(iova)],
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=300,
+        env={**os.environ, "INJECT_NODE": node},
     )
 
 
@@ -144,10 +145,14 @@ def thread_state(pid: int) -> str:
         return "gone"
 
 
-def start_held(iova: int) -> subprocess.Popen:
+def start_held(iova: int, node: str) -> subprocess.Popen:
     """A client whose map the daemon holds (it stays stopped, state t)."""
     p = subprocess.Popen(
-        [str(CLIENT), "held", hex(iova)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [str(CLIENT), "held", hex(iova)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "INJECT_NODE": node},
     )
     wait_for(lambda: thread_state(p.pid) == "t", "the held client stopped by the daemon")
     return p
@@ -155,7 +160,7 @@ def start_held(iova: int) -> subprocess.Popen:
 
 def test_sigkill_of_the_client_mid_injection_leaks_nothing(daemon):
     iova = 0x400000
-    p = start_held(iova)
+    p = start_held(iova, daemon.node)
     p.kill()
     daemon.release_hold()
     assert p.wait(timeout=60) == -signal.SIGKILL
@@ -175,7 +180,7 @@ def test_a_daemon_killed_mid_injection_kills_the_client(scratch_dir):
     daemon rather than run on with them."""
     d = Daemon(scratch_dir, "killed", bdf=ALONE_2)
     try:
-        p = start_held(0x500000)
+        p = start_held(0x500000, d.node)
         d.proc.kill()
         d.proc.wait(timeout=30)
         assert p.wait(timeout=60) == -signal.SIGKILL
