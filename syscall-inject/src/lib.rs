@@ -161,6 +161,7 @@
 #![deny(missing_docs)]
 
 mod error;
+mod options;
 mod sys;
 
 #[cfg(target_arch = "x86_64")]
@@ -173,5 +174,6 @@ mod wait;
 mod tracee;
 
 pub use error::Error;
+pub use options::Options;
 pub use sys::wake_signal;
-pub use tracee::{state_of, sweep_parked, Options, Seized, Stopped, SCRATCH_SIZE};
+pub use tracee::{state_of, sweep_parked, Seized, Stopped, SCRATCH_SIZE};

@@ -4,7 +4,6 @@
 
 use std::cell::RefCell;
 use std::os::fd::BorrowedFd;
-use std::time::Duration;
 
 use libc::user_regs_struct;
 use nix::errno::Errno;
@@ -14,6 +13,7 @@ use nix::unistd::Pid;
 use tracing::{debug, warn};
 
 use crate::error::Error;
+use crate::options::Options;
 use crate::sys;
 use crate::wait::{raw_wait, thread_state, Deadline, Report};
 
@@ -28,30 +28,6 @@ const RED_ZONE: u64 = 128;
 pub const SCRATCH_SIZE: usize = 1024;
 /// Every signal but SIGKILL and SIGSTOP (which the kernel never blocks).
 const ALL_SIGNALS: u64 = u64::MAX;
-
-/// How an injection behaves.
-#[derive(Debug, Clone)]
-pub struct Options {
-    /// The longest time from [`Seized::wait_stop`] to [`Stopped::finish`]:
-    /// every wait of one injection shares it. Default 5 s.
-    pub timeout: Duration,
-    /// Inject into a thread that runs under a seccomp filter. Off by
-    /// default: a filter can kill the process for a call it does not
-    /// expect, or raise a SIGSYS whose disposition the kernel then resets
-    /// (`force_sig_info_to_task`), neither of which can be undone. When
-    /// on, an `ENOSYS` or `EPERM` from an injected call is the caller's
-    /// sign that a filter refused it ([`Error::Blocked`]).
-    pub allow_seccomp_filter: bool,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            timeout: Duration::from_secs(5),
-            allow_seccomp_filter: false,
-        }
-    }
-}
 
 /// What `/proc/<tid>/status` says about a thread.
 #[derive(Debug, Clone, Copy)]

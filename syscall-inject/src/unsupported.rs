@@ -1,30 +1,12 @@
 //! Architectures other than x86_64: every injection is refused.
 
 use std::os::fd::BorrowedFd;
-use std::time::Duration;
 
 use crate::error::Error;
+use crate::options::Options;
 
 /// Room for argument structs (unused here).
 pub const SCRATCH_SIZE: usize = 1024;
-
-/// As on x86_64.
-#[derive(Debug, Clone)]
-pub struct Options {
-    /// As on x86_64.
-    pub timeout: Duration,
-    /// As on x86_64.
-    pub allow_seccomp_filter: bool,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            timeout: Duration::from_secs(5),
-            allow_seccomp_filter: false,
-        }
-    }
-}
 
 /// Never constructed on this architecture.
 #[derive(Debug)]

@@ -141,7 +141,10 @@ mod tests {
             decode(stopped(libc::SIGSTOP, libc::PTRACE_EVENT_STOP)),
             Report::TrapStop(libc::SIGSTOP)
         );
-        assert_eq!(decode(stopped(libc::SIGTRAP | 0x80, 0)), Report::SyscallStop);
+        assert_eq!(
+            decode(stopped(libc::SIGTRAP | 0x80, 0)),
+            Report::SyscallStop
+        );
         // A real-time signal survives decoding (nix's WaitStatus cannot
         // hold one).
         let rt = libc::SIGRTMIN() + 3;

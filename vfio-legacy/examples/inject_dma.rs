@@ -192,7 +192,11 @@ impl InjectDma {
     /// (bounded by the FIFO's writer: the test).
     fn hold(&self, tid: i32) {
         let Some(path) = &self.hold_fifo else { return };
-        info!(tid, "holding the caller stopped until {} is written", path.display());
+        info!(
+            tid,
+            "holding the caller stopped until {} is written",
+            path.display()
+        );
         match std::fs::File::open(path) {
             Ok(mut f) => {
                 let mut b = [0u8; 1];
@@ -232,7 +236,8 @@ impl Device for Node {
                     e.errno
                 })?;
                 if let Some(f) = d.files().get_mut(&fh) {
-                    f.mappings.retain(|&(iova, _)| iova < u.iova || iova >= u.iova + u.size);
+                    f.mappings
+                        .retain(|&(iova, _)| iova < u.iova || iova >= u.iova + u.size);
                 }
                 Ok(IoctlResult::value(i32::from(n > 0)))
             }
@@ -263,8 +268,7 @@ impl Device for Node {
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
