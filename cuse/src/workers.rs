@@ -24,7 +24,9 @@
 //!   already waiting, and a thread that waited `idle_timeout` for a request
 //!   while [`MIN_IDLE`] others waited too leaves then (a per-thread timer
 //!   wakes it), so a burst's threads go away again and an idle node keeps
-//!   two.
+//!   two. A thread that still has business of its own (it traces a
+//!   process, say: see [`DeviceConfig::keep_thread_while`](crate::DeviceConfig::keep_thread_while))
+//!   stays.
 //! - Shutdown sets `closed`, answers the waiting requests `EINTR`, and sends
 //!   [`sys::wake_signal`] to the threads blocked in `read` until all have
 //!   left.
@@ -59,6 +61,8 @@ pub(crate) struct PoolConfig {
     /// How long a thread beyond [`MIN_IDLE`] waits for a request before it
     /// leaves.
     pub idle_timeout: Duration,
+    /// Asked before a thread leaves for being idle: true keeps it.
+    pub keep_thread: Option<fn() -> bool>,
 }
 
 /// Counts of one node's threads and requests, from [`Server::stats`](crate::Server::stats).
@@ -244,7 +248,10 @@ impl Workers {
                 st = self.run(Held::Slot(unique), work, &msg);
                 continue;
             }
-            if st.closed || st.readers.len() >= self.config.max_idle {
+            if st.closed {
+                break;
+            }
+            if st.readers.len() >= self.config.max_idle && !self.must_stay() {
                 break;
             }
             // A thread beyond the idle minimum leaves if no request comes
@@ -268,7 +275,7 @@ impl Workers {
                 Received::Message(n) => n,
                 Received::Nothing => {
                     let idle = spare.is_some() && since.elapsed() >= self.config.idle_timeout;
-                    if idle && st.readers.len() >= MIN_IDLE && !st.closed {
+                    if idle && st.readers.len() >= MIN_IDLE && !st.closed && !self.must_stay() {
                         debug!(node = %self.name, threads = st.threads - 1, "idle server thread leaves");
                         break;
                     }
@@ -284,6 +291,16 @@ impl Workers {
         }
         st.threads -= 1;
         self.done_cv.notify_all();
+    }
+
+    /// Whether this thread must not leave although idle
+    /// ([`PoolConfig::keep_thread`]).
+    fn must_stay(&self) -> bool {
+        let keep = self.config.keep_thread.is_some_and(|keep| keep());
+        if keep {
+            debug!(node = %self.name, "idle server thread stays: it still has business of its own");
+        }
+        keep
     }
 
     /// Deal with one message read from `/dev/cuse`: answer it, run it, or

@@ -103,6 +103,12 @@ impl VfioLegacy {
         Ok(self.domain(group)?.group.as_fd())
     }
 
+    /// The container of `group`, e.g. to bring into a client that maps its
+    /// own memory ([`crate::client_map`]).
+    pub fn container_fd(&self, group: GroupId) -> Result<BorrowedFd<'_>> {
+        Ok(self.domain(group)?.container.as_fd())
+    }
+
     /// The aliases of client memory, for inspection.
     pub fn client_memory(&self) -> &ClientMemory {
         &self.memory
