@@ -12,6 +12,7 @@ use cuse_server::{Device, Errno, IoctlArgs, IoctlResult, OpenFlags, Request};
 use ioasid_engine::{ClosedContext, ContextId, Engine};
 
 use crate::ioctl::dispatch;
+use ioctl_table::ClientOf;
 
 /// What to do after a context was closed: the device front end closes the
 /// device fds of the devices the engine unbound.
@@ -33,7 +34,10 @@ impl IoasidNode {
 
 impl Device for IoasidNode {
     fn open(&self, req: &Request, _flags: OpenFlags) -> Result<u64, Errno> {
-        let ctx = self.engine.open_context();
+        let ctx = self.engine.open_context_for(&ClientOf(req)).map_err(|e| {
+            tracing::debug!(tid = req.tid(), errno = %e.errno, "/dev/ioasid open: {}", e.message);
+            e.errno
+        })?;
         tracing::debug!(ctx = ctx.0, tid = req.tid(), "/dev/ioasid opened");
         Ok(ctx.0)
     }

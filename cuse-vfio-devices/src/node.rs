@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cuse_server::{Device, DeviceNumber, IoctlArgs, IoctlResult, Offset, OpenFlags, Request};
-use ioasid_engine::{ClosedContext, ContextId, DeviceId, DeviceSpec, Engine};
+use ioasid_engine::{Client, ClosedContext, ContextId, DeviceId, DeviceSpec, Engine};
 use ioasid_uapi::vfio as nr;
 use ioasid_uapi::{VfioAttachIoasid, IOASID_ATTACH_USER_PASID};
 use nix::errno::Errno;
@@ -318,7 +318,13 @@ impl DeviceNode {
         Ok(0)
     }
 
-    pub(crate) fn attach(&self, fh: u64, a: VfioAttachIoasid, attach: bool) -> Result<i32> {
+    pub(crate) fn attach(
+        &self,
+        client: &dyn Client,
+        fh: u64,
+        a: VfioAttachIoasid,
+        attach: bool,
+    ) -> Result<i32> {
         let (ctx, _) = self.access(fh)?;
         let pasid = if a.flags & IOASID_ATTACH_USER_PASID != 0 {
             Some(a.user_pasid)
@@ -334,7 +340,8 @@ impl DeviceNode {
             None
         };
         if attach {
-            self.engine.attach(self.spec.id, ctx, a.ioasid, pasid)?;
+            self.engine
+                .attach(self.spec.id, ctx, client, a.ioasid, pasid)?;
             if let Some(p) = pasid {
                 tracing::info!(
                     device = %self.spec.name,

@@ -73,6 +73,7 @@ pub struct Request {
     interrupt: Arc<InterruptFlag>,
     proc_root: Arc<Path>,
     after_reply: AfterReply,
+    reply_instead: Mutex<Option<Errno>>,
 }
 
 /// Work a handler leaves to run once its reply is written.
@@ -106,6 +107,7 @@ impl Request {
             interrupt,
             proc_root,
             after_reply: AfterReply::default(),
+            reply_instead: Mutex::new(None),
         }
     }
 
@@ -175,6 +177,24 @@ impl Request {
     pub fn after_reply(&self, work: impl FnOnce() + Send + 'static) {
         let mut slot = self.after_reply.0.lock().unwrap_or_else(|e| e.into_inner());
         *slot = Some(Box::new(work));
+    }
+
+    /// Answer this request with `errno`, whatever the handler returns: the
+    /// caller's provisional answer when work left by
+    /// [`Request::after_reply`] is to set the real one (the return value
+    /// of the caller's system call, through `syscall-inject`). Should that
+    /// work never reach the caller (it died, or did not stop in time), the
+    /// caller sees this errno. Outputs the handler wrote into the caller's
+    /// memory stay written.
+    pub fn reply_instead(&self, errno: Errno) {
+        *self.reply_instead.lock().unwrap_or_else(|e| e.into_inner()) = Some(errno);
+    }
+
+    pub(crate) fn take_reply_instead(&self) -> Option<Errno> {
+        self.reply_instead
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     pub(crate) fn take_after_reply(&self) -> Option<Continuation> {

@@ -275,7 +275,10 @@ impl Session {
             flag,
             self.proc_root.clone(),
         );
-        let outcome = catch_unwind(AssertUnwindSafe(|| self.dispatch(&req, &op, msg)));
+        let mut outcome = catch_unwind(AssertUnwindSafe(|| self.dispatch(&req, &op, msg)));
+        if let Some(errno) = req.take_reply_instead() {
+            outcome = Ok(Err(errno));
+        }
         let after = req.take_after_reply();
         let mut handled = Some(handled);
         if after.is_none() {

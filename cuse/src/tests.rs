@@ -846,3 +846,29 @@ fn work_after_the_reply_and_an_interrupt_the_server_provoked() {
         assert_eq!(s.in_flight(), 0);
     }
 }
+
+#[test]
+fn reply_instead_overrides_the_handlers_answer() {
+    // A handler that leaves the real answer to work after the reply gives
+    // the caller a provisional errno in case that work never reaches it.
+    struct Provisional;
+    impl Device for Provisional {
+        fn ioctl(&self, req: &Request, _fh: u64, a: IoctlArgs<'_>) -> Result<IoctlResult, Errno> {
+            if a.cmd == 1 {
+                req.reply_instead(Errno::EFAULT);
+            }
+            Ok(IoctlResult::value(5))
+        }
+    }
+    let chan = Arc::new(Recorder::default());
+    let s = Session::new(Arc::new(Provisional), chan.clone());
+    let msg = request(IOCTL, 700, &ioctl_in(0, 2, 1, 0, b"", 0));
+    s.run(s.accept(&msg).unwrap(), &msg);
+    assert_eq!(chan.take(), vec![errno_reply(Errno::EFAULT, 700)]);
+    // Another request of the same handler is answered as the handler says.
+    let msg = request(IOCTL, 701, &ioctl_in(0, 2, 2, 0, b"", 0));
+    s.run(s.accept(&msg).unwrap(), &msg);
+    let replies = chan.take();
+    assert_eq!(replies.len(), 1);
+    assert_ne!(replies[0], errno_reply(Errno::EFAULT, 701));
+}

@@ -25,7 +25,12 @@ pub struct Ucmd<'a> {
     pub user_size: usize,
 }
 
-impl Ucmd<'_> {
+impl<'a> Ucmd<'a> {
+    /// The caller as the engine's `Client`.
+    pub fn client(&self) -> crate::client::ClientOf<'a> {
+        crate::client::ClientOf(self.caller)
+    }
+
     /// Read `buf.len()` bytes of the caller's argument, `at` bytes into it.
     pub fn read_at(&self, at: usize, buf: &mut [u8]) -> Result<()> {
         reader::read_arg(self.caller, self.arg + at as u64, buf)

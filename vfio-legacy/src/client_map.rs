@@ -301,6 +301,14 @@ pub fn map_dma_as_client(
     map: &ClientDmaMap,
 ) -> Result<ClientFd> {
     let at = ensure_container(stopped, container, known)?;
+    issue_map(stopped, at, map)?;
+    Ok(at)
+}
+
+/// Have the stopped client issue `VFIO_IOMMU_MAP_DMA` for `map` on its fd
+/// `at` (a container, see [`ensure_container`]). The errno is the
+/// kernel's, the message says which call failed and why it may have.
+pub fn issue_map(stopped: &mut Stopped, at: ClientFd, map: &ClientDmaMap) -> Result<()> {
     let mut flags = 0;
     if map.prot.read {
         flags |= VFIO_DMA_MAP_FLAG_READ;
@@ -341,5 +349,5 @@ pub fn map_dma_as_client(
             ),
         ));
     }
-    Ok(at)
+    Ok(())
 }
