@@ -12,8 +12,11 @@
  * second thread spins and takes signals meanwhile), memlock (RLIMIT_MEMLOCK
  * without CAP_IPC_LOCK: ENOMEM over it, VmLck charged under it), fork (the
  * parent's DMA reaches the parent's pages after fork), refused (the map
- * must fail with EFAULT: run under a tracer), held (a map the daemon holds;
- * must never return: the test kills someone).
+ * must fail with EFAULT: run under a tracer), seccomp (under a seccomp
+ * filter, even one that allows everything, the map must fail with EFAULT),
+ * loop (map, DMA and unmap private memory until killed; prints "looping"
+ * first), held (a map the daemon holds; must never return: the test kills
+ * someone).
  * Prints "PASS KIND" and exits 0, or "FAIL ..." and exits 1. */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -30,8 +33,15 @@
 #include <time.h>
 #include <unistd.h>
 #include <linux/capability.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <sys/prctl.h>
 
+#ifdef PRIVATE_MAP_IOASID
+#include "private_map_ioasid.h"
+#else
 #include "private_map.h"
+#endif
 
 #define PAGE 4096u
 #define LEN 3000u
@@ -232,9 +242,10 @@ static void registers(void)
 	sigprocmask(SIG_BLOCK, &usr2, NULL);
 	raise(SIGUSR2);
 	sigprocmask(SIG_BLOCK, NULL, &before);
-	struct inj_map m = { .iova = iova, .vaddr = (uintptr_t)buf, .size = 2 * PAGE };
+	unsigned long cmd;
+	void *arg = target_map_arg(iova, buf, 2 * PAGE, &cmd);
 	errno = 4242;
-	long ret = sentinel_ioctl(node, INJ_MAP, &m);
+	long ret = sentinel_ioctl(node, cmd, arg);
 	int err = errno;
 	if (ret != 0)
 		FAIL("regs: raw ioctl returned %ld", ret);
@@ -456,6 +467,25 @@ int main(int argc, char **argv)
 		int r = target_map(node, iova, align_up(p), 2 * PAGE);
 		if (r != -EFAULT)
 			FAIL("refused: map gave %s, expected EFAULT", r ? strerror(-r) : "success");
+	} else if (!strcmp(kind, "seccomp")) {
+		struct sock_filter allow = BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+		struct sock_fprog prog = { .len = 1, .filter = &allow };
+		if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) ||
+		    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog))
+			FAIL("seccomp: installing the filter: %s", strerror(errno));
+		uint8_t *p = malloc(3 * PAGE);
+		int r = target_map(node, iova, align_up(p), 2 * PAGE);
+		if (r != -EFAULT)
+			FAIL("seccomp: map gave %s, expected EFAULT", r ? strerror(-r) : "success");
+	} else if (!strcmp(kind, "loop")) {
+		uint8_t *buf = anon(2 * PAGE);
+		printf("looping\n");
+		for (unsigned round = 0;; round++) {
+			fill(buf, round & 0xff);
+			map_or_fail(buf, "loop");
+			dma_and_check(buf, round & 0xff, "loop");
+			unmap_or_fail("loop");
+		}
 	} else if (!strcmp(kind, "held")) {
 		uint8_t *p = anon(2 * PAGE);
 		memset(p, 1, 2 * PAGE);

@@ -2,9 +2,10 @@
  * adapter for the example daemon of issue 14 (vfio-legacy/examples/
  * inject_dma.rs, node /dev/inject-dma or $INJECT_NODE). To point the same
  * checks (tests/c/private_dma.c) at /dev/ioasid or an iommufd node, write
- * these five functions for that node: open, map, unmap, a DMA copy from
- * one IOVA to another through an edu device, and a map variant that the
- * daemon holds (kill tests; may answer -ENOTSUP elsewhere). */
+ * these functions for that node: open, map (also as a raw request), unmap, a
+ * DMA copy from one IOVA to another through an edu device, and a map
+ * variant that the daemon holds (kill tests; may answer -ENOTSUP
+ * elsewhere). tests/c/private_map_ioasid.h is the one for /dev/ioasid. */
 #ifndef PRIVATE_MAP_H
 #define PRIVATE_MAP_H
 
@@ -58,6 +59,16 @@ static inline int target_unmap(int fd, uint64_t iova, uint64_t size)
 {
 	struct inj_unmap u = { .iova = iova, .size = size };
 	return ioctl(fd, INJ_UNMAP, &u) < 0 ? -errno : 0;
+}
+
+/* The argument and number of a raw map ioctl (for a caller that issues it
+ * itself), in static storage. */
+static struct inj_map target_raw_map;
+static inline void *target_map_arg(uint64_t iova, void *va, uint64_t size, unsigned long *cmd)
+{
+	target_raw_map = (struct inj_map){ .iova = iova, .vaddr = (uintptr_t)va, .size = size };
+	*cmd = INJ_MAP;
+	return &target_raw_map;
 }
 
 /* The device copies len bytes from IOVA src to IOVA dst. */
