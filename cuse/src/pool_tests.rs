@@ -407,6 +407,16 @@ fn threads_the_keep_predicate_holds_do_not_leave_when_idle() {
     wait_until("the idle node back to two threads", || {
         stats(&server).threads == 2
     });
+    // A thread that takes on business during a request is asked again at
+    // every idle timeout even when it is one of the two an idle node keeps.
+    KEEP.store(true, Ordering::SeqCst);
+    send(&kernel, &ioctl_request(60, 2));
+    assert_eq!(recv(&kernel, T), Some((60, 0, Some(7))));
+    let asked = ASKED.load(Ordering::SeqCst);
+    wait_until("ten more questions of the two", || {
+        ASKED.load(Ordering::SeqCst) >= asked + 10
+    });
+    assert_eq!(stats(&server).threads, 2);
     server.stop();
 }
 

@@ -121,11 +121,13 @@ impl DeviceConfig {
 
     /// Ask `keep` on a server thread before it leaves for being idle
     /// (after a burst, or after [`DeviceConfig::idle_timeout`]): a thread
-    /// for which it answers true stays, until the node closes. It runs on
-    /// the thread in question, which may use the moment to finish its own
-    /// business. For state that belongs to the thread: a thread that traces
-    /// a process (`ptrace`) detaches it when it exits, and one that was
-    /// tracing with `PTRACE_O_EXITKILL` kills it.
+    /// for which it answers true stays, until the node closes, and is woken
+    /// at every idle timeout to ask again, even when it is one of the
+    /// threads an idle node keeps anyway. It runs on the thread in
+    /// question, which may use the moment to finish its own business. For
+    /// state that belongs to the thread: a thread that traces a process
+    /// (`ptrace`) detaches it when it exits, and one that was tracing with
+    /// `PTRACE_O_EXITKILL` kills it.
     pub fn keep_thread_while(mut self, keep: fn() -> bool) -> Self {
         self.keep_thread = Some(keep);
         self

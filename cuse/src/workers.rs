@@ -251,12 +251,19 @@ impl Workers {
             if st.closed {
                 break;
             }
-            if st.readers.len() >= self.config.max_idle && !self.must_stay() {
+            // Asked before every wait: cheap, and a thread that took on
+            // business of its own during its last request is woken at every
+            // idle timeout to look after it, even when it is one of the
+            // threads an idle node keeps anyway.
+            let holding = self.must_stay();
+            if st.readers.len() >= self.config.max_idle && !holding {
                 break;
             }
             // A thread beyond the idle minimum leaves if no request comes
             // within the idle timeout.
-            let spare = timer.as_ref().filter(|_| st.readers.len() >= MIN_IDLE);
+            let spare = timer
+                .as_ref()
+                .filter(|_| holding || st.readers.len() >= MIN_IDLE);
             let key = st.readers.insert(me);
             drop(st);
             let since = Instant::now();
@@ -275,7 +282,7 @@ impl Workers {
                 Received::Message(n) => n,
                 Received::Nothing => {
                     let idle = spare.is_some() && since.elapsed() >= self.config.idle_timeout;
-                    if idle && st.readers.len() >= MIN_IDLE && !st.closed && !self.must_stay() {
+                    if idle && !st.closed && st.readers.len() >= MIN_IDLE && !self.must_stay() {
                         debug!(node = %self.name, threads = st.threads - 1, "idle server thread leaves");
                         break;
                     }
@@ -296,11 +303,7 @@ impl Workers {
     /// Whether this thread must not leave although idle
     /// ([`PoolConfig::keep_thread`]).
     fn must_stay(&self) -> bool {
-        let keep = self.config.keep_thread.is_some_and(|keep| keep());
-        if keep {
-            debug!(node = %self.name, "idle server thread stays: it still has business of its own");
-        }
-        keep
+        self.config.keep_thread.is_some_and(|keep| keep())
     }
 
     /// Deal with one message read from `/dev/cuse`: answer it, run it, or

@@ -118,6 +118,8 @@ struct FakeState {
     pages: HashMap<u64, Box<[u8; 4096]>>,
     /// How many times `trim` was called.
     trims: usize,
+    /// Run inside the next `map_as_client`, before it maps.
+    during_client_map: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// The fake backend. Cheap to create; share it as `Arc<FakeBackend>`.
@@ -185,6 +187,13 @@ impl FakeBackend {
     /// Configure how many entries group `group`'s domain accepts.
     pub fn set_entry_limit(&self, group: GroupId, limit: usize) {
         self.state().domains.entry(group).or_default().entry_limit = limit;
+    }
+
+    /// Run `f` inside the next `map_as_client`, before it maps: what a
+    /// client's other thread (or another client) does while the client's
+    /// thread is stopped and the engine holds no lock.
+    pub fn during_next_client_map(&self, f: impl FnOnce() + Send + 'static) {
+        self.state().during_client_map = Some(Box::new(f));
     }
 
     /// Let `after` more maps succeed, then fail one with `errno`.
@@ -403,6 +412,10 @@ impl Backend for FakeBackend {
     ) -> Result<(), Error> {
         let tid = thread.tid();
         let pid = thread.mm()?.pid;
+        let during = self.state().during_client_map.take();
+        if let Some(f) = during {
+            f();
+        }
         let mut s = self.state();
         s.calls.push(FakeCall::MapAsClient {
             group,

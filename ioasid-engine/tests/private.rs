@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use ioasid_engine::fake::{FakeClient, FAKE_CLIENT_TAG};
 use ioasid_engine::Budgets;
-use nix::errno::Errno::{EEXIST, EFAULT, EINVAL, EMFILE, ENOMEM, ENOSPC, ESRCH};
+use nix::errno::Errno::{EBUSY, EEXIST, EFAULT, EINVAL, EMFILE, ENOMEM, ENOSPC, ESRCH};
 
 /// Private memory of PID.
 const PRIV: u64 = 0x5000_0000;
@@ -289,4 +289,81 @@ fn a_client_at_its_budget_gets_the_errno_and_others_do_not_notice() {
         .unwrap();
     f.engine.close_context(ctx).unwrap();
     f.engine.open_context_for(&greedy).unwrap();
+}
+
+// While the client's thread maps, the engine holds no lock (a killed
+// client's release needs it): what other threads and clients do meanwhile
+// is settled afterwards, and nothing reaches a domain that changed hands.
+
+#[test]
+fn a_context_closed_while_the_clients_thread_maps_keeps_nothing() {
+    let f = private_fixture();
+    let (ctx, io) = f.attached();
+    let c = client();
+    f.engine.map_dma(ctx, &c, io, m(0, PRIV, 2 * K4)).unwrap();
+    let engine = f.engine.clone();
+    // The client dies: its release closes the context (this would wait
+    // for ever if the map held the context lock).
+    f.fake.during_next_client_map(move || {
+        engine.close_context(ctx).unwrap();
+    });
+    c.run_deferred();
+    assert!(f.fake.entries(3).is_empty());
+    assert_eq!(f.fake.locked(PID), 0);
+    // The device is free for anyone.
+    let other = f.engine.open_context();
+    f.engine.bind(DEV_A, other).unwrap();
+}
+
+#[test]
+fn a_group_cannot_change_hands_while_the_clients_thread_maps_into_it() {
+    let f = private_fixture();
+    let (ctx, io) = f.attached();
+    let c = client();
+    f.engine.map_dma(ctx, &c, io, m(0, PRIV, K4)).unwrap();
+    let engine = f.engine.clone();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let seen_in = seen.clone();
+    // Another thread of the client lets the device go; another client
+    // tries to take it before the map is settled.
+    f.fake.during_next_client_map(move || {
+        engine.detach(DEV_A, ctx, io, None).unwrap();
+        engine.unbind(DEV_A, ctx).unwrap();
+        let other = engine.open_context();
+        *seen_in.lock().unwrap() = Some((other, engine.bind(DEV_A, other)));
+    });
+    assert_eq!(c.run_deferred(), vec![Ok(())]);
+    let (other, bound) = seen.lock().unwrap().take().unwrap();
+    let e = bound.unwrap_err();
+    assert_eq!(e.errno, EBUSY);
+    assert!(e.message.contains("still pinning"), "{}", e.message);
+    // The late map was taken out of the group's domain again; the
+    // reservation stays, realised nowhere (its IOASID has no device now).
+    assert!(f.fake.entries(3).is_empty());
+    assert_eq!(f.fake.locked(PID), 0);
+    assert_eq!(f.engine.info(ctx, io).unwrap().mappings, 1);
+    // Settled: the other client may bind it now.
+    f.engine.bind(DEV_A, other).unwrap();
+}
+
+#[test]
+fn a_group_attached_while_the_clients_thread_maps_gets_the_map_too() {
+    let f = private_fixture();
+    let (ctx, io) = f.attached();
+    f.engine.bind(DEV_B, ctx).unwrap();
+    let c = client();
+    f.engine.map_dma(ctx, &c, io, m(0, PRIV, K4)).unwrap();
+    let engine = f.engine.clone();
+    f.fake.during_next_client_map(move || {
+        // No private mapping is realised yet: nothing to replay, the
+        // attach completes at once.
+        engine.attach(DEV_B, ctx, &PID, io, None).unwrap();
+    });
+    assert_eq!(c.run_deferred(), vec![Ok(())]);
+    assert_eq!(f.fake.entries(3), vec![pe(0, PRIV, K4)]);
+    assert_eq!(f.fake.entries(4), vec![pe(0, PRIV, K4)]);
+    assert_eq!(f.fake.locked(PID), 2 * K4);
+    f.engine.unmap_dma(ctx, io, 0, K4).unwrap();
+    assert!(f.fake.entries(3).is_empty() && f.fake.entries(4).is_empty());
+    assert_eq!(f.fake.locked(PID), 0);
 }

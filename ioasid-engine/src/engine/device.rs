@@ -28,6 +28,19 @@ impl Engine {
                     ),
                 ));
             }
+            if let Some(&(holder, n)) = reg.pinning.get(&spec.group) {
+                if holder != ctx {
+                    return Err(err(
+                        EBUSY,
+                        format!(
+                            "device {}: the previous holder of IOMMU group {} is still pinning \
+                             private memory into its domain ({n} map(s) by its client's thread, \
+                             bounded by --inject-timeout-ms); try again",
+                            spec.name, spec.group
+                        ),
+                    ));
+                }
+            }
             if let Some(owner) = reg.bound.get(&dev) {
                 let where_ = if *owner == ctx {
                     "this ioasid fd"

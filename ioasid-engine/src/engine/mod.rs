@@ -50,7 +50,13 @@
 //!   other lock is taken.
 //! - Each context has its own `Mutex`. Every operation on a context's
 //!   IOASIDs, registrations and devices, including the backend calls they
-//!   make, runs under it, so contexts never wait for each other.
+//!   make, runs under it, so contexts never wait for each other. One
+//!   exception: a private map (see `private`) is made by the client's own
+//!   thread *without* the lock, because a client killed meanwhile closes
+//!   its files on its way out and waits for their release, which takes the
+//!   lock. What it read under the lock is checked again under the lock
+//!   afterwards, and the groups it maps into are held in the registry
+//!   (`pinning`) so that no other context can bind them meanwhile.
 //! - `registry` (which device is bound to which context, which groups are
 //!   out of service) is taken *after* a context lock, never before, and
 //!   never while holding two context locks. Lock order: context → registry.
@@ -104,6 +110,12 @@ struct Registry {
     /// be emptied when its context closed (`None`: until the daemon
     /// restarts). See `service`.
     out_of_service: HashMap<GroupId, Option<ContextId>>,
+    /// Groups a client's thread is pinning private memory into, without
+    /// the context lock (see `private`): the context and how many such
+    /// maps are in flight. No other context may bind a device of the group
+    /// until they are settled, so a late map or its undo never reaches a
+    /// domain that has changed hands.
+    pinning: HashMap<GroupId, (ContextId, usize)>,
 }
 
 /// The IOASID engine. Share it as `Arc<Engine>`; every method takes `&self`.

@@ -10,11 +10,15 @@
 //!    `docs/design.md`, "Memory accounting"), and the IOVA range is
 //!    *reserved* ([`Memory::Pending`]) so no other map takes it.
 //! 2. After the reply, on the same daemon thread, the client's thread
-//!    stopped: under the context lock again, the reservation is made real
-//!    in every domain realising the IOASID now, or dropped; the client's
-//!    call returns that result. A reservation unmapped meanwhile (by
-//!    another thread of the client) is left alone: the map happened, then
-//!    the unmap.
+//!    stopped: the reservation is made real in every domain realising the
+//!    IOASID, or dropped; the client's call returns that result. The
+//!    client's thread runs without the context lock (a killed client's
+//!    release needs it); the domains are read under the lock and held
+//!    against other contexts' binds ([`InFlight`]), and what changed
+//!    meanwhile is settled under the lock afterwards: a reservation
+//!    unmapped meanwhile (by another thread of the client) is left alone
+//!    (the map happened, then the unmap), a group detached meanwhile loses
+//!    the map again, a group attached meanwhile gets its turn.
 //!
 //! Pages pinned by one process can be pinned into another domain only by
 //! that same process (the same address space: an `exec` makes another), so
@@ -22,6 +26,8 @@
 //! the attaching thread, and refused with `EFAULT` when it belongs to
 //! another process. A parent of nested IOASIDs maps shared memory only (its
 //! children's shadows are made of the daemon's aliases).
+
+use nix::errno::Errno::EAGAIN;
 
 use super::*;
 
@@ -107,7 +113,15 @@ impl Engine {
         Ok(())
     }
 
-    /// Phase 2 of a private map, as the client's thread.
+    /// Phase 2 of a private map, as the client's thread. No lock is held
+    /// while the client's thread runs: a client killed meanwhile closes its
+    /// files on its way out, and their release takes the context lock (a
+    /// CUSE release is synchronous), so holding it would make the two wait
+    /// for each other until the injection's timeout. The domains to map
+    /// are read under the lock, mapped without it, and checked again under
+    /// it: what no longer belongs (the reservation unmapped, the group
+    /// detached, the context closed) is unmapped again, and groups that
+    /// joined meanwhile get their turn.
     fn pin_private_map(
         &self,
         ctx: ContextId,
@@ -116,56 +130,113 @@ impl Engine {
         token: u64,
         thread: Result<&mut dyn ClientThread, Error>,
     ) -> Result<(), Error> {
+        let reserved = |c: &Context| {
+            c.ioasid(ioasid)
+                .ok()
+                .and_then(|io| io.mappings.get(&map.iova))
+                .is_some_and(|m| matches!(m.memory, Memory::Pending(t) if t == token))
+        };
         let arc = self.context(ctx)?;
-        let mut c = lock(&arc);
-        c.check_open(ctx)?;
-        let reserved = c
-            .ioasid(ioasid)
-            .ok()
-            .and_then(|io| io.mappings.get(&map.iova))
-            .is_some_and(|m| matches!(m.memory, Memory::Pending(t) if t == token));
-        if !reserved {
-            // Unmapped (or its IOASID freed) by another thread meanwhile.
-            return Ok(());
-        }
-        let result = thread.and_then(|thread| {
-            let mm = thread.mm()?;
-            let entry = ClientEntry {
-                iova: map.iova,
-                client_vaddr: map.vaddr,
-                size: map.size,
-                prot: map.prot,
-            };
-            let mut done: SmallVec<[GroupId; 2]> = SmallVec::new();
-            for g in c.groups_of(ioasid) {
-                if let Err(e) = self.backend.map_as_client(g, thread, entry) {
-                    for &d in &done {
-                        if let Err(undo) = self.backend.unmap(d, map.iova, map.size) {
-                            self.undo_failed(
-                                &c,
-                                d,
-                                "unmapping a private map refused elsewhere",
-                                &undo,
-                            );
+        let mut in_flight = InFlight::new(self, ctx);
+        let mut todo = {
+            let c = lock(&arc);
+            c.check_open(ctx)?;
+            if !reserved(&c) {
+                // Unmapped (or its IOASID freed) by another thread meanwhile.
+                return Ok(());
+            }
+            let groups = c.groups_of(ioasid);
+            in_flight.hold(&groups);
+            groups
+        };
+        let entry = ClientEntry {
+            iova: map.iova,
+            client_vaddr: map.vaddr,
+            size: map.size,
+            prot: map.prot,
+        };
+        let mut mapped: SmallVec<[GroupId; 2]> = SmallVec::new();
+        let (mut thread, mut outcome) = match thread {
+            Ok(t) => {
+                let mm = t.mm();
+                (Some(t), mm)
+            }
+            Err(e) => (None, Err(e)),
+        };
+        let mut rounds = 0;
+        loop {
+            if let (Some(t), Ok(_)) = (thread.as_deref_mut(), &outcome) {
+                for &g in &todo {
+                    match self.backend.map_as_client(g, t, entry) {
+                        Ok(()) => mapped.push(g),
+                        Err(e) => {
+                            outcome = Err(e);
+                            break;
                         }
                     }
-                    return Err(e);
                 }
-                done.push(g);
             }
-            Ok((mm, done))
-        });
-        let io = c.ioasid_mut(ioasid)?;
-        match result {
-            Ok((mm, pinned_in)) => {
-                let m = io.mappings.get_mut(&map.iova).expect("reserved above");
-                m.memory = Memory::Private { mm, pinned_in };
-                Ok(())
+            let mut c = lock(&arc);
+            let open = c.check_open(ctx).is_ok();
+            let still = open && reserved(&c);
+            let now = if still {
+                c.groups_of(ioasid)
+            } else {
+                Vec::new()
+            };
+            let keep = outcome.is_ok() && still;
+            // Unmap what is not wanted (or all of it, on failure).
+            let stale: Vec<GroupId> = mapped
+                .iter()
+                .copied()
+                .filter(|g| !keep || !now.contains(g))
+                .collect();
+            for g in &stale {
+                if let Err(undo) = self.backend.unmap(*g, map.iova, map.size) {
+                    self.undo_failed(&c, *g, "unmapping a private map that lost its place", &undo);
+                }
             }
-            Err(e) => {
-                io.mappings.remove(&map.iova);
-                self.give_budget(c.owner, Item::Mappings, 1);
-                Err(e)
+            mapped.retain(|g| !stale.contains(g));
+            if !keep {
+                if still {
+                    c.ioasid_mut(ioasid)?.mappings.remove(&map.iova);
+                    self.give_budget(c.owner, Item::Mappings, 1);
+                }
+                return outcome.map(drop);
+            }
+            todo = now.into_iter().filter(|g| !mapped.contains(g)).collect();
+            in_flight.hold(&todo);
+            rounds += 1;
+            if todo.is_empty() || rounds == 4 {
+                if !todo.is_empty() {
+                    // Attaches keep racing with this map: give up cleanly.
+                    for g in mapped.drain(..) {
+                        if let Err(undo) = self.backend.unmap(g, map.iova, map.size) {
+                            self.undo_failed(&c, g, "unmapping a private map given up", &undo);
+                        }
+                    }
+                    c.ioasid_mut(ioasid)?.mappings.remove(&map.iova);
+                    self.give_budget(c.owner, Item::Mappings, 1);
+                    return Err(err(
+                        EAGAIN,
+                        format!(
+                            "IOASID {ioasid} kept gaining devices while private memory was \
+                             being mapped at IOVA {:#x}; map it again",
+                            map.iova
+                        ),
+                    ));
+                }
+                let m = c
+                    .ioasid_mut(ioasid)?
+                    .mappings
+                    .get_mut(&map.iova)
+                    .expect("reserved, checked above");
+                let mm = outcome?;
+                m.memory = Memory::Private {
+                    mm,
+                    pinned_in: mapped,
+                };
+                return Ok(());
             }
         }
     }
@@ -227,7 +298,9 @@ impl Engine {
     }
 
     /// As the attaching thread: pin every private mapping of `id` into
-    /// `group`'s domain; on failure detach `dev` again.
+    /// `group`'s domain; on failure detach `dev` again. As for a map, no
+    /// lock is held while the thread runs; what changed meanwhile is
+    /// settled under the lock afterwards.
     fn replay_private(
         &self,
         ctx: ContextId,
@@ -236,19 +309,21 @@ impl Engine {
         id: IoasidId,
         thread: Result<&mut dyn ClientThread, Error>,
     ) -> Result<(), Error> {
+        let attached = |c: &Context| {
+            c.bound.get(&dev).is_some_and(|b| b.rid == Some(id))
+                && c.realising.get(&group).is_some_and(|r| r.ioasid == id)
+        };
         let arc = self.context(ctx)?;
-        let mut c = lock(&arc);
-        c.check_open(ctx)?;
-        let still = c.bound.get(&dev).is_some_and(|b| b.rid == Some(id))
-            && c.realising.get(&group).is_some_and(|r| r.ioasid == id);
-        if !still {
-            // Detached meanwhile by another thread: nothing to replay.
-            return Ok(());
-        }
-        let result = thread.and_then(|thread| {
-            let mm = thread.mm()?;
-            let todo: Vec<(MmId, ClientEntry)> = c
-                .ioasid(id)?
+        let mut in_flight = InFlight::new(self, ctx);
+        let todo: Vec<(MmId, ClientEntry)> = {
+            let c = lock(&arc);
+            c.check_open(ctx)?;
+            if !attached(&c) {
+                // Detached meanwhile by another thread: nothing to replay.
+                return Ok(());
+            }
+            in_flight.hold(&[group]);
+            c.ioasid(id)?
                 .mappings
                 .iter()
                 .filter_map(|(&iova, m)| match &m.memory {
@@ -263,7 +338,11 @@ impl Engine {
                     )),
                     _ => None,
                 })
-                .collect();
+                .collect()
+        };
+        let mut done: Vec<ClientEntry> = Vec::new();
+        let result = thread.and_then(|thread| {
+            let mm = thread.mm()?;
             for (owner, entry) in todo {
                 let iova = entry.iova;
                 if owner != mm {
@@ -290,24 +369,102 @@ impl Engine {
                         ),
                         )
                     })?;
-                if let Some(Memory::Private { pinned_in, .. }) = c
-                    .ioasid_mut(id)?
-                    .mappings
-                    .get_mut(&iova)
-                    .map(|m| &mut m.memory)
-                {
-                    pinned_in.push(group);
-                }
+                done.push(entry);
             }
             Ok(())
         });
+        let mut c = lock(&arc);
+        let unmap = |c: &Context, entries: &[ClientEntry]| {
+            for e in entries {
+                if let Err(undo) = self.backend.unmap(group, e.iova, e.size) {
+                    self.undo_failed(
+                        c,
+                        group,
+                        "unmapping a private replay that lost its place",
+                        &undo,
+                    );
+                }
+            }
+        };
+        if c.check_open(ctx).is_err() || !attached(&c) {
+            // Closed or detached meanwhile: the domain was emptied, perhaps
+            // before these maps landed.
+            unmap(&c, &done);
+            return result;
+        }
         if let Err(e) = result {
+            unmap(&c, &done);
             let spec = self.spec(dev)?.clone();
             if let Err(undo) = self.detach_rid(&mut c, &spec, id) {
                 self.undo_failed(&c, group, "detaching after a failed private replay", &undo);
             }
             return Err(e);
         }
+        // Keep what is still the same private mapping; unmap the rest.
+        let mut gone = Vec::new();
+        for e in done {
+            match c
+                .ioasid_mut(id)?
+                .mappings
+                .get_mut(&e.iova)
+                .map(|m| (m.vaddr, m.size, &mut m.memory))
+            {
+                Some((v, s, Memory::Private { pinned_in, .. }))
+                    if v == e.client_vaddr && s == e.size =>
+                {
+                    pinned_in.push(group)
+                }
+                _ => gone.push(e),
+            }
+        }
+        unmap(&c, &gone);
         Ok(())
+    }
+}
+
+/// The groups one private map (or replay) is pinning into without the
+/// context lock, held in the registry until it is settled (see
+/// `Registry::pinning`): another context's bind of them is `EBUSY`
+/// meanwhile.
+struct InFlight<'a> {
+    engine: &'a Engine,
+    ctx: ContextId,
+    groups: SmallVec<[GroupId; 2]>,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(engine: &'a Engine, ctx: ContextId) -> Self {
+        InFlight {
+            engine,
+            ctx,
+            groups: SmallVec::new(),
+        }
+    }
+
+    /// Hold `groups` too; called under the context lock that found them
+    /// bound to this context.
+    fn hold(&mut self, groups: &[GroupId]) {
+        let mut reg = lock(&self.engine.registry);
+        for &g in groups {
+            if self.groups.contains(&g) {
+                continue;
+            }
+            reg.pinning.entry(g).or_insert((self.ctx, 0)).1 += 1;
+            self.groups.push(g);
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut reg = lock(&self.engine.registry);
+        for g in &self.groups {
+            if let Some(held) = reg.pinning.get_mut(g) {
+                held.1 -= 1;
+                if held.1 == 0 {
+                    reg.pinning.remove(g);
+                }
+            }
+        }
     }
 }
