@@ -23,6 +23,8 @@ struct scratch_stats {
 #define SCRATCH_TRANSFORM _IOWR('S', 1, struct scratch_xform)
 #define SCRATCH_STATS _IOR('S', 2, struct scratch_stats)
 #define SCRATCH_NOP _IO('S', 9)
+/* Reads the struct, writes nothing back, returns value & 0xffff. */
+#define SCRATCH_PEEK _IOW('S', 13, struct scratch_xform)
 
 /* The libfuse reference device: the same 32-byte transform. */
 struct ref_xform {

@@ -4,8 +4,8 @@
 Starts the servers (the CUSE library's scratchpad example, the libfuse
 reference device, the cuse-ioasid daemon limited to one edu device), runs
 the C clients of target/bench/ against them and against native VFIO, and
-prints every figure as one JSON object on the last line of stdout, after
-the marker "BENCH-JSON ". Progress goes to stderr.
+writes every figure as one JSON object into $VM_SCRATCH/bench-result.json
+(see emit). Progress goes to stderr.
 
 Measurements of one table are interleaved: each round runs every row once,
 so that load changes on the host hit all rows alike; a row's figure is the
@@ -75,9 +75,10 @@ def parse_kv(line: str) -> dict[str, str]:
 class Servers:
     """The three servers, started in order and stopped (SIGTERM) in reverse."""
 
-    def __init__(self, scratch: Path) -> None:
+    def __init__(self, scratch: Path, daemon: Path) -> None:
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.scratch = scratch
+        self.daemon = daemon
         self.daemon_pid = 0
         self.device_nodes = False
 
@@ -95,7 +96,7 @@ class Servers:
         self.procs.append(("libfuse_ref", ref))
         wait_for(f"/dev/{REF_NAME}", ref, "libfuse_ref")
         daemon = subprocess.Popen(
-            [str(RELEASE / "cuse-ioasid"), "--device", DAEMON_BDF, "--log", "warn"],
+            [str(self.daemon), "--device", DAEMON_BDF, "--log", "warn"],
             stdout=subprocess.DEVNULL, stderr=open(self.scratch / "daemon.log", "w"))
         self.procs.append(("cuse-ioasid", daemon))
         wait_for("/dev/ioasid", daemon, "cuse-ioasid")
@@ -169,12 +170,13 @@ def bench_ioctls(seconds: float, rounds: int) -> dict:
     }
 
 
-def map_client(args: list[str], retries: int = 20) -> str:
-    """map_rate; a daemon target may still be bound by the previous client's
-    file whose RELEASE is in flight: retry EBUSY briefly."""
+def map_client(args: list[str], retries: int = 20, program: str = "map_rate",
+               timeout: float = 1800) -> str:
+    """map_rate (or map_scale); a daemon target may still be bound by the
+    previous client's file whose RELEASE is in flight: retry EBUSY briefly."""
     for attempt in range(retries):
         try:
-            return run([str(BIN / "map_rate")] + args, timeout=1800)
+            return run([str(BIN / program)] + args, timeout=timeout)
         except RuntimeError as e:
             if "Device or resource busy" in str(e) and attempt + 1 < retries:
                 time.sleep(0.2)
@@ -189,59 +191,86 @@ def paths(daemon_t: str | None, direct_t: str) -> list[tuple[str, str]]:
     return ([("daemon", daemon_t)] if daemon_t else []) + [("direct", direct_t)]
 
 
-def bench_pairs(sizes: list[int], seconds: float, rounds: int, daemon_t: str | None,
+# The fields of a `map_rate loop` result, in microseconds.
+LOOP_FIELDS = ("daemon_map_us", "daemon_unmap_us", "daemon_us", "direct_map_us",
+               "direct_unmap_us", "direct_us", "round_trip_us", "peek_us", "transform_us",
+               "floor_us")
+
+
+def loop_rows(sizes: list[int], quick: bool) -> list[dict]:
+    """The rows of the map table: mode and size, how long each round runs
+    (seconds, and at least min_n times round the loop), and for the guest
+    RAM rows "once": one process runs min_n pairs per path in the first
+    round only (their memory is allocated once per process: a minute
+    under TCG for 1 GiB), "pinned_only": not repeated with threads free."""
+    rows = [{"mode": "warm", "size": s} for s in sizes]
+    rows += [{"mode": "cold", "size": s} for s in (4 * KIB, 2 * MIB, 64 * MIB)]
+    rows += [{"mode": "registered", "size": s} for s in (4 * KIB, 2 * MIB)]
+    # Guest RAM as a VMM maps it: a new mapping of a memfd populated
+    # beforehand (QEMU's prealloc=on), 1 GiB (256 MiB in a quick run); in a
+    # full run also a new memfd the pin must allocate (prealloc=off), once.
+    rows.append({"mode": "cold", "size": 256 * MIB if quick else GIB, "seconds": 0,
+                 "min_n": 2 if quick else 3, "once": True})
+    if not quick:
+        rows.append({"mode": "lazy", "size": GIB, "seconds": 0, "min_n": 1, "once": True,
+                     "pinned_only": True})
+    for r in rows:
+        r.setdefault("min_n", 3 if r["size"] >= 64 * MIB else 10)
+    return rows
+
+
+def row_key(row: dict) -> str:
+    return f"{row['mode']}-{row['size']}"
+
+
+def bench_loops(rows: list[dict], seconds: float, rounds: int, daemon_t: str,
                 direct_t: str) -> dict:
-    """Map+unmap pairs through the daemon and directly, alternating pair by
-    pair on the same memory, with a bare CUSE round trip (the CUSE
-    library's null ioctl) in the same loop, so the daemon's extra cost can
-    be counted in round trips. Rates are 1 / the median time of one pair
-    (or round trip) in each round; the figure is the median over rounds."""
-    res: dict = {}
-    for size in sizes:
-        row: dict[str, list[float]] = {"direct": []}
-        for r in range(rounds):
-            if daemon_t:
-                out = map_client(["versus", daemon_t, direct_t, f"/dev/{SCRATCH_NAME}",
-                                  str(size), str(seconds)])
-                kv = next(parse_kv(l) for l in out.splitlines() if l.startswith("result "))
-                for key, field in (("daemon", "daemon_us"), ("direct", "direct_us"),
-                                   ("round_trip", "round_trip_us")):
-                    row.setdefault(key, []).append(1e6 / float(kv[field]))
-            else:
-                out = map_client(["pairs", direct_t, str(size), str(seconds), "1"])
-                row["direct"] += [float(parse_kv(l)["median"]) for l in out.splitlines()
-                                  if l.startswith("result ")]
-        res[str(size)] = {p: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
-                          for p, v in row.items()}
-        log(f"map+unmap {size} bytes: " + ", ".join(
-            f"{p} {v['median']:.1f}/s" for p, v in res[str(size)].items()))
-    return res
+    """Each row is one `map_rate loop`: map+unmap through the daemon and
+    directly, a bare CUSE round trip and the floor of a daemon pair,
+    alternating in one loop. A round runs every row once, so a change of
+    load hits all rows alike; each figure is the median over the rounds."""
+    res: dict = {row_key(r): {f: [] for f in LOOP_FIELDS} | {"n": []} for r in rows}
+    for rnd in range(rounds):
+        for row in rows:
+            if rnd and row.get("once"):
+                continue
+            out = map_client(["loop", row["mode"], daemon_t, direct_t, f"/dev/{SCRATCH_NAME}",
+                              str(row["size"]), str(row.get("seconds", seconds)),
+                              str(row["min_n"])])
+            kv = next(parse_kv(l) for l in out.splitlines() if l.startswith("result "))
+            r = res[row_key(row)]
+            for f in LOOP_FIELDS:
+                r[f].append(float(kv[f]))
+            r["n"].append(int(kv["n"]))
+        log(f"map loop round {rnd + 1}/{rounds}: " + ", ".join(
+            f"{k} {v['daemon_us'][-1]:.0f}/{v['direct_us'][-1]:.0f} us" for k, v in res.items()
+            if v["daemon_us"]))
+    return {k: {f: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
+                for f, v in r.items()} for k, r in res.items()}
 
 
-def bench_scale(levels: list[int], pairs: int, daemon_t: str | None, direct_t: str,
-                daemon_pid: int) -> dict:
+def bench_scale(kind: str, levels: list[int], pairs: int, budget: float, daemon_t: str | None,
+                direct_t: str, daemon_pid: int) -> dict:
+    """`map_scale KIND`: fill to each level, one more map+unmap, memory."""
     res: dict = {}
     for path, target in paths(daemon_t, direct_t):
-        pid = daemon_pid if path == "daemon" else 0
-        args = ["scale", target, ",".join(map(str, levels)), str(pairs)]
-        if pid:
-            args.append(str(pid))
-        out = map_client(args)
+        args = [kind, target, ",".join(map(str, levels)), str(pairs), str(budget)]
+        if path == "daemon":
+            args.append(str(daemon_pid))
+        out = map_client(args, program="map_scale", timeout=budget * 3 + 600)
         rows = []
         teardown = {}
         for line in out.splitlines():
             w = line.split()
+            kv = parse_kv(line)
             if line.startswith("level "):
-                kv = parse_kv(line)
-                rows.append({"count": int(w[1]), "fill_per_s": float(kv["fill_per_s"]),
-                             "pair_per_s": float(kv["pair_per_s"]), "rss_kib": int(kv["rss_kib"])})
+                rows.append({"count": int(w[1])} | {k: float(v) for k, v in kv.items()})
             elif line.startswith("teardown "):
-                kv = parse_kv(line)
-                teardown = {"count": int(w[1]), "seconds": float(kv["seconds"]),
-                            "rss_kib": int(kv["rss_kib"])}
+                teardown = {"count": int(w[1])} | {k: float(v) for k, v in kv.items()}
         res[path] = {"levels": rows, "teardown": teardown}
-        log(f"scale {path}: " + ", ".join(
-            f"{r['count']}: pair {r['pair_per_s']:.0f}/s rss {r['rss_kib']} KiB" for r in rows))
+        log(f"scale {kind} {path}: " + ", ".join(
+            f"{r['reached']:.0f}: pair {r['pair_per_s']:.0f}/s anon {r['anon_kib']:.0f} KiB"
+            for r in rows))
     return res
 
 
@@ -257,72 +286,120 @@ def bench_clients(n: int, seconds: float, daemon_t: str | None, direct_t: str) -
     return res
 
 
+def emit(result: dict, scratch: Path) -> None:
+    """The result as JSON in $VM_SCRATCH/bench-result.json (a file: the VM's
+    output channel does not carry a line of some 32 KiB whole), and the
+    marker line "BENCH-RESULT bench-result.json" on stdout."""
+    (scratch / "bench-result.json").write_text(json.dumps(result))
+    print("BENCH-RESULT bench-result.json", flush=True)
+
+
+PARTS = ("ioctl", "loops", "spread", "scale", "distinct", "clients")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-map", action="store_true", help="round trips only")
     ap.add_argument("--pin", action="store_true",
                     help="round trips with clients and servers on vCPU 0 (besides the spread run)")
+    ap.add_argument("--daemon", type=Path, default=RELEASE / "cuse-ioasid",
+                    help="the daemon binary (default: the release build)")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help=f"comma list of what to measure (default all: {','.join(PARTS)})")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    if args.no_map:
+        parts &= {"ioctl"}
+    if parts - set(PARTS):
+        ap.error(f"unknown parts {sorted(parts - set(PARTS))}")
 
     scratch = Path(os.environ.get("VM_SCRATCH", "/tmp"))
+    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    sizes = [4 * KIB, 2 * MIB, 64 * MIB]
     if args.quick:
         seconds, rounds = 0.3, 3
-        sizes = [4 * KIB, 2 * MIB, 64 * MIB]
         levels, pairs = [0, 10_000], 200
+        distinct_levels, budget = [0, 1000, 3000], 30.0
         clients, client_seconds = 8, 1.0
     else:
         seconds, rounds = 1.0, 5
-        sizes = [4 * KIB, 2 * MIB, 64 * MIB]
-        mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
         if mem_kib > 2_500_000:
             sizes.append(GIB)
         levels, pairs = [0, 10_000, 100_000], 1000
+        distinct_levels, budget = [0, 1000, 3000, 10_000, 30_000, 100_000], 180.0
         clients, client_seconds = 8, 3.0
 
     result: dict = {
         "kernel": os.uname().release,
         "cpus": os.cpu_count(),
-        "mem_kib": int(Path("/proc/meminfo").read_text().split()[1]),
+        "mem_kib": mem_kib,
         "cmdline": Path("/proc/cmdline").read_text().strip(),
         "dma_entry_limit": Path("/sys/module/vfio_iommu_type1/parameters/dma_entry_limit")
         .read_text().strip(),
         "quick": args.quick,
+        "parts": sorted(parts),
         "ioctl_seconds": seconds,
         "rounds": rounds,
         "daemon_device": DAEMON_BDF,
         "direct_device": DIRECT_BDF,
+        "daemon": str(args.daemon),
     }
-    servers = Servers(scratch)
+    # One area per distinct buffer, in the client and in the daemon (its
+    # alias): 100,000 of them need more than the default 65530 areas.
+    max_map = Path("/proc/sys/vm/max_map_count")
+    result["max_map_count"] = {"was": int(max_map.read_text())}
+    if "distinct" in parts and result["max_map_count"]["was"] < 4 * max(distinct_levels):
+        max_map.write_text(str(4 * max(distinct_levels)))
+    result["max_map_count"]["now"] = int(max_map.read_text())
+    servers = Servers(scratch, args.daemon)
     status = 0
     try:
         servers.start()
         log(f"servers up (daemon pid {servers.daemon_pid}); kernel {result['kernel']}")
-        result["ioctl"] = bench_ioctls(seconds, rounds)
-        if args.pin:
-            everyone = {0}
-            servers_pids = [p.pid for _, p in servers.procs]
-            pin(servers_pids + [os.getpid()], everyone)
-            log("round trips again, every server thread and client on vCPU 0")
-            result["ioctl_pinned"] = bench_ioctls(seconds, rounds)
-            pin(servers_pids + [os.getpid()], set(range(os.cpu_count() or 1)))
-        if not args.no_map:
-            daemon_t = "daemon:/dev/vfio/devices/dev1" if servers.device_nodes else None
-            result["daemon_device_nodes"] = servers.device_nodes
-            direct_t = "direct:" + group_of(DIRECT_BDF)
-            # Pairs and scale on vCPU 0, like the pinned round trips: a
-            # wake-up across vCPUs under TCG costs more, and more unevenly,
-            # than anything the daemon does.
-            servers_pids = [p.pid for _, p in servers.procs]
+        servers_pids = [p.pid for _, p in servers.procs]
+        everyone = set(range(os.cpu_count() or 1))
+        if "ioctl" in parts:
+            result["ioctl"] = bench_ioctls(seconds, rounds)
+            if args.pin:
+                pin(servers_pids + [os.getpid()], {0})
+                log("round trips again, every server thread and client on vCPU 0")
+                result["ioctl_pinned"] = bench_ioctls(seconds, rounds)
+                pin(servers_pids + [os.getpid()], everyone)
+        daemon_t = "daemon:/dev/vfio/devices/dev1" if servers.device_nodes else None
+        result["daemon_device_nodes"] = servers.device_nodes
+        direct_t = "direct:" + group_of(DIRECT_BDF)
+        rows = loop_rows(sizes, args.quick)
+        if daemon_t and "loops" in parts:
+            # On vCPU 0 first, like the pinned round trips: a wake-up across
+            # vCPUs under TCG costs more, and more unevenly, than anything
+            # the daemon does; then the same rows with every thread free.
             pin(servers_pids + [os.getpid()], {0})
-            result["map_pinned"] = True
-            result["pairs"] = bench_pairs(sizes, seconds, rounds, daemon_t, direct_t)
+            log("map loops, every server thread and client on vCPU 0")
+            result["maps_pinned"] = bench_loops(rows, seconds, rounds, daemon_t, direct_t)
+            pin(servers_pids + [os.getpid()], everyone)
+        if daemon_t and "spread" in parts:
+            log("map loops, threads free on every vCPU")
+            # A quick run repeats only the 4 KiB rows.
+            spread = [r for r in rows if not r.get("pinned_only")
+                      and (not args.quick or r["size"] == 4 * KIB)]
+            result["maps_spread"] = bench_loops(spread, seconds, rounds, daemon_t, direct_t)
+        if "scale" in parts or "distinct" in parts:
+            pin(servers_pids + [os.getpid()], {0})
             if max(levels) > 65_000 and int(result["dma_entry_limit"]) <= max(levels):
                 log(f"dma_entry_limit is {result['dma_entry_limit']}: scale stops at 10000")
                 levels = [x for x in levels if x <= 10_000]
-            result["scale"] = bench_scale(levels, pairs, daemon_t, direct_t, servers.daemon_pid)
+                distinct_levels = [x for x in distinct_levels if x <= 10_000]
+            if "scale" in parts:
+                result["scale"] = bench_scale("shared", levels, pairs, budget, daemon_t,
+                                              direct_t, servers.daemon_pid)
+            if "distinct" in parts:
+                result["scale_distinct"] = bench_scale("distinct", distinct_levels, pairs,
+                                                       budget, daemon_t, direct_t,
+                                                       servers.daemon_pid)
+            pin(servers_pids + [os.getpid()], everyone)
+        if "clients" in parts:
             # Several clients at once: every vCPU.
-            pin(servers_pids + [os.getpid()], set(range(os.cpu_count() or 1)))
             result["clients"] = bench_clients(clients, client_seconds, daemon_t, direct_t)
     except Exception as e:  # report what ran, and why the rest did not
         log(f"FAILED: {e}")
@@ -334,7 +411,7 @@ def main() -> int:
             log("server problems: " + "; ".join(problems))
             result["server_problems"] = problems
             status = 1
-    print("BENCH-JSON " + json.dumps(result), flush=True)
+    emit(result, scratch)
     return status
 
 

@@ -1,37 +1,49 @@
 /*
- * map_rate: DMA map/unmap benchmarks, through the daemon or directly on a
- * legacy VFIO container.
- *
- * A target is either
- *   daemon:NODE    bind the device node NODE (/dev/vfio/devices/devN) to a
- *                  new /dev/ioasid file, allocate an IOASID, attach; then
- *                  IOASID_MAP_DMA / IOASID_UNMAP_DMA on it;
- *   direct:GROUP   a new container (/dev/vfio/vfio) holding the group file
- *                  GROUP (/dev/vfio/N), type1v2; then VFIO_IOMMU_MAP_DMA /
- *                  VFIO_IOMMU_UNMAP_DMA on it, issued by this process.
- * Memory is always a memfd mapped MAP_SHARED and populated beforehand.
+ * map_rate: DMA map/unmap pairs, through the daemon or directly on a legacy
+ * VFIO container (the targets: see map_common.h).
  *
  * Usage:
  *   map_rate pairs TARGET SIZE SECONDS REPS
  *       map + unmap one SIZE-byte mapping in a loop, REPS times for about
  *       SECONDS seconds (at least one pair). Prints
  *         result pairs SIZE median=PAIRS/S min= max= reps=
+ *   map_rate loop MODE DAEMON_TARGET DIRECT_TARGET NULL_NODE SIZE SECONDS MIN_N
+ *       one loop of four arms, in an order that rotates each time round:
+ *       a SIZE-byte map + unmap through the daemon, the same directly, one
+ *       null ioctl (SCRATCH_NOP) on NULL_NODE (the CUSE library's
+ *       scratchpad: a bare round trip), and the floor of a daemon pair
+ *       (SCRATCH_PEEK: a round trip plus one process_vm_readv of a 32-byte
+ *       struct, what a map must cost at least; then SCRATCH_TRANSFORM: the
+ *       same plus a process_vm_writev, what an unmap, which writes back the
+ *       size unmapped, must cost at least). Each arm is timed on its own;
+ *       the loop runs for about SECONDS seconds and at least MIN_N times.
+ *       MODE says which memory the two map arms use:
+ *         warm        one populated buffer, the same pages each time (the
+ *                     daemon's alias of it stays cached between pairs);
+ *         cold        every pair of each path on a new mapping of one
+ *                     memfd at a file offset never used before (the
+ *                     next page each time), populated by the client: the
+ *                     daemon has never seen that (inode, offset, length),
+ *                     so it must alias it anew and no idle alias can
+ *                     match; set up and unmapped outside the timed calls
+ *                     (the file's pages are allocated once, so a cold
+ *                     pair costs what it would on a fresh memfd without
+ *                     the allocation);
+ *         lazy        a new memfd for every pair, not populated: the pin
+ *                     allocates the pages (a VMM mapping guest RAM before
+ *                     the guest runs, QEMU's prealloc=off), freed after;
+ *         registered  one populated buffer, registered once with
+ *                     IOASID_REGISTER_MEMORY on the daemon's file; the
+ *                     maps lie inside the registration.
+ *       Prints the median time of each, in microseconds:
+ *         result loop MODE SIZE daemon_map_us= daemon_unmap_us= daemon_us=
+ *           direct_map_us= direct_unmap_us= direct_us= round_trip_us=
+ *           peek_us= transform_us= floor_us= n=
+ *       (daemon_us, direct_us and floor_us: the median of the pairs).
  *   map_rate versus DAEMON_TARGET DIRECT_TARGET NULL_NODE SIZE SECONDS
- *       one SIZE-byte memfd mapping, mapped + unmapped through the daemon,
- *       then directly, then one null ioctl (SCRATCH_NOP) on NULL_NODE (the
- *       CUSE library's scratchpad: a bare round trip), over and over for
- *       about SECONDS seconds (the order rotates each time). The same pages
- *       go through both paths, and a change of load on the host hits the
- *       three alike. Prints the median time of each:
+ *       the warm loop without the floor arm (bench/compare.py measures
+ *       builds whose scratchpad has no SCRATCH_PEEK):
  *         result versus SIZE daemon_us=D direct_us=X round_trip_us=R n=N
- *   map_rate scale TARGET LEVELS PAIRS [DAEMON_PID]
- *       LEVELS is a comma list of mapping counts (ascending, e.g.
- *       0,10000,100000). For each level: fill the IOASID/container with
- *       4 KiB mappings up to that count (timed), then time PAIRS extra
- *       map+unmap pairs of one more 4 KiB mapping, and read VmRSS of
- *       DAEMON_PID. At the end one unmap removes all of them (timed).
- *         level N fill_per_s=F pair_per_s=P rss_kib=R
- *         teardown N seconds=S
  *   map_rate clients TARGET NCLIENTS SECONDS
  *       NCLIENTS forked processes share the target (the ioasid file or the
  *       container) and each maps + unmaps its own 4 KiB page at its own
@@ -41,188 +53,11 @@
  * Every call is checked; exit status 1 with a message on the first error.
  */
 #define _GNU_SOURCE
-#include <errno.h>
-#include <stdarg.h>
-#include <fcntl.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/ioctl.h>
-#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
-#include <time.h>
-#include <unistd.h>
 
-#include <linux/ioasid.h>
-#include <linux/vfio.h>
-
+#include "map_common.h"
 #include "bench_ioctl.h"
-
-#define PAGE 4096ULL
-/* Where the measured mappings go (clear of the x86 MSI window). */
-#define IOVA_PAIRS 0x40000000ULL
-#define IOVA_SCALE 0x100000000ULL
-#define IOVA_CLIENTS 0x200000000ULL
-
-static void die(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void die(const char *fmt, ...)
-{
-	int err = errno;
-	va_list ap;
-
-	fprintf(stderr, "map_rate: ");
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fprintf(stderr, ": %s\n", strerror(err));
-	exit(1);
-}
-
-static double now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-struct target {
-	int daemon;	/* 1: through /dev/ioasid, 0: legacy container */
-	int fd;		/* ioasid file or container */
-	int dev;	/* device node (daemon) or group file (direct) */
-	__u32 ioasid;
-};
-
-static void open_target(struct target *t, const char *spec)
-{
-	if (!strncmp(spec, "daemon:", 7)) {
-		struct vfio_attach_ioasid at = { .argsz = sizeof(at) };
-		int id;
-
-		t->daemon = 1;
-		t->dev = open(spec + 7, O_RDWR | O_CLOEXEC);
-		if (t->dev < 0)
-			die("open %s", spec + 7);
-		t->fd = open("/dev/ioasid", O_RDWR | O_CLOEXEC);
-		if (t->fd < 0)
-			die("open /dev/ioasid");
-		if (ioctl(t->dev, VFIO_BIND_IOASID_FD, t->fd))
-			die("VFIO_BIND_IOASID_FD");
-		id = ioctl(t->fd, IOASID_ALLOC);
-		if (id <= 0)
-			die("IOASID_ALLOC");
-		t->ioasid = id;
-		at.ioasid = id;
-		if (ioctl(t->dev, VFIO_ATTACH_IOASID, &at))
-			die("VFIO_ATTACH_IOASID");
-	} else if (!strncmp(spec, "direct:", 7)) {
-		struct vfio_group_status st = { .argsz = sizeof(st) };
-
-		t->daemon = 0;
-		t->fd = open("/dev/vfio/vfio", O_RDWR | O_CLOEXEC);
-		if (t->fd < 0)
-			die("open /dev/vfio/vfio");
-		t->dev = open(spec + 7, O_RDWR | O_CLOEXEC);
-		if (t->dev < 0)
-			die("open %s", spec + 7);
-		if (ioctl(t->dev, VFIO_GROUP_GET_STATUS, &st) ||
-		    !(st.flags & VFIO_GROUP_FLAGS_VIABLE))
-			die("group %s not viable", spec + 7);
-		if (ioctl(t->dev, VFIO_GROUP_SET_CONTAINER, &t->fd))
-			die("VFIO_GROUP_SET_CONTAINER");
-		if (ioctl(t->fd, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU))
-			die("VFIO_SET_IOMMU");
-	} else {
-		errno = EINVAL;
-		die("target %s is neither daemon:NODE nor direct:GROUP", spec);
-	}
-}
-
-static void map(const struct target *t, void *vaddr, __u64 iova, __u64 size)
-{
-	int ret;
-
-	if (t->daemon) {
-		struct ioasid_dma_map m = {
-			.argsz = sizeof(m),
-			.flags = IOASID_DMA_MAP_FLAG_READ |
-				 IOASID_DMA_MAP_FLAG_WRITE,
-			.ioasid = t->ioasid,
-			.vaddr = (uintptr_t)vaddr,
-			.iova = iova,
-			.size = size,
-		};
-		ret = ioctl(t->fd, IOASID_MAP_DMA, &m);
-	} else {
-		struct vfio_iommu_type1_dma_map m = {
-			.argsz = sizeof(m),
-			.flags = VFIO_DMA_MAP_FLAG_READ |
-				 VFIO_DMA_MAP_FLAG_WRITE,
-			.vaddr = (uintptr_t)vaddr,
-			.iova = iova,
-			.size = size,
-		};
-		ret = ioctl(t->fd, VFIO_IOMMU_MAP_DMA, &m);
-	}
-	if (ret)
-		die("map iova %#llx size %#llx", (unsigned long long)iova,
-		    (unsigned long long)size);
-}
-
-static void unmap(const struct target *t, __u64 iova, __u64 size)
-{
-	__u64 done;
-	int ret;
-
-	if (t->daemon) {
-		struct ioasid_dma_unmap u = { .argsz = sizeof(u),
-					      .ioasid = t->ioasid,
-					      .iova = iova,
-					      .size = size };
-		ret = ioctl(t->fd, IOASID_UNMAP_DMA, &u);
-		done = u.size;
-	} else {
-		struct vfio_iommu_type1_dma_unmap u = { .argsz = sizeof(u),
-							.iova = iova,
-							.size = size };
-		ret = ioctl(t->fd, VFIO_IOMMU_UNMAP_DMA, &u);
-		done = u.size;
-	}
-	if (ret)
-		die("unmap iova %#llx size %#llx", (unsigned long long)iova,
-		    (unsigned long long)size);
-	if (done != size) {
-		errno = EIO;
-		die("unmap iova %#llx: %llu bytes unmapped, expected %llu",
-		    (unsigned long long)iova, (unsigned long long)done,
-		    (unsigned long long)size);
-	}
-}
-
-/* A populated MAP_SHARED memfd mapping of `size` bytes. */
-static void *shared_memory(__u64 size)
-{
-	int fd = memfd_create("map_rate", MFD_CLOEXEC);
-	void *p;
-
-	if (fd < 0 || ftruncate(fd, size))
-		die("memfd of %llu bytes", (unsigned long long)size);
-	p = mmap(NULL, size, PROT_READ | PROT_WRITE,
-		 MAP_SHARED | MAP_POPULATE, fd, 0);
-	if (p == MAP_FAILED)
-		die("mmap memfd of %llu bytes", (unsigned long long)size);
-	close(fd);
-	return p;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-	double x = *(const double *)a, y = *(const double *)b;
-
-	return x < y ? -1 : x > y;
-}
 
 static int run_pairs(const struct target *t, __u64 size, double seconds,
 		     int reps)
@@ -259,124 +94,161 @@ static int run_pairs(const struct target *t, __u64 size, double seconds,
 	return 0;
 }
 
-static double median(double *v, long n)
+enum mode { WARM, COLD, LAZY, REGISTERED, VERSUS };
+
+static const char *const mode_names[] = { "warm", "cold", "lazy",
+					  "registered", "versus" };
+
+/* The timings of one path's map, unmap and pair. */
+struct path_times {
+	struct samples map, unmap, pair;
+};
+
+/* cold: the memfd whose new mappings the pairs use, and the next unused
+ * page offset in it. */
+#define COLD_OFFSETS 65536
+static struct buf cold_file;
+static __u64 cold_next;
+
+/* A new mapping of the cold memfd at an offset never used before. */
+static char *cold_mapping(__u64 size)
 {
-	qsort(v, n, sizeof(v[0]), cmp_double);
-	return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+	char *p;
+
+	if (!cold_file.size)
+		buf_new(&cold_file, size + COLD_OFFSETS * PAGE, 0);
+	if (cold_next == COLD_OFFSETS) {
+		errno = ENOSPC;
+		die("more than %d cold mappings in one loop", COLD_OFFSETS);
+	}
+	p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+		 cold_file.fd, cold_next++ * PAGE);
+	if (p == MAP_FAILED)
+		die("mmap of the cold memfd");
+	return p;
 }
 
-static int run_versus(const struct target *daemon, const struct target *direct,
-		      const char *null_node, __u64 size, double seconds)
+/* One map + unmap of `size` bytes on `t`: on `mem`, or on new memory
+ * (cold, lazy) set up and released outside the timed calls. */
+static void timed_pair(const struct target *t, enum mode mode, char *mem,
+		       __u64 size, struct path_times *pt)
 {
-	char *mem = shared_memory(size);
-	long n = 0, cap = 1024, i;
-	double *us[3], t0;
+	double a, m, u;
+	struct buf b = { 0 };
+
+	if (mode == COLD)
+		mem = cold_mapping(size);
+	if (mode == LAZY) {
+		buf_new(&b, size, 0);
+		mem = b.p;
+	}
+	a = now();
+	map(t, mem, IOVA_PAIRS, size);
+	m = now();
+	unmap(t, IOVA_PAIRS, size);
+	u = now();
+	if (mode == COLD && munmap(mem, size))
+		die("munmap");
+	if (mode == LAZY)
+		buf_free(&b);
+	if (pt) {
+		push(&pt->map, (m - a) * 1e6);
+		push(&pt->unmap, (u - m) * 1e6);
+		push(&pt->pair, (u - a) * 1e6);
+	}
+}
+
+/* The floor of a daemon pair: SCRATCH_PEEK, then SCRATCH_TRANSFORM, each
+ * answer checked. */
+static void timed_floor(int nul, long n, struct path_times *floor)
+{
+	struct scratch_xform x = { .argsz = sizeof(x), .value = n };
+	double a, b, c;
+	int ret;
+
+	a = now();
+	ret = ioctl(nul, SCRATCH_PEEK, &x);
+	b = now();
+	if (ret != (int)(n & 0xffff)) {
+		if (ret >= 0)
+			errno = EIO;
+		die("SCRATCH_PEEK answered %d for %ld", ret, n);
+	}
+	ret = ioctl(nul, SCRATCH_TRANSFORM, &x);
+	c = now();
+	if (ret || x.value != (__u64)n * 2 + 1) {
+		if (!ret)
+			errno = EIO;
+		die("SCRATCH_TRANSFORM answered %d, value %llu for %ld", ret,
+		    (unsigned long long)x.value, n);
+	}
+	push(&floor->map, (b - a) * 1e6);
+	push(&floor->unmap, (c - b) * 1e6);
+	push(&floor->pair, (c - a) * 1e6);
+}
+
+static int run_loop(enum mode mode, const struct target *daemon,
+		    const struct target *direct, const char *null_node,
+		    __u64 size, double seconds, long min_n)
+{
+	struct path_times d = { 0 }, x = { 0 }, fl = { 0 };
+	struct samples rt = { 0 };
+	int arms = mode == VERSUS ? 3 : 4;
 	int nul = open(null_node, O_RDWR | O_CLOEXEC);
+	char *mem = NULL;
+	double t0;
+	long n = 0;
+	int i;
 
 	if (nul < 0)
 		die("open %s", null_node);
-	for (i = 0; i < 3; i++) {
-		us[i] = malloc(cap * sizeof(double));
-		if (!us[i])
-			die("malloc");
-	}
-	/* Warm up each path once. */
-	map(daemon, mem, IOVA_PAIRS, size);
-	unmap(daemon, IOVA_PAIRS, size);
-	map(direct, mem, IOVA_PAIRS, size);
-	unmap(direct, IOVA_PAIRS, size);
+	if (mode == WARM || mode == REGISTERED || mode == VERSUS)
+		mem = shared_memory(size);
+	if (mode == REGISTERED)
+		register_memory(daemon, mem, size);
+	/* Warm up each path once (with a small pair when each pair of this
+	 * mode costs new memory). */
+	timed_pair(daemon, mode, mem, mode == LAZY ? PAGE : size, NULL);
+	timed_pair(direct, mode, mem, mode == LAZY ? PAGE : size, NULL);
 	t0 = now();
 	do {
-		if (n == cap) {
-			cap *= 2;
-			for (i = 0; i < 3; i++) {
-				us[i] = realloc(us[i], cap * sizeof(double));
-				if (!us[i])
-					die("realloc");
-			}
-		}
-		for (i = 0; i < 3; i++) {
-			int which = (n + i) % 3;
-			double a = now();
+		for (i = 0; i < arms; i++) {
+			double a;
 
-			if (which == 2) {
+			switch ((n + i) % arms) {
+			case 0:
+				timed_pair(daemon, mode, mem, size, &d);
+				break;
+			case 1:
+				timed_pair(direct, mode, mem, size, &x);
+				break;
+			case 2:
+				a = now();
 				if (ioctl(nul, SCRATCH_NOP, 0) != 0)
 					die("SCRATCH_NOP on %s", null_node);
-			} else {
-				const struct target *t = which ? direct : daemon;
-
-				map(t, mem, IOVA_PAIRS, size);
-				unmap(t, IOVA_PAIRS, size);
+				push(&rt, (now() - a) * 1e6);
+				break;
+			default:
+				timed_floor(nul, n, &fl);
 			}
-			us[which][n] = (now() - a) * 1e6;
 		}
 		n++;
-	} while (now() - t0 < seconds);
-	printf("result versus %llu daemon_us=%.2f direct_us=%.2f round_trip_us=%.2f n=%ld\n",
-	       (unsigned long long)size, median(us[0], n), median(us[1], n),
-	       median(us[2], n), n);
-	for (i = 0; i < 3; i++)
-		free(us[i]);
+	} while (now() - t0 < seconds || n < min_n);
+	if (mode == VERSUS) {
+		printf("result versus %llu daemon_us=%.2f direct_us=%.2f round_trip_us=%.2f n=%ld\n",
+		       (unsigned long long)size, median(d.pair.v, n),
+		       median(x.pair.v, n), median(rt.v, n), n);
+	} else {
+		printf("result loop %s %llu daemon_map_us=%.2f daemon_unmap_us=%.2f daemon_us=%.2f "
+		       "direct_map_us=%.2f direct_unmap_us=%.2f direct_us=%.2f round_trip_us=%.2f "
+		       "peek_us=%.2f transform_us=%.2f floor_us=%.2f n=%ld\n",
+		       mode_names[mode], (unsigned long long)size,
+		       median(d.map.v, n), median(d.unmap.v, n), median(d.pair.v, n),
+		       median(x.map.v, n), median(x.unmap.v, n), median(x.pair.v, n),
+		       median(rt.v, n), median(fl.map.v, n), median(fl.unmap.v, n),
+		       median(fl.pair.v, n), n);
+	}
 	close(nul);
-	return 0;
-}
-
-static long rss_kib(long pid)
-{
-	char path[64], line[256];
-	long kib = -1;
-	FILE *f;
-
-	if (pid <= 0)
-		return -1;
-	snprintf(path, sizeof(path), "/proc/%ld/status", pid);
-	f = fopen(path, "r");
-	if (!f)
-		return -1;
-	while (fgets(line, sizeof(line), f))
-		if (sscanf(line, "VmRSS: %ld", &kib) == 1)
-			break;
-	fclose(f);
-	return kib;
-}
-
-#define SCALE_PAGES 256
-
-static int run_scale(const struct target *t, char *levels, long pairs,
-		     long pid)
-{
-	char *mem = shared_memory(SCALE_PAGES * PAGE);
-	char *extra = shared_memory(PAGE);
-	long have = 0, i;
-	char *tok;
-
-	for (tok = strtok(levels, ","); tok; tok = strtok(NULL, ",")) {
-		long want = atol(tok);
-		double t0 = now(), fill, pair;
-
-		for (i = have; i < want; i++)
-			map(t, mem + (i % SCALE_PAGES) * PAGE,
-			    IOVA_SCALE + i * PAGE, PAGE);
-		fill = now() - t0;
-		t0 = now();
-		for (i = 0; i < pairs; i++) {
-			map(t, extra, IOVA_PAIRS, PAGE);
-			unmap(t, IOVA_PAIRS, PAGE);
-		}
-		pair = now() - t0;
-		printf("level %ld fill_per_s=%.1f pair_per_s=%.1f rss_kib=%ld\n",
-		       want, want > have ? (want - have) / fill : 0.0,
-		       pairs / pair, rss_kib(pid));
-		fflush(stdout);
-		have = want;
-	}
-	{
-		double t0 = now();
-
-		unmap(t, IOVA_SCALE, have * PAGE);
-		printf("teardown %ld seconds=%.3f rss_kib=%ld\n", have,
-		       now() - t0, rss_kib(pid));
-	}
 	return 0;
 }
 
@@ -440,10 +312,23 @@ static int run_clients(const struct target *t, int n, double seconds)
 	return 0;
 }
 
+/* Two targets: a daemon one, then a direct one. */
+static void open_pair(struct target *daemon, struct target *direct,
+		      const char *d, const char *x)
+{
+	open_target(daemon, d);
+	open_target(direct, x);
+	if (!daemon->daemon || direct->daemon) {
+		errno = EINVAL;
+		die("a daemon: target, then a direct: target");
+	}
+}
+
 int main(int argc, char **argv)
 {
 	struct rlimit unlimited = { RLIM_INFINITY, RLIM_INFINITY };
-	struct target t;
+	struct target t, direct;
+	int m;
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	if (argc < 3) {
@@ -453,24 +338,28 @@ int main(int argc, char **argv)
 	/* Root may raise its own limit: the benchmark measures mapping, not
 	 * the accounting refusing it. */
 	setrlimit(RLIMIT_MEMLOCK, &unlimited);
-	open_target(&t, argv[2]);
-	if (!strcmp(argv[1], "versus") && argc == 7) {
-		struct target direct;
-
-		open_target(&direct, argv[3]);
-		if (!t.daemon || direct.daemon) {
+	if (!strcmp(argv[1], "loop") && argc == 9) {
+		for (m = 0; m < VERSUS; m++)
+			if (!strcmp(argv[2], mode_names[m]))
+				break;
+		if (m == VERSUS) {
 			errno = EINVAL;
-			die("versus takes a daemon: target, then a direct: target");
+			die("unknown loop mode %s", argv[2]);
 		}
-		return run_versus(&t, &direct, argv[4], strtoull(argv[5], NULL, 0),
-				  atof(argv[6]));
+		open_pair(&t, &direct, argv[3], argv[4]);
+		return run_loop(m, &t, &direct, argv[5],
+				strtoull(argv[6], NULL, 0), atof(argv[7]),
+				atol(argv[8]));
 	}
+	if (!strcmp(argv[1], "versus") && argc == 7) {
+		open_pair(&t, &direct, argv[2], argv[3]);
+		return run_loop(VERSUS, &t, &direct, argv[4],
+				strtoull(argv[5], NULL, 0), atof(argv[6]), 1);
+	}
+	open_target(&t, argv[2]);
 	if (!strcmp(argv[1], "pairs") && argc == 6)
 		return run_pairs(&t, strtoull(argv[3], NULL, 0), atof(argv[4]),
 				 atoi(argv[5]));
-	if (!strcmp(argv[1], "scale") && (argc == 5 || argc == 6))
-		return run_scale(&t, argv[3], atol(argv[4]),
-				 argc == 6 ? atol(argv[5]) : -1);
 	if (!strcmp(argv[1], "clients") && argc == 5)
 		return run_clients(&t, atoi(argv[3]), atof(argv[4]));
 	fprintf(stderr, "map_rate: bad arguments\n");

@@ -18,15 +18,18 @@
 //!   (`IOASID_GET_INFO`'s capability chain excepted, which stays in
 //!   `argsz`).
 //!
-//! Every failure is logged once, with the errno and the engine's message:
-//! at debug level for a client's mistake, at warn level otherwise.
+//! Every refusal is logged once, with the errno and the engine's message,
+//! by the one rule of `ioctl_table::log` (info for a client's mistake,
+//! warn otherwise, within the client's log budget); a call that walked a
+//! client's tables writes at most one more line, a summary.
 
 use std::mem::offset_of;
 
 use ioasid_engine::backend::Prot;
-use ioasid_engine::{ContextId, DmaMap, Engine, Invalidation};
+use ioasid_engine::{ContextId, DmaMap, Engine, Invalidation, WalkReport};
 use ioasid_uapi::error::{Errno, Error, Result};
 use ioasid_uapi::*;
+use ioctl_table::log::{self, Client};
 use ioctl_table::{ioctl_op, Caller, Table, Ucmd};
 use zerocopy::IntoBytes;
 
@@ -61,7 +64,7 @@ pub static IOASID_TABLE: Table<Engine> = Table {
     node: "/dev/ioasid",
     unknown_flags: Errno::EINVAL,
     ops: &[
-        ioctl_op!(IOASID_CHECK_EXTENSION, check_extension, int),
+        ioctl_op!(IOASID_CHECK_EXTENSION, check_extension, int).stateless(),
         ioctl_op!(
             IOASID_REGISTER_MEMORY,
             register_memory,
@@ -172,11 +175,7 @@ pub fn dispatch(
         return Err(Errno::ENOTTY);
     }
     table.call(op, engine, caller, ctx.0, arg).map_err(|e| {
-        if e.is_client_mistake() {
-            tracing::debug!(cmd = op.name, errno = %e.errno, "{}", e.message);
-        } else {
-            tracing::warn!(cmd = op.name, errno = %e.errno, "{}", e.message);
-        }
+        log::refusal(Client::Context(ctx.0), table.node, op.name, &e);
         e.errno
     })
 }
@@ -261,8 +260,21 @@ fn create_nesting(engine: &Engine, u: &Ucmd<'_>, arg: u64) -> Result<i32> {
 
 fn bind_pgtable(engine: &Engine, u: &Ucmd<'_>, b: IoasidBindPgtable) -> Result<i32> {
     no_reserved(b.reserved)?;
-    engine.bind_pgtable(ctx(u), b.ioasid, b.format, b.addr_width, b.pgtable)?;
+    let report = engine.bind_pgtable(ctx(u), b.ioasid, b.format, b.addr_width, b.pgtable)?;
+    log_walks(u, b.ioasid, &report);
     Ok(0)
+}
+
+/// One line for what the walks of one call found wrong, if anything,
+/// within the client's log budget (never a line per entry: a hostile table
+/// has a million of them).
+fn log_walks(u: &Ucmd<'_>, ioasid: u32, report: &WalkReport) {
+    if report.is_clean() {
+        return;
+    }
+    if let Some(dropped) = log::client_line(Client::Context(u.fh)) {
+        tracing::info!(cmd = u.name, ioasid, "{report}{dropped}");
+    }
 }
 
 fn unbind_pgtable(engine: &Engine, u: &Ucmd<'_>, b: IoasidUnbindPgtable) -> Result<i32> {
@@ -273,7 +285,8 @@ fn unbind_pgtable(engine: &Engine, u: &Ucmd<'_>, b: IoasidUnbindPgtable) -> Resu
 
 fn bind_pasid_table(engine: &Engine, u: &Ucmd<'_>, b: IoasidBindPasidTable) -> Result<i32> {
     no_reserved(b.reserved)?;
-    engine.bind_pasid_table(ctx(u), b.ioasid, b.format, b.table, b.entries)?;
+    let report = engine.bind_pasid_table(ctx(u), b.ioasid, b.format, b.table, b.entries)?;
+    log_walks(u, b.ioasid, &report);
     Ok(0)
 }
 
@@ -285,7 +298,8 @@ fn unbind_pasid_table(engine: &Engine, u: &Ucmd<'_>, b: IoasidUnbindPasidTable) 
 
 fn invalidate_cache(engine: &Engine, u: &Ucmd<'_>, i: IoasidInvalidateCache) -> Result<i32> {
     let inv = invalidation(&i)?;
-    engine.invalidate(ctx(u), i.ioasid, inv)?;
+    let report = engine.invalidate(ctx(u), i.ioasid, inv)?;
+    log_walks(u, i.ioasid, &report);
     Ok(0)
 }
 

@@ -11,8 +11,10 @@ use std::sync::Arc;
 use cuse_server::{Device, Errno, IoctlArgs, IoctlResult, OpenFlags, Request};
 use ioasid_engine::{ClosedContext, ContextId, Engine};
 
-use crate::ioctl::dispatch;
+use ioctl_table::log::{self, Client};
 use ioctl_table::ClientOf;
+
+use crate::ioctl::{dispatch, IOASID_TABLE};
 
 /// What to do after a context was closed: the device front end closes the
 /// device fds of the devices the engine unbound.
@@ -34,12 +36,17 @@ impl IoasidNode {
 
 impl Device for IoasidNode {
     fn open(&self, req: &Request, _flags: OpenFlags) -> Result<u64, Errno> {
-        let ctx = self.engine.open_context_for(&ClientOf(req)).map_err(|e| {
-            tracing::debug!(tid = req.tid(), errno = %e.errno, "/dev/ioasid open: {}", e.message);
+        let client = ClientOf::new(req, Client::RefusedOpen, "open");
+        let ctx = self.engine.open_context_for(&client).map_err(|e| {
+            log::refusal(Client::RefusedOpen, "ioasid", "open", &e);
             e.errno
         })?;
         tracing::debug!(ctx = ctx.0, tid = req.tid(), "/dev/ioasid opened");
         Ok(ctx.0)
+    }
+
+    fn ioctl_is_quick(&self, cmd: u32) -> bool {
+        IOASID_TABLE.is_quick(cmd)
     }
 
     fn ioctl(&self, req: &Request, fh: u64, args: IoctlArgs<'_>) -> Result<IoctlResult, Errno> {
@@ -54,11 +61,13 @@ impl Device for IoasidNode {
                     tracing::error!(ctx = fh, "while closing an ioasid context: {e}");
                 }
                 if !closed.unbound.is_empty() {
-                    tracing::info!(
-                        ctx = fh,
-                        devices = ?closed.unbound,
-                        "ioasid fd closed: its devices were detached and unbound"
-                    );
+                    if let Some(dropped) = log::client_line(Client::Context(fh)) {
+                        tracing::info!(
+                            ctx = fh,
+                            devices = ?closed.unbound,
+                            "ioasid fd closed: its devices were detached and unbound{dropped}"
+                        );
+                    }
                 }
                 (self.on_close)(&closed);
             }

@@ -1240,3 +1240,18 @@ fn a_struct_at_the_end_of_readable_memory_is_judged_by_its_argsz() {
     assert_eq!(f.ioctl(IOASID_MAP_DMA, at), Err(Errno::EFAULT));
     assert_eq!(f.fake.live_aliases(), 0);
 }
+
+/// Issue 17, item 6: unknown numbers and stateless commands are answered
+/// without a handler slot, never behind other calls; everything that
+/// touches a context is not.
+#[test]
+fn only_unknown_and_stateless_commands_are_quick() {
+    assert!(IOASID_TABLE.is_quick(IOASID_CHECK_EXTENSION));
+    assert!(IOASID_TABLE.is_quick(0x3b7f), "an unknown number");
+    assert!(IOASID_TABLE.is_quick(0x5401), "TCGETS");
+    for op in IOASID_TABLE.ops {
+        if op.number != IOASID_CHECK_EXTENSION {
+            assert!(!IOASID_TABLE.is_quick(op.number), "{}", op.name);
+        }
+    }
+}

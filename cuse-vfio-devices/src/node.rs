@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cuse_server::{Device, DeviceNumber, IoctlArgs, IoctlResult, Offset, OpenFlags, Request};
-use ioasid_engine::{Client, ClosedContext, ContextId, DeviceId, DeviceSpec, Engine};
+use ioasid_engine::{ClosedContext, ContextId, DeviceId, DeviceSpec, Engine};
 use ioasid_uapi::vfio as nr;
 use ioasid_uapi::{VfioAttachIoasid, IOASID_ATTACH_USER_PASID};
 use nix::errno::Errno;
@@ -23,7 +23,8 @@ use crate::device_file::{ContextLookup, DeviceOpener, IoasidIdentify};
 use crate::error::{Error, Result};
 use crate::ioctl::{DEVICE_TABLE, NEEDS_BIND};
 use crate::regions::{self, Access, Region, RegionTable};
-use ioctl_table::Caller;
+use ioctl_table::log::{self, Client};
+use ioctl_table::{Caller, Ucmd};
 
 /// Most regions read into the table at bind (vfio-pci has 9 plus
 /// device-specific ones).
@@ -123,10 +124,10 @@ impl DeviceNode {
         };
         match gone {
             Some(b) => {
-                tracing::info!(
-                    device = %self.spec.name,
-                    ctx = b.ctx.0,
-                    "ioasid fd closed: device unbound, device fd closed (the device is reset)"
+                self.note(
+                    b.ctx,
+                    b.fh,
+                    "ioasid fd closed: device unbound, device fd closed (the device is reset)",
                 );
                 drop(b);
                 true
@@ -151,11 +152,21 @@ impl DeviceNode {
         r
     }
 
-    fn log(&self, op: &str, fh: u64, e: &Error) {
-        if e.is_client_mistake() {
-            tracing::debug!(device = %self.spec.name, op, fh, errno = %e.errno, "{}", e.message);
-        } else {
-            tracing::warn!(device = %self.spec.name, op, fh, errno = %e.errno, "{}", e.message);
+    /// The one log rule for a refused request (`ioctl_table::log`),
+    /// charged to the context the file is bound to, or else to the file.
+    fn log(&self, fh: u64, op: &str, e: &Error) {
+        let client = match self.lock().bound() {
+            Some(b) if b.fh == fh => Client::Context(b.ctx.0),
+            _ => Client::DeviceFile(self.spec.id.0, fh),
+        };
+        log::refusal(client, &self.spec.name, op, e);
+    }
+
+    /// An info line about open file `fh` bound to `ctx`, within that
+    /// client's log budget.
+    fn note(&self, ctx: ContextId, fh: u64, what: &str) {
+        if let Some(dropped) = log::client_line(Client::Context(ctx.0)) {
+            tracing::info!(device = %self.spec.name, fh, ctx = ctx.0, "{what}{dropped}");
         }
     }
 
@@ -228,7 +239,7 @@ impl DeviceNode {
         drop(stale);
         drop(file);
         if r.is_ok() {
-            tracing::info!(device = %self.spec.name, fh, ctx = ctx.0, "bound");
+            self.note(ctx, fh, "bound");
         }
         r.map(|()| 0)
     }
@@ -313,19 +324,17 @@ impl DeviceNode {
         drop(file);
         // Dropping the binding closes the device fd: the kernel resets it.
         let gone = r?;
-        tracing::info!(device = %self.spec.name, fh, ctx = ctx.0, "unbound");
+        self.note(ctx, fh, "unbound");
         drop(gone);
         Ok(0)
     }
 
-    pub(crate) fn attach(
-        &self,
-        client: &dyn Client,
-        fh: u64,
-        a: VfioAttachIoasid,
-        attach: bool,
-    ) -> Result<i32> {
+    pub(crate) fn attach(&self, u: &Ucmd<'_>, a: VfioAttachIoasid, attach: bool) -> Result<i32> {
+        let fh = u.fh;
         let (ctx, _) = self.access(fh)?;
+        // What the attach leaves to the caller's own thread (replaying
+        // private memory) is logged as the bound context's.
+        let client = u.client_as(Client::Context(ctx.0));
         let pasid = if a.flags & IOASID_ATTACH_USER_PASID != 0 {
             Some(a.user_pasid)
         } else if a.user_pasid != 0 {
@@ -341,13 +350,16 @@ impl DeviceNode {
         };
         if attach {
             self.engine
-                .attach(self.spec.id, ctx, client, a.ioasid, pasid)?;
+                .attach(self.spec.id, ctx, &client, a.ioasid, pasid)?;
             if let Some(p) = pasid {
-                tracing::info!(
-                    device = %self.spec.name,
-                    ioasid = a.ioasid,
-                    pasid = p,
-                    "PASID attachment recorded; legacy VFIO cannot route PASID-tagged DMA"
+                self.note(
+                    ctx,
+                    fh,
+                    &format!(
+                        "PASID {p} attachment to IOASID {} recorded; legacy VFIO cannot route \
+                         PASID-tagged DMA",
+                        a.ioasid
+                    ),
                 );
             }
         } else {
@@ -446,7 +458,9 @@ impl DeviceNode {
         let files = self.opener.group_fds(&groups)?;
         dev.hot_reset(&files)
             .map_err(|e| Error::new(e, format!("{NAME} failed on the device")))?;
-        tracing::info!(device = %self.spec.name, groups = ?groups, "hot reset");
+        if let Some(dropped) = log::client_line(Client::Context(ctx.0)) {
+            tracing::info!(device = %self.spec.name, groups = ?groups, "hot reset{dropped}");
+        }
         Ok(0)
     }
 
@@ -493,7 +507,7 @@ impl DeviceNode {
         let gone = self.lock().release(fh);
         let Some(b) = gone else { return };
         match self.engine.unbind(self.spec.id, b.ctx) {
-            Ok(()) => tracing::info!(device = %self.spec.name, fh, "released: unbound"),
+            Ok(()) => self.note(b.ctx, fh, "released: unbound"),
             Err(e) => {
                 // The context may be closing at the same time; it unbinds.
                 tracing::debug!(device = %self.spec.name, fh, error = %e, "unbind at release")
@@ -516,7 +530,7 @@ impl Device for DeviceNode {
         offset: Offset,
     ) -> std::result::Result<Vec<u8>, Errno> {
         self.handle_read(fh, size, &offset).map_err(|e| {
-            self.log("read", fh, &e);
+            self.log(fh, "read", &e);
             e.errno
         })
     }
@@ -529,7 +543,7 @@ impl Device for DeviceNode {
         offset: Offset,
     ) -> std::result::Result<u32, Errno> {
         self.handle_write(fh, data, &offset).map_err(|e| {
-            self.log("write", fh, &e);
+            self.log(fh, "write", &e);
             e.errno
         })
     }
@@ -544,7 +558,7 @@ impl Device for DeviceNode {
             Ok(v) => Ok(IoctlResult::value(v)),
             Err(e) => {
                 let op = format!("ioctl {:#x}", args.cmd);
-                self.log(&op, fh, &e);
+                self.log(fh, &op, &e);
                 Err(e.errno)
             }
         }

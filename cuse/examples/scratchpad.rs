@@ -44,6 +44,10 @@
 //!     number of calls it released.
 //!   - `SCRATCH_HELD` `_IOR('S', 12, struct held { u64 holding, started; })`:
 //!     HOLD calls in progress now, and started so far.
+//!   - `SCRATCH_PEEK` `_IOW('S', 13, struct xform)`: reads the caller's
+//!     struct and writes nothing back; returns `value & 0xffff` (`EINVAL`
+//!     if `argsz` is below 32). One round trip plus one `process_vm_readv`:
+//!     `scripts/bench` times the floor of a map call with it.
 //!
 //! `struct xform { u32 argsz; u32 flags; u64 value; u8 text[16]; }` (32
 //! bytes); `struct stats { u64 opens, releases, reads, writes, ioctls,
@@ -83,6 +87,7 @@ const SCRATCH_NOP: u32 = ioc(IOC_NONE, 9, 0);
 const SCRATCH_HOLD: u32 = ioc(IOC_NONE, 10, 0);
 const SCRATCH_LETGO: u32 = ioc(IOC_NONE, 11, 0);
 const SCRATCH_HELD: u32 = ioc(IOC_READ, 12, std::mem::size_of::<Held>());
+const SCRATCH_PEEK: u32 = ioc(IOC_WRITE, 13, std::mem::size_of::<Xform>());
 
 nix::ioctl_read!(scratch_whoami, b'S', 7, Who);
 
@@ -374,6 +379,13 @@ impl Device for Scratchpad {
                 };
                 req.write_obj(args.arg, &held)?;
                 Ok(IoctlResult::value(0))
+            }
+            SCRATCH_PEEK => {
+                let x: Xform = req.read_obj(args.arg)?;
+                if (x.argsz as usize) < std::mem::size_of::<Xform>() {
+                    return Err(Errno::EINVAL);
+                }
+                Ok(IoctlResult::value((x.value & 0xffff) as i32))
             }
             _ => Err(Errno::ENOTTY),
         }

@@ -178,6 +178,17 @@ pub trait Device: Send + Sync + 'static {
         Err(Errno::ENOTTY)
     }
 
+    /// Whether ioctl `cmd` is answered at once, needing no state another
+    /// call may be holding (an unknown number, a question about the
+    /// driver): such a call takes no handler slot and never waits behind
+    /// other calls, the caller's own included. Called on the thread that
+    /// read the request, before anything else; keep it a table look-up.
+    /// Default: no ioctl is quick.
+    fn ioctl_is_quick(&self, cmd: u32) -> bool {
+        let _ = cmd;
+        false
+    }
+
     /// `poll(2)`/`select(2)`/`epoll`: returns the ready events (`POLLIN`
     /// etc. bits; the kernel masks them with `events`). `waiter` is given
     /// when the caller will sleep: keep it and call

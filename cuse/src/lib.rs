@@ -193,6 +193,10 @@
 //!   letting any signal interrupt it. INTERRUPT is answered by the thread
 //!   that reads it. So a client killed while another one hogs the node
 //!   still exits at once.
+//! - An ioctl the device calls quick ([`Device::ioctl_is_quick`]: an
+//!   unknown number, a question about the driver) takes no slot either: it
+//!   is answered by the thread that read it, never behind other calls, the
+//!   caller's own included.
 //! - A caller's process is found in `/proc/<tid>/status` only when it can
 //!   matter: while fewer calls run than one client may hold, calls start
 //!   without that look-up. A thread that is already gone counts as a client

@@ -115,9 +115,14 @@ fn send(kernel: &OwnedFd, msg: &[u8]) {
 }
 
 /// cmd 1: waits (up to 20 s) until interrupted, then EINTR; cmd 2:
-/// answers 7 at once; cmd 3: sleeps 1.5 s ignoring interrupts.
+/// answers 7 at once; cmd 3: sleeps 1.5 s ignoring interrupts; cmd 4: a
+/// quick ioctl ([`Device::ioctl_is_quick`]), answers 8.
 struct Waiter;
 impl Device for Waiter {
+    fn ioctl_is_quick(&self, cmd: u32) -> bool {
+        cmd == 4
+    }
+
     fn ioctl(&self, req: &Request, _fh: u64, a: IoctlArgs<'_>) -> Result<IoctlResult, Errno> {
         match a.cmd {
             1 => {
@@ -128,6 +133,7 @@ impl Device for Waiter {
                 }
             }
             2 => Ok(IoctlResult::value(7)),
+            4 => Ok(IoctlResult::value(8)),
             3 => {
                 std::thread::sleep(Duration::from_millis(1500));
                 Ok(IoctlResult::value(3))
@@ -487,6 +493,41 @@ fn a_greedy_client_waits_for_its_own_slots_and_nobody_else_does() {
         .collect();
     expect.sort();
     assert_eq!(answered, expect);
+}
+
+/// Issue 17, item 6: an unknown or stateless command never waits, not
+/// even behind its own client's calls: a quick ioctl of a client whose
+/// slots are all taken, with more calls waiting, is answered at once.
+#[test]
+fn a_quick_ioctl_never_waits_for_a_slot() {
+    let clients = Clients::spawn(1);
+    let a = clients.pid(0);
+    let server = Server::new().unwrap();
+    let config = DeviceConfig::new("fake")
+        .max_workers(2)
+        .max_workers_per_client(2);
+    let kernel = fake_node_with(&server, Arc::new(Waiter), config);
+    for i in 0..4 {
+        send(&kernel, &ioctl_from(100 + 2 * i, 1, a));
+    }
+    wait_until("every slot taken, two waiting", || {
+        let s = stats(&server);
+        (s.running, s.waiting) == (2, 2)
+    });
+    for i in 0..3 {
+        send(&kernel, &ioctl_from(200 + 2 * i, 4, a));
+        assert_eq!(recv(&kernel, T), Some((200 + 2 * i, 0, Some(8))));
+    }
+    let s = stats(&server);
+    assert_eq!(
+        (s.running, s.waiting),
+        (2, 2),
+        "the slow calls are untouched"
+    );
+    server.stop();
+    for _ in 0..4 {
+        assert_eq!(recv(&kernel, T).map(|r| r.1), Some(-libc::EINTR));
+    }
 }
 
 /// A client with more than `waiting_per_client` calls waiting gets

@@ -59,6 +59,14 @@ impl Work {
         matches!(self.op, Operation::Release(_))
     }
 
+    /// The ioctl command number, for an IOCTL.
+    pub fn ioctl_cmd(&self) -> Option<u32> {
+        match &self.op {
+            Operation::Ioctl(i, _) => Some(i.cmd),
+            _ => None,
+        }
+    }
+
     /// Whether an INTERRUPT for this request has arrived.
     pub fn interrupted(&self) -> bool {
         self.flag.is_raised()
@@ -112,6 +120,16 @@ impl Session {
     /// `/proc/<tid>/status`; `ESRCH` if it is gone.
     pub(crate) fn caller_process(&self, tid: u32) -> Result<u32, Errno> {
         crate::request::tgid_of(&self.proc_root, tid)
+    }
+
+    /// Whether `work` needs no handler slot: a RELEASE (the last close,
+    /// which must never wait behind other work) or an ioctl the device
+    /// answers at once ([`Device::ioctl_is_quick`]).
+    pub fn is_slotless(&self, work: &Work) -> bool {
+        work.is_release()
+            || work
+                .ioctl_cmd()
+                .is_some_and(|cmd| self.device.ioctl_is_quick(cmd))
     }
 
     /// Number of requests accepted and not yet answered.

@@ -19,7 +19,8 @@
 //! - RELEASE never waits: it runs at once on the thread that read it (its
 //!   caller is in `close(2)` and cannot be interrupted, and a client killed
 //!   while others hog the node must still be able to exit). INTERRUPT is
-//!   answered by the reader itself.
+//!   answered by the reader itself. So is an ioctl the device calls quick
+//!   (`Device::ioctl_is_quick`): it needs no state another call holds.
 //! - A thread that finishes a request leaves if `max_idle` others are
 //!   already waiting, and a thread that waited `idle_timeout` for a request
 //!   while [`MIN_IDLE`] others waited too leaves then (a per-thread timer
@@ -105,8 +106,9 @@ struct WorkState {
     readers: Slab<libc::pthread_t>,
     /// Handler slots: requests running and waiting.
     slots: Slots<Waiting>,
-    /// RELEASEs being handled (they take no slot).
-    releasing: usize,
+    /// Requests being handled that take no slot: RELEASEs and quick ioctls
+    /// ([`Session::is_slotless`]).
+    slotless: usize,
     /// Threads whose handler has returned and that are on their way back
     /// to `read` (or to the next request, or out): the caller may already
     /// have sent its next request, which they will pick up.
@@ -135,8 +137,8 @@ enum Received {
 enum Held {
     /// A handler slot, by the request's unique id.
     Slot(u64),
-    /// None: a RELEASE.
-    Release,
+    /// None: a RELEASE or a quick ioctl.
+    Slotless,
 }
 
 impl Workers {
@@ -159,7 +161,7 @@ impl Workers {
                 starting: 0,
                 readers: Slab::new(),
                 slots: Slots::new(config.budget),
-                releasing: 0,
+                slotless: 0,
                 finishing: 0,
                 refused: 0,
                 refusal_logged: None,
@@ -179,7 +181,7 @@ impl Workers {
         PoolStats {
             threads: st.threads,
             spawned: st.spawned,
-            running: st.slots.running() + st.releasing,
+            running: st.slots.running() + st.slotless,
             waiting: st.slots.waiting(),
             refused: st.refused,
         }
@@ -322,12 +324,12 @@ impl Workers {
             }
             return st;
         };
-        if work.is_release() {
+        if self.session.is_slotless(&work) {
             let mut st = self.lock();
-            st.releasing += 1;
+            st.slotless += 1;
             self.keep_reading(&mut st);
             drop(st);
-            return self.run(Held::Release, work, msg);
+            return self.run(Held::Slotless, work, msg);
         }
         let (unique, tid) = (work.unique(), work.tid());
         let mut st = self.lock();
@@ -420,7 +422,7 @@ impl Workers {
             let mut st = self.lock();
             match held {
                 Held::Slot(unique) => st.slots.finish(unique),
-                Held::Release => st.releasing -= 1,
+                Held::Slotless => st.slotless -= 1,
             }
             st.finishing += 1;
         });

@@ -18,6 +18,6 @@ pub mod pgtable;
 pub use engine::{
     Attachment, Budgets, Client, ClientWork, ClosedContext, ContextId, DeviceId, DeviceSpec,
     DmaMap, Engine, Invalidation, IoasidId, IoasidInfo, PasidTableStatus, PgtableStatus,
-    PASID_BITS, PASID_TABLE_FLAT_X86_64, PASID_TABLE_MAX_ENTRIES, PGTABLE_X86_64_4LVL,
+    WalkReport, PASID_BITS, PASID_TABLE_FLAT_X86_64, PASID_TABLE_MAX_ENTRIES, PGTABLE_X86_64_4LVL,
 };
 pub use error::{Error, Result};

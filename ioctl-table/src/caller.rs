@@ -7,7 +7,7 @@ use ioasid_engine::ClientWork;
 use ioasid_uapi::error::Error;
 use nix::errno::Errno;
 
-use crate::client::run_as_client;
+use crate::client::{run_as_client, LogAs};
 
 /// The caller of an ioctl, read or write: its memory and file descriptors,
 /// read and written by the daemon on its behalf.
@@ -30,9 +30,11 @@ pub trait Caller {
     fn pid(&self) -> Result<i32, Errno>;
     /// Have `work` run as the calling thread once the request is answered
     /// (see [`ioasid_engine::Client::defer_as_client`]): how the engine
-    /// pins a client's private memory. The default cannot (`EFAULT`).
-    fn defer_as_client(&self, work: ClientWork) -> Result<(), Error> {
-        drop(work);
+    /// pins a client's private memory. What goes wrong after the reply is
+    /// logged as `log_as`'s line of the call. The default cannot
+    /// (`EFAULT`).
+    fn defer_as_client(&self, work: ClientWork, log_as: LogAs) -> Result<(), Error> {
+        drop((work, log_as));
         Err(Error::new(
             Errno::EFAULT,
             format!(
@@ -78,7 +80,7 @@ impl Caller for Request {
     /// `EFAULT` with the reason), answer `EFAULT` for now, and run `work`
     /// on this thread right after the reply, the caller stopped on its way
     /// out of its ioctl; `work`'s result becomes the ioctl's.
-    fn defer_as_client(&self, work: ClientWork) -> Result<(), Error> {
-        run_as_client(self, work)
+    fn defer_as_client(&self, work: ClientWork, log_as: LogAs) -> Result<(), Error> {
+        run_as_client(self, work, log_as)
     }
 }

@@ -14,25 +14,50 @@ use nix::errno::Errno;
 use syscall_inject::{Options, Seized, Stopped};
 
 use crate::caller::Caller;
+use crate::log;
 
-/// A [`Caller`] as the engine sees it: pass `&ClientOf(u.caller)` (or
+/// Whose line a call's outcome after its reply is, in the daemon's log
+/// (within that client's budget, [`crate::log`]): the client and the
+/// command's name.
+#[derive(Clone, Copy, Debug)]
+pub struct LogAs {
+    /// The client charged with the line.
+    pub client: log::Client,
+    /// The command, for the line.
+    pub cmd: &'static str,
+}
+
+/// A [`Caller`] as the engine sees it: pass it (or
 /// [`Ucmd::client`](crate::Ucmd::client)) to every engine entry point that
 /// takes a [`Client`].
-pub struct ClientOf<'a>(pub &'a dyn Caller);
+pub struct ClientOf<'a> {
+    caller: &'a dyn Caller,
+    log_as: LogAs,
+}
+
+impl<'a> ClientOf<'a> {
+    /// `caller`, issuing command `cmd` for log client `client`.
+    pub fn new(caller: &'a dyn Caller, client: log::Client, cmd: &'static str) -> Self {
+        ClientOf {
+            caller,
+            log_as: LogAs { client, cmd },
+        }
+    }
+}
 
 impl Client for ClientOf<'_> {
     fn tid(&self) -> Pid {
-        self.0.tid()
+        self.caller.tid()
     }
 
     fn pid(&self) -> Result<Pid> {
-        self.0
+        self.caller
             .pid()
             .map_err(|e| Error::new(e, "the calling process is gone"))
     }
 
     fn defer_as_client(&self, work: ClientWork) -> Result<()> {
-        self.0.defer_as_client(work)
+        self.caller.defer_as_client(work, self.log_as)
     }
 }
 
@@ -55,41 +80,45 @@ fn inject_error(e: syscall_inject::Error) -> Error {
     Error::new(e.errno(), e.to_string())
 }
 
-/// See [`Caller::defer_as_client`] for [`Request`].
-pub(crate) fn run_as_client(req: &Request, work: ClientWork) -> Result<()> {
+/// See [`Caller::defer_as_client`] for [`Request`]. A refusal to seize is
+/// returned (the front end logs it as the call's refusal); what goes wrong
+/// after the reply, when the call's real result is known, is the call's
+/// one line, within the client's log budget.
+pub(crate) fn run_as_client(req: &Request, work: ClientWork, log_as: LogAs) -> Result<()> {
     let tid = req.tid() as i32;
     req.expect_interrupt();
-    let seized = Seized::seize(tid, options()).map_err(|e| {
-        // Why matters to the user: traced, Yama, an LSM, seccomp.
-        tracing::warn!(tid, "cannot reach the calling thread: {e}");
-        inject_error(e)
-    })?;
+    let seized = Seized::seize(tid, options()).map_err(inject_error)?;
     req.reply_instead(Errno::EFAULT);
     req.after_reply(move || {
-        let outcome = match seized.wait_stop(libc::SYS_ioctl) {
+        let (outcome, put_back) = match seized.wait_stop(libc::SYS_ioctl) {
             Ok(stopped) => {
                 let mut thread = StoppedClient(stopped);
                 let r = work(Ok(&mut thread));
                 let ret = r.as_ref().map_or_else(|e| -(e.errno as i64), |()| 0);
-                let finished = thread.0.finish(ret);
-                if let Err(e) = finished {
-                    tracing::warn!(tid, "putting the calling thread back: {e}");
-                }
-                r
+                (r, thread.0.finish(ret).err())
             }
             Err(e) => {
-                tracing::warn!(
-                    tid,
-                    "the calling thread was not reached after the reply: {e}"
-                );
-                work(Err(inject_error(e)))
+                let e = inject_error(e);
+                let message = format!("the calling thread was not reached after the reply: {}", e.message);
+                (work(Err(Error::new(e.errno, message))), None)
             }
         };
-        if let Err(e) = outcome {
-            if e.is_client_mistake() {
-                tracing::debug!(tid, errno = %e.errno, "as the client's thread: {}", e.message);
-            } else {
-                tracing::warn!(tid, errno = %e.errno, "as the client's thread: {}", e.message);
+        if outcome.is_ok() && put_back.is_none() {
+            return;
+        }
+        let Some(dropped) = log::client_line(log_as.client) else {
+            return;
+        };
+        let put_back = put_back.map_or_else(String::new, |e| {
+            format!(" (and putting the thread back failed: {e})")
+        });
+        match outcome {
+            Ok(()) => tracing::warn!(tid, cmd = log_as.cmd, "as the client's thread{put_back}{dropped}"),
+            Err(e) if e.is_client_mistake() && put_back.is_empty() => {
+                tracing::info!(tid, cmd = log_as.cmd, errno = %e.errno, "as the client's thread: {}{dropped}", e.message)
+            }
+            Err(e) => {
+                tracing::warn!(tid, cmd = log_as.cmd, errno = %e.errno, "as the client's thread: {}{put_back}{dropped}", e.message)
             }
         }
     });

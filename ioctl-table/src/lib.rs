@@ -19,18 +19,21 @@
 //!   [`read_data`] for VFIO's variable-length arguments, forwarded whole.
 //!
 //! Errors are the daemon's one [`ioasid_uapi::Error`]; a node logs each
-//! failure once, at debug level for a client's mistake
-//! ([`ioasid_uapi::is_client_mistake`]) and at warn level otherwise.
+//! refusal once ([`log::refusal`]), at info level for a client's mistake
+//! ([`ioasid_uapi::is_client_mistake`]) and at warn level otherwise, and
+//! every line a client's request writes is within that client's budget
+//! ([`log`]).
 
 mod caller;
 mod client;
 pub mod fake;
+pub mod log;
 mod reader;
 #[doc(hidden)]
 pub mod table;
 
 pub use caller::Caller;
-pub use client::{set_inject_options, ClientOf, StoppedClient};
+pub use client::{set_inject_options, ClientOf, LogAs, StoppedClient};
 pub use ioasid_uapi::error::{Error, Result};
 pub use ioasid_uapi::ArgStruct;
 pub use reader::{read_data, read_struct, Flags, StructRules, Tail, MAX_ARG, MAX_TAIL};

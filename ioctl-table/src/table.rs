@@ -26,9 +26,15 @@ pub struct Ucmd<'a> {
 }
 
 impl<'a> Ucmd<'a> {
-    /// The caller as the engine's `Client`.
+    /// The caller as the engine's `Client`, its lines charged to the
+    /// context `fh` names (an ioasid file's handle is its context).
     pub fn client(&self) -> crate::client::ClientOf<'a> {
-        crate::client::ClientOf(self.caller)
+        self.client_as(crate::log::Client::Context(self.fh))
+    }
+
+    /// The caller as the engine's `Client`, its lines charged to `log_as`.
+    pub fn client_as(&self, log_as: crate::log::Client) -> crate::client::ClientOf<'a> {
+        crate::client::ClientOf::new(self.caller, log_as, self.name)
     }
 
     /// Read `buf.len()` bytes of the caller's argument, `at` bytes into it.
@@ -90,6 +96,10 @@ pub struct IoctlOp<Cx: 'static> {
     /// node says what the number means: an extension that must be
     /// provided, a device that must be bound); 0 for none.
     pub requires: u32,
+    /// The handler needs no state another call may hold (it answers from
+    /// the table and the argument alone): the node may answer it on the
+    /// thread that read it, without a handler slot ([`Table::is_quick`]).
+    pub stateless: bool,
     /// The argument and the handler.
     pub handler: Handler<Cx>,
 }
@@ -105,6 +115,7 @@ impl<Cx: 'static> IoctlOp<Cx> {
             number,
             name,
             requires: 0,
+            stateless: false,
             handler: Handler::None(f),
         }
     }
@@ -119,6 +130,7 @@ impl<Cx: 'static> IoctlOp<Cx> {
             number,
             name,
             requires: 0,
+            stateless: false,
             handler: Handler::Int(f),
         }
     }
@@ -134,6 +146,7 @@ impl<Cx: 'static> IoctlOp<Cx> {
             number,
             name,
             requires: 0,
+            stateless: false,
             handler: Handler::Struct(rules, f),
         }
     }
@@ -149,6 +162,7 @@ impl<Cx: 'static> IoctlOp<Cx> {
             number,
             name,
             requires: 0,
+            stateless: false,
             handler: Handler::Data(rules, f),
         }
     }
@@ -156,6 +170,14 @@ impl<Cx: 'static> IoctlOp<Cx> {
     /// The row with precondition `requires` (see [`IoctlOp::requires`]).
     pub const fn requires(self, requires: u32) -> Self {
         IoctlOp { requires, ..self }
+    }
+
+    /// The row marked stateless (see [`IoctlOp::stateless`]).
+    pub const fn stateless(self) -> Self {
+        IoctlOp {
+            stateless: true,
+            ..self
+        }
     }
 
     /// The row with its struct's `flags` field output only.
@@ -213,6 +235,14 @@ impl<Cx: 'static> Table<Cx> {
     /// The row of ioctl `number`, if the table has one.
     pub fn find(&self, number: u32) -> Option<&'static IoctlOp<Cx>> {
         self.ops.iter().find(|op| op.number == number)
+    }
+
+    /// Whether ioctl `number` is answered without state another call may
+    /// hold: an unknown number (the node refuses it) or a stateless row.
+    /// A node serves these at once, never behind other calls
+    /// (`cuse_server::Device::ioctl_is_quick`).
+    pub fn is_quick(&self, number: u32) -> bool {
+        self.find(number).map_or(true, |op| op.stateless)
     }
 
     /// Run row `op` of this table for `caller` on open file `fh` with

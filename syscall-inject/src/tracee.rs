@@ -113,7 +113,8 @@ pub fn still_tracing() -> bool {
 }
 
 fn park(tid: Pid, restore: Option<Restore>) {
-    warn!(
+    // The caller reports the failed injection; this is the detail.
+    debug!(
         tid = tid.as_raw(),
         "thread parked: it stays traced by this daemon thread until it stops and is released \
          (next injection on this thread) or this daemon thread exits"

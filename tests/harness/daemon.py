@@ -42,6 +42,21 @@ def daemon_pids() -> list[int]:
     return pids
 
 
+def daemon_log() -> Path:
+    """The log file of the running daemon: $VM_SCRATCH/daemon.log when
+    scripts/vm --daemon started it, else the daemon-<module>.log the
+    `daemon` fixture writes (the newest one)."""
+    scratch = Path(os.environ["VM_SCRATCH"])
+    logs = sorted(scratch.glob("daemon*.log"), key=lambda p: p.stat().st_mtime)
+    if not logs:
+        pytest.fail(f"no daemon log in {scratch}")
+    return logs[-1]
+
+
+def log_lines(path: Path) -> list[str]:
+    return path.read_text(errors="replace").splitlines()
+
+
 def wait_for(predicate, what: str, timeout: float = 60.0):
     """Polls predicate until it holds; fails the test with `what` after
     `timeout` seconds."""

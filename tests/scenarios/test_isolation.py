@@ -7,19 +7,25 @@ cannot make the daemon do, in the test VM.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
+import mmap
 import os
 import re
 import stat
 import subprocess
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, in_test_vm
-from harness.daemon import ALONE_3
+from harness import ioasid as io
+from harness import vfio
+from harness.daemon import ALONE_3, daemon_log, errno_of, log_lines, wait_for
 
 pytestmark = [
     pytest.mark.skipif(not in_test_vm(), reason="needs the test VM: run under scripts/vm"),
@@ -27,6 +33,7 @@ pytestmark = [
 ]
 
 NOBODY = 65534
+PAGE = vfio.PAGE_SIZE
 PAGES = 256  # as in tests/c/race_map_files.c
 RACE_MS = 20000
 
@@ -111,3 +118,44 @@ def test_a_raced_map_never_gives_the_device_a_file_the_client_may_only_read(node
         # The race ran: maps through the client's own file went through and
         # were written to by the device, others were refused.
         assert int(m.group(1)) > 0, run.stdout
+
+
+def test_a_loop_of_refused_calls_stays_within_the_clients_log_budget(nodes):
+    """Issue 17, item 3: every refused map of memory the daemon cannot use
+    wrote a warning. Now a client's refusals are logged within its budget
+    (20 lines at once, 2 a second), and a later line says how many were
+    dropped."""
+    dev = vfio.Device.open_node(nodes[ALONE_3])
+    fd = io.IoasidFd()
+    # Shared memory the client itself may not touch: refused with EFAULT.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long)
+    prot_none = 0
+    addr = libc.mmap(None, PAGE, prot_none, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, -1, 0)
+    assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+    try:
+        io.bind_ioasid_fd(dev.fd, fd)
+        ioasid = fd.alloc()
+        io.attach_ioasid(dev.fd, ioasid)
+        log = daemon_log()
+        before = len(log_lines(log))
+        started = time.monotonic()
+        calls = 300
+        for _ in range(calls):
+            assert errno_of(fd.map_dma, ioasid, 0x100000, addr, PAGE) == errno.EFAULT
+        elapsed = time.monotonic() - started
+        written = log_lines(log)[before:]
+        assert written, "a refusal is logged"
+        assert len(written) <= 20 + 2 * elapsed + 2, f"{len(written)} lines for {calls} calls"
+
+        def told():
+            errno_of(fd.map_dma, ioasid, 0x100000, addr, PAGE)
+            return any("earlier lines of this client dropped" in line
+                       for line in log_lines(log)[before:])
+        wait_for(told, "a line saying how many lines were dropped", timeout=30)
+    finally:
+        dev.close()
+        fd.close()
+        libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(PAGE))

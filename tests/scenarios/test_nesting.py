@@ -37,6 +37,7 @@ from conftest import REPO, in_test_vm
 from harness import ioasid as io
 from harness import vfio
 from harness.daemon import (ALONE_1, ALONE_2, ALONE_3, LENGTH, SHARED_A, SHARED_B, Node,
+                            daemon_log, log_lines, wait_for,
                             daemon_pids, errno_of)
 
 PAGE = vfio.PAGE_SIZE
@@ -424,6 +425,50 @@ def test_flow_5_7_pasid_table(guest):
 # ---------------------------------------------------------------------------
 # Malformed tables, the walk budget, random tables
 # ---------------------------------------------------------------------------
+
+
+HOSTILE_PT = 0x100000  # GPA of a 256 KiB PASID table
+HOSTILE_ENTRIES = 32768
+
+
+def test_a_hostile_pasid_table_writes_one_log_line_and_floods_stay_in_budget(guest):
+    """Issue 17, item 3: a PASID table of 32,768 malformed entries wrote a
+    line per entry (32,770 lines of the default log). A call now writes at
+    most one line, the counts still reach the client, and a loop of such
+    calls stays within the client's log budget (20 lines at once, 2 a
+    second), whose next line says how many were dropped."""
+    g, fd, gpa = guest, guest.fd, guest.gpa
+    pt = fd.create_nesting(gpa)
+    io.attach_ioasid(g.dev1.fd, pt, pasid=3)
+    g.mem.write(HOSTILE_PT, struct.pack("<Q", P | (1 << 3)) * HOSTILE_ENTRIES)
+    log = daemon_log()
+    before = len(log_lines(log))
+    fd.bind_pasid_table(pt, HOSTILE_PT, HOSTILE_ENTRIES)
+    written = log_lines(log)[before:]
+    print("\n".join(written))
+    assert len(written) <= 1, f"{len(written)} lines for one call"
+    assert g.shadow(pt)["pasid_bad"] == HOSTILE_ENTRIES
+    fd.unbind_pasid_table(pt)
+
+    # A loop of calls, each finding one bad entry.
+    fd.bind_pasid_table(pt, HOSTILE_PT, 16)
+    before = len(log_lines(log))
+    started = time.monotonic()
+    calls = 300
+    for _ in range(calls):
+        fd.invalidate_cache(pt, pasid_cache=True)
+    elapsed = time.monotonic() - started
+    written = log_lines(log)[before:]
+    assert len(written) <= 20 + 2 * elapsed + 2, f"{len(written)} lines for {calls} calls"
+
+    # The client's next line, once its budget refills, tells of the drops.
+    def told():
+        fd.invalidate_cache(pt, pasid_cache=True)
+        return any("earlier lines of this client dropped" in line
+                   for line in log_lines(log)[before:])
+    wait_for(told, "a line saying how many lines were dropped", timeout=30)
+    fd.unbind_pasid_table(pt)
+    io.detach_ioasid(g.dev1.fd, pt, pasid=3)
 
 
 def test_malformed_tables_are_counted_and_harmless(guest, nodes):

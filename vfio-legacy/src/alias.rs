@@ -147,6 +147,38 @@ struct Table {
     /// Bytes of address space of the idle entries.
     idle_bytes: u64,
     limits: IdleLimits,
+    /// Mappings taken out of the table and not yet unmapped: `munmap` of
+    /// a large populated mapping takes a while, so they are unmapped only
+    /// once the table is unlocked ([`TableGuard`]), never while another
+    /// client waits for the table.
+    doomed: Vec<SharedMapping>,
+}
+
+/// The locked table. Mappings removed while it was held are unmapped
+/// after it is unlocked.
+struct TableGuard<'a> {
+    table: Option<std::sync::MutexGuard<'a, Table>>,
+}
+
+impl std::ops::Deref for TableGuard<'_> {
+    type Target = Table;
+    fn deref(&self) -> &Table {
+        self.table.as_ref().expect("held until drop")
+    }
+}
+
+impl std::ops::DerefMut for TableGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Table {
+        self.table.as_mut().expect("held until drop")
+    }
+}
+
+impl Drop for TableGuard<'_> {
+    fn drop(&mut self) {
+        let doomed = self.table.as_mut().map(|t| std::mem::take(&mut t.doomed));
+        drop(self.table.take());
+        drop(doomed);
+    }
 }
 
 impl Table {
@@ -172,10 +204,11 @@ impl Table {
         addr
     }
 
-    /// Forget `key`'s mapping; dropping it unmaps it.
+    /// Forget `key`'s mapping; it is unmapped once the table is unlocked.
     fn remove(&mut self, key: &Key) {
         if let Some(entry) = self.entries.remove(key) {
             self.by_addr.remove(&entry.mapping.addr());
+            self.doomed.push(entry.mapping);
         }
     }
 
@@ -289,10 +322,12 @@ impl ClientMemory {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+    fn lock(&self) -> TableGuard<'_> {
         // A panic while holding the lock leaves the table consistent (every
         // change is a single insert/remove), so poisoning is ignored.
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
+        TableGuard {
+            table: Some(self.table.lock().unwrap_or_else(|p| p.into_inner())),
+        }
     }
 
     /// The areas of process `pid` covering `[start, end)`, as its maps
@@ -360,6 +395,8 @@ impl ClientMemory {
     fn try_alias(&self, pid: Pid, vaddr: u64, end: u64) -> std::result::Result<Alias, Attempt> {
         let areas = self.areas(pid, vaddr, end)?;
         for vma in &areas {
+            // The message tells the user what to do; the front end logs it,
+            // within the client's log budget.
             check_shareable(pid, vma)?;
         }
 
@@ -546,7 +583,8 @@ impl ClientMemory {
         table.idle.clear();
         table.idle_bytes = 0;
         table.by_addr.clear();
-        table.entries.clear();
+        let all: Vec<SharedMapping> = table.entries.drain().map(|(_, e)| e.mapping).collect();
+        table.doomed.extend(all);
     }
 
     /// How many daemon mappings exist, in use or idle.

@@ -194,7 +194,9 @@ fn transfer(
         return Err(call_failed(stopped, "connect", ret));
     }
     // Its connection is queued now; strangers who raced to our name are
-    // dropped (the abstract namespace is visible to every process).
+    // dropped (the abstract namespace is visible to every process), at
+    // most a backlog's worth, and told in one line.
+    let mut strangers = 0u32;
     let conn = loop {
         let (conn, _) = listener.accept().map_err(|e| {
             Error::io(
@@ -207,11 +209,14 @@ fn transfer(
         if cred.pid() == stopped.pid() {
             break conn;
         }
-        tracing::warn!(
-            pid = cred.pid(),
-            "a stranger connected to the fd-transfer socket; dropped"
-        );
+        strangers += 1;
     };
+    if strangers > 0 {
+        tracing::warn!(
+            strangers,
+            "processes other than the client connected to the fd-transfer socket; dropped"
+        );
+    }
     let fds = [container.as_raw_fd()];
     sendmsg::<()>(
         conn.as_fd().as_raw_fd(),

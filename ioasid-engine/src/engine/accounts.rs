@@ -5,7 +5,6 @@
 //! at its budget gets the errno itself and the others never notice.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 
@@ -132,10 +131,6 @@ pub(super) struct Account {
     pub(super) ioasids: usize,
     pub(super) mappings: usize,
     pub(super) aliases: usize,
-    /// When a refusal of this process was last logged, and how many were
-    /// not logged since.
-    logged: Option<Instant>,
-    quiet: u64,
 }
 
 impl Account {
@@ -156,9 +151,6 @@ pub(super) enum Item {
     Mappings,
     Aliases,
 }
-
-/// Refusals of one process are logged at most this often.
-const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Every client process's account.
 #[derive(Debug, Default)]
@@ -185,8 +177,8 @@ impl Accounts {
     }
 
     /// Take `n` of `item` for `pid`, or refuse with that budget's errno
-    /// and a message saying what to do (logged here, rate-limited per
-    /// process, since a client at its budget may ask again and again).
+    /// and a message saying what to do (the front end logs it, within the
+    /// client's log budget).
     pub(super) fn take(&mut self, pid: Pid, item: Item, n: usize) -> Result<(), Error> {
         let budgets = self.budgets;
         let a = self.get(pid);
@@ -229,27 +221,19 @@ impl Accounts {
             }
             return Ok(());
         }
-        let message = format!(
-            "process {pid} is at its budget of {max} {what} (it holds {have}); free some, or \
-             start the daemon with a larger {option}{}",
-            if item == Item::Aliases {
-                " (or register the memory once, or map larger buffers: each area of memory \
-                 mapped costs the daemon one of its vm.max_map_count)"
-            } else {
-                ""
-            }
-        );
-        let now = Instant::now();
-        if a.logged
-            .map_or(true, |t| now.duration_since(t) >= LOG_EVERY)
-        {
-            tracing::warn!(pid, refused_since_last_line = a.quiet, "{message}");
-            a.logged = Some(now);
-            a.quiet = 0;
-        } else {
-            a.quiet += 1;
-        }
-        Err(Error::new(errno, message))
+        Err(Error::new(
+            errno,
+            format!(
+                "process {pid} is at its budget of {max} {what} (it holds {have}); free some, or \
+                 start the daemon with a larger {option}{}",
+                if item == Item::Aliases {
+                    " (or register the memory once, or map larger buffers: each area of memory \
+                     mapped costs the daemon one of its vm.max_map_count)"
+                } else {
+                    ""
+                }
+            ),
+        ))
     }
 
     /// Give back `n` of `item` taken by `pid`.

@@ -51,7 +51,7 @@ impl Engine {
         format: u32,
         addr_width: u32,
         root: u64,
-    ) -> Result<(), Error> {
+    ) -> Result<WalkReport, Error> {
         self.with_context(ctx, |c| {
             self.usable(c, ioasid)?;
             let parent = child_parent(c, ioasid)?;
@@ -96,7 +96,8 @@ impl Engine {
                 pgtable::INPUT_END,
                 &mut budget,
             );
-            log_walk(ioasid, None, &stats);
+            let mut report = WalkReport::default();
+            report.add(&stats);
             c.ioasid_mut(ioasid)?.pgtable = Some(BoundPgtable {
                 root,
                 leaves: found.into_iter().collect(),
@@ -109,7 +110,7 @@ impl Engine {
                 c.ioasid_mut(ioasid)?.pgtable = None;
                 return Err(e);
             }
-            Ok(())
+            Ok(report)
         })
     }
 
@@ -150,7 +151,7 @@ impl Engine {
         format: u32,
         table: u64,
         entries: u32,
-    ) -> Result<(), Error> {
+    ) -> Result<WalkReport, Error> {
         self.with_context(ctx, |c| {
             self.usable(c, ioasid)?;
             let parent = child_parent(c, ioasid)?;
@@ -199,9 +200,10 @@ impl Engine {
                 entries,
                 pasids: BTreeMap::new(),
             };
-            self.reread_pasids(ioasid, &view, &mut bound, 0..entries);
+            let mut report = WalkReport::default();
+            self.reread_pasids(&view, &mut bound, 0..entries, &mut report);
             c.ioasid_mut(ioasid)?.pasid_table = Some(bound);
-            Ok(())
+            Ok(report)
         })
     }
 
@@ -239,7 +241,7 @@ impl Engine {
         ctx: ContextId,
         ioasid: IoasidId,
         inv: Invalidation,
-    ) -> Result<(), Error> {
+    ) -> Result<WalkReport, Error> {
         self.with_context(ctx, |c| {
             self.usable(c, ioasid)?;
             let (start, end) = match inv.range {
@@ -302,11 +304,12 @@ impl Engine {
                 Some(p) => p..p + 1,
                 None => 0..pt.entries,
             };
+            let mut report = WalkReport::default();
             if inv.pasid_cache {
-                self.reread_pasids(ioasid, &view, &mut pt, which);
+                self.reread_pasids(&view, &mut pt, which, &mut report);
             } else {
                 let mut budget = self.walk_limit.load(Ordering::Relaxed);
-                for (&p, state) in pt.pasids.range_mut(which) {
+                for state in pt.pasids.range_mut(which).map(|(_, s)| s) {
                     if let PasidState::Walked {
                         leaves,
                         root,
@@ -320,14 +323,14 @@ impl Engine {
                             end,
                             &mut budget,
                         );
-                        log_walk(ioasid, Some(p), &s);
+                        report.add(&s);
                         *stats = s;
                         merge_leaves(leaves, start, end, found, inv.range.is_none());
                     }
                 }
             }
             c.ioasid_mut(ioasid)?.pasid_table = Some(pt);
-            Ok(())
+            Ok(report)
         })
     }
 
@@ -338,7 +341,7 @@ impl Engine {
         view: &ParentView,
         start: u64,
         end: u64,
-    ) -> Result<(), Error> {
+    ) -> Result<WalkReport, Error> {
         let root = c.ioasid(ioasid)?.pgtable.as_ref().expect("checked").root;
         let mut budget = self.walk_limit.load(Ordering::Relaxed);
         let (found, stats) = pgtable::walk(
@@ -348,7 +351,8 @@ impl Engine {
             end,
             &mut budget,
         );
-        log_walk(ioasid, None, &stats);
+        let mut report = WalkReport::default();
+        report.add(&stats);
         let whole = start == 0 && end >= pgtable::INPUT_END;
         let ranges = known_ranges(c.ioasid(ioasid)?);
         // Only the shadow of the leaves taken out and put in changes.
@@ -374,7 +378,7 @@ impl Engine {
                 t.last_walk = stats;
                 t.malformed += stats.malformed;
                 t.walks += 1;
-                Ok(())
+                Ok(report)
             }
             Err(e) => {
                 let t = c.ioasid_mut(ioasid)?.pgtable.as_mut().expect("checked");
@@ -391,10 +395,10 @@ impl Engine {
     /// name, with one budget.
     pub(super) fn reread_pasids(
         &self,
-        ioasid: IoasidId,
         view: &ParentView,
         pt: &mut BoundPasidTable,
         which: std::ops::Range<u32>,
+        report: &mut WalkReport,
     ) {
         let mut budget = self.walk_limit.load(Ordering::Relaxed);
         let mut chunk: Option<(u64, Option<[u64; pgtable::ENTRIES]>)> = None;
@@ -420,7 +424,7 @@ impl Engine {
                         pgtable::INPUT_END,
                         &mut budget,
                     );
-                    log_walk(ioasid, Some(p), &stats);
+                    report.add(&stats);
                     Some(PasidState::Walked {
                         leaves: found.into_iter().collect(),
                         root,
@@ -431,11 +435,7 @@ impl Engine {
             match state {
                 Some(s) => {
                     if matches!(s, PasidState::Bad | PasidState::Unreadable) {
-                        tracing::info!(
-                            ioasid,
-                            pasid = p,
-                            "PASID-table entry is malformed or unreadable: treated as not present"
-                        );
+                        report.bad_entries += 1;
                     }
                     pt.pasids.insert(p, s);
                 }
@@ -506,18 +506,6 @@ pub(super) fn merge_leaves(
     }
     leaves.extend(found);
     killed
-}
-
-pub(super) fn log_walk(ioasid: IoasidId, pasid: Option<u32>, stats: &WalkStats) {
-    if stats.malformed > 0 {
-        tracing::info!(
-            ioasid,
-            pasid,
-            malformed = stats.malformed,
-            truncated = stats.truncated,
-            "page-table walk skipped malformed entries (their ranges stay untranslated)"
-        );
-    }
 }
 
 pub(super) fn pasid_status(t: &BoundPasidTable) -> PasidTableStatus {

@@ -79,6 +79,55 @@ pub struct PgtableStatus {
     pub walks: u64,
 }
 
+/// What the table walks of one call found wrong, for the one log line a
+/// call may write (the same counts reach the client through
+/// [`IoasidInfo`]). A client's table may be garbage on purpose: the front
+/// end logs this summary, within the client's log budget, rather than a
+/// line per entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct WalkReport {
+    /// Page tables walked.
+    pub walks: u64,
+    /// Entries skipped as malformed, over all the walks.
+    pub malformed: u64,
+    /// A walk ran out of its budget.
+    pub truncated: bool,
+    /// PASID-table entries that were malformed, or unreadable.
+    pub bad_entries: u64,
+}
+
+impl WalkReport {
+    /// Count one walk.
+    pub(crate) fn add(&mut self, stats: &crate::pgtable::WalkStats) {
+        self.walks += 1;
+        self.malformed += stats.malformed;
+        self.truncated |= stats.truncated;
+    }
+
+    /// Whether nothing was wrong.
+    pub fn is_clean(&self) -> bool {
+        self.malformed == 0 && self.bad_entries == 0 && !self.truncated
+    }
+}
+
+impl std::fmt::Display for WalkReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} page-table walk(s) skipped {} malformed entr(ies){}; {} PASID-table entr(ies) \
+             malformed or unreadable; what they name stays untranslated",
+            self.walks,
+            self.malformed,
+            if self.truncated {
+                " and ran out of their budget"
+            } else {
+                ""
+            },
+            self.bad_entries
+        )
+    }
+}
+
 /// A PASID table bound to a child IOASID, as last read. PASID DMA is not
 /// routed: these tables are read and walked, not realised.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
