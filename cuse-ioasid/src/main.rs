@@ -40,9 +40,9 @@ use service::{LogFormat, NodeAccess};
 file or MAP_SHARED|MAP_ANONYMOUS) is reached through /proc/PID/map_files and pinned by the \
 daemon. Private memory (the heap, stacks, MAP_PRIVATE) is pinned by the client's own thread: \
 the daemon stops it with ptrace on its way out of the ioctl and has it issue the VFIO map \
-itself (a client under a debugger, Yama scope 3, an LSM or a seccomp filter gets EFAULT, and \
-a daemon killed in the middle of it kills that client); --no-private-memory refuses private \
-memory with EFAULT instead. Pinned memory is charged to the client's RLIMIT_MEMLOCK, once per \
+itself (a client under a debugger, Yama scope 3, an LSM or a seccomp filter, or in another \
+network namespace, gets EFAULT, and a daemon killed in the middle of it kills that client); \
+--no-private-memory refuses private memory with EFAULT instead. Pinned memory is charged to the client's RLIMIT_MEMLOCK, once per \
 process, together with what the kernel charges it (VmLck).\n\nThe uAPI (ioctl numbers, structs, errnos) is the C header \
 uapi/include/linux/ioasid.h of the cuse-ioasid sources, explained in docs/uapi.md there."
 )]
@@ -88,9 +88,9 @@ struct Args {
     #[arg(long)]
     no_private_memory: bool,
 
-    /// How long the daemon waits for a client thread to stop on its way
-    /// out of an ioctl before it gives up on pinning its private memory
-    /// (the client then sees EFAULT).
+    /// Bound on pinning a client's private memory by its own thread, from
+    /// the reply until the thread is put back; past it the map is given up
+    /// (the client sees EFAULT).
     #[arg(long, default_value_t = 5000, value_name = "MS")]
     inject_timeout_ms: u64,
 

@@ -112,6 +112,15 @@ def test_a_client_under_a_seccomp_filter_is_refused_with_efault(daemon):
     assert "runs under seccomp (filter)" in daemon.log()
 
 
+def test_a_client_in_another_network_namespace_is_refused_with_efault(daemon):
+    """Its thread cannot reach the daemon's abstract socket to receive the
+    container: EFAULT, and the log says why (a daemon in a systemd unit
+    with PrivateNetwork= would refuse every client so)."""
+    assert_pass(client(daemon, "refused", "unshare", "--net"), "refused", daemon)
+    assert "another network namespace" in daemon.log()
+    assert_pass(client(daemon, "malloc"), "malloc", daemon)
+
+
 def daemon_threads_state(pid: int) -> list[str]:
     states = []
     for task in Path(f"/proc/{pid}/task").iterdir():

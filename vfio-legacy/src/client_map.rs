@@ -191,7 +191,22 @@ fn transfer(
         &[sock, sun_addr, sun_len as u64],
     )?;
     if ret < 0 {
-        return Err(call_failed(stopped, "connect", ret));
+        let failed = call_failed(stopped, "connect", ret);
+        if failed.errno != Errno::ECONNREFUSED {
+            return Err(failed);
+        }
+        // The name is bound: the client cannot see it.
+        return Err(Error::new(
+            Errno::EFAULT,
+            format!(
+                "{}: the client runs in another network namespace than the daemon (abstract \
+                 Unix sockets, over which its thread receives the VFIO container, do not cross \
+                 them; a systemd unit with PrivateNetwork= does this), so its private memory \
+                 cannot be pinned; use shared memory (memfd, shm, MAP_SHARED) or run both in \
+                 one network namespace",
+                failed.message
+            ),
+        ));
     }
     // Its connection is queued now; strangers who raced to our name are
     // dropped (the abstract namespace is visible to every process), at
