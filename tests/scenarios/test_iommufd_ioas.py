@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from conftest import iommufd_module_marks
+from harness import caps
 from harness import iommufd as fd_abi
 from harness.daemon import daemon_pids, errno_of
 from harness.ioasid import ioctl_struct
@@ -411,19 +412,9 @@ def test_map_file_of_a_memfd(iommu):
 
 
 def _set_rlimit_mode_without_cap_sys_resource(q):
-    """In a child: drop CAP_SYS_RESOURCE (24) from the effective set, then
-    try RLIMIT_MODE SET on a fresh file."""
-    class Header(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-    class Data(ctypes.Structure):
-        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                    ("inheritable", ctypes.c_uint32)]
-
-    hdr, data = Header(0x20080522, 0), (Data * 2)()
-    assert libc.capget(ctypes.byref(hdr), data) == 0
-    data[0].effective &= ~(1 << 24)
-    assert libc.capset(ctypes.byref(hdr), data) == 0
+    """In a child: drop CAP_SYS_RESOURCE from the effective set, then try
+    RLIMIT_MODE SET on a fresh file."""
+    caps.drop_effective(caps.CAP_SYS_RESOURCE)
     with Iommufd() as f:
         get = f.option(fd_abi.IOMMU_OPTION_RLIMIT_MODE, fd_abi.IOMMU_OPTION_OP_GET)
         q.put((get, errno_of(f.option, fd_abi.IOMMU_OPTION_RLIMIT_MODE,

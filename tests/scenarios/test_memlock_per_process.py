@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 
 from conftest import needs_vm
+from harness import caps
 from harness import ioasid as io
 from harness.daemon import ALONE_1, ALONE_2, LENGTH, Node, errno_of
 from harness.vfio import DmaBuffer
@@ -31,25 +32,8 @@ pytestmark = needs_vm
 KIB = 1024
 PAGE = 4 * KIB
 LIMIT = 256 * KIB
-CAP_IPC_LOCK = 14
 
 libc = ctypes.CDLL(None, use_errno=True)
-
-
-def drop_cap_ipc_lock():
-    """Take CAP_IPC_LOCK out of this process's effective set (type1 and
-    the daemon then check its RLIMIT_MEMLOCK)."""
-    class Header(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-    class Data(ctypes.Structure):
-        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                    ("inheritable", ctypes.c_uint32)]
-
-    hdr, data = Header(0x20080522, 0), (Data * 2)()
-    assert libc.capget(ctypes.byref(hdr), data) == 0
-    data[0].effective &= ~(1 << CAP_IPC_LOCK)
-    assert libc.capset(ctypes.byref(hdr), data) == 0
 
 
 def vm_lck() -> int:
@@ -76,7 +60,7 @@ def client(nodes, q):
 
 
 def steps_of_client(nodes):
-    drop_cap_ipc_lock()
+    caps.drop_effective(caps.CAP_IPC_LOCK)
     resource.setrlimit(resource.RLIMIT_MEMLOCK, (LIMIT, LIMIT))
     steps = []
 
