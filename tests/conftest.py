@@ -1,17 +1,20 @@
-"""Shared pytest set-up: makes ``harness`` importable and offers fixtures
-for the test VM's devices. Tests that need VFIO skip outside the VM."""
+"""Shared pytest set-up: makes ``harness`` (the project's own test helpers)
+and ``cuse_ioasid`` (the Python client, python/cuse_ioasid) importable and
+offers fixtures for the test VM's devices. Tests that need VFIO skip outside
+the VM."""
 
 from __future__ import annotations
 
+import faulthandler
+import importlib.metadata
+import importlib.util
 import os
-import re
-import signal
-import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
+from _pytest.faulthandler import fault_handler_stderr_key
 
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
@@ -19,14 +22,58 @@ if str(TESTS) not in sys.path:
 
 REPO = TESTS.parent
 
+
+def _plugin_installed() -> bool:
+    return any(ep.value == "cuse_ioasid.pytest_plugin"
+               for ep in importlib.metadata.entry_points(group="pytest11"))
+
+
+# The Python client and its pytest plugin: installed (scripts/python-client;
+# pytest loaded the plugin through its entry point), or else the source
+# tree's, registered here (`/usr/bin/python3 -m pytest ...`).
+if not _plugin_installed():
+    if importlib.util.find_spec("cuse_ioasid") is None:
+        sys.path.insert(0, str(REPO / "python"))
+    pytest_plugins = ["cuse_ioasid.pytest_plugin"]
+
 from harness import vm_guard  # noqa: E402
-from harness.daemon import ALL_EDU, DAEMON, daemon_pids, wait_for  # noqa: E402
+from harness.daemon import ALL_EDU, wait_for  # noqa: E402
 
 # --require-vm: a scenario that skips for lack of the VM or the daemon fails
 # (scripts/test's VM stages; tests/harness/vm_guard.py).
 pytest_addoption = vm_guard.pytest_addoption
 pytest_sessionstart = vm_guard.pytest_sessionstart
 pytest_runtest_makereport = vm_guard.pytest_runtest_makereport
+
+
+# A scenario that hangs must fail the stage with the place it hangs, not
+# run into scripts/vm's timeout with nothing said: past this many seconds
+# for one test (its set-up, call and tear-down), every thread's Python
+# traceback goes to the terminal, then a line naming the test, and pytest
+# exits with status 1.
+TEST_WATCHDOG_SECONDS = float(os.environ.get("TEST_WATCHDOG_SECONDS", "900"))
+
+
+def _watchdog_fired(out, nodeid: str) -> None:
+    faulthandler.dump_traceback(file=out, all_threads=True)
+    out.write(f"\nWATCHDOG: {nodeid} ran past {TEST_WATCHDOG_SECONDS:.0f} s "
+              "(TEST_WATCHDOG_SECONDS); the tracebacks above show where it hangs\n")
+    out.flush()
+    os._exit(1)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    # The terminal's stderr, which pytest's own faulthandler plugin keeps
+    # (fd 2 itself is captured while a test runs).
+    out = item.config.stash.get(fault_handler_stderr_key, None) or sys.__stderr__
+    timer = threading.Timer(TEST_WATCHDOG_SECONDS, _watchdog_fired, (out, item.nodeid))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def in_test_vm() -> bool:
@@ -43,8 +90,8 @@ def repo() -> Path:
 
 @pytest.fixture(scope="session")
 def topology():
-    """The edu devices of the VM (harness.topology.Topology)."""
-    from harness import topology
+    """The edu devices of the VM (cuse_ioasid.topology.Topology)."""
+    from cuse_ioasid import topology
 
     if not in_test_vm():
         pytest.skip("needs the test VM: run under scripts/vm")
@@ -64,61 +111,30 @@ def scratch() -> Path:
 # The daemon, for the scenarios that talk to it.
 #
 # A module that needs the daemon asks for `daemon` (its pid) or `nodes` (PCI
-# address -> device node), or says `pytest.mark.usefixtures("daemon")`. If
-# scripts/vm --daemon already started one, the fixture uses it; otherwise it
-# starts target/debug/cuse-ioasid (or $CUSE_IOASID_DAEMON, as scripts/vm
-# does) for the module and, at the end of the module, stops it with SIGTERM
-# and asserts that it exited 0. Starting it per module frees the IOMMU
+# address -> device node), or says `pytest.mark.usefixtures("daemon")`; both
+# come from the plugin's `ioasid_daemon` (python/cuse_ioasid/pytest_plugin.py).
+# If scripts/vm --daemon already started one, it is used; otherwise
+# target/debug/cuse-ioasid (tests/pytest.ini; $CUSE_IOASID_DAEMON, as
+# scripts/vm takes it, overrides) is started for the module and, at the end
+# of the module, stopped with SIGTERM, and must exit 0. Starting it per module frees the IOMMU
 # groups between modules, so the legacy VFIO scenarios (which need the
 # groups) run in the same VM boot.
 # ---------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def daemon(request):
-    """The pid of the running daemon (see the module docstring)."""
-    running = daemon_pids()
-    if os.path.exists("/dev/ioasid") and running:
-        yield running[0]
-        return
-    if not DAEMON.exists():
-        pytest.fail(f"{DAEMON} missing: run `cargo build --workspace --bins` on the host")
-    name = Path(request.module.__file__).stem
-    log_path = Path(os.environ["VM_SCRATCH"]) / f"daemon-{name}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([str(DAEMON)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not os.path.exists("/dev/ioasid"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"the daemon did not create /dev/ioasid (status {proc.returncode}); "
-                        f"its log: {log_path}")
-        time.sleep(0.1)
-    try:
-        yield proc.pid
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=60)
-        assert code == 0, f"the daemon exited with {code} on SIGTERM; its log: {log_path}"
+def daemon(ioasid_daemon) -> int:
+    """The pid of the running daemon (the plugin's ``ioasid_daemon``)."""
+    return ioasid_daemon.pid
 
 
 @pytest.fixture(scope="module")
-def nodes(daemon) -> dict[str, str]:
-    """PCI address -> device node, as `cuse-ioasid --list` prints them; waits
-    until every node exists (the daemon registers /dev/ioasid first)."""
-    out = subprocess.run([str(DAEMON), "--list"], capture_output=True, text=True,
-                         check=True, timeout=60).stdout
-    found = {}
-    for line in out.splitlines():
-        m = re.match(r"(/dev/\S+)\s+([0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7])\s", line)
-        if m:
-            found[m.group(2)] = m.group(1)
+def nodes(ioasid_daemon) -> dict[str, str]:
+    """PCI address -> device node, as `cuse-ioasid --list` prints them
+    (every node exists)."""
     for bdf in ALL_EDU:
-        assert bdf in found, f"{bdf} missing from `cuse-ioasid --list`:\n{out}"
-    wait_for(lambda: all(os.path.exists(n) for n in found.values()),
-             f"the daemon did not create every node of `cuse-ioasid --list`:\n{out}")
-    return found
+        assert bdf in ioasid_daemon.nodes, f"{bdf} missing from `cuse-ioasid --list`"
+    return ioasid_daemon.nodes
 
 
 # ---------------------------------------------------------------------------
@@ -138,7 +154,7 @@ def nodes(daemon) -> dict[str, str]:
 # CUSE_IOASID_IOMMUFD=0 forces the undeclared mode.
 # ---------------------------------------------------------------------------
 
-IOMMUFD_FRONT_END = False
+IOMMUFD_FRONT_END = True
 
 
 def iommufd_declared() -> bool:
@@ -170,7 +186,7 @@ def iommufd_nodes(nodes) -> dict[str, str]:
     """PCI address -> /dev/vfio/devices/vfioN of every edu device, N the
     kernel's own index (sysfs vfio-dev/vfioN); checks /dev/iommu too. Waits
     for them once declared; raises IommufdMissing otherwise."""
-    from harness.iommufd import cdev_path
+    from cuse_ioasid.iommufd import cdev_path
 
     wanted = {bdf: cdev_path(bdf) for bdf in ALL_EDU}
     paths = ["/dev/iommu", *wanted.values()]

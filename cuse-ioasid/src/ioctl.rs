@@ -174,10 +174,7 @@ pub fn dispatch(
         );
         return Err(Errno::ENOTTY);
     }
-    table.call(op, engine, caller, ctx.0, arg).map_err(|e| {
-        log::refusal(Client::Context(ctx.0), table.node, op.name, &e);
-        e.errno
-    })
+    table.call_logged(op, engine, caller, ctx.0, arg)
 }
 
 fn ctx(u: &Ucmd<'_>) -> ContextId {

@@ -1,5 +1,7 @@
-//! The cuse-ioasid daemon: /dev/ioasid and the device nodes, served from user space over CUSE.
+//! The cuse-ioasid daemon: /dev/ioasid, /dev/iommu and the device nodes, served from user space over CUSE.
 
 mod info;
 pub mod ioctl;
+pub mod iommufd;
 pub mod node;
+pub mod status;

@@ -1,11 +1,15 @@
-//! `cuse-ioasid`: serve the 2021 `/dev/ioasid` uAPI proposal from user space.
+//! `cuse-ioasid`: serve the 2021 `/dev/ioasid` uAPI proposal and the
+//! kernel's iommufd uAPI from user space.
 //!
-//! Registers `/dev/ioasid` and one `/dev/vfio/devices/devN` per VFIO device
-//! with CUSE and realises the I/O address spaces on legacy VFIO containers.
+//! Registers `/dev/ioasid`, `/dev/iommu`, and per VFIO device
+//! `/dev/vfio/devices/devN` (the RFC's dialect) and
+//! `/dev/vfio/devices/vfioN` (iommufd's, N the kernel's own index) with
+//! CUSE, and realises the I/O address spaces on legacy VFIO containers.
 
 mod service;
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -16,21 +20,32 @@ use ioasid_engine::{Budgets, DeviceId, DeviceSpec, Engine};
 use nix::sys::signal::{SigSet, Signal};
 use vfio_legacy::{PciDevice, Sysfs, VfioLegacy};
 
+use cuse_ioasid::iommufd::IommufdNode;
 use cuse_ioasid::node::IoasidNode;
+use cuse_ioasid::status::{self, ServedDevice, StatusSocket, Wiring, DEFAULT_SOCKET};
 use sd_notify::NotifyState;
 use service::{LogFormat, NodeAccess};
 
-/// Serve /dev/ioasid and /dev/vfio/devices/devN over CUSE, on top of the
-/// legacy VFIO container/group interface.
+/// Serve /dev/ioasid and /dev/vfio/devices/devN (the 2021 /dev/ioasid
+/// proposal), and /dev/iommu and /dev/vfio/devices/vfioN (the kernel's
+/// iommufd uAPI of Linux 7.1), over CUSE, on top of the legacy VFIO
+/// container/group interface.
 ///
 /// Needs root, the `cuse` module and devices bound to `vfio-pci`. Every
-/// device bound to vfio-pci is served unless --device names some; the nodes
-/// are numbered dev1, dev2, ... in PCI address order. `--list` prints which
-/// node is which device; the daemon also logs the table at start. Stop it
+/// device bound to vfio-pci is served unless --device names some. Each
+/// device gets two nodes, one per dialect: devN, numbered dev1, dev2, ...
+/// in PCI address order, and vfioN, with the kernel's own N (the name in
+/// /sys/bus/pci/devices/BDF/vfio-dev/), so that tools written for iommufd
+/// find it. A device bound through one is busy for the other. `--list`
+/// prints which node is which device; the daemon also logs the table at
+/// start. Stop it
 /// with SIGTERM or SIGINT: the nodes disappear and clients get ENODEV.
 ///
 /// Under systemd (Type=notify) it sends READY=1 once every node exists and
 /// STOPPING=1 when it receives a stop signal.
+///
+/// `cuse-ioasid status` asks the running daemon what it holds: clients,
+/// their files, IOASIDs, mappings, pinned memory, bound devices, counters.
 #[derive(Parser, Debug)]
 #[command(
     version,
@@ -42,9 +57,12 @@ daemon. Private memory (the heap, stacks, MAP_PRIVATE) is pinned by the client's
 the daemon stops it with ptrace on its way out of the ioctl and has it issue the VFIO map \
 itself (a client under a debugger, Yama scope 3, an LSM or a seccomp filter, or in another \
 network namespace, gets EFAULT, and a daemon killed in the middle of it kills that client); \
---no-private-memory refuses private memory with EFAULT instead. Pinned memory is charged to the client's RLIMIT_MEMLOCK, once per \
-process, together with what the kernel charges it (VmLck).\n\nThe uAPI (ioctl numbers, structs, errnos) is the C header \
-uapi/include/linux/ioasid.h of the cuse-ioasid sources, explained in docs/uapi.md there."
+--no-private-memory refuses private memory with EFAULT instead. Pinned memory is charged to \
+the client's RLIMIT_MEMLOCK, once per process, together with what the kernel charges it \
+(VmLck).\n\nThe RFC's uAPI (ioctl numbers, structs, errnos) is the C header \
+uapi/include/linux/ioasid.h of the cuse-ioasid sources; the iommufd uAPI is the kernel's \
+<linux/iommufd.h> (Linux 7.1) and the cdev part of <linux/vfio.h>. Both are explained, with \
+every difference from the kernel, in docs/uapi.md there."
 )]
 struct Args {
     /// Serve only this device (PCI address such as 0000:00:03.0);
@@ -60,6 +78,11 @@ struct Args {
     /// Name of the ioasid node under /dev.
     #[arg(long, default_value = "ioasid", value_name = "NAME")]
     ioasid_name: String,
+
+    /// Name of the iommufd node under /dev; the VFIO cdevs are
+    /// /dev/vfio/devices/vfioN, the kernel's names.
+    #[arg(long, default_value = "iommu", value_name = "NAME")]
+    iommu_name: String,
 
     /// Device nodes are named PREFIX1, PREFIX2, ... under /dev.
     #[arg(long, default_value = "vfio/devices/dev", value_name = "PREFIX")]
@@ -117,6 +140,37 @@ struct Args {
     /// How log lines are written to stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Auto, value_name = "FORMAT")]
     log_format: LogFormat,
+
+    /// The status socket: the daemon answers `cuse-ioasid status` there
+    /// (root's, mode 0600; with --node-group the group's, mode 0660).
+    #[arg(long, global = true, default_value = DEFAULT_SOCKET, value_name = "PATH")]
+    status_socket: PathBuf,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Ask the running daemon what it holds, and print it.
+    ///
+    /// For each client process (pid, command name, RLIMIT_MEMLOCK): its
+    /// open files; for an ioasid file its IOASIDs (mappings, bytes, attached
+    /// devices, the IOMMU groups whose domain holds them), the bytes it
+    /// pins and its bound devices. Then every device served (node, PCI
+    /// address, IOMMU group, which file it is bound to), the daemon's
+    /// requests per command, errors per errno, page-table walks and
+    /// malformed tables, and the CUSE server's threads and calls per node.
+    ///
+    /// The daemon answers without waiting for any client's call: a file
+    /// whose call is still running (a large map, a table walk) is shown
+    /// busy, with the figures it had at its last look. Needs access to the
+    /// status socket: root, or a member of the daemon's --node-group.
+    Status {
+        /// Print the daemon's answer as JSON (the same content).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -157,24 +211,30 @@ fn select_devices(args: &Args) -> Result<Vec<PciDevice>> {
 }
 
 fn run(args: Args) -> Result<()> {
+    if let Some(Command::Status { json }) = args.command {
+        print!("{}", status::show(&args.status_socket, json)?);
+        return Ok(());
+    }
     let access = NodeAccess::new(args.node_group.as_deref(), args.node_mode)?;
     let devices = select_devices(&args)?;
     let nodes: Vec<String> = (1..=devices.len())
         .map(|n| format!("{}{n}", args.node_prefix))
         .collect();
+    let cdev_name = |d: &PciDevice| d.vfio_dev.as_ref().map(|n| format!("vfio/devices/{n}"));
     if args.list {
         println!(
-            "{:<24} {:<14} {:>5}  vendor:device",
-            "node", "PCI address", "group"
+            "{:<24} {:<14} {:>5}  {:<13}  iommufd cdev (with /dev/{})",
+            "node", "PCI address", "group", "vendor:device", args.iommu_name
         );
         for (node, d) in nodes.iter().zip(&devices) {
             println!(
-                "{:<24} {:<14} {:>5}  {:04x}:{:04x}",
+                "{:<24} {:<14} {:>5}  {:04x}:{:04x}      {}",
                 format!("/dev/{node}"),
                 d.bdf,
                 d.group,
                 d.vendor,
-                d.device
+                d.device,
+                cdev_name(d).map_or("-".to_string(), |n| format!("/dev/{n}"))
             );
         }
         return Ok(());
@@ -230,16 +290,20 @@ fn run(args: Args) -> Result<()> {
     let node_config =
         |name: &str| DeviceConfig::new(name).keep_thread_while(syscall_inject::still_tracing);
 
-    let server = Server::new().context("starting the CUSE server")?;
+    let server = Arc::new(Server::new().context("starting the CUSE server")?);
+    let wiring = Wiring::default();
     let device_nodes = Arc::new(DeviceNodes::new(engine.clone(), backend.clone()));
     let hook_nodes = device_nodes.clone();
     let ioasid = server
         .register(
             node_config(&args.ioasid_name),
-            Arc::new(IoasidNode::new(
-                engine.clone(),
-                Box::new(move |closed| hook_nodes.on_context_closed(closed)),
-            )),
+            wiring.ioasid_node(
+                Arc::new(IoasidNode::new(
+                    engine.clone(),
+                    Box::new(move |closed| hook_nodes.on_context_closed(closed)),
+                )),
+                &format!("/dev/{}", args.ioasid_name),
+            ),
         )
         .with_context(|| {
             format!(
@@ -253,12 +317,41 @@ fn run(args: Args) -> Result<()> {
     device_nodes
         .set_ioasid_device(ioasid.dev)
         .map_err(|dev| anyhow::anyhow!("the ioasid device number was already set to {dev}"))?;
+
+    let ats = specs
+        .iter()
+        .zip(&devices)
+        .filter(|(_, d)| d.ats)
+        .map(|(s, _)| s.id)
+        .collect();
+    let hook_nodes = device_nodes.clone();
+    let iommu = server
+        .register(
+            node_config(&args.iommu_name),
+            wiring.iommufd_node(
+                Arc::new(IommufdNode::new(
+                    engine.clone(),
+                    ats,
+                    Box::new(move |closed| hook_nodes.on_context_closed(closed)),
+                )),
+                &format!("/dev/{}", args.iommu_name),
+            ),
+        )
+        .with_context(|| format!("registering /dev/{}", args.iommu_name))?;
+    access.apply(&iommu.path)?;
+    tracing::info!(node = %iommu.path.display(), dev = %iommu.dev, "serving (iommufd)");
+    device_nodes
+        .set_iommufd_device(iommu.dev)
+        .map_err(|dev| anyhow::anyhow!("the iommufd device number was already set to {dev}"))?;
     for ((name, spec), dev) in nodes.iter().zip(&specs).zip(&devices) {
         let node = device_nodes
             .node(spec.id)
             .map_err(|e| anyhow::anyhow!("device node for {}: {e}", dev.bdf))?;
         let info = server
-            .register(node_config(name), node)
+            .register(
+                node_config(name),
+                wiring.device_node(node, &format!("/dev/{name}"), &dev.bdf),
+            )
             .with_context(|| format!("registering /dev/{name} for {}", dev.bdf))?;
         access.apply(&info.path)?;
         tracing::info!(
@@ -269,13 +362,52 @@ fn run(args: Args) -> Result<()> {
             dev.vendor,
             dev.device
         );
+        let Some(cdev) = cdev_name(dev) else {
+            tracing::warn!(
+                device = %dev.bdf,
+                "no /sys/bus/pci/devices/{}/vfio-dev entry: no iommufd cdev for it",
+                dev.bdf
+            );
+            continue;
+        };
+        let node = device_nodes
+            .cdev(spec.id, dev.sriov)
+            .map_err(|e| anyhow::anyhow!("cdev node for {}: {e}", dev.bdf))?;
+        let info = server
+            .register(
+                node_config(&cdev),
+                wiring.cdev_node(node, &format!("/dev/{cdev}"), &dev.bdf),
+            )
+            .with_context(|| format!("registering /dev/{cdev} for {}", dev.bdf))?;
+        access.apply(&info.path)?;
+        tracing::info!(node = %info.path.display(), device = %dev.bdf, "serving (iommufd cdev)");
     }
+
+    let served = nodes
+        .iter()
+        .zip(&specs)
+        .map(|(name, spec)| ServedDevice {
+            id: spec.id,
+            pci: spec.name.clone(),
+            node: format!("/dev/{name}"),
+            group: spec.group,
+        })
+        .collect();
+    let mut status_socket = StatusSocket::bind(&args.status_socket, access.group)?;
+    status_socket.serve(Arc::new(wiring.sources(
+        engine.clone(),
+        backend.clone(),
+        served,
+        server.clone(),
+    )))?;
+    tracing::info!(socket = %status_socket.path().display(), "answering `cuse-ioasid status`");
 
     service::notify(&[
         NotifyState::Ready,
         NotifyState::Status(&format!(
-            "serving /dev/{} and {} device node(s)",
+            "serving /dev/{}, /dev/{} and {} device(s)",
             args.ioasid_name,
+            args.iommu_name,
             devices.len()
         )),
     ]);
@@ -298,6 +430,7 @@ fn run(args: Args) -> Result<()> {
         .context("starting the signal thread")?;
 
     server.wait();
+    drop(status_socket);
     tracing::info!("stopped");
     Ok(())
 }
@@ -307,18 +440,15 @@ mod tests {
     use super::Args;
     use clap::CommandFactory;
 
-    /// The man page `docs/man/cuse-ioasid.8` is rendered from the same
-    /// definitions as `--help`, so the two cannot drift apart. Run with
-    /// `UPDATE_MAN=1` to rewrite it after changing an option.
-    #[test]
-    fn man_page_matches_the_options() {
+    /// `page` must be `docs/man/NAME.8` (rewritten with `UPDATE_MAN=1`).
+    fn check_page(cmd: clap::Command, name: &'static str) {
         let mut page = Vec::new();
-        clap_mangen::Man::new(Args::command().name("cuse-ioasid"))
+        clap_mangen::Man::new(cmd.name(name))
             .section("8")
             .render(&mut page)
             .expect("render the man page");
         let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/man/cuse-ioasid.8");
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../docs/man/{name}.8"));
         if std::env::var_os("UPDATE_MAN").is_some() {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(&path, &page).unwrap();
@@ -329,5 +459,21 @@ mod tests {
             "{} is out of date: run `UPDATE_MAN=1 cargo test -p cuse-ioasid man_page`",
             path.display()
         );
+    }
+
+    /// The man pages `docs/man/cuse-ioasid.8` and `cuse-ioasid-status.8`
+    /// are rendered from the same definitions as `--help` and `status
+    /// --help`, so they cannot drift apart. Run with `UPDATE_MAN=1` to
+    /// rewrite them after changing an option.
+    #[test]
+    fn man_page_matches_the_options() {
+        let mut cmd = Args::command().name("cuse-ioasid");
+        cmd.build();
+        let status = cmd
+            .find_subcommand("status")
+            .expect("the status subcommand")
+            .clone();
+        check_page(cmd, "cuse-ioasid");
+        check_page(status, "cuse-ioasid-status");
     }
 }

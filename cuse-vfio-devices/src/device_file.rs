@@ -49,9 +49,19 @@ pub trait ContextLookup: Send + Sync {
 /// `IOASID_DAEMON_IDENTIFY`, which travels through the kernel back into
 /// the daemon's `/dev/ioasid` node and is answered with the context id
 /// (to the daemon's own process only).
-#[derive(Debug, Default)]
+///
+/// The same lookup finds `/dev/iommu` files (built with
+/// [`IoasidIdentify::named`]), which answer the same private ioctl.
+#[derive(Debug)]
 pub struct IoasidIdentify {
     dev: OnceLock<DeviceNumber>,
+    node: &'static str,
+}
+
+impl Default for IoasidIdentify {
+    fn default() -> Self {
+        Self::named("/dev/ioasid")
+    }
 }
 
 impl IoasidIdentify {
@@ -60,6 +70,15 @@ impl IoasidIdentify {
         let me = Self::default();
         let _ = me.dev.set(dev);
         me
+    }
+
+    /// A lookup of files of the daemon's node `node` (`/dev/iommu`), whose
+    /// number is set later.
+    pub fn named(node: &'static str) -> Self {
+        IoasidIdentify {
+            dev: OnceLock::new(),
+            node,
+        }
     }
 
     /// Set the `/dev/ioasid` node's number once it is registered. Fails
@@ -79,7 +98,7 @@ impl ContextLookup for IoasidIdentify {
         let Some(ours) = self.dev.get() else {
             return Err(Error::new(
                 Errno::EINVAL,
-                "the /dev/ioasid node is not registered yet",
+                format!("the {} node is not registered yet", self.node),
             ));
         };
         let st = fstat(file).map_err(|e| Error::new(e, "fstat of the copied fd failed"))?;
@@ -89,13 +108,14 @@ impl ContextLookup for IoasidIdentify {
             return Err(Error::new(
                 Errno::EINVAL,
                 format!(
-                    "the fd is not a /dev/ioasid file of this daemon (it is {}, /dev/ioasid is \
-                     character device {ours}); pass an fd from open(\"/dev/ioasid\")",
+                    "the fd is not a {node} file of this daemon (it is {}, {node} is character \
+                     device {ours}); pass an fd from open(\"{node}\")",
                     if is_chr {
                         format!("character device {rdev}")
                     } else {
                         "not a character device".to_string()
-                    }
+                    },
+                    node = self.node,
                 ),
             ));
         }
@@ -108,8 +128,9 @@ impl ContextLookup for IoasidIdentify {
             Err(e) => Err(Error::new(
                 Errno::EINVAL,
                 format!(
-                    "the fd has /dev/ioasid's device number but IOASID_DAEMON_IDENTIFY failed \
-                     with {e}: not an ioasid file of this daemon (or it is closing)"
+                    "the fd has {}'s device number but IOASID_DAEMON_IDENTIFY failed with {e}: \
+                     not a file of this daemon's node (or it is closing)",
+                    self.node
                 ),
             )),
         }

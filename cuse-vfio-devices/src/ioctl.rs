@@ -22,7 +22,24 @@ use vfio_bindings::bindings::vfio::{
 use vfio_legacy::region_info::{self, REGION_INFO_SIZE};
 use vfio_legacy::{DeviceFile, VfioArg};
 
-use crate::node::DeviceNode;
+use ioasid_engine::ContextId;
+
+use crate::node::{DeviceNode, Opened};
+
+/// A node whose bound open file reaches a device: `devN` (the RFC's
+/// dialect) and `vfioN` (iommufd's) share the handlers of the device's own
+/// VFIO commands through it.
+pub(crate) trait DeviceAccess {
+    /// The context and the opened device of open file `fh`, which must
+    /// hold the binding (`EINVAL` otherwise).
+    fn access(&self, fh: u64) -> Result<(ContextId, Opened)>;
+}
+
+impl DeviceAccess for DeviceNode {
+    fn access(&self, fh: u64) -> Result<(ContextId, Opened)> {
+        DeviceNode::access(self, fh)
+    }
+}
 
 /// [`ioctl_table::IoctlOp::requires`] of the rows that need the device
 /// bound through the calling open file.
@@ -96,8 +113,8 @@ fn vfio_arg<T: ioasid_uapi::ArgStruct>(bytes: Vec<u8>) -> Result<VfioArg<T>> {
 /// Forward a `GET_*` ioctl with the caller's struct and write it back;
 /// with `enospc_writeback`, an `ENOSPC` answer is written back too (VFIO's
 /// hot-reset info raises `count` and fails with `ENOSPC`).
-fn forward<T: ioasid_uapi::ArgStruct>(
-    node: &DeviceNode,
+fn forward<N: DeviceAccess, T: ioasid_uapi::ArgStruct>(
+    node: &N,
     u: &Ucmd<'_>,
     arg: Vec<u8>,
     ioctl: impl FnOnce(&dyn DeviceFile, &mut VfioArg<T>) -> std::result::Result<(), Errno>,
@@ -124,7 +141,7 @@ fn forward<T: ioasid_uapi::ArgStruct>(
     }
 }
 
-fn device_info(node: &DeviceNode, u: &Ucmd<'_>, arg: Vec<u8>) -> Result<i32> {
+pub(crate) fn device_info<N: DeviceAccess>(node: &N, u: &Ucmd<'_>, arg: Vec<u8>) -> Result<i32> {
     let (_, opened) = node.access(u.fh)?;
     // VFIO's minimum (the end of num_irqs) is shorter than the struct: the
     // daemon's copy holds the whole struct, the caller gets its argsz back.
@@ -147,7 +164,7 @@ fn device_info(node: &DeviceNode, u: &Ucmd<'_>, arg: Vec<u8>) -> Result<i32> {
     Ok(0)
 }
 
-fn irq_info(node: &DeviceNode, u: &Ucmd<'_>, arg: Vec<u8>) -> Result<i32> {
+pub(crate) fn irq_info<N: DeviceAccess>(node: &N, u: &Ucmd<'_>, arg: Vec<u8>) -> Result<i32> {
     forward(
         node,
         u,
@@ -157,7 +174,7 @@ fn irq_info(node: &DeviceNode, u: &Ucmd<'_>, arg: Vec<u8>) -> Result<i32> {
     )
 }
 
-fn hot_reset_info(node: &DeviceNode, u: &Ucmd<'_>, arg: Vec<u8>) -> Result<i32> {
+pub(crate) fn hot_reset_info<N: DeviceAccess>(node: &N, u: &Ucmd<'_>, arg: Vec<u8>) -> Result<i32> {
     let ask = |d: &dyn DeviceFile, a: &mut VfioArg<vfio_pci_hot_reset_info>| d.hot_reset_info(a);
     forward(node, u, arg, ask, true)
 }
@@ -165,7 +182,7 @@ fn hot_reset_info(node: &DeviceNode, u: &Ucmd<'_>, arg: Vec<u8>) -> Result<i32> 
 /// `VFIO_DEVICE_GET_REGION_INFO`: ask the device with the daemon's own
 /// buffer (large enough for the whole chain), strip mmap, answer the caller
 /// by VFIO's rules for its argsz.
-fn region_info(node: &DeviceNode, u: &Ucmd<'_>, arg: Vec<u8>) -> Result<i32> {
+pub(crate) fn region_info<N: DeviceAccess>(node: &N, u: &Ucmd<'_>, arg: Vec<u8>) -> Result<i32> {
     let (_, opened) = node.access(u.fh)?;
     let dev = &*opened.device;
     let given: VfioArg<vfio_region_info> = vfio_arg(arg)?;
@@ -225,7 +242,7 @@ fn region_info(node: &DeviceNode, u: &Ucmd<'_>, arg: Vec<u8>) -> Result<i32> {
 /// daemon's copies (the kernel takes its own references, so the copies are
 /// closed right after the call). -1 (and any negative number) stays as is:
 /// it tears the trigger down.
-fn set_irqs(node: &DeviceNode, u: &Ucmd<'_>, arg: Vec<u8>) -> Result<i32> {
+pub(crate) fn set_irqs<N: DeviceAccess>(node: &N, u: &Ucmd<'_>, arg: Vec<u8>) -> Result<i32> {
     let (_, opened) = node.access(u.fh)?;
     let mut set: VfioArg<vfio_irq_set> = vfio_arg(arg)?;
     let mut copies = Vec::new();
@@ -256,7 +273,7 @@ fn set_irqs(node: &DeviceNode, u: &Ucmd<'_>, arg: Vec<u8>) -> Result<i32> {
         .map_err(|e| Error::new(e, format!("{} failed on the device", u.name)))
 }
 
-fn reset(node: &DeviceNode, u: &Ucmd<'_>) -> Result<i32> {
+pub(crate) fn reset<N: DeviceAccess>(node: &N, u: &Ucmd<'_>) -> Result<i32> {
     let (_, opened) = node.access(u.fh)?;
     opened
         .device

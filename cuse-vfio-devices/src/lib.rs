@@ -104,6 +104,7 @@
 //! - `node`: [`DeviceNode`] and [`DeviceNodes`].
 
 pub mod binding;
+pub mod cdev;
 pub mod device_file;
 mod error;
 pub mod ioctl;
@@ -113,6 +114,7 @@ pub mod regions;
 #[cfg(test)]
 mod tests;
 
+pub use cdev::CdevNode;
 pub use device_file::{ContextLookup, DeviceOpener, IoasidIdentify};
 pub use error::{Error, Result};
 pub use ioctl_table::{Caller, MAX_ARG};

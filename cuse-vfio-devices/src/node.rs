@@ -3,10 +3,10 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cuse_server::{Device, DeviceNumber, IoctlArgs, IoctlResult, Offset, OpenFlags, Request};
+use cuse_server::{DeviceNumber, Offset};
 use ioasid_engine::{ClosedContext, ContextId, DeviceId, DeviceSpec, Engine};
 use ioasid_uapi::vfio as nr;
 use ioasid_uapi::{VfioAttachIoasid, IOASID_ATTACH_USER_PASID};
@@ -19,6 +19,7 @@ use vfio_legacy::VfioLegacy;
 use vfio_legacy::{DeviceFile, VfioArg};
 
 use crate::binding::{BindState, Bound};
+use crate::cdev::CdevNode;
 use crate::device_file::{ContextLookup, DeviceOpener, IoasidIdentify};
 use crate::error::{Error, Result};
 use crate::ioctl::{DEVICE_TABLE, NEEDS_BIND};
@@ -152,22 +153,15 @@ impl DeviceNode {
         r
     }
 
-    /// The one log rule for a refused request (`ioctl_table::log`),
-    /// charged to the context the file is bound to, or else to the file.
-    fn log(&self, fh: u64, op: &str, e: &Error) {
-        let client = match self.lock().bound() {
-            Some(b) if b.fh == fh => Client::Context(b.ctx.0),
-            _ => Client::DeviceFile(self.spec.id.0, fh),
-        };
-        log::refusal(client, &self.spec.name, op, e);
+    /// Log a refused request (see [`log_refusal`]).
+    fn log(&self, op: &str, fh: u64, e: &Error) {
+        let bound = self.lock().bound().map(|b| (b.fh, b.ctx));
+        log_refusal(&self.spec, bound, op, fh, e);
     }
 
-    /// An info line about open file `fh` bound to `ctx`, within that
-    /// client's log budget.
+    /// An info line about open file `fh` bound to `ctx` (see [`note`]).
     fn note(&self, ctx: ContextId, fh: u64, what: &str) {
-        if let Some(dropped) = log::client_line(Client::Context(ctx.0)) {
-            tracing::info!(device = %self.spec.name, fh, ctx = ctx.0, "{what}{dropped}");
-        }
+        note(&self.spec, ctx, fh, what);
     }
 
     /// Handle ioctl `cmd` with argument `arg` from open file `fh`; the
@@ -247,55 +241,12 @@ impl DeviceNode {
     fn bind_locked(&self, st: &mut BindState<Opened>, fh: u64, ctx: ContextId) -> Result<()> {
         st.check_bindable(fh)?;
         self.engine.bind(self.spec.id, ctx)?;
-        let opened = self.open_device().inspect_err(|_| {
+        let opened = open_device(&*self.opener, &self.spec).inspect_err(|_| {
             if let Err(e) = self.engine.unbind(self.spec.id, ctx) {
                 tracing::warn!(device = %self.spec.name, error = %e, "rollback of a bind failed");
             }
         })?;
         st.bind(fh, ctx, opened)
-    }
-
-    /// Open the real device and read its region table.
-    fn open_device(&self) -> Result<Opened> {
-        let device: Arc<dyn DeviceFile> = Arc::from(self.opener.open_device(&self.spec)?);
-        let mut info = VfioArg::new(&vfio_device_info::default(), 0);
-        device
-            .info(&mut info)
-            .map_err(|e| Error::new(e, "VFIO_DEVICE_GET_INFO on the opened device failed"))?;
-        let num_regions = info.header().num_regions;
-        if num_regions > MAX_REGIONS {
-            tracing::warn!(
-                device = %self.spec.name,
-                num_regions,
-                "the device reports more regions than the daemon serves ({MAX_REGIONS}); the \
-                 rest cannot be read or written"
-            );
-        }
-        let mut regions = Vec::new();
-        for index in 0..num_regions.min(MAX_REGIONS) {
-            let ask = vfio_region_info {
-                index,
-                ..Default::default()
-            };
-            let mut r = VfioArg::new(&ask, 0);
-            match device.region_info(&mut r) {
-                Ok(()) => {
-                    let h = r.header();
-                    regions.push(Region {
-                        index,
-                        flags: h.flags,
-                        size: h.size,
-                        offset: h.offset,
-                    })
-                }
-                // vfio-pci answers EINVAL for regions a device lacks (VGA).
-                Err(e) => tracing::debug!(device = %self.spec.name, index, errno = %e, "no region"),
-            }
-        }
-        Ok(Opened {
-            device,
-            regions: Arc::new(RegionTable::new(regions)),
-        })
     }
 
     pub(crate) fn unbind(&self, caller: &dyn Caller, fh: u64, arg: u64) -> Result<i32> {
@@ -381,7 +332,6 @@ impl DeviceNode {
         given: VfioArg<vfio_pci_hot_reset>,
     ) -> Result<i32> {
         const NAME: &str = "VFIO_DEVICE_PCI_HOT_RESET";
-        const INFO: &str = "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO";
         let vfio_pci_hot_reset { flags, count, .. } = given.header();
         if flags != 0 {
             return Err(Error::new(
@@ -398,36 +348,7 @@ impl DeviceNode {
                 ),
             ));
         }
-        // Which devices the reset affects: ask with no room, then with room
-        // for the count the device reported (bounded; the set may change).
-        let header = std::mem::size_of::<vfio_pci_hot_reset_info>();
-        let device = std::mem::size_of::<vfio_pci_dependent_device>();
-        let mut size = header;
-        let mut info = None;
-        for _ in 0..4 {
-            let mut b = VfioArg::new(&vfio_pci_hot_reset_info::default(), size);
-            match dev.hot_reset_info(&mut b) {
-                Ok(()) => {
-                    info = Some(b);
-                    break;
-                }
-                Err(Errno::ENOSPC) => {
-                    size = header + device * (b.header().count as usize).min(4096);
-                }
-                Err(e) => {
-                    return Err(Error::new(
-                        e,
-                        format!("{INFO} failed: the device cannot be hot reset ({e})"),
-                    ))
-                }
-            }
-        }
-        let info = info.ok_or_else(|| {
-            Error::new(
-                Errno::EAGAIN,
-                format!("{INFO}: the set of affected devices kept changing; try again"),
-            )
-        })?;
+        let info = affected_devices(dev)?;
         let groups = info.groups()?;
         for &g in &groups {
             let members: Vec<&DeviceSpec> =
@@ -467,37 +388,13 @@ impl DeviceNode {
     /// `pread` of `size` bytes at `offset` by open file `fh`.
     pub fn handle_read(&self, fh: u64, size: u32, offset: &Offset) -> Result<Vec<u8>> {
         let (_, opened) = self.access(fh)?;
-        let pos = regions::position(offset)?;
-        if size == 0 {
-            return Ok(Vec::new());
-        }
-        opened.regions.check(pos, u64::from(size), Access::Read)?;
-        let mut buf = vec![0u8; size as usize];
-        let n = opened
-            .device
-            .read_at(&mut buf, pos)
-            .map_err(|e| Error::new(e, format!("pread of {size} bytes at {pos:#x} failed")))?;
-        buf.truncate(n);
-        Ok(buf)
+        read_region(&opened, size, offset)
     }
 
     /// `pwrite` of `data` at `offset` by open file `fh`.
     pub fn handle_write(&self, fh: u64, data: &[u8], offset: &Offset) -> Result<u32> {
         let (_, opened) = self.access(fh)?;
-        let pos = regions::position(offset)?;
-        if data.is_empty() {
-            return Ok(0);
-        }
-        opened
-            .regions
-            .check(pos, data.len() as u64, Access::Write)?;
-        let n = opened.device.write_at(data, pos).map_err(|e| {
-            Error::new(
-                e,
-                format!("pwrite of {} bytes at {pos:#x} failed", data.len()),
-            )
-        })?;
-        Ok(n as u32)
+        write_region(&opened, data, offset)
     }
 
     /// The last close of open file `fh`: if it holds the binding, detach
@@ -517,56 +414,211 @@ impl DeviceNode {
     }
 }
 
-impl Device for DeviceNode {
-    fn open(&self, _req: &Request, _flags: OpenFlags) -> std::result::Result<u64, Errno> {
-        Ok(self.next_fh.fetch_add(1, Ordering::Relaxed))
-    }
+crate::node::serve_device!(DeviceNode);
 
-    fn read(
-        &self,
-        _req: &Request,
-        fh: u64,
-        size: u32,
-        offset: Offset,
-    ) -> std::result::Result<Vec<u8>, Errno> {
-        self.handle_read(fh, size, &offset).map_err(|e| {
-            self.log(fh, "read", &e);
-            e.errno
-        })
-    }
+/// The one log rule for a refused request of a device node
+/// (`ioctl_table::log`): the line is charged to the context open file `fh`
+/// is bound to (`bound`: the bound file and its context), or else to the
+/// file itself.
+pub(crate) fn log_refusal(
+    spec: &DeviceSpec,
+    bound: Option<(u64, ContextId)>,
+    op: &str,
+    fh: u64,
+    e: &Error,
+) {
+    let client = match bound {
+        Some((b, ctx)) if b == fh => Client::Context(ctx.0),
+        _ => Client::DeviceFile(spec.id.0, fh),
+    };
+    log::refusal(client, &spec.name, op, e);
+}
 
-    fn write(
-        &self,
-        _req: &Request,
-        fh: u64,
-        data: &[u8],
-        offset: Offset,
-    ) -> std::result::Result<u32, Errno> {
-        self.handle_write(fh, data, &offset).map_err(|e| {
-            self.log(fh, "write", &e);
-            e.errno
-        })
+/// An info line about open file `fh` of device `spec`, bound to `ctx`,
+/// within that client's log budget.
+pub(crate) fn note(spec: &DeviceSpec, ctx: ContextId, fh: u64, what: &str) {
+    if let Some(dropped) = log::client_line(Client::Context(ctx.0)) {
+        tracing::info!(device = %spec.name, fh, ctx = ctx.0, "{what}{dropped}");
     }
+}
 
-    fn ioctl(
-        &self,
-        req: &Request,
-        fh: u64,
-        args: IoctlArgs<'_>,
-    ) -> std::result::Result<IoctlResult, Errno> {
-        match self.handle_ioctl(req, fh, args.cmd, args.arg) {
-            Ok(v) => Ok(IoctlResult::value(v)),
+/// `impl cuse_server::Device` for a device node type with `next_fh`,
+/// `log` and the `handle_*` methods (both dialects' nodes).
+macro_rules! serve_device {
+    ($node:ty) => {
+        impl cuse_server::Device for $node {
+            fn open(
+                &self,
+                _req: &cuse_server::Request,
+                _flags: cuse_server::OpenFlags,
+            ) -> std::result::Result<u64, nix::errno::Errno> {
+                Ok(self
+                    .next_fh
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+            }
+
+            fn read(
+                &self,
+                _req: &cuse_server::Request,
+                fh: u64,
+                size: u32,
+                offset: cuse_server::Offset,
+            ) -> std::result::Result<Vec<u8>, nix::errno::Errno> {
+                self.handle_read(fh, size, &offset).map_err(|e| {
+                    self.log("read", fh, &e);
+                    e.errno
+                })
+            }
+
+            fn write(
+                &self,
+                _req: &cuse_server::Request,
+                fh: u64,
+                data: &[u8],
+                offset: cuse_server::Offset,
+            ) -> std::result::Result<u32, nix::errno::Errno> {
+                self.handle_write(fh, data, &offset).map_err(|e| {
+                    self.log("write", fh, &e);
+                    e.errno
+                })
+            }
+
+            fn ioctl(
+                &self,
+                req: &cuse_server::Request,
+                fh: u64,
+                args: cuse_server::IoctlArgs<'_>,
+            ) -> std::result::Result<cuse_server::IoctlResult, nix::errno::Errno> {
+                match self.handle_ioctl(req, fh, args.cmd, args.arg) {
+                    Ok(v) => Ok(cuse_server::IoctlResult::value(v)),
+                    Err(e) => {
+                        self.log(&format!("ioctl {:#x}", args.cmd), fh, &e);
+                        Err(e.errno)
+                    }
+                }
+            }
+
+            fn release(&self, fh: u64) {
+                self.handle_release(fh)
+            }
+        }
+    };
+}
+pub(crate) use serve_device;
+
+/// `pread` of `size` bytes at `offset` of a region of `opened`.
+pub(crate) fn read_region(opened: &Opened, size: u32, offset: &Offset) -> Result<Vec<u8>> {
+    let pos = regions::position(offset)?;
+    if size == 0 {
+        return Ok(Vec::new());
+    }
+    opened.regions.check(pos, u64::from(size), Access::Read)?;
+    let mut buf = vec![0u8; size as usize];
+    let n = opened
+        .device
+        .read_at(&mut buf, pos)
+        .map_err(|e| Error::new(e, format!("pread of {size} bytes at {pos:#x} failed")))?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// `pwrite` of `data` at `offset` of a region of `opened`.
+pub(crate) fn write_region(opened: &Opened, data: &[u8], offset: &Offset) -> Result<u32> {
+    let pos = regions::position(offset)?;
+    if data.is_empty() {
+        return Ok(0);
+    }
+    opened
+        .regions
+        .check(pos, data.len() as u64, Access::Write)?;
+    let n = opened.device.write_at(data, pos).map_err(|e| {
+        Error::new(
+            e,
+            format!("pwrite of {} bytes at {pos:#x} failed", data.len()),
+        )
+    })?;
+    Ok(n as u32)
+}
+
+/// Open device `spec` through `opener` and read its region table.
+pub(crate) fn open_device(opener: &dyn DeviceOpener, spec: &DeviceSpec) -> Result<Opened> {
+    let device: Arc<dyn DeviceFile> = Arc::from(opener.open_device(spec)?);
+    let mut info = VfioArg::new(&vfio_device_info::default(), 0);
+    device
+        .info(&mut info)
+        .map_err(|e| Error::new(e, "VFIO_DEVICE_GET_INFO on the opened device failed"))?;
+    let num_regions = info.header().num_regions;
+    if num_regions > MAX_REGIONS {
+        tracing::warn!(
+            device = %spec.name,
+            num_regions,
+            "the device reports more regions than the daemon serves ({MAX_REGIONS}); the \
+             rest cannot be read or written"
+        );
+    }
+    let mut regions = Vec::new();
+    for index in 0..num_regions.min(MAX_REGIONS) {
+        let ask = vfio_region_info {
+            index,
+            ..Default::default()
+        };
+        let mut r = VfioArg::new(&ask, 0);
+        match device.region_info(&mut r) {
+            Ok(()) => {
+                let h = r.header();
+                regions.push(Region {
+                    index,
+                    flags: h.flags,
+                    size: h.size,
+                    offset: h.offset,
+                })
+            }
+            // vfio-pci answers EINVAL for regions a device lacks (VGA).
+            Err(e) => tracing::debug!(device = %spec.name, index, errno = %e, "no region"),
+        }
+    }
+    Ok(Opened {
+        device,
+        regions: Arc::new(RegionTable::new(regions)),
+    })
+}
+
+/// What `VFIO_DEVICE_GET_PCI_HOT_RESET_INFO` says of `dev` (the devices a
+/// hot reset affects): asked with no room, then with room for the count
+/// the device reported (bounded; the set may change meanwhile).
+pub(crate) fn affected_devices(dev: &dyn DeviceFile) -> Result<VfioArg<vfio_pci_hot_reset_info>> {
+    const INFO: &str = "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO";
+    // Which devices the reset affects: ask with no room, then with room
+    // for the count the device reported (bounded; the set may change).
+    let header = std::mem::size_of::<vfio_pci_hot_reset_info>();
+    let device = std::mem::size_of::<vfio_pci_dependent_device>();
+    let mut size = header;
+    let mut info = None;
+    for _ in 0..4 {
+        let mut b = VfioArg::new(&vfio_pci_hot_reset_info::default(), size);
+        match dev.hot_reset_info(&mut b) {
+            Ok(()) => {
+                info = Some(b);
+                break;
+            }
+            Err(Errno::ENOSPC) => {
+                size = header + device * (b.header().count as usize).min(4096);
+            }
             Err(e) => {
-                let op = format!("ioctl {:#x}", args.cmd);
-                self.log(fh, &op, &e);
-                Err(e.errno)
+                return Err(Error::new(
+                    e,
+                    format!("{INFO} failed: the device cannot be hot reset ({e})"),
+                ))
             }
         }
     }
-
-    fn release(&self, fh: u64) {
-        self.handle_release(fh)
-    }
+    let info = info.ok_or_else(|| {
+        Error::new(
+            Errno::EAGAIN,
+            format!("{INFO}: the set of affected devices kept changing; try again"),
+        )
+    })?;
+    Ok(info)
 }
 
 /// The daemon's device nodes, one per engine device, sharing the way ioasid
@@ -577,6 +629,9 @@ pub struct DeviceNodes {
     lookup: Arc<dyn ContextLookup>,
     identify: Option<Arc<IoasidIdentify>>,
     nodes: Mutex<BTreeMap<DeviceId, Arc<DeviceNode>>>,
+    /// How `/dev/iommu` files are recognised (the cdevs' bind).
+    iommufd: Arc<IoasidIdentify>,
+    cdevs: Mutex<BTreeMap<DeviceId, Arc<CdevNode>>>,
 }
 
 impl std::fmt::Debug for DeviceNodes {
@@ -599,6 +654,8 @@ impl DeviceNodes {
             lookup: identify.clone(),
             identify: Some(identify),
             nodes: Mutex::new(BTreeMap::new()),
+            iommufd: Arc::new(IoasidIdentify::named("/dev/iommu")),
+            cdevs: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -614,6 +671,8 @@ impl DeviceNodes {
             lookup,
             identify: None,
             nodes: Mutex::new(BTreeMap::new()),
+            iommufd: Arc::new(IoasidIdentify::named("/dev/iommu")),
+            cdevs: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -649,6 +708,33 @@ impl DeviceNodes {
         Ok(node.clone())
     }
 
+    /// Tell the cdev nodes the device number of the registered `/dev/iommu`
+    /// node. Once only; `Err(dev)` if already set.
+    pub fn set_iommufd_device(&self, dev: DeviceNumber) -> std::result::Result<(), DeviceNumber> {
+        self.iommufd.set_device(dev)
+    }
+
+    /// The `vfioN` cdev node of device `id` (the iommufd dialect of the
+    /// same device as [`DeviceNodes::node`]), created on first use; `sriov`
+    /// if the device is an SR-IOV function. `EINVAL` if the engine has no
+    /// such device.
+    pub fn cdev(&self, id: DeviceId, sriov: bool) -> Result<Arc<CdevNode>> {
+        let spec = self.engine.device(id).cloned().ok_or_else(|| {
+            Error::new(Errno::EINVAL, format!("the engine has no device {}", id.0))
+        })?;
+        let mut cdevs = self.cdevs.lock().unwrap_or_else(|e| e.into_inner());
+        let node = cdevs.entry(id).or_insert_with(|| {
+            Arc::new(CdevNode::new(
+                self.engine.clone(),
+                spec,
+                self.opener.clone(),
+                self.iommufd.clone(),
+                sriov,
+            ))
+        });
+        Ok(node.clone())
+    }
+
     /// The close hook: the `/dev/ioasid` front end calls it after
     /// `Engine::close_context`; every node whose device the engine unbound
     /// closes its device fd (the kernel resets the device) and forgets the
@@ -662,7 +748,19 @@ impl DeviceNodes {
                 .filter_map(|id| map.get(id).cloned())
                 .collect()
         };
-        for node in nodes {
+        let cdevs: Vec<Arc<CdevNode>> = {
+            let map = self.cdevs.lock().unwrap_or_else(|e| e.into_inner());
+            closed
+                .unbound
+                .iter()
+                .filter_map(|id| map.get(id).cloned())
+                .collect()
+        };
+        // Outside the locks: dropping a binding closes its files.
+        for node in &nodes {
+            node.forget_stale();
+        }
+        for node in &cdevs {
             node.forget_stale();
         }
     }

@@ -66,7 +66,7 @@ impl RegionTable {
             ));
         };
         let end = pos.checked_add(len);
-        if !end.is_some_and(|e| e <= r.offset + r.size) {
+        if end.is_none_or(|e| e > r.offset + r.size) {
             return Err(Error::new(
                 Errno::EINVAL,
                 format!(

@@ -1122,3 +1122,167 @@ fn test_length_every_row_of_the_device_table() {
         }
     }
 }
+
+// ---- the iommufd cdev (vfioN) -----------------------------------------------
+
+mod cdev {
+    use super::*;
+    use crate::cdev::{CdevNode, CDEV_TABLE};
+    use ioasid_uapi::plain::bytes_of;
+    use ioasid_uapi::vfio::{
+        vfio_device_attach_iommufd_pt, vfio_device_bind_iommufd, VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+        VFIO_DEVICE_BIND_IOMMUFD, VFIO_DEVICE_DETACH_IOMMUFD_PT,
+    };
+
+    fn cdev(fx: &Fx, id: DeviceId) -> CdevNode {
+        let spec = fx.engine.device(id).unwrap().clone();
+        CdevNode::new(
+            fx.engine.clone(),
+            spec,
+            fx.opener.clone(),
+            fx.lookup.clone(),
+            false,
+        )
+    }
+
+    fn bind_arg(fd: i32) -> Vec<u8> {
+        let b = vfio_device_bind_iommufd {
+            argsz: 24,
+            iommufd: fd,
+            ..Default::default()
+        };
+        let mut mem = bytes_of(&b).to_vec();
+        mem.resize(4096, 0);
+        mem
+    }
+
+    fn cbind(node: &CdevNode, fh: u64, file: &OwnedFd) -> Result<u32> {
+        let c = caller(bind_arg(5), &[(5, file)]);
+        node.handle_ioctl(&c, fh, VFIO_DEVICE_BIND_IOMMUFD, ARG)?;
+        Ok(get32(&c.get(ARG, 24), 12))
+    }
+
+    /// Before bind every number, known or not, is EINVAL; after it an
+    /// unknown one is ENOTTY; the devid is an object id of the iommufd.
+    #[test]
+    fn everything_before_bind_is_einval() {
+        let fx = Fx::new();
+        let node = cdev(&fx, DEV_A);
+        let (ctx, file) = fx.context();
+        let c = caller(vec![0; 64], &[]);
+        for cmd in [
+            nr::VFIO_DEVICE_GET_INFO,
+            nr::VFIO_DEVICE_RESET,
+            0x3b30,
+            0x5801,
+        ] {
+            assert_eq!(errno(node.handle_ioctl(&c, 1, cmd, ARG)), Errno::EINVAL);
+        }
+        let off = Offset::At(CONFIG);
+        assert_eq!(errno(node.handle_read(1, 4, &off)), Errno::EINVAL);
+        assert_eq!(fx.engine.ioas_alloc(ctx).unwrap(), 1);
+        assert_eq!(cbind(&node, 1, &file).unwrap(), 2);
+        assert_eq!(errno(node.handle_ioctl(&c, 1, 0x3b30, ARG)), Errno::ENOTTY);
+        assert_eq!(errno(cbind(&node, 1, &file)), Errno::EINVAL, "bound twice");
+        assert_eq!(errno(cbind(&node, 2, &file)), Errno::EINVAL, "another file");
+        node.handle_release(1);
+        assert_eq!(
+            fx.opener.log(DEV_A).closes.load(Ordering::SeqCst),
+            1,
+            "device closed"
+        );
+        assert_eq!(fx.engine.bound_context(DEV_A), None);
+        assert_eq!(cbind(&node, 2, &file).unwrap(), 2, "the id is free again");
+    }
+
+    /// A device bound through one dialect is busy for the other.
+    #[test]
+    fn one_device_two_dialects() {
+        let fx = Fx::new();
+        let rfc = fx.node(DEV_A);
+        let node = cdev(&fx, DEV_A);
+        let (_, file) = fx.context();
+        cbind(&node, 1, &file).unwrap();
+        assert_eq!(errno(bind(&rfc, 1, &file)), Errno::EBUSY);
+        node.handle_release(1);
+        bind(&rfc, 1, &file).unwrap();
+        assert_eq!(errno(cbind(&node, 1, &file)), Errno::EBUSY);
+    }
+
+    /// Attach writes the HWPT id back into pt_id.
+    #[test]
+    fn attach_writes_the_hwpt_back() {
+        let fx = Fx::new();
+        let node = cdev(&fx, DEV_A);
+        let (ctx, file) = fx.context();
+        cbind(&node, 1, &file).unwrap();
+        let ioas = fx.engine.ioas_alloc(ctx).unwrap();
+        let a = vfio_device_attach_iommufd_pt {
+            argsz: 16,
+            pt_id: ioas,
+            ..Default::default()
+        };
+        let c = caller(bytes_of(&a).to_vec(), &[]);
+        node.handle_ioctl(&c, 1, VFIO_DEVICE_ATTACH_IOMMUFD_PT, ARG)
+            .unwrap();
+        assert_eq!(get32(&c.get(ARG, 16), 8), ioas + 1);
+        let c = caller(bytes_of(&a).to_vec(), &[]);
+        put32(&mut c.mem.borrow_mut(), 8, 99);
+        assert_eq!(
+            errno(node.handle_ioctl(&c, 1, VFIO_DEVICE_ATTACH_IOMMUFD_PT, ARG)),
+            Errno::ENOENT
+        );
+    }
+
+    /// TEST_LENGTH over every struct row of the cdev table, on a bound
+    /// file: below the minimum `EINVAL`; BIND, an extensible struct,
+    /// `E2BIG` for a non-zero byte past it; the VFIO-style rows ignore
+    /// what follows their struct, or refuse past the copy cap.
+    #[test]
+    fn test_length_every_row_of_the_cdev_table() {
+        let fx = Fx::new();
+        let node = cdev(&fx, DEV_A);
+        let (_ctx, file) = fx.context();
+        cbind(&node, 1, &file).unwrap();
+        for op in CDEV_TABLE.ops {
+            let Some(rules) = op.rules() else { continue };
+            let run = |argsz: usize, tail: u8| {
+                let mut mem = vec![0u8; 8192];
+                mem[..4].copy_from_slice(&(argsz as u32).to_ne_bytes());
+                if argsz > rules.size && argsz < mem.len() {
+                    mem[argsz - 1] = tail;
+                }
+                node.handle_ioctl(&caller(mem, &[]), 1, op.number, ARG)
+            };
+            let name = op.name;
+            assert_eq!(
+                errno(run(rules.min_size - 1, 0)),
+                Errno::EINVAL,
+                "{name} min-1"
+            );
+            assert_eq!(errno(run(0, 0)), Errno::EINVAL, "{name} argsz 0");
+            for size in [rules.min_size, rules.size, rules.size + 8] {
+                if let Err(e) = run(size, 0) {
+                    assert!(
+                        ![Errno::E2BIG, Errno::EFAULT].contains(&e.errno),
+                        "{name} argsz {size}: {e}"
+                    );
+                }
+            }
+            let past = run(rules.size + 8, 0xff);
+            if op.number == VFIO_DEVICE_BIND_IOMMUFD {
+                assert_eq!(errno(past), Errno::E2BIG, "{name}: a non-zero tail");
+            } else {
+                assert!(
+                    past.as_ref().err().is_none_or(|e| e.errno != Errno::E2BIG),
+                    "{name}: VFIO ignores what follows the struct: {past:?}"
+                );
+            }
+        }
+        assert!(CDEV_TABLE.find(VFIO_DEVICE_DETACH_IOMMUFD_PT).is_some());
+        assert!(
+            CDEV_TABLE.find(VFIO_BIND_IOASID_FD).is_none(),
+            "no RFC bind on vfioN"
+        );
+    }
+}

@@ -7,6 +7,8 @@
 //! enforces type1v2's rules in memory, so the engine is unit-tested without
 //! root, VFIO or a VM.
 
+use std::os::fd::BorrowedFd;
+
 pub use ioasid_uapi::Error;
 use nix::errno::Errno;
 use smallvec::SmallVec;
@@ -204,8 +206,29 @@ pub trait Backend: Send + Sync {
         Ok(ProcessMemory { pid, locked: 0 })
     }
 
-    /// Give back an alias returned by [`Backend::alias`].
+    /// Give back an alias returned by [`Backend::alias`],
+    /// [`Backend::alias_file`] or [`Backend::share_alias`].
     fn release_alias(&self, alias: &Alias);
+
+    /// Make `[offset, offset + size)` of `file` (a client's file, copied
+    /// into the daemon) addressable by the daemon, writable if `write`:
+    /// `IOMMU_IOAS_MAP_FILE`. Only memory files qualify, as for the
+    /// kernel's `memfd_pin_folios`: `EINVAL` for a file that is neither
+    /// shmem (memfd, tmpfs) nor hugetlbfs, or a range past its end; `EPERM`
+    /// for `write` on a file opened read-only.
+    fn alias_file(
+        &self,
+        file: BorrowedFd<'_>,
+        offset: u64,
+        size: u64,
+        write: bool,
+    ) -> Result<Alias, Error>;
+
+    /// A second alias of `[offset, offset + size)` of the live `alias`: the
+    /// same pages, kept until this alias is released too, whatever happens
+    /// to the first (`IOMMU_IOAS_COPY` shares a mapping's memory this way).
+    /// `EINVAL` if the range is not inside `alias`.
+    fn share_alias(&self, alias: &Alias, offset: u64, size: u64) -> Result<Alias, Error>;
 
     /// Drop whatever the backend keeps of released aliases for reuse (a
     /// cache of idle mappings that keeps client files alive). The engine
@@ -255,9 +278,65 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// The segments of `[offset, offset + size)` of `segments` (ascending,
+/// relative to an alias's start), relative to `offset`; `None` unless the
+/// range is covered without a gap.
+pub fn slice_alias(segments: &[Segment], offset: u64, size: u64) -> Option<Segments> {
+    let end = offset.checked_add(size)?;
+    let mut out = Segments::new();
+    let mut at = offset;
+    for s in segments {
+        let (start, stop) = (s.offset.max(at), (s.offset + s.len).min(end));
+        if start != at || start >= stop {
+            continue;
+        }
+        out.push(Segment {
+            offset: start - offset,
+            daemon_vaddr: s.daemon_vaddr + (start - s.offset),
+            len: stop - start,
+        });
+        at = stop;
+    }
+    (at == end && size > 0).then_some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slice_of_an_alias_is_relative_to_its_start() {
+        let segs = [
+            Segment {
+                offset: 0,
+                daemon_vaddr: 0x10000,
+                len: 0x2000,
+            },
+            Segment {
+                offset: 0x2000,
+                daemon_vaddr: 0x50000,
+                len: 0x1000,
+            },
+        ];
+        let got = slice_alias(&segs, 0x1000, 0x2000).unwrap();
+        assert_eq!(
+            &*got,
+            &[
+                Segment {
+                    offset: 0,
+                    daemon_vaddr: 0x11000,
+                    len: 0x1000
+                },
+                Segment {
+                    offset: 0x1000,
+                    daemon_vaddr: 0x50000,
+                    len: 0x1000
+                }
+            ]
+        );
+        assert!(slice_alias(&segs, 0x2000, 0x2000).is_none(), "past the end");
+        assert!(slice_alias(&segs, 0, 0).is_none(), "empty");
+    }
 
     #[test]
     fn one_segment_is_kept_inline_and_every_count_reads_as_a_slice() {

@@ -18,9 +18,11 @@ use std::sync::{Mutex, MutexGuard};
 
 use nix::errno::Errno;
 
+use std::os::fd::BorrowedFd;
+
 use crate::backend::{
-    Alias, Backend, ClientEntry, ClientThread, DmaEntry, DomainInfo, Error, GroupId, MmId, Pid,
-    ProcessMemory, Resolved, Segment,
+    slice_alias, Alias, Backend, ClientEntry, ClientThread, DmaEntry, DomainInfo, Error, GroupId,
+    MmId, Pid, ProcessMemory, Resolved, Segment, Segments,
 };
 use crate::engine::{Client, ClientWork};
 
@@ -72,7 +74,15 @@ pub enum FakeCall {
     UnmapAll { group: GroupId },
     /// `read(daemon_vaddr, len)`, successful or not.
     Read { daemon_vaddr: u64, len: usize },
+    /// `alias_file` of the file with inode `inode`, successful or not.
+    AliasFile { inode: u64, offset: u64, size: u64 },
+    /// `share_alias(token, offset, size)`, successful or not.
+    Share { token: u64, offset: u64, size: u64 },
 }
+
+/// The daemon address of byte `o` of a fake file with inode `i` is
+/// `FAKE_FILE_BASE + (i << 32) + o`.
+pub const FAKE_FILE_BASE: u64 = 0x6000_0000_0000;
 
 /// One entry of a fake domain.
 pub type FakeEntry = DmaEntry;
@@ -120,6 +130,8 @@ struct FakeState {
     trims: usize,
     /// Run inside the next `map_as_client`, before it maps.
     during_client_map: Option<Box<dyn FnOnce() + Send>>,
+    /// Memory files (by inode) and their sizes.
+    files: HashMap<u64, u64>,
 }
 
 /// The fake backend. Cheap to create; share it as `Arc<FakeBackend>`.
@@ -165,6 +177,12 @@ impl FakeBackend {
     /// `pid`'s `VmLck` now.
     pub fn locked(&self, pid: Pid) -> u64 {
         self.state().locked.get(&pid).copied().unwrap_or(0)
+    }
+
+    /// Declare the file with inode `inode` a memory file of `size` bytes
+    /// (`alias_file` refuses every other file with `EINVAL`).
+    pub fn add_file(&self, inode: u64, size: u64) {
+        self.state().files.insert(inode, size);
     }
 
     /// Set `pid`'s `RLIMIT_MEMLOCK` (`None`: unlimited, the default).
@@ -474,6 +492,68 @@ impl Backend for FakeBackend {
 
     fn trim(&self) {
         self.state().trims += 1;
+    }
+
+    fn alias_file(
+        &self,
+        file: BorrowedFd<'_>,
+        offset: u64,
+        size: u64,
+        _write: bool,
+    ) -> Result<Alias, Error> {
+        let inode = nix::sys::stat::fstat(file)
+            .map_err(|e| Error::new(e, "fstat of the file failed"))?
+            .st_ino;
+        let mut s = self.state();
+        s.calls.push(FakeCall::AliasFile {
+            inode,
+            offset,
+            size,
+        });
+        let Some(&len) = s.files.get(&inode) else {
+            return Err(einval(format!("inode {inode} is not a memory file")));
+        };
+        if size == 0 || offset.checked_add(size).is_none_or(|end| end > len) {
+            return Err(einval(format!(
+                "{offset:#x}+{size:#x} is past the end of the file ({len:#x} bytes)"
+            )));
+        }
+        s.next_token += 1;
+        let alias = Alias {
+            token: s.next_token,
+            segments: Segments::from_elem(
+                Segment {
+                    offset: 0,
+                    daemon_vaddr: FAKE_FILE_BASE + (inode << 32) + offset,
+                    len: size,
+                },
+                1,
+            ),
+        };
+        s.live.insert(alias.token, alias.clone());
+        Ok(alias)
+    }
+
+    fn share_alias(&self, alias: &Alias, offset: u64, size: u64) -> Result<Alias, Error> {
+        let mut s = self.state();
+        s.calls.push(FakeCall::Share {
+            token: alias.token,
+            offset,
+            size,
+        });
+        assert!(
+            s.live.contains_key(&alias.token),
+            "sharing a released alias"
+        );
+        let segments = slice_alias(&alias.segments, offset, size)
+            .ok_or_else(|| einval(format!("{offset:#x}+{size:#x} is not inside the alias")))?;
+        s.next_token += 1;
+        let shared = Alias {
+            token: s.next_token,
+            segments,
+        };
+        s.live.insert(shared.token, shared.clone());
+        Ok(shared)
     }
 
     fn memlock_limit(&self, pid: Pid) -> Result<Option<u64>, Error> {

@@ -915,6 +915,23 @@ impl ioasid_engine::backend::Backend for GatedBackend {
     fn release_alias(&self, alias: &ioasid_engine::backend::Alias) {
         self.fake.release_alias(alias)
     }
+    fn alias_file(
+        &self,
+        file: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+        size: u64,
+        write: bool,
+    ) -> Result<ioasid_engine::backend::Alias, ioasid_engine::Error> {
+        self.fake.alias_file(file, offset, size, write)
+    }
+    fn share_alias(
+        &self,
+        alias: &ioasid_engine::backend::Alias,
+        offset: u64,
+        size: u64,
+    ) -> Result<ioasid_engine::backend::Alias, ioasid_engine::Error> {
+        self.fake.share_alias(alias, offset, size)
+    }
     fn memlock_limit(&self, pid: i32) -> Result<Option<u64>, ioasid_engine::Error> {
         self.fake.memlock_limit(pid)
     }

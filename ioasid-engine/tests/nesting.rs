@@ -531,6 +531,17 @@ fn malformed_tables_are_skipped_and_counted() {
     assert!(!st.last_walk.truncated);
     assert_eq!(st.leaves, 4);
     assert_eq!(st.malformed, 5);
+    // The daemon's counters (`cuse-ioasid status`): one malformed table.
+    let counted = en.counters();
+    assert_eq!(
+        (
+            counted.walks,
+            counted.malformed_walks,
+            counted.malformed_entries
+        ),
+        (1, 1, 5)
+    );
+    assert_eq!(counted.truncated_walks, 0);
 }
 
 #[test]
@@ -561,6 +572,9 @@ fn a_huge_fan_out_stops_at_the_default_budget() {
     en.invalidate(ctx, giova, inv_all()).unwrap();
     let st = en.info(ctx, giova).unwrap().pgtable.unwrap();
     assert!(st.last_walk.truncated && st.leaves < 1000);
+    let counted = en.counters();
+    assert_eq!((counted.walks, counted.truncated_walks), (2, 2));
+    assert_eq!((counted.malformed_walks, counted.malformed_entries), (2, 2));
 }
 
 /// xorshift64*: a small seeded generator, so failures reproduce.

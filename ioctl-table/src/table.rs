@@ -242,7 +242,7 @@ impl<Cx: 'static> Table<Cx> {
     /// A node serves these at once, never behind other calls
     /// (`cuse_server::Device::ioctl_is_quick`).
     pub fn is_quick(&self, number: u32) -> bool {
-        self.find(number).map_or(true, |op| op.stateless)
+        self.find(number).is_none_or(|op| op.stateless)
     }
 
     /// Run row `op` of this table for `caller` on open file `fh` with
@@ -276,6 +276,26 @@ impl<Cx: 'static> Table<Cx> {
                 f(cx, &u, bytes)
             }
         }
+    }
+}
+
+impl<Cx: 'static> Table<Cx> {
+    /// [`Table::call`] for the client whose context is `ctx`, the failure
+    /// logged once with the command's name within that client's log budget
+    /// ([`crate::log::refusal`]) and turned into its errno: the whole of a
+    /// node's dispatch once the row is found.
+    pub fn call_logged(
+        &self,
+        op: &IoctlOp<Cx>,
+        cx: &Cx,
+        caller: &dyn Caller,
+        ctx: u64,
+        arg: u64,
+    ) -> std::result::Result<i32, Errno> {
+        self.call(op, cx, caller, ctx, arg).map_err(|e| {
+            crate::log::refusal(crate::log::Client::Context(ctx), self.node, op.name, &e);
+            e.errno
+        })
     }
 }
 

@@ -14,11 +14,11 @@ import stat
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 
-from harness import vfio  # noqa: E402
-from harness.edu import Edu  # noqa: E402
-from harness.topology import discover, group_members  # noqa: E402
+from cuse_ioasid import vfio  # noqa: E402
+from cuse_ioasid.edu import Edu  # noqa: E402
+from cuse_ioasid.topology import discover, group_members  # noqa: E402
 
 IOVA_A = 0x100000
 IOVA_B = 0x200000

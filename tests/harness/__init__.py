@@ -1,7 +1,7 @@
-"""Python clients for the scenario tests (importable as ``harness``):
-``vfio`` (legacy VFIO), ``edu`` (QEMU's DMA test device), ``topology``
-(where the devices are), ``ioasid`` (the /dev/ioasid ABI), ``qtest``
-(QEMU driven through its qtest protocol and QMP), ``qtest_edu`` (an edu
-assigned to that QEMU, driven as its guest's driver would), ``kselftest``
-(the kernel's VFIO selftests, run and their TAP read) and
-``project_scripts`` (the project's scripts loaded as modules)."""
+"""The project's own test helpers (importable as ``harness``): ``daemon``
+(the daemon's binary and pids, the test VM's edu devices), ``kselftest``
+(the kernel's VFIO selftests, run and their TAP read), ``unit`` (a systemd
+unit read as systemd would), ``vm_guard`` (--require-vm) and
+``project_scripts`` (the project's scripts loaded as modules). The Python
+client itself (the ABIs, VFIO, the edu driver, the device topology, QEMU's
+qtest) is the package ``cuse_ioasid`` in python/."""

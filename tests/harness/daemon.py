@@ -1,18 +1,23 @@
 """The daemon as the scenarios see it: its binary, its pids, the test VM's
 edu devices, an open device node with the edu driver on top, and small
-helpers. The fixtures that start and stop the daemon are in
-tests/conftest.py."""
+helpers. The fixture that starts and stops the daemon is the plugin's
+``ioasid_daemon`` (python/cuse_ioasid/pytest_plugin.py); tests/conftest.py
+names it ``daemon`` and ``nodes``."""
 
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
 
-from harness import vfio
-from harness.edu import Edu
+from cuse_ioasid import vfio
+from cuse_ioasid.edu import Edu
+# The scenarios import these two from here; the plugin has them.
+from cuse_ioasid.pytest_plugin import daemon_pids, wait_for
+
+__all__ = ["ALL_EDU", "ALONE_1", "ALONE_2", "ALONE_3", "DAEMON", "LENGTH", "Node", "SHARED_A",
+           "SHARED_B", "daemon_log", "daemon_pids", "errno_of", "log_lines", "wait_for"]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,19 +34,6 @@ ALL_EDU = (ALONE_1, ALONE_2, ALONE_3, SHARED_A, SHARED_B)
 LENGTH = 3000  # edu transfers stay below its 4096-byte buffer
 
 
-def daemon_pids() -> list[int]:
-    """Pids of every running cuse-ioasid process."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if Path(f"/proc/{entry}/comm").read_text().strip() == "cuse-ioasid":
-                    pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
-
-
 def daemon_log() -> Path:
     """The log file of the running daemon: $VM_SCRATCH/daemon.log when
     scripts/vm --daemon started it, else the daemon-<module>.log the
@@ -55,16 +47,6 @@ def daemon_log() -> Path:
 
 def log_lines(path: Path) -> list[str]:
     return path.read_text(errors="replace").splitlines()
-
-
-def wait_for(predicate, what: str, timeout: float = 60.0):
-    """Polls predicate until it holds; fails the test with `what` after
-    `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} (waited {timeout}s)")
-        time.sleep(0.1)
 
 
 def errno_of(fn, *args, **kw) -> int:

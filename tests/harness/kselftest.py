@@ -15,6 +15,7 @@ test gave; ``Run.table`` prints them for a report.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from dataclasses import dataclass, field
@@ -84,3 +85,16 @@ def run(bindir: Path, program: str, bdf: str, filters: list[str] = (),
                        timeout=timeout)
     output = r.stdout + r.stderr
     return Run(program, args, r.returncode, output, parse_tap(r.stdout))
+
+
+def report(run: Run, heading: str = "") -> None:
+    """Print a run's table and append it to $VM_SCRATCH/vfio-selftests-
+    <kernel>.txt (the legacy baseline and the runs through the daemon land
+    side by side in that file)."""
+    text = heading + run.table()
+    print(text)
+    scratch = os.environ.get("VM_SCRATCH")
+    if scratch:
+        kernel = os.environ.get("VM_KERNEL", os.uname().release)
+        with open(Path(scratch) / f"vfio-selftests-{kernel}.txt", "a") as f:
+            f.write(text + "\n\n")

@@ -21,3 +21,8 @@ def load(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     return module
+
+
+def cached_qemu() -> Path | None:
+    """The QEMU that scripts/fetch-qemu unpacked, or None if it has not run."""
+    return load("fetch-qemu").cached()

@@ -1,4 +1,4 @@
-"""Host test: the Python ABI mirror (tests/harness/ioasid.py) against the C
+"""Host test: the Python ABI mirror (python/cuse_ioasid/ioasid.py) against the C
 header, as the C compiler lays it out (uapi/tests/layout.c), plus the
 client's decoding and error reporting, which need no daemon.
 
@@ -24,7 +24,7 @@ LAYOUT_C = REPO / "uapi" / "tests" / "layout.c"
 
 def _load_mirror():
     spec = importlib.util.spec_from_file_location(
-        "ioasid_mirror", REPO / "tests" / "harness" / "ioasid.py"
+        "ioasid_mirror", REPO / "python" / "cuse_ioasid" / "ioasid.py"
     )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

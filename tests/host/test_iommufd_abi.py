@@ -1,4 +1,4 @@
-"""Host test: the Python iommufd client (tests/harness/iommufd.py) against
+"""Host test: the Python iommufd client (python/cuse_ioasid/iommufd.py) against
 the kernel's own headers, <linux/iommufd.h> and <linux/vfio.h> from Debian
 sid's linux-libc-dev (tests/host/uapi_headers.py fetches and caches it), as
 the C compiler lays them out; plus the client's pure logic: the IOVA
@@ -17,7 +17,7 @@ import subprocess
 import pytest
 
 import uapi_headers
-from harness import iommufd as fd_abi
+from cuse_ioasid import iommufd as fd_abi
 
 # The commands of Linux 7.1's <linux/iommufd.h> (iommufd-bindings 0.2.0).
 COMMANDS_7_1 = range(0x80, 0x95)

@@ -58,8 +58,9 @@ def test_files_are_the_sources(unpacked):
     for installed, source in same.items():
         assert (unpacked / installed).read_bytes() == (REPO / source).read_bytes(), (
             f"{installed} differs from {source}: rebuild with scripts/package")
-    page = gzip.decompress((unpacked / "usr/share/man/man8/cuse-ioasid.8.gz").read_bytes())
-    assert page == (REPO / "docs/man/cuse-ioasid.8").read_bytes()
+    for name in ("cuse-ioasid", "cuse-ioasid-status"):
+        page = gzip.decompress((unpacked / f"usr/share/man/man8/{name}.8.gz").read_bytes())
+        assert page == (REPO / f"docs/man/{name}.8").read_bytes()
     for script in ("postinst", "prerm", "postrm"):
         assert (unpacked / "DEBIAN" / script).stat().st_mode & 0o111, script
 

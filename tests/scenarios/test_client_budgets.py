@@ -18,10 +18,10 @@ import traceback
 import pytest
 
 from conftest import needs_vm
-from harness import ioasid as io
+from cuse_ioasid import ioasid as io
 from harness.daemon import ALONE_1, ALONE_2, ALONE_3, LENGTH, Node
 from harness.own_daemon import OwnDaemon
-from harness.vfio import DmaBuffer
+from cuse_ioasid.vfio import DmaBuffer
 
 pytestmark = needs_vm
 

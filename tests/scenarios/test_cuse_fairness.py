@@ -296,7 +296,7 @@ def test_daemon_threads_return_to_two_per_node_after_clients_are_killed(daemon, 
     from several threads, SIGKILLed at random points; afterwards every node
     keeps at most two server threads (the daemon's default idle timeout is
     2 s)."""
-    from harness import ioasid as io
+    from cuse_ioasid import ioasid as io
 
     rng = random.Random(5)
     # Every CUSE node of the VM is the daemon's here (/dev/ioasid, a node

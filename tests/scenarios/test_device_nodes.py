@@ -27,10 +27,10 @@ import time
 import pytest
 
 from conftest import in_test_vm
-from harness import ioasid as io
-from harness import vfio
+from cuse_ioasid import ioasid as io
+from cuse_ioasid import vfio
 from harness.daemon import ALONE_1, ALONE_2, LENGTH, SHARED_A, SHARED_B, daemon_pids, errno_of
-from harness.edu import (BUFFER_ADDR, DMA_CMD_IRQ, DMA_CMD_START, REG_DMA_CMD, REG_DMA_COUNT,
+from cuse_ioasid.edu import (BUFFER_ADDR, DMA_CMD_IRQ, DMA_CMD_START, REG_DMA_CMD, REG_DMA_COUNT,
                          REG_DMA_DST, REG_DMA_SRC, Edu)
 
 PAGE = vfio.PAGE_SIZE

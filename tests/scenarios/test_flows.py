@@ -32,11 +32,11 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, in_test_vm
-from harness import ioasid as io
-from harness import vfio
+from cuse_ioasid import ioasid as io
+from cuse_ioasid import vfio
 from harness.daemon import (ALONE_1, ALONE_2, ALONE_3, LENGTH, SHARED_A, SHARED_B, Node,
                             daemon_pids, errno_of, wait_for)
-from harness.edu import Edu
+from cuse_ioasid.edu import Edu
 
 PAGE = vfio.PAGE_SIZE
 FLOW_5_1 = REPO / "target" / "c" / "flow_5_1"

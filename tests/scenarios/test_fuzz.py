@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 
 from conftest import in_test_vm
-from harness import ioasid as io
-from harness import vfio
+from cuse_ioasid import ioasid as io
+from cuse_ioasid import vfio
 from harness.daemon import ALL_EDU, LENGTH, Node, wait_for
 
 pytestmark = [
@@ -46,10 +46,16 @@ IOASID_CMDS = [io._io(io.IOASID_TYPE, io.IOASID_BASE + n) for n in range(0, 16)]
     io.IOASID_DAEMON_IDENTIFY, io._io(io.IOASID_TYPE, 0x7f), 0x5401]
 DEVICE_CMDS = [io._io(io.VFIO_TYPE, io.VFIO_BASE + n) for n in range(0, 26)] + [
     io._io(io.IOASID_TYPE, 0xff), 0x5401]
-# BAR0 registers a random write may touch: the liveness register and the
-# factorial. Never the DMA registers: QEMU's edu aborts the whole machine
-# on a transfer outside its buffer.
-SAFE_BAR0_WRITES = (0x04, 0x08)
+# The one BAR0 register a random write may touch: the liveness register.
+# Never the DMA registers (QEMU's edu aborts the whole machine on a
+# transfer outside its buffer), nor the factorial (a random 32-bit value
+# keeps a host thread of QEMU busy for seconds per write), nor config
+# space (a random PCI command word). The test VM's QEMU 7.2 crashed
+# (SIGSEGV) once during this scenario on the newest kernel, cause not
+# found; writes that test the emulated device rather than the daemon are
+# kept out. The daemon's part, the region access, is the same for every
+# offset.
+SAFE_BAR0_WRITES = (0x04,)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong)
@@ -274,8 +280,6 @@ class Worker:
         if index == 0 and self.rng.random() < 0.3:
             reg = self.rng.choice(SAFE_BAR0_WRITES)
             os.pwrite(dev.fd, self.rng.randbytes(4), info.offset + reg)
-        elif index == 7 and self.rng.random() < 0.2:
-            os.pwrite(dev.fd, struct.pack("<H", self.rng.randrange(0, 1 << 16)), info.offset + 4)
         else:
             length = self.rng.choice([1, 2, 4, 8])
             os.pread(dev.fd, length, info.offset + self.rng.randrange(0, 0x100))

@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, in_test_vm
-from harness import ioasid as io
+from cuse_ioasid import ioasid as io
 from harness.daemon import daemon_pids, errno_of
-from harness.vfio import DmaBuffer
+from cuse_ioasid.vfio import DmaBuffer
 
 PAGE = mmap.PAGESIZE
 C_BASIC = REPO / "target" / "c" / "ioasid_basic"
@@ -486,12 +486,12 @@ def test_closing_a_file_drops_its_ioasids():
 def test_a_killed_client_leaves_the_daemon_serving(daemon):
     code = (
         "import os, sys; sys.path.insert(0, sys.argv[1]);"
-        "from harness import ioasid as io; from harness.vfio import DmaBuffer;"
+        "from cuse_ioasid import ioasid as io; from cuse_ioasid.vfio import DmaBuffer;"
         "f = io.IoasidFd(); [f.alloc() for _ in range(5)];"
         "m = DmaBuffer(4 * 4096); f.register_memory(m.addr, 4 * 4096);"
         "print('ready', flush=True); os.kill(os.getpid(), 9)"
     )
-    r = subprocess.run(["/usr/bin/python3", "-c", code, str(REPO / "tests")],
+    r = subprocess.run(["/usr/bin/python3", "-c", code, str(REPO / "python")],
                        capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "ready", r.stderr
     assert r.returncode == -signal.SIGKILL

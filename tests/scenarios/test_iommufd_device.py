@@ -23,14 +23,14 @@ import os
 import pytest
 
 from conftest import iommufd_module_marks
-from harness import ioasid as rfc
-from harness import iommufd as fd_abi
-from harness import vfio
+from cuse_ioasid import ioasid as rfc
+from cuse_ioasid import iommufd as fd_abi
+from cuse_ioasid import vfio
 from harness.daemon import (ALONE_1, ALONE_2, LENGTH, SHARED_A, SHARED_B, daemon_pids,
                             errno_of)
-from harness.edu import DMA_LIMIT, Edu
-from harness.ioasid import ioctl_struct
-from harness.iommufd import (ULONG_MAX, Iommufd, alloc_iova_model, attach_pt, bind_iommufd,
+from cuse_ioasid.edu import DMA_LIMIT, Edu
+from cuse_ioasid.ioasid import ioctl_struct
+from cuse_ioasid.iommufd import (ULONG_MAX, Iommufd, alloc_iova_model, attach_pt, bind_iommufd,
                              detach_pt, hot_reset, hot_reset_info)
 
 PAGE = vfio.PAGE_SIZE

@@ -27,12 +27,12 @@ import pytest
 
 from conftest import iommufd_module_marks
 from harness import caps
-from harness import iommufd as fd_abi
+from cuse_ioasid import iommufd as fd_abi
 from harness.daemon import daemon_pids, errno_of
-from harness.ioasid import ioctl_struct
-from harness.iommufd import (RW, ULONG_MAX, Iommufd, alloc_iova_model, iommu_ioas_copy,
+from cuse_ioasid.ioasid import ioctl_struct
+from cuse_ioasid.iommufd import (RW, ULONG_MAX, Iommufd, alloc_iova_model, iommu_ioas_copy,
                              iommu_ioas_map, iommu_ioas_unmap, iommu_option)
-from harness.vfio import DmaBuffer
+from cuse_ioasid.vfio import DmaBuffer
 
 PAGE = mmap.PAGESIZE
 EVERYTHING = [(0, ULONG_MAX)]  # the IOVA range of an IOAS with no device

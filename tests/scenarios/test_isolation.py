@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, in_test_vm
-from harness import ioasid as io
-from harness import vfio
+from cuse_ioasid import ioasid as io
+from cuse_ioasid import vfio
 from harness.daemon import ALONE_3, daemon_log, errno_of, log_lines, wait_for
 
 pytestmark = [

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from conftest import needs_vm
 from harness import caps
-from harness import ioasid as io
+from cuse_ioasid import ioasid as io
 from harness.daemon import ALONE_1, ALONE_2, LENGTH, Node, errno_of
-from harness.vfio import DmaBuffer
+from cuse_ioasid.vfio import DmaBuffer
 
 pytestmark = needs_vm
 

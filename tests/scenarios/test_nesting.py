@@ -34,8 +34,8 @@ import time
 import pytest
 
 from conftest import REPO, in_test_vm
-from harness import ioasid as io
-from harness import vfio
+from cuse_ioasid import ioasid as io
+from cuse_ioasid import vfio
 from harness.daemon import (ALONE_1, ALONE_2, ALONE_3, LENGTH, SHARED_A, SHARED_B, Node,
                             daemon_log, log_lines, wait_for,
                             daemon_pids, errno_of)

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, needs_vm
-from harness import ioasid as io
-from harness import vfio
+from cuse_ioasid import ioasid as io
+from cuse_ioasid import vfio
 from harness.daemon import ALONE_1, ALONE_2, ALONE_3, LENGTH, Node, errno_of, wait_for
 from harness.own_daemon import OwnDaemon
 
@@ -196,10 +196,10 @@ def test_attach_replays_private_memory_from_its_process_only(daemon):
         io.bind_ioasid_fd(second.fd, fd)
         other = subprocess.run(
             ["/usr/bin/python3", "-c",
-             "import sys; sys.path.insert(0, sys.argv[1]); from harness import ioasid as io;\n"
+             "import sys; sys.path.insert(0, sys.argv[1]); from cuse_ioasid import ioasid as io;\n"
              "try:\n io.attach_ioasid(int(sys.argv[2]), int(sys.argv[3]))\n"
              "except OSError as e:\n print(e.errno)\nelse:\n print(0)",
-             str(REPO / "tests"), str(second.fd), str(gpa)],
+             str(REPO / "python"), str(second.fd), str(gpa)],
             capture_output=True, text=True, pass_fds=[second.fd], timeout=120)
         assert other.stdout.strip() == str(14), other.stdout + other.stderr  # EFAULT
         assert "only that process's own threads can pin" in daemon.log()

@@ -16,10 +16,10 @@ import os
 import pytest
 
 from conftest import needs_vm
-from harness import ioasid as io
+from cuse_ioasid import ioasid as io
 from harness.daemon import ALONE_1, LENGTH, Node, errno_of
 from harness.own_daemon import OwnDaemon
-from harness.vfio import DmaBuffer
+from cuse_ioasid.vfio import DmaBuffer
 
 pytestmark = needs_vm
 

@@ -4,7 +4,7 @@ Inside the test VM, Debian bookworm-backports' QEMU (fetched on the host by
 scripts/fetch-qemu, which scripts/test runs before the VM stages) gets an
 edu device of the test VM the legacy way (``-device vfio-pci,host=BDF``:
 container and group). It runs with ``-qtest`` and no guest OS; the qtest
-driver (``harness.qtest_edu``) plays the guest's driver: it enables the
+driver (``cuse_ioasid.qtest_edu``) plays the guest's driver: it enables the
 device, writes a pattern into guest RAM, and has the edu copy it guest RAM
 → device → guest RAM at guest-physical addresses, with an MSI after each
 transfer. Then a machine reset (QMP ``system_reset``), a second round trip
@@ -22,11 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from harness import vfio
-from harness.edu import Edu
-from harness.qtest import Qemu, cached_qemu, machine_args
-from harness.qtest_edu import PCI_BAR0, PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, \
+from cuse_ioasid import vfio
+from cuse_ioasid.edu import Edu
+from cuse_ioasid.qtest import Qemu, machine_args
+from cuse_ioasid.qtest_edu import PCI_BAR0, PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, \
     QtestEdu
+from harness.project_scripts import cached_qemu
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/vfio/vfio"),

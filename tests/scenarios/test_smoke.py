@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, needs_vm
-from harness import vfio
-from harness.edu import Edu
-from harness.topology import group_members
+from cuse_ioasid import vfio
+from cuse_ioasid.edu import Edu
+from cuse_ioasid.topology import group_members
 
 pytestmark = needs_vm
 

@@ -64,13 +64,7 @@ def huge_pages():
 
 
 def report(run: kselftest.Run) -> None:
-    text = run.table()
-    print(text)
-    scratch = os.environ.get("VM_SCRATCH")
-    if scratch:
-        kernel = os.environ.get("VM_KERNEL", os.uname().release)
-        with open(Path(scratch) / f"vfio-selftests-{kernel}.txt", "a") as f:
-            f.write(text + "\n\n")
+    kselftest.report(run, "legacy VFIO directly: ")
 
 
 def test_dma_mapping_on_legacy_vfio(bindir, topology, huge_pages):

@@ -26,6 +26,7 @@
 //! `docs/uapi.md`; the front ends implement it.
 
 pub mod error;
+pub mod iommufd;
 pub mod numbers;
 pub mod plain;
 pub mod structs;

@@ -5,6 +5,12 @@
 //! Several numbers are shared by commands on different file types, exactly
 //! as in the kernel (e.g. `VFIO_BASE + 12`).
 
+pub use vfio_bindings::bindings::vfio::{
+    vfio_device_attach_iommufd_pt, vfio_device_bind_iommufd, vfio_device_detach_iommufd_pt,
+    VFIO_DEVICE_ATTACH_PASID, VFIO_DEVICE_BIND_FLAG_TOKEN, VFIO_DEVICE_DETACH_PASID,
+    VFIO_PCI_DEVID_NOT_OWNED, VFIO_PCI_DEVID_OWNED, VFIO_PCI_HOT_RESET_FLAG_DEV_ID,
+    VFIO_PCI_HOT_RESET_FLAG_DEV_ID_OWNED,
+};
 use vfio_bindings::bindings::vfio::{
     vfio_device_info, vfio_info_cap_header, vfio_irq_info, vfio_irq_set, vfio_pci_dependent_device,
     vfio_pci_hot_reset, vfio_pci_hot_reset_info, vfio_region_info,
@@ -61,7 +67,7 @@ pub const VFIO_DEVICE_GET_GFX_DMABUF: u32 = vfio(15);
 pub const VFIO_DEVICE_IOEVENTFD: u32 = vfio(16);
 /// `VFIO_DEVICE_FEATURE`
 pub const VFIO_DEVICE_FEATURE: u32 = vfio(17);
-/// `VFIO_DEVICE_BIND_IOMMUFD` (cdev only; not available through the daemon)
+/// `VFIO_DEVICE_BIND_IOMMUFD` (the cdev `/dev/vfio/devices/vfioN` only)
 pub const VFIO_DEVICE_BIND_IOMMUFD: u32 = vfio(18);
 /// `VFIO_DEVICE_ATTACH_IOMMUFD_PT` (cdev only)
 pub const VFIO_DEVICE_ATTACH_IOMMUFD_PT: u32 = vfio(19);
@@ -153,4 +159,7 @@ vfio_arg_structs! {
     vfio_pci_hot_reset_info = 12,
     vfio_pci_dependent_device = 8,
     vfio_pci_hot_reset = 12,
+    vfio_device_bind_iommufd = 24,
+    vfio_device_attach_iommufd_pt = 16,
+    vfio_device_detach_iommufd_pt = 12,
 }

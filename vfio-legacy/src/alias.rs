@@ -63,7 +63,9 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use ioasid_engine::backend::{Alias, Pid, ProcessMemory, Prot, Resolved, Segment};
+use std::os::fd::BorrowedFd;
+
+use ioasid_engine::backend::{slice_alias, Alias, Pid, ProcessMemory, Prot, Resolved, Segment};
 use nix::errno::Errno;
 
 use crate::error::{proc_error, Context, Error, Result};
@@ -524,6 +526,114 @@ impl ClientMemory {
             "aliased client memory"
         );
         Ok(mapping)
+    }
+
+    /// Make `[offset, offset + size)` of a client's memory file (copied
+    /// into the daemon with `pidfd_getfd`) addressable by this process:
+    /// `IOMMU_IOAS_MAP_FILE`. As the kernel's `memfd_pin_folios`, only
+    /// shmem (memfd, tmpfs) and hugetlbfs files are accepted, and only
+    /// inside the file (`EINVAL` otherwise); writable only if the file was
+    /// opened for writing (`EPERM`). The mapping covers the range rounded
+    /// out to the file's page size and shares the cache of the aliases of
+    /// client memory (same key: device, inode, offset, length, writable).
+    pub fn alias_file(
+        &self,
+        file: BorrowedFd<'_>,
+        offset: u64,
+        size: u64,
+        write: bool,
+    ) -> Result<Alias> {
+        use nix::sys::statfs::{fstatfs, HUGETLBFS_MAGIC, TMPFS_MAGIC};
+        let kind = fstatfs(file)
+            .map_err(|e| Error::new(e, "fstatfs of the mapped file failed"))?
+            .filesystem_type();
+        let huge = kind == HUGETLBFS_MAGIC;
+        if kind != TMPFS_MAGIC && !huge {
+            return Err(Error::new(
+                Errno::EINVAL,
+                "IOMMU_IOAS_MAP_FILE takes a memfd, tmpfs or hugetlbfs file (the kernel pins \
+                 files with memfd_pin_folios, which takes no other)",
+            ));
+        }
+        let st = nix::sys::stat::fstat(file)
+            .map_err(|e| Error::new(e, "fstat of the mapped file failed"))?;
+        let end = offset
+            .checked_add(size)
+            .filter(|&e| size > 0 && e <= st.st_size as u64)
+            .ok_or_else(|| {
+                Error::new(
+                    Errno::EINVAL,
+                    format!(
+                        "file range {offset:#x}+{size:#x} is not inside the file ({:#x} bytes)",
+                        st.st_size
+                    ),
+                )
+            })?;
+        let mode = nix::fcntl::fcntl(file, nix::fcntl::FcntlArg::F_GETFL)
+            .map_err(|e| Error::new(e, "F_GETFL of the mapped file failed"))?;
+        if write && mode & libc::O_ACCMODE == libc::O_RDONLY {
+            return Err(Error::new(
+                Errno::EPERM,
+                "the file was opened read-only: map it without IOMMU_IOAS_MAP_WRITEABLE, or \
+                 pass an fd opened for writing",
+            ));
+        }
+        let page = if huge { st.st_blksize as u64 } else { 4096 }.max(4096);
+        let start = offset & !(page - 1);
+        let stop = end.div_ceil(page) * page;
+        let key = Key {
+            dev_major: libc::major(st.st_dev),
+            dev_minor: libc::minor(st.st_dev),
+            inode: st.st_ino,
+            offset: start,
+            len: stop - start,
+            write,
+        };
+        let found = self.lock().get(&key);
+        let addr = match found {
+            Some(addr) => addr,
+            None => {
+                let len = usize::try_from(stop - start)
+                    .map_err(|_| Error::new(Errno::ENOMEM, "file range too large"))?;
+                let mapping = SharedMapping::new(file, len, true, write, start)
+                    .map_err(|e| Error::new(e, "cannot map the file for DMA"))?;
+                let mut table = self.lock();
+                match table.get(&key) {
+                    Some(addr) => addr, // mapped meanwhile: ours is dropped
+                    None => table.insert(key, mapping),
+                }
+            }
+        };
+        let segment = Segment {
+            offset: 0,
+            daemon_vaddr: addr as u64 + (offset - start),
+            len: size,
+        };
+        Ok(self.lock().hand_out(vec![segment]))
+    }
+
+    /// A second alias of `[offset, offset + size)` of the live `alias`,
+    /// holding its own references on the same daemon mappings.
+    pub fn share(&self, alias: &Alias, offset: u64, size: u64) -> Result<Alias> {
+        let segments = slice_alias(&alias.segments, offset, size).ok_or_else(|| {
+            Error::new(
+                Errno::EINVAL,
+                format!("{offset:#x}+{size:#x} is not inside the alias"),
+            )
+        })?;
+        let mut table = self.lock();
+        if !table.live.contains(&alias.token) {
+            return Err(Error::new(Errno::EINVAL, "sharing a released alias"));
+        }
+        let keys: Option<Vec<Key>> = segments
+            .iter()
+            .map(|s| table.key_at(s.daemon_vaddr))
+            .collect();
+        let keys = keys.ok_or_else(|| Error::new(Errno::EINVAL, "alias segment in no mapping"))?;
+        for key in &keys {
+            table.get(key);
+        }
+        Ok(table.hand_out(segments.to_vec()))
     }
 
     /// Give back an alias; the daemon mappings it held become idle when no

@@ -207,9 +207,9 @@ impl VfioArg<vfio_pci_hot_reset_info> {
     pub fn groups(&self) -> Result<Vec<u32>> {
         let count = self.header().count as usize;
         let size = std::mem::size_of::<vfio_pci_dependent_device>();
-        if !count
+        if count
             .checked_mul(size)
-            .is_some_and(|n| n <= self.tail().len())
+            .is_none_or(|n| n > self.tail().len())
         {
             return Err(Error::new(
                 Errno::EINVAL,
@@ -220,17 +220,92 @@ impl VfioArg<vfio_pci_hot_reset_info> {
             ));
         }
         let mut groups = Vec::new();
-        let first = std::mem::size_of::<vfio_pci_hot_reset_info>();
-        for i in 0..count {
-            let d: vfio_pci_dependent_device = self.read_at(first + i * size).expect("checked");
-            // SAFETY: both members of the union are `__u32`s: every bit
-            // pattern is a valid `group_id`.
-            let g = unsafe { d.__bindgen_anon_1.group_id };
-            if !groups.contains(&g) {
-                groups.push(g);
+        for d in self.dependents()? {
+            if !groups.contains(&d.id) {
+                groups.push(d.id);
             }
         }
         Ok(groups)
+    }
+
+    /// The devices a `VFIO_DEVICE_GET_PCI_HOT_RESET_INFO` answer lists, in
+    /// order. `EINVAL` if they do not fit in the argument.
+    pub fn dependents(&self) -> Result<Vec<Dependent>> {
+        let count = self.header().count as usize;
+        let size = std::mem::size_of::<vfio_pci_dependent_device>();
+        let first = std::mem::size_of::<vfio_pci_hot_reset_info>();
+        (0..count)
+            .map(|i| {
+                let d: vfio_pci_dependent_device =
+                    self.read_at(first + i * size).ok_or_else(|| {
+                        Error::new(
+                            Errno::EINVAL,
+                            format!("VFIO_DEVICE_GET_PCI_HOT_RESET_INFO: device {i} is past argsz"),
+                        )
+                    })?;
+                // SAFETY: both members of the union are `__u32`s: every bit
+                // pattern is a valid `group_id`.
+                let id = unsafe { d.__bindgen_anon_1.group_id };
+                Ok(Dependent {
+                    id,
+                    segment: d.segment,
+                    bus: d.bus,
+                    devfn: d.devfn,
+                })
+            })
+            .collect()
+    }
+
+    /// Write `devices` as the answer's device list, `count` with them (the
+    /// device-id form of a cdev keeps the layout; only the id changes
+    /// meaning). `None` if they do not fit.
+    pub fn set_dependents(&mut self, devices: &[Dependent]) -> Option<()> {
+        let size = std::mem::size_of::<vfio_pci_dependent_device>();
+        let first = std::mem::size_of::<vfio_pci_hot_reset_info>();
+        for (i, d) in devices.iter().enumerate() {
+            let entry = vfio_pci_dependent_device {
+                __bindgen_anon_1:
+                    vfio_bindings::bindings::vfio::vfio_pci_dependent_device__bindgen_ty_1 {
+                        devid: d.id,
+                    },
+                segment: d.segment,
+                bus: d.bus,
+                devfn: d.devfn,
+            };
+            self.write_at(first + i * size, &entry)?;
+        }
+        let mut h = self.header();
+        h.count = devices.len() as u32;
+        self.set_header(&h);
+        Some(())
+    }
+}
+
+/// One device a hot reset affects: its IOMMU group (legacy form) or its
+/// iommufd device id (the cdev's `VFIO_PCI_HOT_RESET_FLAG_DEV_ID` form),
+/// and its PCI address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dependent {
+    /// The group id or device id.
+    pub id: u32,
+    /// PCI segment (domain).
+    pub segment: u16,
+    /// PCI bus.
+    pub bus: u8,
+    /// PCI device and function.
+    pub devfn: u8,
+}
+
+impl Dependent {
+    /// The device's PCI address, `DDDD:BB:DD.F`.
+    pub fn bdf(&self) -> String {
+        format!(
+            "{:04x}:{:02x}:{:02x}.{:x}",
+            self.segment,
+            self.bus,
+            self.devfn >> 3,
+            self.devfn & 7
+        )
     }
 }
 

@@ -20,6 +20,40 @@ pub struct PciDevice {
     pub vendor: u16,
     /// PCI device id.
     pub device: u16,
+    /// The kernel's name for the device's VFIO cdev, `vfioN` (the entry of
+    /// `/sys/bus/pci/devices/BDF/vfio-dev/`, present even on kernels
+    /// without the cdev); `None` when sysfs has none.
+    pub vfio_dev: Option<String>,
+    /// The device has the PCI ATS extended capability.
+    pub ats: bool,
+    /// The device is an SR-IOV physical or virtual function.
+    pub sriov: bool,
+}
+
+/// PCI extended capability id of Address Translation Services.
+const PCI_EXT_CAP_ID_ATS: u16 = 0x0f;
+
+/// Whether PCI config space `config` (as sysfs gives it) lists extended
+/// capability `id`.
+fn has_ext_capability(config: &[u8], id: u16) -> bool {
+    let mut at = 0x100usize;
+    for _ in 0..(4096 / 4) {
+        let Some(h) = config.get(at..at + 4) else {
+            return false;
+        };
+        let h = u32::from_le_bytes(h.try_into().expect("4 bytes"));
+        if h == 0 || h == u32::MAX {
+            return false;
+        }
+        if (h & 0xffff) as u16 == id {
+            return true;
+        }
+        at = (h >> 20) as usize & !3;
+        if at < 0x100 {
+            return false;
+        }
+    }
+    false
 }
 
 /// Where sysfs is: `/sys` normally, a fake tree in tests.
@@ -146,11 +180,26 @@ impl Sysfs {
             })?
             .parse::<GroupId>()
             .map_err(|_| Error::new(Errno::EIO, format!("bad iommu_group link of {bdf}")))?;
+        let vfio_dev = std::fs::read_dir(dir.join("vfio-dev"))
+            .ok()
+            .and_then(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .find(|n| n.starts_with("vfio"))
+            });
+        let ats = std::fs::read(dir.join("config"))
+            .map(|c| has_ext_capability(&c, PCI_EXT_CAP_ID_ATS))
+            .unwrap_or(false);
+        let sriov = dir.join("sriov_totalvfs").exists() || dir.join("physfn").exists();
         Ok(PciDevice {
             vendor: read_id(&dir.join("vendor"))?,
             device: read_id(&dir.join("device"))?,
             bdf,
             group,
+            vfio_dev,
+            ats,
+            sriov,
         })
     }
 
@@ -251,6 +300,36 @@ mod tests {
         // The driver directory also holds non-device entries.
         std::fs::write(f.root.join("bus/pci/drivers/vfio-pci/new_id"), "").unwrap();
         f
+    }
+
+    #[test]
+    fn ats_is_found_in_the_extended_capability_chain() {
+        let mut config = vec![0u8; 4096];
+        assert!(!has_ext_capability(&config, PCI_EXT_CAP_ID_ATS), "no chain");
+        // AER (1) at 0x100, next 0x140; ATS (0xf) at 0x140, last.
+        config[0x100..0x104].copy_from_slice(&(1u32 | (0x140 << 20)).to_le_bytes());
+        config[0x140..0x144].copy_from_slice(&0x0001_000fu32.to_le_bytes());
+        assert!(has_ext_capability(&config, PCI_EXT_CAP_ID_ATS));
+        assert!(
+            !has_ext_capability(&config[..256], PCI_EXT_CAP_ID_ATS),
+            "256 bytes only"
+        );
+        // A loop (next pointing at itself) ends.
+        config[0x140..0x144].copy_from_slice(&(2u32 | (0x140 << 20)).to_le_bytes());
+        assert!(!has_ext_capability(&config, PCI_EXT_CAP_ID_ATS));
+    }
+
+    #[test]
+    fn the_vfio_dev_name_is_read_from_sysfs() {
+        let f = fake();
+        let dev = f
+            .root
+            .join("devices/pci0000:00/0000:00:03.0/vfio-dev/vfio4");
+        std::fs::create_dir_all(&dev).unwrap();
+        let d = f.sysfs().device("0000:00:03.0").unwrap();
+        assert_eq!(d.vfio_dev.as_deref(), Some("vfio4"));
+        assert!(!d.ats && !d.sriov);
+        assert_eq!(f.sysfs().device("0000:00:05.0").unwrap().vfio_dev, None);
     }
 
     #[test]

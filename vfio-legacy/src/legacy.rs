@@ -441,6 +441,20 @@ impl Backend for VfioLegacy {
         self.memory.release(alias)
     }
 
+    fn alias_file(
+        &self,
+        file: BorrowedFd<'_>,
+        offset: u64,
+        size: u64,
+        write: bool,
+    ) -> Result<Alias> {
+        self.memory.alias_file(file, offset, size, write)
+    }
+
+    fn share_alias(&self, alias: &Alias, offset: u64, size: u64) -> Result<Alias> {
+        self.memory.share(alias, offset, size)
+    }
+
     fn trim(&self) {
         self.memory.trim()
     }

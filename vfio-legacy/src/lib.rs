@@ -28,7 +28,7 @@ pub mod region_info;
 mod sys;
 
 pub use alias::ClientMemory;
-pub use device::{DeviceFile, VfioArg, VfioDevice};
+pub use device::{Dependent, DeviceFile, VfioArg, VfioDevice};
 pub use discovery::{discover, PciDevice, Sysfs};
 pub use error::{Error, Result};
 pub use legacy::{Paths, VfioLegacy};

@@ -128,6 +128,8 @@ pub(super) struct Context {
     /// Aliases given back while a group was out of service: its domain may
     /// still map them. Released once no group of the context is.
     pub(super) held: Vec<Alias>,
+    /// An iommufd file's objects (`ioas`); empty for `/dev/ioasid`.
+    pub(super) objects: super::ioas::Objects,
 }
 
 impl Context {
@@ -144,6 +146,7 @@ impl Context {
             own_bytes: 0,
             broken: AtomicUsize::new(0),
             held: Vec::new(),
+            objects: Default::default(),
         }
     }
 

@@ -105,98 +105,129 @@ impl Engine {
             if is_child {
                 return self.map_child(c, ioasid, iova, vaddr, size, prot);
             }
-            let memory = if c.registrations.is_empty() {
-                match self.backend.resolve(client.tid(), vaddr, size)? {
-                    Resolved::Shared(alias) => match self.charge_shared(client.tid(), &alias) {
-                        Ok(charged) => Memory::Own { alias, charged },
-                        Err(e) => {
-                            self.release(c, alias);
-                            return Err(e);
-                        }
-                    },
-                    Resolved::Private { why } => {
-                        return self.map_private(c, client, ioasid, map, why)
+            self.map_user(c, client, ioasid, &groups, map)
+        }
+    }
+
+    /// Map `map` into IOASID `ioasid` (whose checks passed) and into
+    /// `groups`, its realising domains: the client memory is resolved here.
+    /// Shared memory is a registration or an alias of the caller's memory,
+    /// charged to its process ([`Engine::charge_shared`]); private memory
+    /// is reserved and left to the client's own thread (`private`). The
+    /// one way from a client's address to a domain, for `IOASID_MAP_DMA`
+    /// and iommufd's `IOMMU_IOAS_MAP` alike.
+    pub(super) fn map_user(
+        &self,
+        c: &mut Context,
+        client: &dyn Client,
+        ioasid: IoasidId,
+        groups: &[GroupId],
+        map: DmaMap,
+    ) -> Result<(), Error> {
+        let DmaMap {
+            iova, vaddr, size, ..
+        } = map;
+        let memory = if c.registrations.is_empty() {
+            match self.backend.resolve(client.tid(), vaddr, size)? {
+                Resolved::Shared(alias) => match self.charge_shared(client.tid(), &alias) {
+                    Ok(charged) => Memory::Own { alias, charged },
+                    Err(e) => {
+                        self.release(c, alias);
+                        return Err(e);
                     }
+                },
+                Resolved::Private { why } => return self.map_private(c, client, ioasid, map, why),
+            }
+        } else {
+            let inside = c
+                .registrations
+                .range(..=vaddr)
+                .next_back()
+                .filter(|(&s, r)| vaddr + size <= s + r.size);
+            match inside {
+                Some((_, r)) if r.alias.is_none() => {
+                    let why = format!("registered private memory at {vaddr:#x}");
+                    return self.map_private(c, client, ioasid, map, why);
                 }
-            } else {
-                let inside = c
-                    .registrations
-                    .range(..=vaddr)
-                    .next_back()
-                    .filter(|(&s, r)| vaddr + size <= s + r.size);
-                match inside {
-                    Some((_, r)) if r.alias.is_none() => {
-                        let why = format!("registered private memory at {vaddr:#x}");
-                        return self.map_private(c, client, ioasid, map, why);
-                    }
-                    Some((&s, _)) => Memory::Registered(s),
-                    None => {
-                        return Err(err(
-                            ENOENT,
-                            format!(
-                                "vaddr range {vaddr:#x}+{size:#x} is not inside one registered \
-                                 range; this ioasid fd has registered memory, so every map must \
-                                 lie in a registration (IOASID_REGISTER_MEMORY)"
-                            ),
-                        ))
-                    }
-                }
-            };
-            let mapping = Mapping {
-                vaddr,
-                size,
-                prot,
-                memory,
-            };
-            let segs = c.segments(&mapping);
-            let mut failed = None;
-            for (i, &g) in groups.iter().enumerate() {
-                if let Err(e) = self.map_segments(c, g, iova, &segs, prot) {
-                    for &done in &groups[..i] {
-                        if let Err(undo) = self.backend.unmap(done, iova, size) {
-                            self.undo_failed(c, done, "unmapping a map refused elsewhere", &undo);
-                        }
-                    }
-                    failed = Some(e);
-                    break;
+                Some((&s, _)) => Memory::Registered(s),
+                None => {
+                    return Err(err(
+                        ENOENT,
+                        format!(
+                            "vaddr range {vaddr:#x}+{size:#x} is not inside one registered \
+                             range; this ioasid fd has registered memory, so every map must \
+                             lie in a registration (IOASID_REGISTER_MEMORY)"
+                        ),
+                    ))
                 }
             }
-            drop(segs);
-            if let Some(e) = failed {
-                if let Memory::Own { alias, charged } = mapping.memory {
-                    self.uncharge(charged, &alias);
-                    self.release(c, alias);
+        };
+        let mapping = Mapping {
+            vaddr,
+            size,
+            prot: map.prot,
+            memory,
+        };
+        self.map_memory(c, ioasid, groups, iova, mapping)
+    }
+
+    /// Insert `mapping` at `iova` into IOASID `ioasid` and map it into
+    /// `groups`, all or nothing; on failure its memory is given back.
+    pub(super) fn map_memory(
+        &self,
+        c: &mut Context,
+        ioasid: IoasidId,
+        groups: &[GroupId],
+        iova: u64,
+        mapping: Mapping,
+    ) -> Result<(), Error> {
+        let (size, prot) = (mapping.size, mapping.prot);
+        let segs = c.segments(&mapping);
+        let mut failed = None;
+        for (i, &g) in groups.iter().enumerate() {
+            if let Err(e) = self.map_segments(c, g, iova, &segs, prot) {
+                for &done in &groups[..i] {
+                    if let Err(undo) = self.backend.unmap(done, iova, size) {
+                        self.undo_failed(c, done, "unmapping a map refused elsewhere", &undo);
+                    }
                 }
+                failed = Some(e);
+                break;
+            }
+        }
+        drop(segs);
+        if let Some(e) = failed {
+            if let Memory::Own { alias, charged } = mapping.memory {
+                self.uncharge(charged, &alias);
+                self.release(c, alias);
+            }
+            return Err(e);
+        }
+        match mapping.memory {
+            Memory::Own { .. } => c.own_bytes += size,
+            Memory::Registered(s) => c.registrations.get_mut(&s).expect("found above").users += 1,
+            Memory::Nested | Memory::Private { .. } | Memory::Pending(_) => {}
+        }
+        c.ioasid_mut(ioasid)?.mappings.insert(iova, mapping);
+        // The children see the new mapping at once.
+        if c.has_children(ioasid) {
+            let view = parent_view(c, ioasid, &[])?;
+            if let Err(e) = self.refresh_children(c, ioasid, &view) {
+                let m = c
+                    .ioasid_mut(ioasid)?
+                    .mappings
+                    .remove(&iova)
+                    .expect("inserted above");
+                for &g in groups {
+                    if let Err(undo) = self.backend.unmap(g, iova, size) {
+                        self.undo_failed(c, g, "unmapping a map its children refused", &undo);
+                    }
+                }
+                self.drop_memory(c, m);
                 return Err(e);
             }
-            match mapping.memory {
-                Memory::Own { .. } => c.own_bytes += size,
-                Memory::Registered(s) => {
-                    c.registrations.get_mut(&s).expect("found above").users += 1
-                }
-                Memory::Nested | Memory::Private { .. } | Memory::Pending(_) => {}
-            }
-            c.ioasid_mut(ioasid)?.mappings.insert(iova, mapping);
-            // The children see the new mapping at once.
-            if c.has_children(ioasid) {
-                let view = parent_view(c, ioasid, &[])?;
-                if let Err(e) = self.refresh_children(c, ioasid, &view) {
-                    let m = c
-                        .ioasid_mut(ioasid)?
-                        .mappings
-                        .remove(&iova)
-                        .expect("inserted above");
-                    for &g in &groups {
-                        if let Err(undo) = self.backend.unmap(g, iova, size) {
-                            self.undo_failed(c, g, "unmapping a map its children refused", &undo);
-                        }
-                    }
-                    self.drop_memory(c, m);
-                    return Err(e);
-                }
-            }
-            Ok(())
         }
+        Ok(())
     }
 
     /// Charge the shared memory behind `alias`, about to be pinned by the

@@ -7,6 +7,9 @@
 //! - `device`: bind, attach, detach and the group rule;
 //! - `nesting`: child IOASIDs and their shadows;
 //! - `tables`: bound page tables, PASID tables and invalidation;
+//! - `ioas`, `hwpt`, `iova`: iommufd's objects (IOAS, HWPT, device ids),
+//!   its IOAS commands, attach and replace, and the IOVA allocator;
+//! - `snapshot`: what a status request sees, without waiting for calls;
 //! - this file: the [`Engine`] itself, opening and closing contexts.
 //!
 //! # Model
@@ -60,6 +63,10 @@
 //! - `registry` (which device is bound to which context, which groups are
 //!   out of service) is taken *after* a context lock, never before, and
 //!   never while holding two context locks. Lock order: context → registry.
+//! - `board` (the last snapshot of each context, for status requests) is
+//!   held only to store or copy one; it is taken after a context lock or
+//!   alone. [`Engine::snapshot`] only *tries* context locks, so a status
+//!   request never waits for a client's call (see `snapshot`).
 //!
 //! Group ownership (all bound devices of a group belong to one context)
 //! means a group's domain and its devices' attachments are only ever
@@ -85,10 +92,14 @@ mod accounts;
 mod client;
 mod context;
 mod device;
+mod hwpt;
+mod ioas;
+mod iova;
 mod mapping;
 mod nesting;
 mod private;
 mod service;
+mod snapshot;
 mod tables;
 mod types;
 
@@ -98,7 +109,11 @@ use context::*;
 pub use accounts::Budgets;
 pub use client::{Client, ClientWork};
 
+pub use ioas::{IoasMap, MapSource, ObjectId, ObjectKind};
 use nesting::*;
+pub use snapshot::{
+    BoundDeviceSnapshot, ContextSnapshot, ContextView, EngineCounters, IoasidSnapshot,
+};
 use tables::*;
 pub use types::*;
 
@@ -136,6 +151,8 @@ pub struct Engine {
     next_reservation: AtomicU64,
     /// The engine itself, for work that runs after a reply.
     me: Weak<Engine>,
+    /// Last snapshots and counters, for status requests (see `snapshot`).
+    board: snapshot::Board,
 }
 
 impl std::fmt::Debug for Engine {
@@ -231,6 +248,7 @@ impl Engine {
             private_memory: AtomicBool::new(true),
             next_reservation: AtomicU64::new(1),
             me: me.clone(),
+            board: snapshot::Board::default(),
         }))
     }
 
@@ -313,7 +331,9 @@ impl Engine {
         let arc = self.context(ctx)?;
         let mut c = lock(&arc);
         c.check_open(ctx)?;
-        f(&mut c)
+        let result = f(&mut c);
+        self.board.call_done(&c, &self.devices);
+        result
     }
 
     fn context(&self, ctx: ContextId) -> Result<Arc<Mutex<Context>>, Error> {
@@ -373,6 +393,7 @@ impl Engine {
         // Operations that looked the context up before it left the table
         // find it closed once they get the lock.
         c.closed = true;
+        self.board.forget(ctx);
         let mut closed = ClosedContext::default();
         // The groups to empty: those realising an IOASID, and those out of
         // service because of this context (their domain may hold anything).

@@ -259,7 +259,7 @@ impl Engine {
             .mappings
             .values()
             .filter_map(|m| match &m.memory {
-                Memory::Private { mm, .. } => Some(mm.pid),
+                Memory::Private { mm, pinned_in } if !pinned_in.contains(&group) => Some(mm.pid),
                 _ => None,
             })
             .collect();
@@ -394,9 +394,14 @@ impl Engine {
         }
         if let Err(e) = result {
             unmap(&c, &done);
-            let spec = self.spec(dev)?.clone();
-            if let Err(undo) = self.detach_rid(&mut c, &spec, id) {
-                self.undo_failed(&c, group, "detaching after a failed private replay", &undo);
+            if c.objects.attached.contains_key(&dev) {
+                // Attached through iommufd's VFIO_DEVICE_ATTACH_IOMMUFD_PT.
+                self.detach_pt_locked(&mut c, dev);
+            } else {
+                let spec = self.spec(dev)?.clone();
+                if let Err(undo) = self.detach_rid(&mut c, &spec, id) {
+                    self.undo_failed(&c, group, "detaching after a failed private replay", &undo);
+                }
             }
             return Err(e);
         }

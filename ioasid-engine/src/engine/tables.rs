@@ -98,6 +98,7 @@ impl Engine {
             );
             let mut report = WalkReport::default();
             report.add(&stats);
+            self.board.count_walk(&stats);
             c.ioasid_mut(ioasid)?.pgtable = Some(BoundPgtable {
                 root,
                 leaves: found.into_iter().collect(),
@@ -324,6 +325,7 @@ impl Engine {
                             &mut budget,
                         );
                         report.add(&s);
+                        self.board.count_walk(&s);
                         *stats = s;
                         merge_leaves(leaves, start, end, found, inv.range.is_none());
                     }
@@ -353,6 +355,7 @@ impl Engine {
         );
         let mut report = WalkReport::default();
         report.add(&stats);
+        self.board.count_walk(&stats);
         let whole = start == 0 && end >= pgtable::INPUT_END;
         let ranges = known_ranges(c.ioasid(ioasid)?);
         // Only the shadow of the leaves taken out and put in changes.
@@ -425,6 +428,7 @@ impl Engine {
                         &mut budget,
                     );
                     report.add(&stats);
+                    self.board.count_walk(&stats);
                     Some(PasidState::Walked {
                         leaves: found.into_iter().collect(),
                         root,

@@ -32,8 +32,6 @@ import subprocess
 import time
 from pathlib import Path
 
-from harness import project_scripts
-
 PCI_CONFIG_ADDRESS = 0xCF8
 PCI_CONFIG_DATA = 0xCFC
 
@@ -342,9 +340,3 @@ def machine_args(memory_mb: int = 32) -> list[str]:
     RAM, because legacy VFIO pins all of it at start-up, page by page
     through the test VM's emulated IOMMU."""
     return ["-machine", "q35", "-m", str(memory_mb)]
-
-
-
-def cached_qemu() -> Path | None:
-    """The QEMU that scripts/fetch-qemu unpacked, or None if it has not run."""
-    return project_scripts.load("fetch-qemu").cached()

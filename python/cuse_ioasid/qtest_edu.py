@@ -3,7 +3,7 @@
 The edu (PCI 1234:11e8) of the test VM is handed to an inner QEMU with
 vfio-pci (legacy ``host=``, or iommufd fds). No guest OS runs there: this
 module plays the guest's driver through the qtest protocol
-(``harness.qtest``). It assigns BAR0 an address, enables memory space and
+(``cuse_ioasid.qtest``). It assigns BAR0 an address, enables memory space and
 bus mastering, points the device's MSI at a word of guest RAM, and programs
 DMA between guest RAM and the device's buffer at guest-physical addresses.
 
@@ -22,10 +22,10 @@ the interrupt shows up as a memory write that qtest can read.
 
 from __future__ import annotations
 
-from harness.edu import (BUFFER_ADDR, DMA_CMD_IRQ, DMA_CMD_START, DMA_CMD_TO_RAM, DMA_LIMIT,
+from .edu import (BUFFER_ADDR, DMA_CMD_IRQ, DMA_CMD_START, DMA_CMD_TO_RAM, DMA_LIMIT,
                          EDU_DEVICE, EDU_ID_VALUE, EDU_VENDOR, MAX_TRANSFER, REG_DMA_CMD,
                          REG_DMA_COUNT, REG_DMA_DST, REG_DMA_SRC, REG_ID, REG_LIVENESS)
-from harness.qtest import PciConfig, Qemu, QtestError, find_functions, wait_until
+from .qtest import PciConfig, Qemu, QtestError, find_functions, wait_until
 
 REG_INTR_STATUS = 0x24
 REG_INTR_ACK = 0x64

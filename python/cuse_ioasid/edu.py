@@ -5,7 +5,7 @@ buffer at device address 0x40000. The buffer cannot be read over MMIO, so a
 mapping is proved by a round trip: memory at IOVA ``src`` → buffer → memory
 at IOVA ``dst``, then comparing the bytes in this process's memory.
 
-``Edu`` works on any VFIO device (``harness.vfio.Device``), whether its fd
+``Edu`` works on any VFIO device (``cuse_ioasid.vfio.Device``), whether its fd
 came from a legacy group or from a ``/dev/vfio/devices/devN`` node.
 
 Limits of the device: IOVAs below 256 MiB (28-bit DMA mask) and transfers
@@ -47,7 +47,7 @@ class DmaTimeout(EduError):
 
 
 class Edu:
-    """An edu device reached through a VFIO device (``harness.vfio.Device``)."""
+    """An edu device reached through a VFIO device (``cuse_ioasid.vfio.Device``)."""
 
     def __init__(self, device, check_id: bool = True):
         self.device = device

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.edu import EDU_DEVICE, EDU_VENDOR
+from .edu import EDU_DEVICE, EDU_VENDOR
 
 PCI_DEVICES = Path("/sys/bus/pci/devices")
 

@@ -27,7 +27,7 @@ import fcntl
 import os
 import struct
 
-from harness.ioasid import NodeFile, _fileno, _io, ioctl_struct
+from .ioasid import NodeFile, _fileno, _io, ioctl_struct
 
 # ---------------------------------------------------------------------------
 # Numbers
