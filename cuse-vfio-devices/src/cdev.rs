@@ -382,7 +382,10 @@ impl CdevNode {
                 )),
             };
         }
-        let hwpt = self.engine.attach_pt(self.spec.id, ctx, a.pt_id)?;
+        // Private memory of the IOAS is pinned by the caller's own thread
+        // after the reply; what goes wrong then is the context's line.
+        let client = u.client_as(ioctl_table::log::Client::Context(ctx.0));
+        let hwpt = self.engine.attach_pt(self.spec.id, ctx, &client, a.pt_id)?;
         let out = vfio_device_attach_iommufd_pt { pt_id: hwpt, ..a };
         let at = std::mem::offset_of!(vfio_device_attach_iommufd_pt, pt_id);
         u.write_fields(&out, at..at + 4)?;

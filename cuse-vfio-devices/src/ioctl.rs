@@ -122,11 +122,11 @@ fn unbind(node: &DeviceNode, u: &Ucmd<'_>, fd: u64) -> Result<i32> {
 }
 
 fn attach(node: &DeviceNode, u: &Ucmd<'_>, a: VfioAttachIoasid) -> Result<i32> {
-    node.attach(u.fh, a, true)
+    node.attach(u, a, true)
 }
 
 fn detach(node: &DeviceNode, u: &Ucmd<'_>, a: VfioAttachIoasid) -> Result<i32> {
-    node.attach(u.fh, a, false)
+    node.attach(u, a, false)
 }
 
 /// The caller's argument as a VFIO argument of struct `T` (the table's

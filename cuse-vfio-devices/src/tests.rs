@@ -51,17 +51,15 @@ impl Fx {
             name: name.to_string(),
             group,
         };
-        let engine = Arc::new(
-            Engine::new(
-                fake,
-                vec![
-                    dev(DEV_A, "0000:00:03.0", 3),
-                    dev(DEV_X, "0000:01:01.0", 7),
-                    dev(DEV_Y, "0000:01:02.0", 7),
-                ],
-            )
-            .unwrap(),
-        );
+        let engine = Engine::new(
+            fake,
+            vec![
+                dev(DEV_A, "0000:00:03.0", 3),
+                dev(DEV_X, "0000:01:01.0", 7),
+                dev(DEV_Y, "0000:01:02.0", 7),
+            ],
+        )
+        .unwrap();
         let opener = Arc::new(FakeOpener::default());
         let lookup = Arc::new(FakeLookup::default());
         let nodes = DeviceNodes::with_parts(engine.clone(), opener.clone(), lookup.clone());

@@ -8,7 +8,8 @@ with `dpkg -i` (built by `scripts/package --profile dev`), and:
   cuse-ioasid.service (Type=notify: `systemctl start` returns on READY=1)
   with its capability bounding set and hardening, runs flow 5.1 as root, as
   a member of the group "ioasid" the package created, and as a user outside
-  it (EACCES), asks `cuse-ioasid status` as each of them (the outsider is
+  it (EACCES), has the first two pin private memory by their own thread
+  (issue 14), asks `cuse-ioasid status` as each of them (the outsider is
   refused), reads the journal (one line per event, its priority), stops
   the unit;
 - starts the unit's ExecStart line as systemd would (environment file,
@@ -55,8 +56,10 @@ debian_12_kernel_only = pytest.mark.skipif(
 UNIT = "cuse-ioasid.service"
 UNIT_PATH = Path("usr/lib/systemd/system") / UNIT
 FLOW_5_1 = REPO / "target" / "c" / "flow_5_1"
+PRIVATE_DMA = REPO / "target" / "c" / "private_dma_ioasid"
 # Inside the overlay: not /tmp, which systemd empties at boot.
 CLIENT = "/usr/local/bin/flow_5_1"
+PRIVATE_CLIENT = "/usr/local/bin/private_dma_ioasid"
 SYSTEMCTL_ENV = {"SYSTEMD_IGNORE_CHROOT": "1", "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0"}
 # flow_5_1's steps that prove DMA crossed the IOMMU (tests/c/flow_5_1.c).
 DMA_PROOF = ["page B now holds exactly page A's 3000 bytes", "the MSI arrived", "flow_5_1: PASS"]
@@ -92,8 +95,9 @@ def root():
     (in the group ioasid) and bob (not)."""
     if daemon_pids():
         pytest.fail("a cuse-ioasid daemon is already running: this module starts its own")
-    if not FLOW_5_1.exists():
-        pytest.fail(f"{FLOW_5_1} missing: run tests/c/build on the host")
+    for client in (FLOW_5_1, PRIVATE_DMA):
+        if not client.exists():
+            pytest.fail(f"{client} missing: run tests/c/build on the host")
     base = Path(tempfile.mkdtemp(prefix="service-", dir="/tmp"))
     top = base / "root"
     for d in ("upper", "work", "root"):
@@ -108,6 +112,7 @@ def root():
                  "tmpfs", str(top / fs)])
         shutil.copy(deb_path(), top / "tmp" / deb_path().name)
         shutil.copy(FLOW_5_1, top / CLIENT.lstrip("/"))
+        shutil.copy(PRIVATE_DMA, top / PRIVATE_CLIENT.lstrip("/"))
         run(["chroot", str(top), "dpkg", "-i", f"/tmp/{deb_path().name}"])
         run(["chroot", str(top), "useradd", "--no-create-home", "--groups", "ioasid", "alice"])
         run(["chroot", str(top), "useradd", "--no-create-home", "bob"])
@@ -301,6 +306,19 @@ def test_flow_5_1_as_root_as_group_member_and_outsider(systemd):
     # Nor can bob open /dev/ioasid.
     r = as_user(systemd, "bob", ["python3", "-c", "import os; os.open('/dev/ioasid', os.O_RDWR)"])
     assert "PermissionError" in r.stderr and f"[Errno {errno.EACCES}]" in r.stderr, r.stderr
+
+
+@debian_12_kernel_only
+def test_private_memory_as_root_and_as_group_member(systemd):
+    """Under the unit's hardening the daemon still has a client's own thread
+    pin its malloc memory (issue 14): it ptraces the thread
+    (CAP_SYS_PTRACE) and hands it the container over an abstract Unix
+    socket, which only works in the client's network namespace."""
+    for user, node in ((None, NODES[1]), ("alice", NODES[2])):
+        r = as_user(systemd, user, ["env", f"PRIVATE_DEVICE={node}", PRIVATE_CLIENT, "malloc",
+                                    "0x100000"])
+        assert r.returncode == 0 and "PASS malloc" in r.stdout, (
+            f"private memory as {user or 'root'}:\n{r.stdout}{r.stderr}")
 
 
 @debian_12_kernel_only

@@ -73,7 +73,7 @@ fn daemon() -> Wired {
             group: d.group,
         })
         .collect();
-    let engine = Arc::new(Engine::new(fake, specs).unwrap());
+    let engine = Engine::new(fake, specs).unwrap();
     let wiring = Wiring::default();
     let ioasid = wiring.ioasid_node(
         Arc::new(IoasidNode::new(engine.clone(), Box::new(|_| {}))),
@@ -129,7 +129,7 @@ fn known_state(d: &Wired) -> u64 {
     let io = en.alloc(ctx).unwrap();
     en.alloc(ctx).unwrap();
     en.bind(DEV1, ctx).unwrap();
-    en.attach(DEV1, ctx, io, None).unwrap();
+    en.attach(DEV1, ctx, &CLIENT, io, None).unwrap();
     let rw = Prot {
         read: true,
         write: true,
@@ -137,7 +137,7 @@ fn known_state(d: &Wired) -> u64 {
     for i in 0..2 {
         en.map_dma(
             ctx,
-            CLIENT,
+            &CLIENT,
             io,
             DmaMap {
                 iova: i * K4,
