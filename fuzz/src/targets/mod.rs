@@ -39,7 +39,7 @@ pub fn engine(
     backend: std::sync::Arc<ioasid_engine::fake::FakeBackend>,
     devices: &[(ioasid_engine::DeviceId, &str, u32)],
     walk_limit: u64,
-) -> ioasid_engine::Engine {
+) -> std::sync::Arc<ioasid_engine::Engine> {
     let specs = devices
         .iter()
         .map(|&(id, name, group)| ioasid_engine::DeviceSpec {

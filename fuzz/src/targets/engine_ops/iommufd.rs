@@ -90,7 +90,7 @@ impl Ops {
                     }
                 } else {
                     MapSource::User {
-                        pid: PID,
+                        client: &PID,
                         vaddr: addr,
                     }
                 };
@@ -297,7 +297,7 @@ impl Ops {
                 let dev = pick_dev(rng, en, ctx, true);
                 let pt = pick_id(rng, &all);
                 let want = c.free_id();
-                let got = en.attach_pt(dev, ctx, pt);
+                let got = en.attach_pt(dev, ctx, &PID, pt);
                 if let Ok(h) = got {
                     assert!(c.bound.contains(&dev), "attach of {dev:?}, not bound");
                     let ioas = match c.objects.get(&pt) {

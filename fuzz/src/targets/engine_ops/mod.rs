@@ -104,7 +104,7 @@ struct Ops {
 /// One input's state.
 struct Run {
     fake: Arc<FakeBackend>,
-    engine: Engine,
+    engine: std::sync::Arc<Engine>,
     model: BTreeMap<ContextId, Ctx>,
     memlock: Option<u64>,
 }
@@ -235,12 +235,14 @@ impl Ops {
             self.write_tables(rng, r);
             return "tables written".into();
         }
-        let pinned = r.model[&ctx].pinned();
+        // The limit holds over the process's bytes, each counted once
+        // however many registrations and mappings hold it.
+        let pinned = r.engine.pinned_bytes_of_process(PID);
         let what = match r.model[&ctx].kind {
             Kind::Rfc => self.rfc_op(rng, r, ctx),
             Kind::Iommufd => self.iommufd_op(rng, r, ctx),
         };
-        let now = r.model[&ctx].pinned();
+        let now = r.engine.pinned_bytes_of_process(PID);
         if let Some(limit) = r.memlock {
             assert!(
                 now <= pinned || now <= limit,

@@ -85,7 +85,7 @@ impl Ops {
                     1 => (MEM + PIECE - M2, 2 * M2),
                     _ => (vaddr(rng), length(rng)),
                 };
-                let got = en.register_memory(ctx, PID, v, size);
+                let got = en.register_memory(ctx, &PID, v, size);
                 if got.is_ok() {
                     let over = c.regs.iter().any(|(&s, &l)| s < v + size && v < s + l);
                     assert!(!over, "register {v:#x}+{size:#x} overlaps");
@@ -135,7 +135,7 @@ impl Ops {
                     size,
                     prot: p,
                 };
-                let got = en.map_dma(ctx, PID, id, map);
+                let got = en.map_dma(ctx, &PID, id, map);
                 if got.is_ok() {
                     assert!(
                         c.group_rule_holds(id, &self.groups),
@@ -250,7 +250,7 @@ impl Ops {
                     pick_dev(rng, en, ctx, true)
                 };
                 let pasid = rng.chance(1, 5).then(|| rng.below(4) as u32);
-                let got = en.attach(dev, ctx, id, pasid);
+                let got = en.attach(dev, ctx, &PID, id, pasid);
                 if got.is_ok() {
                     assert!(c.bound.contains(&dev), "attach of {dev:?}, not bound");
                     let child = c.spaces[&id].parent.is_some();

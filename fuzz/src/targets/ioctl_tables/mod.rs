@@ -186,7 +186,6 @@ impl Tables {
             (DEV_Y, "0000:01:02.0", 7),
         ];
         let engine = super::engine(fake.clone(), &devices, 1 << 10);
-        let engine = Arc::new(engine);
         let ctx = engine.open_context();
         let file = match node {
             Node::Ioasid | Node::DevN => self.ioasid_ino,
@@ -249,7 +248,7 @@ impl Tables {
             let _ = en.alloc(ctx);
         }
         if rng.chance(1, 4) {
-            let _ = en.register_memory(ctx, PID, MEM, 1 << 20);
+            let _ = en.register_memory(ctx, &PID, MEM, 1 << 20);
         }
         if rng.chance(1, 8) {
             // The other device of group 7 in another context (binding X
@@ -276,7 +275,7 @@ impl Tables {
         if bound && dev == DEV_X && rng.chance(1, 2) {
             let _ = en.bind(DEV_Y, ctx);
         }
-        if bound && rng.chance(7, 8) && en.attach(dev, ctx, 1, None).is_ok() {
+        if bound && rng.chance(7, 8) && en.attach(dev, ctx, &PID, 1, None).is_ok() {
             for i in 0..rng.below(4) {
                 let map = DmaMap {
                     iova: i << 21,
@@ -284,12 +283,12 @@ impl Tables {
                     size: 1 << 20,
                     prot: RW,
                 };
-                let _ = en.map_dma(ctx, PID, 1, map);
+                let _ = en.map_dma(ctx, &PID, 1, map);
             }
             if rng.chance(1, 2) {
                 if let Ok(child) = en.create_nesting(ctx, 1) {
                     if rng.chance(1, 2) {
-                        let _ = en.attach(dev, ctx, child, None);
+                        let _ = en.attach(dev, ctx, &PID, child, None);
                     }
                 }
             }
@@ -344,13 +343,13 @@ impl Tables {
                 prot: RW,
             };
             let source = MapSource::User {
-                pid: PID,
+                client: &PID,
                 vaddr: MEM + (i << 20),
             };
             let _ = en.ioas_map(ctx, 1, source, map);
         }
         if bound && rng.chance(3, 4) {
-            let _ = en.attach_pt(dev, ctx, 1);
+            let _ = en.attach_pt(dev, ctx, &PID, 1);
         }
         if rng.chance(1, 4) {
             if let Some(devid) = en.device_object_id(ctx, dev) {
