@@ -27,10 +27,11 @@ for and that nothing was refused but what the kernel refuses too, and
 compares the counts with the daemon's own counters (``cuse-ioasid
 status``). The counts are printed (``-rP`` shows them).
 
-Guest RAM is a shared memfd (``memory-backend-memfd,share=on``, and
-``aux-ram-share=on`` for the ROMs): the daemon does not pin another
-process's private memory yet. The leg with QEMU's default private RAM is a
-strict expected failure until it does.
+The three-device leg runs with guest RAM in a shared memfd
+(``memory-backend-memfd,share=on``, and ``aux-ram-share=on`` for the
+ROMs), which the daemon pins through its own alias of QEMU's pages; a
+second leg runs with QEMU's default memory, private anonymous RAM, which
+QEMU's own thread pins for the daemon (private memory, issue 14).
 
     scripts/vm -- tests/scenarios/run -k qemu_iommufd -rP
 """
@@ -50,7 +51,7 @@ from cuse_ioasid.edu import EDU_DEVICE, EDU_VENDOR, Edu
 from cuse_ioasid.ioasid import IOASID_DAEMON_IDENTIFY
 from cuse_ioasid.iommufd import Iommufd, attach_pt, bind_iommufd, cdev_path
 from cuse_ioasid.pytest_plugin import Request
-from cuse_ioasid.qtest import Qemu, QtestError, find_functions, machine_args
+from cuse_ioasid.qtest import Qemu, find_functions, machine_args
 from cuse_ioasid.qtest_edu import BAR0_ADDR, PCI_BAR0, PCI_COMMAND, PCI_COMMAND_MASTER, \
     PCI_COMMAND_MEMORY, QtestEdu
 from harness.daemon import ALONE_1, LENGTH, SHARED_A, SHARED_B
@@ -105,7 +106,7 @@ PER_IOAS_REFUSALS = Counter({("iommufd", "IOMMU_IOAS_IOVA_RANGES", "EMSGSIZE"): 
 
 def shared_ram_args() -> list[str]:
     """The inner machine with its RAM in a shared memfd and its ROMs in
-    shared memory, which the daemon can pin for QEMU."""
+    shared memory, which the daemon pins through its own alias."""
     args = machine_args(RAM_MB)
     machine = args.index("-machine") + 1
     args[machine] += ",memory-backend=ram0,aux-ram-share=on"
@@ -285,30 +286,18 @@ def test_three_devices_dma_msi_reset_and_clean_exit(any_qemu, ioasid_daemon, tmp
     assert resets and {r.result for r in resets} == {"ok"}, resets
 
 
-class PrivateRamRefused(Exception):
-    """QEMU stopped at start-up because the daemon refused to map its
-    private RAM (IOMMU_IOAS_MAP answered EFAULT): today's limit."""
-
-
 def refused_maps(daemon) -> int:
     return sum(1 for r in daemon.requests()
-               if r.command == "IOMMU_IOAS_MAP" and r.result == "EFAULT")
+               if r.command == "IOMMU_IOAS_MAP" and r.result != "ok")
 
 
-@pytest.mark.xfail(raises=PrivateRamRefused, strict=True,
-                   reason="PRIVATE RAM: the daemon cannot pin QEMU's private anonymous RAM yet "
-                          "(issue 14); QEMU stops at its first failed map. Remove this mark "
-                          "once private memory is pinned.")
 def test_default_private_ram(qemu_binary, ioasid_daemon, tmp_path, request):
-    """The same leg with QEMU's default memory (private anonymous RAM and
-    ROMs), one device. Fails today for one reason only: QEMU exits at
-    start-up after the daemon refused to map private memory (EFAULT); any
-    other failure is a real one."""
+    """The same leg with QEMU's default memory: private anonymous guest
+    RAM and ROMs, which the daemon has QEMU's own thread pin (issue 14).
+    The device's DMA reaches guest RAM, and no map was refused."""
     args = ["-accel", "tcg", *machine_args(RAM_MB)]
     before = refused_maps(ioasid_daemon)
-    try:
-        run_leg(qemu_binary, ioasid_daemon, [ALONE_1], tmp_path, request, args)
-    except QtestError as e:
-        if refused_maps(ioasid_daemon) > before:
-            raise PrivateRamRefused(str(e)) from e
-        raise
+    log = run_leg(qemu_binary, ioasid_daemon, [ALONE_1], tmp_path, request, args)
+    maps = [r for r in log if r.command == "IOMMU_IOAS_MAP"]
+    assert maps and all(r.result == "ok" for r in maps), maps
+    assert refused_maps(ioasid_daemon) == before
