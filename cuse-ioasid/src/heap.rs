@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// it to give the rest back (the allocator's own default threshold for
 /// the top of its main heap is 128 KiB; freed memory elsewhere it never
 /// gives back by itself).
-pub const GIVE_BACK_OVER: u64 = 4 << 20;
+pub const GIVE_BACK_OVER: u64 = 1 << 20;
 
 /// The daemon's memory, as `status` reports it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
