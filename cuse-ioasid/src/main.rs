@@ -218,6 +218,9 @@ fn run(args: Args) -> Result<()> {
         print!("{}", status::show(&args.status_socket, json)?);
         return Ok(());
     }
+    // Before any thread: the allocator gives back what departed clients
+    // leave (issue 17, item 4).
+    cuse_ioasid::heap::configure();
     let access = NodeAccess::new(args.node_group.as_deref(), args.node_mode)?;
     let devices = select_devices(&args)?;
     let nodes: Vec<String> = (1..=devices.len())

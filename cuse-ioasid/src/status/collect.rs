@@ -256,6 +256,7 @@ impl Sources {
                 pid: std::process::id(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 uptime_s: self.started.elapsed().as_secs(),
+                memory: daemon_memory(),
             },
             processes,
             devices,
@@ -279,4 +280,15 @@ pub fn proc_command(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| s.trim_end().to_string())
         .unwrap_or_default()
+}
+
+/// The daemon's own memory now.
+fn daemon_memory() -> DaemonMemory {
+    let f = crate::heap::figures();
+    DaemonMemory {
+        rss_bytes: f.rss_bytes,
+        heap_in_use_bytes: f.heap_in_use_bytes,
+        heap_free_bytes: f.heap_free_bytes,
+        give_backs: f.give_backs,
+    }
 }

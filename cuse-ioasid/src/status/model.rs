@@ -38,6 +38,22 @@ pub struct Daemon {
     pub version: String,
     /// Seconds since it started serving.
     pub uptime_s: u64,
+    /// Its own memory.
+    pub memory: DaemonMemory,
+}
+
+/// The daemon's own memory (see `cuse_ioasid::heap`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DaemonMemory {
+    /// Resident bytes, including client pages it maps.
+    pub rss_bytes: u64,
+    /// Heap bytes its state uses.
+    pub heap_in_use_bytes: u64,
+    /// Heap bytes freed but kept by the allocator.
+    pub heap_free_bytes: u64,
+    /// Times freed memory was given back to the system after a release.
+    pub give_backs: u64,
 }
 
 /// A process's `RLIMIT_MEMLOCK` as the daemon reads it now.

@@ -22,6 +22,16 @@ pub fn bytes(n: u64) -> String {
     format!("{n} B")
 }
 
+/// `n` rounded for a figure that moves anyway (the daemon's own memory):
+/// `5.2 MiB`, `300 KiB`.
+fn rounded(n: u64) -> String {
+    match n {
+        0..1024 => format!("{n} B"),
+        1024..0x10_0000 => format!("{} KiB", n / 1024),
+        _ => format!("{:.1} MiB", n as f64 / f64::from(1 << 20)),
+    }
+}
+
 fn limit(l: Limit) -> String {
     match l {
         Limit::Bytes(n) => bytes(n),
@@ -52,6 +62,15 @@ pub fn render(s: &Status) -> String {
         d.version,
         d.pid,
         duration(d.uptime_s)
+    );
+    let m = &d.memory;
+    let _ = writeln!(
+        out,
+        "memory: {} resident, heap {} in use and {} freed but kept ({} given back so far)",
+        rounded(m.rss_bytes),
+        rounded(m.heap_in_use_bytes),
+        rounded(m.heap_free_bytes),
+        m.give_backs
     );
     let _ = writeln!(out);
     if s.processes.is_empty() {

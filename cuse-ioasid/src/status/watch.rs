@@ -328,5 +328,8 @@ impl Device for Watched {
         let name = self.counters.count(RELEASE, None);
         self.trace(fh, name, None);
         self.clients.released(&self.node, fh);
+        // What the file held is freed now: give it back to the system if
+        // the allocator would keep much of it.
+        crate::heap::after_release();
     }
 }
