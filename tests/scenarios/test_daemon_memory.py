@@ -9,13 +9,20 @@ gives freed memory back after a release (`cuse-ioasid/src/heap.rs`);
 `cuse-ioasid status` shows its memory.
 
 The floods here are the issue's: IOASIDs from several clients at once
-(each served by a daemon thread of its own), twice, then 16,384 maps of
+(each served by a daemon thread of its own), then 16,384 maps of
 distinct 4 KiB pieces of one buffer. The daemon runs with budgets large
 enough for them (the default per-client budgets refuse such a flood
 earlier, which bounds it too). What is checked is the daemon's anonymous
 resident memory (`RssAnon` of /proc/PID/status: its heaps and stacks,
 not its binary's pages nor client pages it maps) once every client has
-gone, against where it started.
+gone, against where it was after a small round of the same calls (which
+starts the server threads the floods use; each keeps a stack and
+buffers while it lives). Measured on 6.1 (`-rP` prints the figures):
+without the fix the daemon kept 8 to 12 MiB more after such floods, with
+it about 1 MiB.
+
+It runs on Debian 12's kernel only: what it checks is the C library's,
+the same in both guests, and the floods take minutes under emulation.
 
     scripts/vm -- tests/scenarios/run -k daemon_memory -rP
 """
@@ -34,16 +41,18 @@ from harness.daemon import ALONE_1
 
 pytestmark = [
     pytest.mark.skipif(not in_test_vm(), reason="needs the test VM: run under scripts/vm"),
+    pytest.mark.skipif(not os.uname().release.startswith("6.1."),
+                       reason="the C library's behaviour, the same on every kernel: "
+                              "checked on Debian 12's kernel (6.1) only"),
     pytest.mark.cuse_ioasid_args("--max-client-ioasids", "100000",
                                  "--max-client-aliases", "100000"),
 ]
 
 CLIENTS = 4
-IOASIDS = 5000
+IOASIDS = 2500
 MAPS = 16384
 PAGE = 4096
-# What the daemon may keep after the floods: thread stacks for the
-# threads the clients made it start, and allocator slack.
+# What the daemon may keep after the floods: allocator slack.
 SLACK = 4 << 20
 
 
@@ -54,8 +63,8 @@ def rss_anon(pid: int) -> int:
     raise AssertionError(f"no RssAnon in /proc/{pid}/status")
 
 
-def ioasid_flood() -> None:
-    """CLIENTS processes at once, IOASIDS each, then gone."""
+def ioasid_flood(ioasids: int = IOASIDS) -> None:
+    """CLIENTS processes at once, ``ioasids`` each, then gone."""
     kids = []
     for _ in range(CLIENTS):
         pid = os.fork()
@@ -63,7 +72,7 @@ def ioasid_flood() -> None:
             code = 1
             try:
                 with io.IoasidFd() as fd:
-                    for _ in range(IOASIDS):
+                    for _ in range(ioasids):
                         fd.alloc()
                 code = 0
             finally:
@@ -74,17 +83,17 @@ def ioasid_flood() -> None:
         assert os.waitstatus_to_exitcode(status) == 0, "a flooding client failed"
 
 
-def map_flood(node: str) -> None:
-    """MAPS maps of distinct pages of one shared buffer, in one IOASID
+def map_flood(node: str, maps: int = MAPS) -> None:
+    """``maps`` maps of distinct pages of one shared buffer, in one IOASID
     attached to a device, then everything closed."""
-    with vfio.DmaBuffer(MAPS * PAGE) as mem:
+    with vfio.DmaBuffer(maps * PAGE) as mem:
         dev = vfio.Device.open_node(node)
         fd = io.IoasidFd()
         try:
             io.bind_ioasid_fd(dev.fd, fd)
             a = fd.alloc()
             io.attach_ioasid(dev.fd, a)
-            for i in range(MAPS):
+            for i in range(maps):
                 fd.map_dma(a, 0x100000 + i * PAGE, mem.addr + i * PAGE, PAGE)
         finally:
             dev.close()
@@ -95,13 +104,15 @@ def test_memory_returns_after_floods_of_ioasids_and_maps(ioasid_daemon):
     # The maps pin 64 MiB of this process.
     resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     pid = ioasid_daemon.pid
+    node = ioasid_daemon.nodes[ALONE_1]
+    ioasid_flood(10)
+    map_flood(node, 16)
     start = rss_anon(pid)
-    figures = [("start", start, ioasid_daemon.status()["daemon"]["memory"])]
-    for n in range(2):
-        ioasid_flood()
-        figures.append((f"after IOASID flood {n + 1}", rss_anon(pid),
-                        ioasid_daemon.status()["daemon"]["memory"]))
-    map_flood(ioasid_daemon.nodes[ALONE_1])
+    figures = [("after a small round", start, ioasid_daemon.status()["daemon"]["memory"])]
+    ioasid_flood()
+    figures.append(("after the IOASID flood", rss_anon(pid),
+                    ioasid_daemon.status()["daemon"]["memory"]))
+    map_flood(node)
     end = rss_anon(pid)
     memory = ioasid_daemon.status()["daemon"]["memory"]
     figures.append(("after the map flood", end, memory))
