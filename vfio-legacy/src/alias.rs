@@ -49,15 +49,18 @@
 //! - it identifies what it opened by the fd (`fstat`: device *and* inode,
 //!   as the maps listed them; an inode number alone repeats across file
 //!   systems);
-//! - after mapping, it re-reads the maps and checks that the client still
-//!   maps that very file at that place with that access (bounds, offset,
-//!   device, inode, protection).
+//! - after mapping, it asks the maps again, on the descriptor it read them
+//!   from first (bound to the client's memory map, not to a pid that could
+//!   be reused), and checks that the client still maps that very file at
+//!   that place with that access (bounds, offset, device, inode,
+//!   protection).
 //!
 //! Otherwise it starts over (a few times, then `EAGAIN`). Registrations,
 //! page-table walks and the reads through `/proc/self/mem` all go through
 //! these aliases, so the same checks hold for them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
@@ -330,18 +333,12 @@ impl ClientMemory {
         }
     }
 
-    /// The areas of process `pid` covering `[start, end)`, as its maps
-    /// show them now.
-    fn areas(&self, pid: Pid, start: u64, end: u64) -> Result<Vec<Vma>> {
+    /// Open process `pid`'s memory map. The descriptor stays bound to the
+    /// memory map (the `mm`) of the process it was opened on, so one open
+    /// serves the reads before and after an alias is made.
+    fn open_maps(&self, pid: Pid) -> Result<File> {
         let path = format!("{}/{pid}/maps", self.proc_root.display());
-        let maps = std::fs::File::open(&path)
-            .map_err(|e| proc_error(&e, format!("cannot open {path}")))?;
-        areas_covering(&maps, start, end).map_err(|e| {
-            Error::new(
-                e.errno,
-                format!("process {pid}: {}; cannot map it for DMA", e.message),
-            )
-        })
+        File::open(&path).map_err(|e| proc_error(&e, format!("cannot open {path}")))
     }
 
     /// Make `[vaddr, vaddr + size)` of process `pid` addressable by this
@@ -377,7 +374,8 @@ impl ClientMemory {
     /// add them: reading the client's map, opening `map_files` and `mmap`
     /// run unlocked, so clients do not wait for each other's `/proc`.
     fn try_alias(&self, pid: Pid, vaddr: u64, end: u64) -> std::result::Result<Alias, Attempt> {
-        let areas = self.areas(pid, vaddr, end)?;
+        let maps = self.open_maps(pid)?;
+        let areas = areas(&maps, pid, vaddr, end)?;
         for vma in &areas {
             // The message tells the user what to do; the front end logs it,
             // within the client's log budget.
@@ -394,7 +392,7 @@ impl ClientMemory {
             if addr.is_some() {
                 continue;
             }
-            match self.map_area(pid, vma) {
+            match self.map_area(pid, &maps, vma) {
                 Ok(mapping) => made.push(mapping),
                 Err(e) => {
                     let mut table = self.lock();
@@ -443,8 +441,14 @@ impl ClientMemory {
         Ok(alias)
     }
 
-    /// Open the area through `map_files` and map it here.
-    fn map_area(&self, pid: Pid, vma: &Vma) -> std::result::Result<SharedMapping, Attempt> {
+    /// Open the area through `map_files` and map it here; `maps` is the
+    /// client's memory map, opened by [`ClientMemory::open_maps`].
+    fn map_area(
+        &self,
+        pid: Pid,
+        maps: &File,
+        vma: &Vma,
+    ) -> std::result::Result<SharedMapping, Attempt> {
         let path = self
             .proc_root
             .join(pid.to_string())
@@ -494,8 +498,10 @@ impl ClientMemory {
         drop(file);
 
         // The area must still be the one we opened and mapped: the client
-        // maps this very file, with this access, at this place, now.
-        let now = self.areas(pid, vma.start, vma.end)?;
+        // maps this very file, with this access, at this place, now. Asked
+        // on the descriptor the areas were first read from: the same memory
+        // map, without a second open (and its access check).
+        let now = areas(maps, pid, vma.start, vma.end)?;
         if now.as_slice() != std::slice::from_ref(vma) {
             return Err(Attempt::Changed);
         }
@@ -695,6 +701,17 @@ impl ClientMemory {
     pub fn alias_count(&self) -> usize {
         self.lock().live.len()
     }
+}
+
+/// The areas covering `[start, end)` of process `pid`, as its memory map
+/// `maps` shows them now.
+fn areas(maps: &File, pid: Pid, start: u64, end: u64) -> Result<Vec<Vma>> {
+    areas_covering(maps, start, end).map_err(|e| {
+        Error::new(
+            e.errno,
+            format!("process {pid}: {}; cannot map it for DMA", e.message),
+        )
+    })
 }
 
 fn check_shareable(pid: Pid, vma: &Vma) -> Result<()> {

@@ -8,7 +8,6 @@
 //! process (about 0.1 ms for a small program under emulation).
 
 use std::fs::File;
-use std::io::Read;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -196,9 +195,12 @@ pub fn areas_covering(maps: &File, start: u64, end: u64) -> Result<Vec<Vma>> {
 }
 
 /// [`areas_covering`] from the text of the whole file: read in one go
-/// (no `fstat` for a size, which procfs does not know), only the lines of
-/// the covering areas parsed whole.
-fn text_covering(mut maps: &File, start: u64, end: u64) -> Result<Vec<Vma>> {
+/// (no `fstat` for a size, which procfs does not know) from its start,
+/// wherever an earlier read left the descriptor, so that one open file
+/// answers several times; only the lines of the covering areas parsed
+/// whole.
+fn text_covering(maps: &File, start: u64, end: u64) -> Result<Vec<Vma>> {
+    use std::os::unix::fs::FileExt;
     thread_local! {
         /// Each thread's buffer for the text, kept between calls.
         static TEXT: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 64 * 1024]);
@@ -209,7 +211,7 @@ fn text_covering(mut maps: &File, start: u64, end: u64) -> Result<Vec<Vma>> {
             if len == text.len() {
                 text.resize(2 * len, 0);
             }
-            match maps.read(&mut text[len..]) {
+            match maps.read_at(&mut text[len..], len as u64) {
                 Ok(0) => break,
                 Ok(n) => len += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -448,6 +450,58 @@ mod tests {
         }
         // SAFETY: the rest of the mapping made above.
         unsafe { munmap(p, 3 * PAGE as usize) }.unwrap();
+    }
+
+    /// One open maps file answers again, from its start and as the map is
+    /// now: the check after an alias is made asks the descriptor the
+    /// areas were first read from.
+    #[test]
+    fn one_open_maps_file_answers_again_as_the_map_is_now() {
+        use nix::sys::mman::{mmap, mprotect, munmap, MapFlags, ProtFlags};
+        use std::num::NonZeroUsize;
+        const PAGE: u64 = 4096;
+        let fd =
+            nix::sys::memfd::memfd_create("maps-again", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .unwrap();
+        let file = File::from(fd);
+        file.set_len(2 * PAGE).unwrap();
+        // SAFETY: a new shared mapping at an address the kernel picks; only
+        // its address is used, never a reference into it.
+        let p = unsafe {
+            mmap(
+                None,
+                NonZeroUsize::new(2 * PAGE as usize).unwrap(),
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                &file,
+                0,
+            )
+        }
+        .unwrap();
+        let base = p.as_ptr() as u64;
+        let maps = File::open("/proc/self/maps").unwrap();
+        for ask in [text_covering, areas_covering] {
+            let first = ask(&maps, base, base + 2 * PAGE).unwrap();
+            assert_eq!(first.len(), 1);
+            assert_eq!((first[0].start, first[0].end), (base, base + 2 * PAGE));
+            assert_eq!(ask(&maps, base, base + 2 * PAGE).unwrap(), first);
+        }
+        // SAFETY: page 1 of our own mapping, no reference into it.
+        unsafe {
+            mprotect(
+                p.byte_add(PAGE as usize),
+                PAGE as usize,
+                ProtFlags::PROT_READ,
+            )
+        }
+        .unwrap();
+        for ask in [text_covering, areas_covering] {
+            let now = ask(&maps, base, base + 2 * PAGE).unwrap();
+            assert_eq!(now.len(), 2, "the split shows through the same descriptor");
+            assert_eq!((now[1].start, now[1].write), (base + PAGE, false));
+        }
+        // SAFETY: the mapping made above.
+        unsafe { munmap(p, 2 * PAGE as usize) }.unwrap();
     }
 
     /// A name longer than the first buffer (the longest memfd name, shown
