@@ -9,12 +9,13 @@
 //! very pages the client sees.
 //!
 //! **Whole areas.** The daemon maps each client area whole rather than just
-//! the pages asked for: the mapping costs address space only (nothing is
-//! populated until the kernel pins it for DMA); one mapping then serves every
-//! later request inside the same area; and an area's start, length and file
-//! offset are already aligned to its page size, which hugetlbfs requires
-//! (the kernel also picks a huge-page aligned address for a hugetlbfs file
-//! when none is given).
+//! the pages asked for: the mapping costs address space only (only the
+//! pages asked for are populated, by the pin, or just before it with read
+//! faults when they are 64 KiB or more: see [`POPULATE_MIN`]); one mapping
+//! then serves every later request inside the same area; and an area's
+//! start, length and file offset are already aligned to its page size,
+//! which hugetlbfs requires (the kernel also picks a huge-page aligned
+//! address for a hugetlbfs file when none is given).
 //!
 //! **Cache key.** A daemon mapping is keyed by the *backing file and
 //! range*: (device, inode, file offset, length, writable) as the client's
@@ -64,6 +65,7 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use std::os::fd::BorrowedFd;
@@ -393,7 +395,10 @@ impl ClientMemory {
                 continue;
             }
             match self.map_area(pid, &maps, vma) {
-                Ok(mapping) => made.push(mapping),
+                Ok(mapping) => {
+                    populate(&mapping, vma, vaddr, end);
+                    made.push(mapping)
+                }
                 Err(e) => {
                     let mut table = self.lock();
                     for (vma, addr) in areas.iter().zip(&found) {
@@ -703,6 +708,38 @@ impl ClientMemory {
     }
 }
 
+/// The smallest part of a fresh alias worth populating before its pin: a
+/// fault-around window (below it the call costs more than the faults it
+/// saves).
+const POPULATE_MIN: u64 = 64 << 10;
+
+/// Set once `MADV_POPULATE_READ` answered `EINVAL`: the kernel predates it.
+static NO_POPULATE: AtomicBool = AtomicBool::new(false);
+
+/// Fill the page tables of the part of the fresh `mapping` of `vma` that
+/// `[vaddr, end)` (a client range) covers, when it is large enough: the
+/// pin that follows then finds them filled instead of faulting every page
+/// into the new mapping. Best effort: on a kernel without
+/// `MADV_POPULATE_READ`, or if it fails, the pin faults the pages in (and
+/// reports what is wrong with them).
+fn populate(mapping: &SharedMapping, vma: &Vma, vaddr: u64, end: u64) {
+    let (start, stop) = (vaddr.max(vma.start), end.min(vma.end));
+    if stop - start < POPULATE_MIN || NO_POPULATE.load(Ordering::Relaxed) {
+        return;
+    }
+    let (Ok(offset), Ok(len)) = (
+        usize::try_from(start - vma.start),
+        usize::try_from(stop - start),
+    ) else {
+        return;
+    };
+    match mapping.populate_read(offset, len) {
+        Ok(()) => {}
+        Err(Errno::EINVAL) => NO_POPULATE.store(true, Ordering::Relaxed),
+        Err(errno) => tracing::debug!(%errno, "MADV_POPULATE_READ of a fresh alias failed"),
+    }
+}
+
 /// The areas covering `[start, end)` of process `pid`, as its memory map
 /// `maps` shows them now.
 fn areas(maps: &File, pid: Pid, start: u64, end: u64) -> Result<Vec<Vma>> {
@@ -852,6 +889,52 @@ mod tests {
         assert_eq!(cm.mapping_count(), 0);
         assert_eq!(cm.idle(), (0, 0));
         assert!(!self_maps_has(seg.daemon_vaddr, &file), "trim must unmap");
+    }
+
+    /// The resident pages (`Rss:` of `/proc/self/smaps`, in KiB) of this
+    /// process's area starting at `start`.
+    fn own_rss_kib(start: u64) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let head = format!("{start:x}-");
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&head));
+        assert!(lines.next().is_some(), "no area at {start:#x}");
+        lines
+            .find_map(|l| l.strip_prefix("Rss:"))
+            .unwrap()
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_fresh_alias_of_64_kib_or_more_is_populated_before_its_pin() {
+        if !is_root() {
+            eprintln!("skipped: needs root (map_files)");
+            return;
+        }
+        let (file, client) = client_memfd(256);
+        for page in 0..256 {
+            file.write_all_at(b"p", (page * PAGE) as u64).unwrap();
+        }
+        let base = client.addr() as u64;
+        let cm = ClientMemory::new();
+        // 512 KiB from 256 KiB in: those page-table entries are filled, the
+        // rest of the area's not beyond a fault-around window (64 KiB,
+        // aligned to the daemon's addresses) on either side.
+        let a = cm
+            .alias(pid(), base + 64 * PAGE as u64, 128 * PAGE as u64)
+            .unwrap();
+        let area = a.segments[0].daemon_vaddr - 64 * PAGE as u64;
+        let rss = own_rss_kib(area);
+        assert!((512..=512 + 128).contains(&rss), "{rss} KiB resident");
+        cm.release(&a);
+        cm.trim();
+        // A 4 KiB alias is left to the pin.
+        let b = cm.alias(pid(), base, PAGE as u64).unwrap();
+        assert_eq!(own_rss_kib(b.segments[0].daemon_vaddr), 0);
+        cm.release(&b);
     }
 
     #[test]
