@@ -36,7 +36,8 @@
 //! only under the key of an area the caller maps itself. An idle mapping
 //! pins nothing (VFIO pins only while DMA-mapped) but keeps its file alive,
 //! so the cache is bounded ([`IDLE_MAX_ENTRIES`], [`IDLE_MAX_BYTES`] of
-//! address space; least recently released goes first) and emptied by
+//! address space; least recently released goes first, unmapped on a thread
+//! of its own after the release that evicted it) and emptied by
 //! [`ClientMemory::trim`] (the engine asks for it whenever an IOASID
 //! context closes), by [`ClientMemory::clear`] and on drop.
 //!
@@ -76,6 +77,7 @@ use nix::errno::Errno;
 use crate::error::{proc_error, Context, Error, Result};
 use crate::maps::{areas_covering, Vma};
 use crate::sys::SharedMapping;
+use crate::unmapper::Unmapper;
 
 /// How many times an alias is retried when the client's map changes under it.
 const ATTEMPTS: usize = 4;
@@ -157,14 +159,17 @@ struct Table {
     /// Mappings taken out of the table and not yet unmapped: `munmap` of
     /// a large populated mapping takes a while, so they are unmapped only
     /// once the table is unlocked ([`TableGuard`]), never while another
-    /// client waits for the table.
+    /// client waits for the table, and on a thread of their own
+    /// ([`Unmapper`]), never while the client that released them waits for
+    /// its reply.
     doomed: Vec<SharedMapping>,
 }
 
-/// The locked table. Mappings removed while it was held are unmapped
-/// after it is unlocked.
+/// The locked table. Mappings removed while it was held are handed to the
+/// unmapping thread after it is unlocked.
 struct TableGuard<'a> {
     table: Option<std::sync::MutexGuard<'a, Table>>,
+    unmapper: &'a Unmapper,
 }
 
 impl std::ops::Deref for TableGuard<'_> {
@@ -184,7 +189,9 @@ impl Drop for TableGuard<'_> {
     fn drop(&mut self) {
         let doomed = self.table.as_mut().map(|t| std::mem::take(&mut t.doomed));
         drop(self.table.take());
-        drop(doomed);
+        if let Some(doomed) = doomed {
+            self.unmapper.unmap(doomed);
+        }
     }
 }
 
@@ -296,6 +303,7 @@ impl From<Error> for Attempt {
 pub struct ClientMemory {
     proc_root: PathBuf,
     table: Mutex<Table>,
+    unmapper: Unmapper,
 }
 
 impl Default for ClientMemory {
@@ -324,6 +332,7 @@ impl ClientMemory {
                 limits,
                 ..Table::default()
             }),
+            unmapper: Unmapper::default(),
         }
     }
 
@@ -332,6 +341,7 @@ impl ClientMemory {
         // change is a single insert/remove), so poisoning is ignored.
         TableGuard {
             table: Some(self.table.lock().unwrap_or_else(|p| p.into_inner())),
+            unmapper: &self.unmapper,
         }
     }
 
@@ -673,9 +683,18 @@ impl ClientMemory {
         }
     }
 
-    /// Unmap every idle mapping (those in use stay).
+    /// Unmap every idle mapping (those in use stay), and wait until the
+    /// mappings let go of earlier are unmapped too.
     pub fn trim(&self) {
         self.lock().trim();
+        self.settle();
+    }
+
+    /// Wait until every mapping the table has let go of (evicted from the
+    /// idle cache, or too large to stay in it) is unmapped: that happens on
+    /// a thread of its own, after the release that let it go.
+    pub fn settle(&self) {
+        self.unmapper.settle();
     }
 
     /// Drop every alias and unmap everything (outstanding tokens become
@@ -688,6 +707,8 @@ impl ClientMemory {
         table.by_addr.clear();
         let all: Vec<SharedMapping> = table.entries.drain().map(|(_, e)| e.mapping).collect();
         table.doomed.extend(all);
+        drop(table);
+        self.settle();
     }
 
     /// How many daemon mappings exist, in use or idle.
@@ -1086,9 +1107,18 @@ mod tests {
             .unwrap();
         assert_eq!(again.segments[0].daemon_vaddr, addr(0));
         cm.release(&again);
+        // The evicted mapping is unmapped by the unmapping thread, after
+        // the release returned: held up here, it is still mapped.
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        cm.unmapper.run_there(move || {
+            let _ = wait.recv();
+        });
         cm.release(&aliases[2]);
         assert_eq!(cm.idle(), (2, 2 * PAGE as u64));
         assert_eq!(cm.mapping_count(), 2);
+        assert!(mapped(1), "unmapped on the releasing thread");
+        drop(go);
+        cm.settle();
         assert!(!mapped(1), "the least recently released is unmapped");
         assert!(mapped(0) && mapped(2));
         cm.clear();
@@ -1119,11 +1149,13 @@ mod tests {
         // Two 2-page areas exceed 3 pages: the older goes.
         cm.release(&a2);
         assert_eq!(cm.idle(), (1, 2 * PAGE as u64));
+        cm.settle();
         assert!(!self_maps_has(d(&a1), &f1));
         assert!(self_maps_has(d(&a2), &f2));
         // An area larger than the whole budget is unmapped at once, and
         // displaces nothing.
         cm.release(&a3);
+        cm.settle();
         assert!(!self_maps_has(d(&a3), &f3));
         assert_eq!(cm.idle(), (1, 2 * PAGE as u64));
         assert!(self_maps_has(d(&a2), &f2));

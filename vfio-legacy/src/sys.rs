@@ -355,6 +355,19 @@ impl Drop for SharedMapping {
     }
 }
 
+/// Give the calling thread the lowest priority of normal scheduling
+/// (nice 19); the process's other threads keep theirs (on Linux a thread
+/// id names one thread for `setpriority`).
+pub(crate) fn lower_own_priority() -> Result<(), Errno> {
+    let tid = nix::unistd::gettid().as_raw();
+    // SAFETY: plain integers in, nothing borrowed; checked.
+    let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19) };
+    if ret != 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
 /// Whether task `tid` (a process or thread id) has `CAP_IPC_LOCK` in its
 /// effective set (`capget(2)`).
 pub(crate) fn has_cap_ipc_lock(tid: libc::pid_t) -> Result<bool, Errno> {
