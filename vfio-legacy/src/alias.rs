@@ -61,7 +61,8 @@
 //! page-table walks and the reads through `/proc/self/mem` all go through
 //! these aliases, so the same checks hold for them.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+mod table;
+
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -71,13 +72,14 @@ use std::sync::Mutex;
 
 use std::os::fd::BorrowedFd;
 
-use ioasid_engine::backend::{slice_alias, Alias, Pid, Prot, Segment};
+use ioasid_engine::backend::{slice_alias, Alias, Pid, Prot, Segment, Segments};
 use nix::errno::Errno;
 
 use crate::error::{proc_error, Context, Error, Result};
 use crate::maps::{areas_covering, Vma};
 use crate::sys::SharedMapping;
 use crate::unmapper::Unmapper;
+use table::{Key, Table};
 
 /// How many times an alias is retried when the client's map changes under it.
 const ATTEMPTS: usize = 4;
@@ -88,38 +90,6 @@ pub const IDLE_MAX_ENTRIES: usize = 64;
 /// How much address space idle daemon mappings may cover in total; a
 /// released mapping larger than this is unmapped at once.
 pub const IDLE_MAX_BYTES: u64 = 4 << 30;
-
-/// Identity of a daemon mapping: which pages of which file, and whether
-/// writable.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct Key {
-    dev_major: u32,
-    dev_minor: u32,
-    inode: u64,
-    offset: u64,
-    len: u64,
-    write: bool,
-}
-
-impl Key {
-    fn of(vma: &Vma) -> Self {
-        Key {
-            dev_major: vma.dev_major,
-            dev_minor: vma.dev_minor,
-            inode: vma.inode,
-            offset: vma.offset,
-            len: vma.end - vma.start,
-            write: vma.write,
-        }
-    }
-}
-
-/// A daemon mapping; idle when `refs` is 0.
-#[derive(Debug)]
-struct Entry {
-    mapping: SharedMapping,
-    refs: usize,
-}
 
 /// The bounds of the idle cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,32 +107,6 @@ impl Default for IdleLimits {
             bytes: IDLE_MAX_BYTES,
         }
     }
-}
-
-#[derive(Debug, Default)]
-struct Table {
-    /// Every daemon mapping, in use or idle.
-    entries: HashMap<Key, Entry>,
-    /// The same mappings by daemon address: a released alias names its
-    /// mappings by the addresses of its segments, so of each alias only
-    /// its token is kept (below), not the list of its mappings.
-    by_addr: BTreeMap<usize, Key>,
-    /// The tokens of the aliases handed out and not yet released (8 bytes
-    /// an alias: a second release of one is ignored, not a second put).
-    live: HashSet<u64>,
-    next_token: u64,
-    /// The idle entries' keys, least recently released first.
-    idle: Vec<Key>,
-    /// Bytes of address space of the idle entries.
-    idle_bytes: u64,
-    limits: IdleLimits,
-    /// Mappings taken out of the table and not yet unmapped: `munmap` of
-    /// a large populated mapping takes a while, so they are unmapped only
-    /// once the table is unlocked ([`TableGuard`]), never while another
-    /// client waits for the table, and on a thread of their own
-    /// ([`Unmapper`]), never while the client that released them waits for
-    /// its reply.
-    doomed: Vec<SharedMapping>,
 }
 
 /// The locked table. Mappings removed while it was held are handed to the
@@ -191,95 +135,6 @@ impl Drop for TableGuard<'_> {
         drop(self.table.take());
         if let Some(doomed) = doomed {
             self.unmapper.unmap(doomed);
-        }
-    }
-}
-
-impl Table {
-    /// Take a reference on `key`'s mapping if there is one (reviving it if
-    /// idle); its address.
-    fn get(&mut self, key: &Key) -> Option<usize> {
-        let entry = self.entries.get_mut(key)?;
-        if entry.refs == 0 {
-            if let Some(i) = self.idle.iter().position(|k| k == key) {
-                self.idle.remove(i);
-                self.idle_bytes -= key.len;
-            }
-        }
-        entry.refs += 1;
-        Some(entry.mapping.addr())
-    }
-
-    /// Add a new mapping with one reference; its address.
-    fn insert(&mut self, key: Key, mapping: SharedMapping) -> usize {
-        let addr = mapping.addr();
-        self.by_addr.insert(addr, key);
-        self.entries.insert(key, Entry { mapping, refs: 1 });
-        addr
-    }
-
-    /// Forget `key`'s mapping; it is unmapped once the table is unlocked.
-    fn remove(&mut self, key: &Key) {
-        if let Some(entry) = self.entries.remove(key) {
-            self.by_addr.remove(&entry.mapping.addr());
-            self.doomed.push(entry.mapping);
-        }
-    }
-
-    /// The key of the mapping containing daemon address `addr`.
-    fn key_at(&self, addr: u64) -> Option<Key> {
-        let addr = usize::try_from(addr).ok()?;
-        let (&start, key) = self.by_addr.range(..=addr).next_back()?;
-        (addr < start + key.len as usize).then_some(*key)
-    }
-
-    /// Drop a reference on `key`'s mapping; the last one makes it idle,
-    /// which may evict older idle mappings (or this one) to stay within
-    /// the limits.
-    fn put(&mut self, key: &Key) {
-        let Some(entry) = self.entries.get_mut(key) else {
-            return;
-        };
-        entry.refs -= 1;
-        if entry.refs == 0 {
-            if key.len > self.limits.bytes || self.limits.entries == 0 {
-                // It could never stay: unmap it without displacing others.
-                self.remove(key);
-                return;
-            }
-            self.idle.push(*key);
-            self.idle_bytes += key.len;
-            self.evict();
-        }
-    }
-
-    /// Unmap least recently released idle mappings until within the limits.
-    fn evict(&mut self) {
-        while !self.idle.is_empty()
-            && (self.idle.len() > self.limits.entries || self.idle_bytes > self.limits.bytes)
-        {
-            let key = self.idle.remove(0);
-            self.idle_bytes -= key.len;
-            self.remove(&key);
-        }
-    }
-
-    /// Unmap every idle mapping.
-    fn trim(&mut self) {
-        for key in std::mem::take(&mut self.idle) {
-            self.remove(&key);
-        }
-        self.idle_bytes = 0;
-    }
-
-    /// A new alias of these segments (each holding one reference).
-    fn hand_out(&mut self, segments: Vec<Segment>) -> Alias {
-        let token = self.next_token;
-        self.next_token += 1;
-        self.live.insert(token);
-        Alias {
-            token,
-            segments: segments.into(),
         }
     }
 }
@@ -328,10 +183,7 @@ impl ClientMemory {
     pub fn with_limits(proc_root: impl Into<PathBuf>, limits: IdleLimits) -> Self {
         ClientMemory {
             proc_root: proc_root.into(),
-            table: Mutex::new(Table {
-                limits,
-                ..Table::default()
-            }),
+            table: Mutex::new(Table::new(limits)),
             unmapper: Unmapper::default(),
         }
     }
@@ -413,7 +265,7 @@ impl ClientMemory {
                     let mut table = self.lock();
                     for (vma, addr) in areas.iter().zip(&found) {
                         if addr.is_some() {
-                            table.put(&Key::of(vma));
+                            table.put_key(&Key::of(vma));
                         }
                     }
                     return Err(e);
@@ -424,7 +276,7 @@ impl ClientMemory {
         let mut made = made.into_iter();
         let mut duplicates = Vec::new();
         let mut table = self.lock();
-        let segments = areas
+        let segments: Segments = areas
             .iter()
             .zip(found)
             .map(|(vma, addr)| {
@@ -628,15 +480,16 @@ impl ClientMemory {
         if !table.live.contains(&alias.token) {
             return Err(Error::new(Errno::EINVAL, "sharing a released alias"));
         }
-        let keys: Option<Vec<Key>> = segments
+        if !segments
             .iter()
-            .map(|s| table.key_at(s.daemon_vaddr))
-            .collect();
-        let keys = keys.ok_or_else(|| Error::new(Errno::EINVAL, "alias segment in no mapping"))?;
-        for key in &keys {
-            table.get(key);
+            .all(|s| table.writable(s.daemon_vaddr, s.len).is_some())
+        {
+            return Err(Error::new(Errno::EINVAL, "alias segment in no mapping"));
         }
-        Ok(table.hand_out(segments.to_vec()))
+        for s in &segments {
+            table.get_at(s.daemon_vaddr);
+        }
+        Ok(table.hand_out(segments))
     }
 
     /// Give back an alias; the daemon mappings it held become idle when no
@@ -648,13 +501,12 @@ impl ClientMemory {
             return;
         }
         for seg in &alias.segments {
-            match table.key_at(seg.daemon_vaddr) {
-                Some(key) => table.put(&key),
-                None => tracing::error!(
+            if !table.put_at(seg.daemon_vaddr) {
+                tracing::error!(
                     token = alias.token,
                     daemon_vaddr = seg.daemon_vaddr,
                     "released alias segment is in no daemon mapping"
-                ),
+                );
             }
         }
     }
@@ -664,17 +516,12 @@ impl ClientMemory {
     /// memory that the client itself mapped writable (`EFAULT` otherwise,
     /// as VFIO answers a write mapping of read-only memory).
     pub fn check_access(&self, addr: u64, len: u64, prot: Prot) -> Result<()> {
-        let table = self.lock();
-        let inside = table.key_at(addr).filter(|key| {
-            let start = table.entries[key].mapping.addr() as u64;
-            addr + len <= start + key.len
-        });
-        match inside {
+        match self.lock().writable(addr, len) {
             None => Err(Error::new(
                 Errno::EFAULT,
                 format!("{addr:#x}+{len:#x} is not client memory aliased by the daemon"),
             )),
-            Some(key) if prot.write && !key.write => Err(Error::new(
+            Some(false) if prot.write => Err(Error::new(
                 Errno::EFAULT,
                 "the client maps this memory read-only, so a device may only read it: \
                  map it without the WRITE flag, or map it writable in the client first",
@@ -700,27 +547,19 @@ impl ClientMemory {
     /// Drop every alias and unmap everything (outstanding tokens become
     /// unknown).
     pub fn clear(&self) {
-        let mut table = self.lock();
-        table.live.clear();
-        table.idle.clear();
-        table.idle_bytes = 0;
-        table.by_addr.clear();
-        let all: Vec<SharedMapping> = table.entries.drain().map(|(_, e)| e.mapping).collect();
-        table.doomed.extend(all);
-        drop(table);
+        self.lock().clear();
         self.settle();
     }
 
     /// How many daemon mappings exist, in use or idle.
     pub fn mapping_count(&self) -> usize {
-        self.lock().entries.len()
+        self.lock().len()
     }
 
     /// How many of them are idle, and how many bytes of address space
     /// those cover.
     pub fn idle(&self) -> (usize, u64) {
-        let table = self.lock();
-        (table.idle.len(), table.idle_bytes)
+        self.lock().idle()
     }
 
     /// How many aliases are outstanding (not yet released).

@@ -298,6 +298,11 @@ impl SharedMapping {
         self.addr
     }
 
+    /// Length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
     /// Fill the page tables of `[offset, offset + len)` of the mapping with
     /// read faults (`MADV_POPULATE_READ`, Linux 5.14+; `EINVAL` before).
     /// A read fault on a shared file mapping maps a whole fault-around
