@@ -66,7 +66,6 @@
 //! means a group's domain and its devices' attachments are only ever
 //! touched under the lock of the context that owns the group.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -74,7 +73,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use nix::errno::Errno::{EBUSY, EEXIST, EFAULT, EINVAL, EIO, ENODEV, ENOENT, ENOMEM, ENOSPC};
 use slab::Slab;
 
-use crate::backend::{Alias, Backend, DmaEntry, DomainInfo, GroupId, Pid, Prot, Segment};
+use crate::backend::{Alias, Backend, DmaEntry, DomainInfo, GroupId, Pid, Prot, Segment, Segments};
 use crate::error::{err, Error};
 use crate::pgtable::{self, Leaf, PasidEntry, WalkStats};
 
@@ -170,9 +169,12 @@ fn combine<'a>(mut infos: impl Iterator<Item = &'a DomainInfo>) -> Option<Domain
     }))
 }
 
+/// The groups realising an IOASID: a handful at most.
+type Groups = smallvec::SmallVec<[GroupId; 4]>;
+
 /// The segments, relative to the mapping's start, of `[off, off + size)`
 /// of an alias.
-fn slice_segments(segments: &[Segment], off: u64, size: u64) -> Vec<Segment> {
+fn slice_segments(segments: &[Segment], off: u64, size: u64) -> Segments {
     let end = off + size;
     segments
         .iter()

@@ -408,7 +408,7 @@ pub(super) fn parent_view(
                 ParentPiece {
                     size: m.size,
                     prot: m.prot,
-                    segs: c.segments(m).into_owned(),
+                    segs: c.segments(m).to_vec(),
                 },
             )
         })
@@ -434,7 +434,7 @@ pub(super) fn parent_view_range(
             ParentPiece {
                 size: m.size,
                 prot: m.prot,
-                segs: c.segments(m).into_owned(),
+                segs: c.segments(m).to_vec(),
             },
         );
     }
