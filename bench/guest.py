@@ -206,6 +206,9 @@ def loop_rows(sizes: list[int], quick: bool) -> list[dict]:
     rows = [{"mode": "warm", "size": s} for s in sizes]
     rows += [{"mode": "cold", "size": s} for s in (4 * KIB, 2 * MIB, 64 * MIB)]
     rows += [{"mode": "registered", "size": s} for s in (4 * KIB, 2 * MIB)]
+    # Private memory (issue 14), next to the warm shared rows: the same
+    # populated pages every pair, pinned by the client's own thread.
+    rows += [{"mode": "private", "size": s} for s in (4 * KIB, 2 * MIB)]
     # Guest RAM as a VMM maps it: a new mapping of a memfd populated
     # beforehand (QEMU's prealloc=on), 1 GiB (256 MiB in a quick run); in a
     # full run also a new memfd the pin must allocate (prealloc=off), once.

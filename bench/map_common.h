@@ -10,8 +10,9 @@
  *   direct:GROUP   a new container (/dev/vfio/vfio) holding the group file
  *                  GROUP (/dev/vfio/N), type1v2; then VFIO_IOMMU_MAP_DMA /
  *                  VFIO_IOMMU_UNMAP_DMA on it, issued by this process.
- * Client memory is always a memfd mapped MAP_SHARED (the daemon can only
- * reach shared, file-backed memory).
+ * Client memory is a memfd mapped MAP_SHARED (the daemon aliases it and
+ * pins it itself), or anonymous MAP_PRIVATE memory (private_memory: the
+ * daemon has this process's own thread pin it, issue 14).
  */
 #ifndef MAP_COMMON_H
 #define MAP_COMMON_H
@@ -235,6 +236,18 @@ static inline void *shared_memory(__u64 size)
 	buf_new(&b, size, 1);
 	close(b.fd);
 	return b.p;
+}
+
+/* A populated anonymous MAP_PRIVATE mapping of `size` bytes, kept for
+ * good: memory only this process's own thread can have pinned. */
+static inline void *private_memory(__u64 size)
+{
+	void *p = mmap(NULL, size, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+
+	if (p == MAP_FAILED)
+		die("anonymous mmap of %llu bytes", (unsigned long long)size);
+	return p;
 }
 
 static inline int cmp_double(const void *a, const void *b)

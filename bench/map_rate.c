@@ -34,7 +34,12 @@
  *                     the guest runs, QEMU's prealloc=off), freed after;
  *         registered  one populated buffer, registered once with
  *                     IOASID_REGISTER_MEMORY on the daemon's file; the
- *                     maps lie inside the registration.
+ *                     maps lie inside the registration;
+ *         private     one populated anonymous MAP_PRIVATE buffer, the
+ *                     same pages each time: the daemon has this
+ *                     process's own thread issue the map (issue 14; the
+ *                     container was brought in by the warm-up pair), the
+ *                     direct path maps it as any VFIO user does.
  *       Prints the median time of each, in microseconds:
  *         result loop MODE SIZE daemon_map_us= daemon_unmap_us= daemon_us=
  *           direct_map_us= direct_unmap_us= direct_us= round_trip_us=
@@ -94,10 +99,10 @@ static int run_pairs(const struct target *t, __u64 size, double seconds,
 	return 0;
 }
 
-enum mode { WARM, COLD, LAZY, REGISTERED, VERSUS };
+enum mode { WARM, COLD, LAZY, REGISTERED, PRIVATE, VERSUS };
 
 static const char *const mode_names[] = { "warm", "cold", "lazy",
-					  "registered", "versus" };
+					  "registered", "private", "versus" };
 
 /* The timings of one path's map, unmap and pair. */
 struct path_times {
@@ -204,6 +209,8 @@ static int run_loop(enum mode mode, const struct target *daemon,
 		die("open %s", null_node);
 	if (mode == WARM || mode == REGISTERED || mode == VERSUS)
 		mem = shared_memory(size);
+	if (mode == PRIVATE)
+		mem = private_memory(size);
 	if (mode == REGISTERED)
 		register_memory(daemon, mem, size);
 	/* Warm up each path once (with a small pair when each pair of this

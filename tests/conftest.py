@@ -5,13 +5,16 @@ the VM."""
 
 from __future__ import annotations
 
+import faulthandler
 import importlib.metadata
 import importlib.util
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+from _pytest.faulthandler import fault_handler_stderr_key
 
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
@@ -43,6 +46,36 @@ pytest_sessionstart = vm_guard.pytest_sessionstart
 pytest_runtest_makereport = vm_guard.pytest_runtest_makereport
 
 
+# A scenario that hangs must fail the stage with the place it hangs, not
+# run into scripts/vm's timeout with nothing said: past this many seconds
+# for one test (its set-up, call and tear-down), every thread's Python
+# traceback goes to the terminal, then a line naming the test, and pytest
+# exits with status 1.
+TEST_WATCHDOG_SECONDS = float(os.environ.get("TEST_WATCHDOG_SECONDS", "900"))
+
+
+def _watchdog_fired(out, nodeid: str) -> None:
+    faulthandler.dump_traceback(file=out, all_threads=True)
+    out.write(f"\nWATCHDOG: {nodeid} ran past {TEST_WATCHDOG_SECONDS:.0f} s "
+              "(TEST_WATCHDOG_SECONDS); the tracebacks above show where it hangs\n")
+    out.flush()
+    os._exit(1)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    # The terminal's stderr, which pytest's own faulthandler plugin keeps
+    # (fd 2 itself is captured while a test runs).
+    out = item.config.stash.get(fault_handler_stderr_key, None) or sys.__stderr__
+    timer = threading.Timer(TEST_WATCHDOG_SECONDS, _watchdog_fired, (out, item.nodeid))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def in_test_vm() -> bool:
     return os.path.exists("/dev/vfio/vfio") and "VM_SCRATCH" in os.environ
 
@@ -63,6 +96,34 @@ def topology():
     if not in_test_vm():
         pytest.skip("needs the test VM: run under scripts/vm")
     return topology.discover()
+
+
+@pytest.fixture(scope="session")
+def qemu_binary(tmp_path_factory) -> Path:
+    """The QEMU 10 that scripts/fetch-qemu unpacked, copied into the test
+    VM's tmpfs (harness.project_scripts.qemu_copy); a failure, not a skip,
+    when it was not fetched."""
+    from harness.project_scripts import cached_qemu, qemu_copy
+
+    binary = cached_qemu()
+    if binary is None:
+        pytest.fail("QEMU 10 is not in .cache/qemu: run scripts/fetch-qemu on the host "
+                    "(scripts/test does it before the VM stages)")
+    return qemu_copy(binary, tmp_path_factory.mktemp("qemu"))
+
+
+@pytest.fixture(scope="session")
+def qemu11_binary(tmp_path_factory) -> Path:
+    """Debian sid's QEMU 11 with sid's C library (scripts/fetch-qemu --sid),
+    its binary copied into the test VM's tmpfs; a failure when it was not
+    fetched."""
+    from harness.project_scripts import cached_qemu, qemu_copy
+
+    wrapper = cached_qemu(sid=True)
+    if wrapper is None:
+        pytest.fail("QEMU 11 is not in .cache/qemu-sid: run scripts/fetch-qemu --sid on the host "
+                    "(scripts/test does it before the VM stages)")
+    return qemu_copy(wrapper, tmp_path_factory.mktemp("qemu11"))
 
 
 @pytest.fixture

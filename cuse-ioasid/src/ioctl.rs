@@ -209,7 +209,7 @@ fn daemon_identify(_: &Engine, u: &Ucmd<'_>) -> Result<i32> {
 }
 
 fn register_memory(engine: &Engine, u: &Ucmd<'_>, r: IoasidRegisterMemory) -> Result<i32> {
-    engine.register_memory(ctx(u), u.caller.tid(), r.vaddr, r.size)?;
+    engine.register_memory(ctx(u), &u.client(), r.vaddr, r.size)?;
     Ok(0)
 }
 
@@ -230,7 +230,7 @@ fn map_dma(engine: &Engine, u: &Ucmd<'_>, m: IoasidDmaMap) -> Result<i32> {
         size: m.size,
         prot,
     };
-    engine.map_dma(ctx(u), u.caller.tid(), m.ioasid, map)?;
+    engine.map_dma(ctx(u), &u.client(), m.ioasid, map)?;
     Ok(0)
 }
 

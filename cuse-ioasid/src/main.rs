@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use cuse_server::{DeviceConfig, Server};
 use cuse_vfio_devices::DeviceNodes;
-use ioasid_engine::{DeviceId, DeviceSpec, Engine};
+use ioasid_engine::{Budgets, DeviceId, DeviceSpec, Engine};
 use nix::sys::signal::{SigSet, Signal};
 use vfio_legacy::{PciDevice, Sysfs, VfioLegacy};
 
@@ -51,10 +51,15 @@ use service::{LogFormat, NodeAccess};
     version,
     about,
     long_about,
-    after_long_help = "Memory a client maps for DMA must be shared and file-backed (memfd, \
-shm, hugetlbfs, a shared file or MAP_SHARED|MAP_ANONYMOUS): the daemon reaches it through \
-/proc/PID/map_files; private memory is refused with EFAULT. Pinned memory is charged to the \
-client's RLIMIT_MEMLOCK.\n\nThe RFC's uAPI (ioctl numbers, structs, errnos) is the C header \
+    after_long_help = "Shared memory a client maps for DMA (memfd, shm, hugetlbfs, a shared \
+file or MAP_SHARED|MAP_ANONYMOUS) is reached through /proc/PID/map_files and pinned by the \
+daemon. Private memory (the heap, stacks, MAP_PRIVATE) is pinned by the client's own thread: \
+the daemon stops it with ptrace on its way out of the ioctl and has it issue the VFIO map \
+itself (a client under a debugger, Yama scope 3, an LSM or a seccomp filter, or in another \
+network namespace, gets EFAULT, and a daemon killed in the middle of it kills that client); \
+--no-private-memory refuses private memory with EFAULT instead. Pinned memory is charged to \
+the client's RLIMIT_MEMLOCK, once per process, together with what the kernel charges it \
+(VmLck).\n\nThe RFC's uAPI (ioctl numbers, structs, errnos) is the C header \
 uapi/include/linux/ioasid.h of the cuse-ioasid sources; the iommufd uAPI is the kernel's \
 <linux/iommufd.h> (Linux 7.1) and the cdev part of <linux/vfio.h>. Both are explained, with \
 every difference from the kernel, in docs/uapi.md there."
@@ -97,8 +102,43 @@ struct Args {
 
     /// Log filter (tracing-subscriber syntax, e.g. `debug` or
     /// `cuse_ioasid=debug,info`); RUST_LOG overrides it.
+    /// `info,cuse_ioasid::requests=debug` adds one line per request (node,
+    /// file, the process that opened it, command, result): what a program
+    /// asks of the daemon.
     #[arg(long, default_value = "info", value_name = "FILTER")]
     log: String,
+
+    /// Refuse private memory (MAP_PRIVATE, anonymous, heap, stack) with
+    /// EFAULT instead of having the client's own thread pin it (which
+    /// stops that thread with ptrace for the length of the map).
+    #[arg(long)]
+    no_private_memory: bool,
+
+    /// Bound on pinning a client's private memory by its own thread, from
+    /// the reply until the thread is put back; past it the map is given up
+    /// (the client sees EFAULT).
+    #[arg(long, default_value_t = 5000, value_name = "MS")]
+    inject_timeout_ms: u64,
+
+    /// Open /dev/ioasid files one client process may hold (EMFILE past it).
+    #[arg(long, default_value_t = Budgets::default().files, value_name = "N")]
+    max_client_files: usize,
+
+    /// IOASIDs one client process may hold over all its files (ENOSPC).
+    #[arg(long, default_value_t = Budgets::default().ioasids, value_name = "N")]
+    max_client_ioasids: usize,
+
+    /// DMA mappings one client process may hold over all its IOASIDs
+    /// (ENOSPC).
+    #[arg(long, default_value_t = Budgets::default().mappings, value_name = "N")]
+    max_client_mappings: usize,
+
+    /// Areas of shared client memory the daemon maps into its own address
+    /// space for one client process (ENOMEM past it). Each costs one of the
+    /// daemon's vm.max_map_count (65530 by default): keep this times the
+    /// number of clients below it.
+    #[arg(long, default_value_t = Budgets::default().aliases, value_name = "N")]
+    max_client_aliases: usize,
 
     /// How log lines are written to stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Auto, value_name = "FORMAT")]
@@ -236,8 +276,22 @@ fn run(args: Args) -> Result<()> {
             group: d.group,
         })
         .collect();
-    let engine =
-        Arc::new(Engine::new(backend.clone(), specs.clone()).map_err(|e| anyhow::anyhow!("{e}"))?);
+    let engine = Engine::new(backend.clone(), specs.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    engine.set_private_memory(!args.no_private_memory);
+    engine.set_budgets(Budgets {
+        files: args.max_client_files,
+        ioasids: args.max_client_ioasids,
+        mappings: args.max_client_mappings,
+        aliases: args.max_client_aliases,
+    });
+    ioctl_table::set_inject_options(
+        std::time::Duration::from_millis(args.inject_timeout_ms),
+        false,
+    );
+    // A server thread never exits while it traces a client thread that
+    // did not stop in time (its exit would kill that client).
+    let node_config =
+        |name: &str| DeviceConfig::new(name).keep_thread_while(syscall_inject::still_tracing);
 
     let server = Arc::new(Server::new().context("starting the CUSE server")?);
     let wiring = Wiring::default();
@@ -245,7 +299,7 @@ fn run(args: Args) -> Result<()> {
     let hook_nodes = device_nodes.clone();
     let ioasid = server
         .register(
-            DeviceConfig::new(&args.ioasid_name),
+            node_config(&args.ioasid_name),
             wiring.ioasid_node(
                 Arc::new(IoasidNode::new(
                     engine.clone(),
@@ -276,7 +330,7 @@ fn run(args: Args) -> Result<()> {
     let hook_nodes = device_nodes.clone();
     let iommu = server
         .register(
-            DeviceConfig::new(&args.iommu_name),
+            node_config(&args.iommu_name),
             wiring.iommufd_node(
                 Arc::new(IommufdNode::new(
                     engine.clone(),
@@ -298,7 +352,7 @@ fn run(args: Args) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("device node for {}: {e}", dev.bdf))?;
         let info = server
             .register(
-                DeviceConfig::new(name),
+                node_config(name),
                 wiring.device_node(node, &format!("/dev/{name}"), &dev.bdf),
             )
             .with_context(|| format!("registering /dev/{name} for {}", dev.bdf))?;
@@ -324,7 +378,7 @@ fn run(args: Args) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("cdev node for {}: {e}", dev.bdf))?;
         let info = server
             .register(
-                DeviceConfig::new(&cdev),
+                node_config(&cdev),
                 wiring.cdev_node(node, &format!("/dev/{cdev}"), &dev.bdf),
             )
             .with_context(|| format!("registering /dev/{cdev} for {}", dev.bdf))?;

@@ -12,6 +12,7 @@ use cuse_server::{Device, Errno, IoctlArgs, IoctlResult, OpenFlags, Request};
 use ioasid_engine::{ClosedContext, ContextId, Engine};
 
 use ioctl_table::log::{self, Client};
+use ioctl_table::ClientOf;
 
 use crate::ioctl::{dispatch, IOASID_TABLE};
 
@@ -35,7 +36,11 @@ impl IoasidNode {
 
 impl Device for IoasidNode {
     fn open(&self, req: &Request, _flags: OpenFlags) -> Result<u64, Errno> {
-        let ctx = self.engine.open_context();
+        let client = ClientOf::new(req, Client::RefusedOpen, "open");
+        let ctx = self.engine.open_context_for(&client).map_err(|e| {
+            log::refusal(Client::RefusedOpen, "ioasid", "open", &e);
+            e.errno
+        })?;
         tracing::debug!(ctx = ctx.0, tid = req.tid(), "/dev/ioasid opened");
         Ok(ctx.0)
     }

@@ -33,7 +33,7 @@ fn new_caller() -> Caller {
 
 struct Fixture {
     fake: Arc<FakeBackend>,
-    engine: Engine,
+    engine: Arc<Engine>,
     ctx: ContextId,
     mem: Caller,
 }
@@ -65,7 +65,7 @@ impl Fixture {
         let f = Self::new();
         assert_eq!(f.ioctl(IOASID_ALLOC, 0), Ok(1));
         f.engine.bind(DEV, f.ctx).unwrap();
-        f.engine.attach(DEV, f.ctx, 1, None).unwrap();
+        f.engine.attach(DEV, f.ctx, &1, 1, None).unwrap();
         f
     }
 
@@ -123,7 +123,7 @@ fn nest(f: &Fixture) {
         Ok(0)
     );
     assert_eq!(f.ioctl(IOASID_CREATE_NESTING, 1), Ok(2));
-    f.engine.attach(DEV, f.ctx, 2, None).unwrap();
+    f.engine.attach(DEV, f.ctx, &1, 2, None).unwrap();
 }
 
 fn bind_pgtable(ioasid: u32, pgtable: u64) -> IoasidBindPgtable {
@@ -215,7 +215,7 @@ fn cases() -> Vec<Case> {
             cmd: IOASID_UNREGISTER_MEMORY,
             size: 24,
             prepare: |f| {
-                f.engine.register_memory(f.ctx, PID, MEM, 0x10000).unwrap();
+                f.engine.register_memory(f.ctx, &PID, MEM, 0x10000).unwrap();
                 reg(MEM, 0x10000).as_bytes().to_vec()
             },
             tail_is_output: false,
@@ -599,7 +599,7 @@ fn engine_errnos_come_through() {
         Err(Errno::ENOENT)
     );
     f.engine.bind(DEV, f.ctx).unwrap();
-    f.engine.attach(DEV, f.ctx, 1, None).unwrap();
+    f.engine.attach(DEV, f.ctx, &1, 1, None).unwrap();
     assert_eq!(f.ioctl_struct(IOASID_MAP_DMA, &m), Ok(0));
     assert_eq!(f.ioctl_struct(IOASID_MAP_DMA, &m), Err(Errno::EEXIST));
     assert_eq!(f.ioctl(IOASID_FREE, 1), Err(Errno::EBUSY));
@@ -608,10 +608,12 @@ fn engine_errnos_come_through() {
         Err(Errno::EFAULT)
     );
     f.fake.set_memlock(PID, Some(K4));
+    // The page mapped already is pinned once; one more is over the limit.
     assert_eq!(
-        f.ioctl_struct(IOASID_MAP_DMA, &map(1, K4, MEM, K4)),
+        f.ioctl_struct(IOASID_MAP_DMA, &map(1, K4, MEM + K4, K4)),
         Err(Errno::ENOMEM)
     );
+    assert_eq!(f.ioctl_struct(IOASID_MAP_DMA, &map(1, K4, MEM, K4)), Ok(0));
     assert_eq!(
         f.ioctl_struct(IOASID_UNREGISTER_MEMORY, &reg(MEM, K4)),
         Err(Errno::ENOENT)
@@ -658,8 +660,8 @@ fn happy_path_with_get_info_decoded() {
     let f = Fixture::new();
     assert_eq!(f.ioctl(IOASID_ALLOC, 0), Ok(1));
     f.engine.bind(DEV, f.ctx).unwrap();
-    f.engine.attach(DEV, f.ctx, 1, None).unwrap();
-    f.engine.attach(DEV, f.ctx, 1, Some(5)).unwrap();
+    f.engine.attach(DEV, f.ctx, &1, 1, None).unwrap();
+    f.engine.attach(DEV, f.ctx, &1, 1, Some(5)).unwrap();
     assert_eq!(
         f.ioctl_struct(IOASID_MAP_DMA, &map(1, 0x10_0000, MEM, 0x4000)),
         Ok(0)
@@ -831,13 +833,13 @@ fn group_rule_reaches_the_client_as_ebusy() {
     assert_eq!(call(IOASID_ALLOC, 0), Ok(1));
     engine.bind(DeviceId(1), ctx).unwrap();
     engine.bind(DeviceId(2), ctx).unwrap();
-    engine.attach(DeviceId(1), ctx, 1, None).unwrap();
+    engine.attach(DeviceId(1), ctx, &1, 1, None).unwrap();
     mem.put(ARG, map(1, 0, MEM, K4).as_bytes());
     assert_eq!(call(IOASID_MAP_DMA, ARG), Err(Errno::EBUSY));
     mem.put(ARG, info(1, 24).as_bytes());
     assert_eq!(call(IOASID_GET_INFO, ARG), Err(Errno::EBUSY));
     assert_eq!(call(IOASID_FREE, 1), Err(Errno::EBUSY));
-    engine.attach(DeviceId(2), ctx, 1, None).unwrap();
+    engine.attach(DeviceId(2), ctx, &1, 1, None).unwrap();
     mem.put(ARG, map(1, 0, MEM, K4).as_bytes());
     assert_eq!(call(IOASID_MAP_DMA, ARG), Ok(0));
 }

@@ -39,17 +39,15 @@ impl Fixture {
             nix::sys::memfd::memfd_create(c"iommufd-test", nix::sys::memfd::MFdFlags::empty())
                 .unwrap();
         fake.add_file(nix::sys::stat::fstat(&memfd).unwrap().st_ino, 16 * K4);
-        let engine = Arc::new(
-            Engine::new(
-                fake,
-                vec![DeviceSpec {
-                    id: DEV,
-                    name: "0000:00:03.0".into(),
-                    group: 3,
-                }],
-            )
-            .unwrap(),
-        );
+        let engine = Engine::new(
+            fake,
+            vec![DeviceSpec {
+                id: DEV,
+                name: "0000:00:03.0".into(),
+                group: 3,
+            }],
+        )
+        .unwrap();
         let ctx = engine.open_context();
         let node = IommufdNode::new(engine, BTreeSet::new(), Box::new(|_| ()));
         Fixture { node, ctx, memfd }

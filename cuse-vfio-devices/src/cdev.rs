@@ -203,10 +203,7 @@ impl CdevNode {
             self.access(fh)?;
         }
         let Some(op) = CDEV_TABLE.find(cmd) else {
-            return Err(Error::new(
-                Errno::ENOTTY,
-                format!("ioctl {cmd:#x} is not a command of a VFIO device cdev"),
-            ));
+            return Err(crate::ioctl::not_served(cmd, "a VFIO device cdev"));
         };
         CDEV_TABLE.call(op, self, caller, fh, arg)
     }
@@ -385,7 +382,10 @@ impl CdevNode {
                 )),
             };
         }
-        let hwpt = self.engine.attach_pt(self.spec.id, ctx, a.pt_id)?;
+        // Private memory of the IOAS is pinned by the caller's own thread
+        // after the reply; what goes wrong then is the context's line.
+        let client = u.client_as(ioctl_table::log::Client::Context(ctx.0));
+        let hwpt = self.engine.attach_pt(self.spec.id, ctx, &client, a.pt_id)?;
         let out = vfio_device_attach_iommufd_pt { pt_id: hwpt, ..a };
         let at = std::mem::offset_of!(vfio_device_attach_iommufd_pt, pt_id);
         u.write_fields(&out, at..at + 4)?;

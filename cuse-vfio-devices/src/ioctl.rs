@@ -26,6 +26,32 @@ use ioasid_engine::ContextId;
 
 use crate::node::{DeviceNode, Opened};
 
+/// The refusal of ioctl `cmd`, which the table of a node (`on`: "a device
+/// node", "a VFIO device cdev") does not serve: always `ENOTTY`, with a
+/// message that names a VFIO command. `VFIO_DEVICE_FEATURE` is what QEMU
+/// probes for migration at every device start; `ENOTTY` is the kernel's
+/// answer for a feature the device lacks, so QEMU goes on without
+/// migration.
+pub(crate) fn not_served(cmd: u32, on: &str) -> Error {
+    if cmd == VFIO_DEVICE_FEATURE {
+        return Error::new(
+            Errno::ENOTTY,
+            format!(
+                "VFIO_DEVICE_FEATURE is not served on {on}: no migration, DMA logging or \
+                 low-power state through the daemon (ENOTTY, as the kernel answers for a \
+                 feature the device lacks)"
+            ),
+        );
+    }
+    match ALL.iter().find(|(_, n)| *n == cmd) {
+        Some((name, _)) => Error::new(Errno::ENOTTY, format!("{name} is not served on {on}")),
+        None => Error::new(
+            Errno::ENOTTY,
+            format!("ioctl {cmd:#x} is not a command of {on}"),
+        ),
+    }
+}
+
 /// A node whose bound open file reaches a device: `devN` (the RFC's
 /// dialect) and `vfioN` (iommufd's) share the handlers of the device's own
 /// VFIO commands through it.
@@ -96,11 +122,11 @@ fn unbind(node: &DeviceNode, u: &Ucmd<'_>, fd: u64) -> Result<i32> {
 }
 
 fn attach(node: &DeviceNode, u: &Ucmd<'_>, a: VfioAttachIoasid) -> Result<i32> {
-    node.attach(u.fh, a, true)
+    node.attach(u, a, true)
 }
 
 fn detach(node: &DeviceNode, u: &Ucmd<'_>, a: VfioAttachIoasid) -> Result<i32> {
-    node.attach(u.fh, a, false)
+    node.attach(u, a, false)
 }
 
 /// The caller's argument as a VFIO argument of struct `T` (the table's

@@ -111,6 +111,8 @@ pub mod ioctl;
 mod node;
 pub mod regions;
 
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 #[cfg(test)]
 mod tests;
 

@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::ioctl::{DEVICE_TABLE, NEEDS_BIND};
 use crate::regions::{self, Access, Region, RegionTable};
 use ioctl_table::log::{self, Client};
-use ioctl_table::Caller;
+use ioctl_table::{Caller, Ucmd};
 
 /// Most regions read into the table at bind (vfio-pci has 9 plus
 /// device-specific ones).
@@ -174,21 +174,10 @@ impl DeviceNode {
     pub fn handle_ioctl(&self, caller: &dyn Caller, fh: u64, cmd: u32, arg: u64) -> Result<i32> {
         let table = &DEVICE_TABLE;
         let Some(op) = table.find(cmd) else {
-            let known = nr::ALL
-                .iter()
-                .find(|(_, n)| *n == cmd)
-                .map(|(name, _)| *name);
-            let Some(name) = known else {
-                return Err(Error::new(
-                    Errno::ENOTTY,
-                    format!("unknown ioctl {cmd:#x} on a VFIO device node"),
-                ));
-            };
-            self.access(fh)?;
-            return Err(Error::new(
-                Errno::ENOTTY,
-                format!("{name} is not available on a device node"),
-            ));
+            if nr::ALL.iter().any(|(_, n)| *n == cmd) {
+                self.access(fh)?;
+            }
+            return Err(crate::ioctl::not_served(cmd, "a device node"));
         };
         if op.requires == NEEDS_BIND {
             self.access(fh)?;
@@ -280,8 +269,12 @@ impl DeviceNode {
         Ok(0)
     }
 
-    pub(crate) fn attach(&self, fh: u64, a: VfioAttachIoasid, attach: bool) -> Result<i32> {
+    pub(crate) fn attach(&self, u: &Ucmd<'_>, a: VfioAttachIoasid, attach: bool) -> Result<i32> {
+        let fh = u.fh;
         let (ctx, _) = self.access(fh)?;
+        // What the attach leaves to the caller's own thread (replaying
+        // private memory) is logged as the bound context's.
+        let client = u.client_as(Client::Context(ctx.0));
         let pasid = if a.flags & IOASID_ATTACH_USER_PASID != 0 {
             Some(a.user_pasid)
         } else if a.user_pasid != 0 {
@@ -296,7 +289,8 @@ impl DeviceNode {
             None
         };
         if attach {
-            self.engine.attach(self.spec.id, ctx, a.ioasid, pasid)?;
+            self.engine
+                .attach(self.spec.id, ctx, &client, a.ioasid, pasid)?;
             if let Some(p) = pasid {
                 self.note(
                     ctx,

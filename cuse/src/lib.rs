@@ -147,6 +147,12 @@
 //!   answer (an `EAGAIN` answer makes the kernel requeue it, which this
 //!   crate uses for requests it does not know). Handlers must not block
 //!   forever and should answer `EINTR` when [`Request::interrupted`].
+//! - A handler may leave work to run on its thread right after its reply
+//!   is written ([`Request::after_reply`]), and may declare an INTERRUPT it
+//!   provokes itself (`PTRACE_INTERRUPT` of the caller) as no cancel
+//!   ([`Request::expect_interrupt`]). Together they let a server answer a
+//!   request and then have the caller's thread, trapped on its way out of
+//!   the system call, issue calls as itself (crate `syscall-inject`).
 //! - Answering `ENOSYS` to POLL turns poll off for the whole connection;
 //!   the default [`Device::poll`] answers "readable and writable". A
 //!   [`PollHandle`] wakes pollers with a `FUSE_NOTIFY_POLL` notification.

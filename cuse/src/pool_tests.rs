@@ -370,6 +370,62 @@ fn idle_threads_return_to_two_after_a_burst() {
     server.stop();
 }
 
+/// A thread that still traces a process (issue 14: a thread that exits
+/// while tracing kills its tracee) must not leave when idle: the keep
+/// predicate holds the burst's threads; once it lets go, they leave.
+#[test]
+fn threads_the_keep_predicate_holds_do_not_leave_when_idle() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    static KEEP: AtomicBool = AtomicBool::new(true);
+    static ASKED: AtomicUsize = AtomicUsize::new(0);
+    let server = Server::new().unwrap();
+    let config = DeviceConfig::new("fake")
+        .max_workers(8)
+        .idle_timeout(Duration::from_millis(20))
+        .keep_thread_while(|| {
+            ASKED.fetch_add(1, Ordering::SeqCst);
+            KEEP.load(Ordering::SeqCst)
+        });
+    let kernel = fake_node_with(&server, Arc::new(Waiter), config);
+    for u in [2u64, 4, 6] {
+        send(&kernel, &ioctl_request(u, 1));
+    }
+    wait_until("three handlers and a reader", || {
+        let s = stats(&server);
+        s.running == 3 && s.threads == 4
+    });
+    for u in [2u64, 4, 6] {
+        send(&kernel, &interrupt_request(u + 1, u));
+    }
+    for _ in 0..3 {
+        assert_eq!(recv(&kernel, T).map(|r| r.1), Some(-libc::EINTR));
+    }
+    // The spare threads asked again and again (every idle timeout) and
+    // were told to stay: the four are still there, and serve.
+    let asked = ASKED.load(Ordering::SeqCst);
+    wait_until("ten more questions", || {
+        ASKED.load(Ordering::SeqCst) >= asked + 10
+    });
+    assert_eq!(stats(&server).threads, 4);
+    send(&kernel, &ioctl_request(50, 2));
+    assert_eq!(recv(&kernel, T), Some((50, 0, Some(7))));
+    KEEP.store(false, Ordering::SeqCst);
+    wait_until("the idle node back to two threads", || {
+        stats(&server).threads == 2
+    });
+    // A thread that takes on business during a request is asked again at
+    // every idle timeout even when it is one of the two an idle node keeps.
+    KEEP.store(true, Ordering::SeqCst);
+    send(&kernel, &ioctl_request(60, 2));
+    assert_eq!(recv(&kernel, T), Some((60, 0, Some(7))));
+    let asked = ASKED.load(Ordering::SeqCst);
+    wait_until("ten more questions of the two", || {
+        ASKED.load(Ordering::SeqCst) >= asked + 10
+    });
+    assert_eq!(stats(&server).threads, 2);
+    server.stop();
+}
+
 /// Issue 17, item 7: a client keeping every handler slot busy made the
 /// others wait, and a RELEASE waited for a slot. Now a client at its
 /// budget waits for its own slots; others run; an INTERRUPT answers a

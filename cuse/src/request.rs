@@ -3,6 +3,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -17,9 +18,16 @@ use crate::sys;
 pub(crate) struct InterruptFlag {
     set: Mutex<bool>,
     cv: Condvar,
+    /// The server itself makes the caller see a signal (see
+    /// [`Request::expect_interrupt`]): an INTERRUPT is then no cancel.
+    provoked: AtomicBool,
 }
 
 impl InterruptFlag {
+    pub(crate) fn provoked(&self) -> bool {
+        self.provoked.load(Ordering::SeqCst)
+    }
+
     pub(crate) fn raise(&self) {
         let mut set = self.set.lock().unwrap_or_else(|e| e.into_inner());
         *set = true;
@@ -64,6 +72,21 @@ pub struct Request {
     tgid: OnceLock<Result<u32, Errno>>,
     interrupt: Arc<InterruptFlag>,
     proc_root: Arc<Path>,
+    after_reply: AfterReply,
+    reply_instead: Mutex<Option<Errno>>,
+}
+
+/// Work a handler leaves to run once its reply is written.
+type Continuation = Box<dyn FnOnce() + Send + 'static>;
+
+#[derive(Default)]
+struct AfterReply(Mutex<Option<Continuation>>);
+
+impl std::fmt::Debug for AfterReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = self.0.lock().map(|c| c.is_some()).unwrap_or(false);
+        f.write_str(if set { "Some(..)" } else { "None" })
+    }
 }
 
 impl Request {
@@ -83,6 +106,8 @@ impl Request {
             tgid: OnceLock::new(),
             interrupt,
             proc_root,
+            after_reply: AfterReply::default(),
+            reply_instead: Mutex::new(None),
         }
     }
 
@@ -139,6 +164,59 @@ impl Request {
     /// returns true if interrupted.
     pub fn wait_interrupted(&self, timeout: Duration) -> bool {
         self.interrupt.wait(timeout)
+    }
+
+    /// Run `work` on this thread right after the reply to this request has
+    /// been written (whatever the reply: a value or an error), before the
+    /// thread takes another request. The caller's system call has returned
+    /// by then, or is returning. This is for work that needs the caller out
+    /// of its call but still within reach, such as making it issue a system
+    /// call itself (see `syscall-inject`). A later call replaces an earlier
+    /// one. The work must be bounded in time (the thread serves nothing
+    /// else meanwhile); a panic in it is caught and logged.
+    pub fn after_reply(&self, work: impl FnOnce() + Send + 'static) {
+        let mut slot = self.after_reply.0.lock().unwrap_or_else(|e| e.into_inner());
+        *slot = Some(Box::new(work));
+    }
+
+    /// Answer this request with `errno`, whatever the handler returns: the
+    /// caller's provisional answer when work left by
+    /// [`Request::after_reply`] is to set the real one (the return value
+    /// of the caller's system call, through `syscall-inject`). Should that
+    /// work never reach the caller (it died, or did not stop in time), the
+    /// caller sees this errno. Outputs the handler wrote into the caller's
+    /// memory stay written.
+    pub fn reply_instead(&self, errno: Errno) {
+        *self.reply_instead.lock().unwrap_or_else(|e| e.into_inner()) = Some(errno);
+    }
+
+    pub(crate) fn take_reply_instead(&self) -> Option<Errno> {
+        self.reply_instead
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    pub(crate) fn take_after_reply(&self) -> Option<Continuation> {
+        self.after_reply
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Declare that the server itself is about to make the caller see a
+    /// signal (`PTRACE_INTERRUPT` of the calling thread, which makes FUSE
+    /// send an INTERRUPT for this request). From now on an INTERRUPT for
+    /// this request is not a cancel: [`Request::interrupted`] stays false
+    /// and the request is answered normally.
+    ///
+    /// The kernel sends at most one INTERRUPT per request, so a real signal
+    /// arriving meanwhile is folded into it; that costs nothing, because the
+    /// caller waits killably from then on and its signal stays pending,
+    /// delivered once the call returns.
+    pub fn expect_interrupt(&self) {
+        self.interrupt.provoked.store(true, Ordering::SeqCst);
     }
 
     /// Copy `buf.len()` bytes from the caller's address `addr`.

@@ -35,6 +35,7 @@ pub struct DeviceConfig {
     max_workers_per_client: usize,
     max_idle: usize,
     idle_timeout: Duration,
+    keep_thread: Option<fn() -> bool>,
     cuse_path: PathBuf,
     sysfs_dir: PathBuf,
     dev_dir: PathBuf,
@@ -56,6 +57,7 @@ impl DeviceConfig {
             max_workers_per_client: 8,
             max_idle: 4,
             idle_timeout: Duration::from_secs(2),
+            keep_thread: None,
             cuse_path: PathBuf::from("/dev/cuse"),
             sysfs_dir: PathBuf::from("/sys/class/cuse"),
             dev_dir: PathBuf::from("/dev"),
@@ -117,12 +119,27 @@ impl DeviceConfig {
         self
     }
 
+    /// Ask `keep` on a server thread before it leaves for being idle
+    /// (after a burst, or after [`DeviceConfig::idle_timeout`]): a thread
+    /// for which it answers true stays, until the node closes, and is woken
+    /// at every idle timeout to ask again, even when it is one of the
+    /// threads an idle node keeps anyway. It runs on the thread in
+    /// question, which may use the moment to finish its own business. For
+    /// state that belongs to the thread: a thread that traces a process
+    /// (`ptrace`) detaches it when it exits, and one that was tracing with
+    /// `PTRACE_O_EXITKILL` kills it.
+    pub fn keep_thread_while(mut self, keep: fn() -> bool) -> Self {
+        self.keep_thread = Some(keep);
+        self
+    }
+
     fn pool_config(&self) -> PoolConfig {
         PoolConfig {
             buffer_size: self.read_buffer_size(),
             budget: Budget::new(self.max_workers, self.max_workers_per_client),
             max_idle: self.max_idle,
             idle_timeout: self.idle_timeout,
+            keep_thread: self.keep_thread,
         }
     }
 

@@ -244,6 +244,12 @@ impl Session {
         };
         let found = self.table().get(&target).cloned();
         match found {
+            Some(flag) if flag.provoked() => {
+                debug!(
+                    target,
+                    "INTERRUPT provoked by the server itself (Request::expect_interrupt); not a cancel"
+                );
+            }
             Some(flag) => {
                 debug!(target, "request interrupted");
                 flag.raise();
@@ -273,7 +279,9 @@ impl Session {
     /// [`Session::run`], calling `handled` once the handler has returned,
     /// just before the reply goes out (the server counts the thread as
     /// about to read again from then on: the caller may issue its next
-    /// request before this thread is back in `read`).
+    /// request before this thread is back in `read`). With work left by
+    /// [`Request::after_reply`], `handled` is called after that work
+    /// instead, which runs right after the reply.
     pub(crate) fn run_then(&self, work: Work, msg: &[u8], handled: impl FnOnce()) {
         let Work { header, op, flag } = work;
         let reply = Reply::new(self, header.unique);
@@ -285,8 +293,17 @@ impl Session {
             flag,
             self.proc_root.clone(),
         );
-        let outcome = catch_unwind(AssertUnwindSafe(|| self.dispatch(&req, &op, msg)));
-        handled();
+        let mut outcome = catch_unwind(AssertUnwindSafe(|| self.dispatch(&req, &op, msg)));
+        if let Some(errno) = req.take_reply_instead() {
+            outcome = Ok(Err(errno));
+        }
+        let after = req.take_after_reply();
+        let mut handled = Some(handled);
+        if after.is_none() {
+            if let Some(f) = handled.take() {
+                f();
+            }
+        }
         match outcome {
             Ok(Ok(Answer(fixed, data))) => reply.ok(&fixed, &data),
             Ok(Err(errno)) => reply.error(errno),
@@ -299,6 +316,17 @@ impl Session {
                 error!(unique = header.unique, panic = %what, "device handler panicked; answering EIO");
                 reply.error(Errno::EIO);
             }
+        }
+        if let Some(work) = after {
+            if catch_unwind(AssertUnwindSafe(work)).is_err() {
+                error!(
+                    unique = header.unique,
+                    "work left to run after the reply panicked"
+                );
+            }
+        }
+        if let Some(f) = handled {
+            f();
         }
     }
 

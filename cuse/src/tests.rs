@@ -777,3 +777,98 @@ fn request_for_caller_is_usable_in_device_tests() {
     assert_eq!(req.read_obj::<u64>(&value as *const u64 as u64), Ok(21));
     assert!(Path::new("/proc/self").exists());
 }
+
+#[test]
+fn work_after_the_reply_and_an_interrupt_the_server_provoked() {
+    // The handler declares the INTERRUPT it is about to provoke, lets the
+    // test deliver it, then answers a placeholder error and leaves work
+    // that runs once that answer is on the channel.
+    use std::sync::mpsc;
+    struct Injector {
+        chan: Arc<Recorder>,
+        reached: Mutex<mpsc::Sender<()>>,
+        go: Mutex<mpsc::Receiver<()>>,
+        seen: Arc<Mutex<Vec<String>>>,
+    }
+    impl Device for Injector {
+        fn ioctl(&self, req: &Request, _fh: u64, a: IoctlArgs<'_>) -> Result<IoctlResult, Errno> {
+            if a.cmd == 1 {
+                req.expect_interrupt();
+            }
+            self.reached.lock().unwrap().send(()).unwrap();
+            self.go.lock().unwrap().recv().unwrap();
+            self.seen
+                .lock()
+                .unwrap()
+                .push(format!("interrupted={}", req.interrupted()));
+            let (chan, seen) = (self.chan.clone(), self.seen.clone());
+            req.after_reply(move || {
+                let replies = chan.0.lock().unwrap().len();
+                seen.lock()
+                    .unwrap()
+                    .push(format!("after, replies={replies}"));
+            });
+            Err(Errno::EFAULT)
+        }
+    }
+    let chan = Arc::new(Recorder::default());
+    let (reached_tx, reached) = mpsc::channel();
+    let (go, go_rx) = mpsc::channel();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let dev = Arc::new(Injector {
+        chan: chan.clone(),
+        reached: Mutex::new(reached_tx),
+        go: Mutex::new(go_rx),
+        seen: seen.clone(),
+    });
+    let s = Arc::new(Session::new(dev, chan.clone()));
+    for (cmd, interrupted) in [(1u32, "false"), (2, "true")] {
+        let unique = 600 + 10 * cmd as u64;
+        let msg = request(IOCTL, unique, &ioctl_in(0, 2, cmd, 0, b"", 0));
+        let work = s.accept(&msg).unwrap();
+        let s2 = s.clone();
+        let t = std::thread::spawn(move || s2.run(work, &msg));
+        reached.recv().unwrap();
+        assert!(s
+            .accept(&request(INTERRUPT, unique + 1, &unique.to_le_bytes()))
+            .is_none());
+        go.send(()).unwrap();
+        t.join().unwrap();
+        // No reply to the INTERRUPT itself; the request's one reply.
+        assert_eq!(chan.take(), vec![errno_reply(Errno::EFAULT, unique)]);
+        assert_eq!(
+            std::mem::take(&mut *seen.lock().unwrap()),
+            vec![
+                format!("interrupted={interrupted}"),
+                "after, replies=1".into()
+            ]
+        );
+        assert_eq!(s.in_flight(), 0);
+    }
+}
+
+#[test]
+fn reply_instead_overrides_the_handlers_answer() {
+    // A handler that leaves the real answer to work after the reply gives
+    // the caller a provisional errno in case that work never reaches it.
+    struct Provisional;
+    impl Device for Provisional {
+        fn ioctl(&self, req: &Request, _fh: u64, a: IoctlArgs<'_>) -> Result<IoctlResult, Errno> {
+            if a.cmd == 1 {
+                req.reply_instead(Errno::EFAULT);
+            }
+            Ok(IoctlResult::value(5))
+        }
+    }
+    let chan = Arc::new(Recorder::default());
+    let s = Session::new(Arc::new(Provisional), chan.clone());
+    let msg = request(IOCTL, 700, &ioctl_in(0, 2, 1, 0, b"", 0));
+    s.run(s.accept(&msg).unwrap(), &msg);
+    assert_eq!(chan.take(), vec![errno_reply(Errno::EFAULT, 700)]);
+    // Another request of the same handler is answered as the handler says.
+    let msg = request(IOCTL, 701, &ioctl_in(0, 2, 2, 0, b"", 0));
+    s.run(s.accept(&msg).unwrap(), &msg);
+    let replies = chan.take();
+    assert_eq!(replies.len(), 1);
+    assert_ne!(replies[0], errno_reply(Errno::EFAULT, 701));
+}

@@ -25,7 +25,9 @@
 //!   already waiting, and a thread that waited `idle_timeout` for a request
 //!   while [`MIN_IDLE`] others waited too leaves then (a per-thread timer
 //!   wakes it), so a burst's threads go away again and an idle node keeps
-//!   two.
+//!   two. A thread that still has business of its own (it traces a
+//!   process, say: see [`DeviceConfig::keep_thread_while`](crate::DeviceConfig::keep_thread_while))
+//!   stays.
 //! - Shutdown sets `closed`, answers the waiting requests `EINTR`, and sends
 //!   [`sys::wake_signal`] to the threads blocked in `read` until all have
 //!   left.
@@ -60,6 +62,8 @@ pub(crate) struct PoolConfig {
     /// How long a thread beyond [`MIN_IDLE`] waits for a request before it
     /// leaves.
     pub idle_timeout: Duration,
+    /// Asked before a thread leaves for being idle: true keeps it.
+    pub keep_thread: Option<fn() -> bool>,
 }
 
 /// Counts of one node's threads and requests, from [`Server::stats`](crate::Server::stats).
@@ -246,12 +250,22 @@ impl Workers {
                 st = self.run(Held::Slot(unique), work, &msg);
                 continue;
             }
-            if st.closed || st.readers.len() >= self.config.max_idle {
+            if st.closed {
+                break;
+            }
+            // Asked before every wait: cheap, and a thread that took on
+            // business of its own during its last request is woken at every
+            // idle timeout to look after it, even when it is one of the
+            // threads an idle node keeps anyway.
+            let holding = self.must_stay();
+            if st.readers.len() >= self.config.max_idle && !holding {
                 break;
             }
             // A thread beyond the idle minimum leaves if no request comes
             // within the idle timeout.
-            let spare = timer.as_ref().filter(|_| st.readers.len() >= MIN_IDLE);
+            let spare = timer
+                .as_ref()
+                .filter(|_| holding || st.readers.len() >= MIN_IDLE);
             let key = st.readers.insert(me);
             drop(st);
             // The clock only for a thread that may leave: reading it is a
@@ -273,7 +287,7 @@ impl Workers {
                 Received::Message(n) => n,
                 Received::Nothing => {
                     let idle = since.is_some_and(|t| t.elapsed() >= self.config.idle_timeout);
-                    if idle && st.readers.len() >= MIN_IDLE && !st.closed {
+                    if idle && !st.closed && st.readers.len() >= MIN_IDLE && !self.must_stay() {
                         debug!(node = %self.name, threads = st.threads - 1, "idle server thread leaves");
                         break;
                     }
@@ -289,6 +303,12 @@ impl Workers {
         }
         st.threads -= 1;
         self.done_cv.notify_all();
+    }
+
+    /// Whether this thread must not leave although idle
+    /// ([`PoolConfig::keep_thread`]).
+    fn must_stay(&self) -> bool {
+        self.config.keep_thread.is_some_and(|keep| keep())
     }
 
     /// Deal with one message read from `/dev/cuse`: answer it, run it, or

@@ -76,6 +76,71 @@ pub struct DmaEntry {
     pub prot: Prot,
 }
 
+/// What a range of client memory is, for the engine's choice of path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resolved {
+    /// Shared memory the daemon has aliased: mapped by the daemon itself.
+    Shared(Alias),
+    /// Memory the daemon cannot alias (`MAP_PRIVATE`, ordinary anonymous
+    /// memory, the heap, stacks): only the client's own thread can have
+    /// it pinned ([`Backend::map_as_client`]). `why` names it for logs.
+    Private {
+        /// What the memory is, for messages.
+        why: String,
+    },
+}
+
+/// One entry of a domain made of the client's own memory, pinned by the
+/// client's thread: `size` bytes at the client's address `client_vaddr`,
+/// seen by devices at `iova`. The daemon never dereferences the address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientEntry {
+    /// First IOVA.
+    pub iova: u64,
+    /// Address in the client.
+    pub client_vaddr: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Access granted.
+    pub prot: Prot,
+}
+
+/// Which address space a client thread runs in: its process and a stamp
+/// that changes at every `exec` (the 16 random bytes the kernel gives each
+/// new program, `AT_RANDOM`). Pages pinned from one address space cannot
+/// be pinned again from another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MmId {
+    /// The process (thread-group id).
+    pub pid: Pid,
+    /// `AT_RANDOM`'s bytes.
+    pub stamp: [u8; 16],
+}
+
+/// A client thread stopped on its way out of the call it made, able to
+/// issue system calls as itself (the real one wraps a
+/// `syscall_inject::Stopped`; the backend downcasts it through
+/// [`ClientThread::as_any`]).
+pub trait ClientThread {
+    /// The thread.
+    fn tid(&self) -> Pid;
+    /// Its address space.
+    fn mm(&mut self) -> Result<MmId, Error>;
+    /// The concrete thread, for the backend that knows its type.
+    fn as_any(&mut self) -> &mut dyn std::any::Any;
+}
+
+/// What the kernel says about a client process's locked memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessMemory {
+    /// The process (thread-group id).
+    pub pid: Pid,
+    /// Bytes the kernel charges to its `locked_vm` (`VmLck`): what it
+    /// `mlock`ed and what VFIO type1 pinned for it, including the private
+    /// memory its own thread mapped for the daemon.
+    pub locked: u64,
+}
+
 /// What an IOMMU domain (a realising container) supports.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct DomainInfo {
@@ -100,6 +165,46 @@ pub trait Backend: Send + Sync {
     /// private memory that cannot be shared (the message tells the user to
     /// use shared memory).
     fn alias(&self, pid: Pid, vaddr: u64, size: u64) -> Result<Alias, Error>;
+
+    /// Alias `[vaddr, vaddr + size)` of process `pid` if it is shared
+    /// memory, or say that it is private ([`Resolved::Private`]) and can
+    /// only be pinned by the client's own thread. Unmapped or inaccessible
+    /// memory is `EFAULT`. The default knows no private memory.
+    fn resolve(&self, pid: Pid, vaddr: u64, size: u64) -> Result<Resolved, Error> {
+        self.alias(pid, vaddr, size).map(Resolved::Shared)
+    }
+
+    /// Map `entry` into group `group`'s domain by the client's own thread
+    /// `thread` (`VFIO_IOMMU_MAP_DMA` issued by it): the kernel pins the
+    /// client's pages and charges them to the client. Errors are the
+    /// kernel's (`ENOMEM` over the client's `RLIMIT_MEMLOCK`, `EFAULT`
+    /// unmapped memory) or a refused injection (`EFAULT`). Not `unsafe`:
+    /// the daemon never touches the memory, and the client's own pages stay
+    /// pinned whatever it does with its mapping, as for any VFIO user.
+    /// Unmapping needs nothing of the client ([`Backend::unmap`]). The
+    /// default cannot.
+    fn map_as_client(
+        &self,
+        group: GroupId,
+        thread: &mut dyn ClientThread,
+        entry: ClientEntry,
+    ) -> Result<(), Error> {
+        let _ = (group, entry);
+        Err(Error::new(
+            Errno::EFAULT,
+            format!(
+                "this backend cannot map private memory of thread {}",
+                thread.tid()
+            ),
+        ))
+    }
+
+    /// The process of thread `pid` and its locked memory (`VmLck`), for
+    /// the `RLIMIT_MEMLOCK` check. The default: the thread is its own
+    /// process and has locked nothing.
+    fn process_memory(&self, pid: Pid) -> Result<ProcessMemory, Error> {
+        Ok(ProcessMemory { pid, locked: 0 })
+    }
 
     /// Give back an alias returned by [`Backend::alias`],
     /// [`Backend::alias_file`] or [`Backend::share_alias`].

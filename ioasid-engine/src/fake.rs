@@ -21,8 +21,14 @@ use nix::errno::Errno;
 use std::os::fd::BorrowedFd;
 
 use crate::backend::{
-    slice_alias, Alias, Backend, DmaEntry, DomainInfo, Error, GroupId, Pid, Segment, Segments,
+    slice_alias, Alias, Backend, ClientEntry, ClientThread, DmaEntry, DomainInfo, Error, GroupId,
+    MmId, Pid, ProcessMemory, Resolved, Segment, Segments,
 };
+use crate::engine::{Client, ClientWork};
+
+/// A domain entry made by a client's own thread records its client address
+/// with this bit set in place of a daemon address.
+pub const FAKE_CLIENT_TAG: u64 = 1 << 62;
 
 /// The daemon address of client address `v` is `FAKE_DAEMON_BASE + v`.
 pub const FAKE_DAEMON_BASE: u64 = 0x7000_0000_0000;
@@ -43,6 +49,14 @@ pub enum FakeCall {
     Alias { pid: Pid, vaddr: u64, size: u64 },
     /// `release_alias` of the alias with this token.
     Release { token: u64 },
+    /// `map_as_client(group, thread, ...)`, successful or not.
+    MapAsClient {
+        group: GroupId,
+        tid: Pid,
+        iova: u64,
+        client_vaddr: u64,
+        size: u64,
+    },
     /// `map(group, iova, daemon_vaddr, size, _)`, successful or not.
     Map {
         group: GroupId,
@@ -96,7 +110,12 @@ impl Default for FakeDomain {
 struct FakeState {
     domains: HashMap<GroupId, FakeDomain>,
     shared: HashMap<Pid, Vec<(u64, u64)>>,
+    private: HashMap<Pid, Vec<(u64, u64)>>,
     memlock: HashMap<Pid, u64>,
+    /// `VmLck` by process: what a test set plus what client maps charged.
+    locked: HashMap<Pid, u64>,
+    /// Who each client-made entry is charged to: (group, iova) -> (pid, bytes).
+    charged: HashMap<(GroupId, u64), (Pid, u64)>,
     live: HashMap<u64, Alias>,
     next_token: u64,
     calls: Vec<FakeCall>,
@@ -109,6 +128,8 @@ struct FakeState {
     pages: HashMap<u64, Box<[u8; 4096]>>,
     /// How many times `trim` was called.
     trims: usize,
+    /// Run inside the next `map_as_client`, before it maps.
+    during_client_map: Option<Box<dyn FnOnce() + Send>>,
     /// Memory files (by inode) and their sizes.
     files: HashMap<u64, u64>,
 }
@@ -140,6 +161,24 @@ impl FakeBackend {
         v.sort_unstable();
     }
 
+    /// Declare `[vaddr, vaddr + size)` of `pid` private memory: not
+    /// aliasable, but mappable by the client's own thread.
+    pub fn private(&self, pid: Pid, vaddr: u64, size: u64) {
+        let mut s = self.state();
+        s.private.entry(pid).or_default().push((vaddr, size));
+    }
+
+    /// Set what the kernel charges `pid` besides the fake's client maps
+    /// (`VmLck`: what it `mlock`ed).
+    pub fn set_locked(&self, pid: Pid, bytes: u64) {
+        *self.state().locked.entry(pid).or_default() = bytes;
+    }
+
+    /// `pid`'s `VmLck` now.
+    pub fn locked(&self, pid: Pid) -> u64 {
+        self.state().locked.get(&pid).copied().unwrap_or(0)
+    }
+
     /// Declare the file with inode `inode` a memory file of `size` bytes
     /// (`alias_file` refuses every other file with `EINVAL`).
     pub fn add_file(&self, inode: u64, size: u64) {
@@ -166,6 +205,13 @@ impl FakeBackend {
     /// Configure how many entries group `group`'s domain accepts.
     pub fn set_entry_limit(&self, group: GroupId, limit: usize) {
         self.state().domains.entry(group).or_default().entry_limit = limit;
+    }
+
+    /// Run `f` inside the next `map_as_client`, before it maps: what a
+    /// client's other thread (or another client) does while the client's
+    /// thread is stopped and the engine holds no lock.
+    pub fn during_next_client_map(&self, f: impl FnOnce() + Send + 'static) {
+        self.state().during_client_map = Some(Box::new(f));
     }
 
     /// Let `after` more maps succeed, then fail one with `errno`.
@@ -258,6 +304,15 @@ fn min_pgsize(bitmap: u64) -> u64 {
 }
 
 impl FakeState {
+    /// Type1 uncharges what a client's map charged when it goes.
+    fn uncharge(&mut self, group: GroupId, iova: u64) {
+        if let Some((pid, bytes)) = self.charged.remove(&(group, iova)) {
+            if let Some(l) = self.locked.get_mut(&pid) {
+                *l -= bytes;
+            }
+        }
+    }
+
     fn in_live_alias(&self, daemon_vaddr: u64, len: u64) -> bool {
         let Some(end) = daemon_vaddr.checked_add(len) else {
             return false;
@@ -267,6 +322,45 @@ impl FakeState {
                 .iter()
                 .any(|s| s.daemon_vaddr <= daemon_vaddr && end <= s.daemon_vaddr + s.len)
         })
+    }
+}
+
+impl FakeState {
+    /// Check `entry` like type1v2 and put it into `group`'s domain.
+    fn insert_entry(&mut self, group: GroupId, entry: DmaEntry) -> Result<(), Error> {
+        let DmaEntry {
+            iova,
+            daemon_vaddr,
+            size,
+            ..
+        } = entry;
+        let s = self;
+        if let Some(errno) = injected(&mut s.map_failure) {
+            return Err(Error::new(errno, "injected map failure"));
+        }
+        let d = s.domains.entry(group).or_default();
+        let pg = min_pgsize(d.pgsize_bitmap);
+        if size == 0 || (iova | daemon_vaddr | size) & (pg - 1) != 0 {
+            return Err(einval(format!(
+                "map {iova:#x}+{size:#x}: not {pg:#x}-aligned"
+            )));
+        }
+        let last = iova
+            .checked_add(size - 1)
+            .ok_or_else(|| einval(format!("map {iova:#x}+{size:#x} wraps")))?;
+        if !d.iova_ranges.iter().any(|&(a, b)| a <= iova && last <= b) {
+            return Err(einval(format!("map {iova:#x}+{size:#x}: outside ranges")));
+        }
+        if let Some((_, e)) = d.entries.range(..=last).next_back() {
+            if e.iova + e.size > iova {
+                return Err(Error::new(Errno::EEXIST, "overlapping mapping"));
+            }
+        }
+        if d.entries.len() >= d.entry_limit {
+            return Err(Error::new(Errno::ENOSPC, "domain entry limit reached"));
+        }
+        d.entries.insert(iova, entry);
+        Ok(())
     }
 }
 
@@ -310,6 +404,83 @@ impl Backend for FakeBackend {
         };
         s.live.insert(alias.token, alias.clone());
         Ok(alias)
+    }
+
+    fn resolve(&self, pid: Pid, vaddr: u64, size: u64) -> Result<Resolved, Error> {
+        let private = self.state().private.get(&pid).is_some_and(|v| {
+            v.iter()
+                .any(|&(s, l)| s <= vaddr && vaddr.saturating_add(size) <= s + l)
+        });
+        if private {
+            return Ok(Resolved::Private {
+                why: format!("memory {vaddr:#x}+{size:#x} of process {pid} is private"),
+            });
+        }
+        self.alias(pid, vaddr, size).map(Resolved::Shared)
+    }
+
+    /// As type1 for a map issued by the client: the range must be the
+    /// client's (shared or private), its `RLIMIT_MEMLOCK` is checked
+    /// against its `VmLck` alone, which is then charged.
+    fn map_as_client(
+        &self,
+        group: GroupId,
+        thread: &mut dyn ClientThread,
+        entry: ClientEntry,
+    ) -> Result<(), Error> {
+        let tid = thread.tid();
+        let pid = thread.mm()?.pid;
+        let during = self.state().during_client_map.take();
+        if let Some(f) = during {
+            f();
+        }
+        let mut s = self.state();
+        s.calls.push(FakeCall::MapAsClient {
+            group,
+            tid,
+            iova: entry.iova,
+            client_vaddr: entry.client_vaddr,
+            size: entry.size,
+        });
+        if let Some(errno) = injected(&mut s.map_failure) {
+            return Err(Error::new(errno, "injected map failure"));
+        }
+        let end = entry.client_vaddr.saturating_add(entry.size);
+        let mine = s
+            .private
+            .get(&pid)
+            .into_iter()
+            .chain(s.shared.get(&pid))
+            .flatten()
+            .any(|&(a, l)| a <= entry.client_vaddr && end <= a + l);
+        if !mine {
+            return Err(Error::new(Errno::EFAULT, "not mapped in the client"));
+        }
+        let locked = s.locked.get(&pid).copied().unwrap_or(0);
+        if let Some(&limit) = s.memlock.get(&pid) {
+            if locked + entry.size > limit {
+                return Err(Error::new(Errno::ENOMEM, "over RLIMIT_MEMLOCK (kernel)"));
+            }
+        }
+        s.insert_entry(
+            group,
+            DmaEntry {
+                iova: entry.iova,
+                daemon_vaddr: FAKE_CLIENT_TAG | entry.client_vaddr,
+                size: entry.size,
+                prot: entry.prot,
+            },
+        )?;
+        *s.locked.entry(pid).or_default() += entry.size;
+        s.charged.insert((group, entry.iova), (pid, entry.size));
+        Ok(())
+    }
+
+    fn process_memory(&self, pid: Pid) -> Result<ProcessMemory, Error> {
+        Ok(ProcessMemory {
+            pid,
+            locked: self.locked(pid),
+        })
     }
 
     fn release_alias(&self, alias: &Alias) {
@@ -415,32 +586,7 @@ impl Backend for FakeBackend {
             daemon_vaddr,
             size,
         });
-        if let Some(errno) = injected(&mut s.map_failure) {
-            return Err(Error::new(errno, "injected map failure"));
-        }
-        let d = s.domains.entry(group).or_default();
-        let pg = min_pgsize(d.pgsize_bitmap);
-        if size == 0 || (iova | daemon_vaddr | size) & (pg - 1) != 0 {
-            return Err(einval(format!(
-                "map {iova:#x}+{size:#x}: not {pg:#x}-aligned"
-            )));
-        }
-        let last = iova
-            .checked_add(size - 1)
-            .ok_or_else(|| einval(format!("map {iova:#x}+{size:#x} wraps")))?;
-        if !d.iova_ranges.iter().any(|&(a, b)| a <= iova && last <= b) {
-            return Err(einval(format!("map {iova:#x}+{size:#x}: outside ranges")));
-        }
-        if let Some((_, e)) = d.entries.range(..=last).next_back() {
-            if e.iova + e.size > iova {
-                return Err(Error::new(Errno::EEXIST, "overlapping mapping"));
-            }
-        }
-        if d.entries.len() >= d.entry_limit {
-            return Err(Error::new(Errno::ENOSPC, "domain entry limit reached"));
-        }
-        d.entries.insert(iova, entry);
-        Ok(())
+        s.insert_entry(group, entry)
     }
 
     fn unmap(&self, group: GroupId, iova: u64, size: u64) -> Result<u64, Error> {
@@ -469,8 +615,11 @@ impl Backend for FakeBackend {
         }
         let gone: Vec<u64> = d.entries.range(iova..end).map(|(k, _)| *k).collect();
         let mut bytes = 0;
-        for k in gone {
+        for &k in &gone {
             bytes += d.entries.remove(&k).map_or(0, |e| e.size);
+        }
+        for k in gone {
+            s.uncharge(group, k);
         }
         Ok(bytes)
     }
@@ -480,6 +629,17 @@ impl Backend for FakeBackend {
         s.calls.push(FakeCall::UnmapAll { group });
         if let Some(errno) = s.unmap_all_failure.take() {
             return Err(Error::new(errno, "injected unmap-all failure"));
+        }
+        let gone: Vec<u64> = s
+            .domains
+            .entry(group)
+            .or_default()
+            .entries
+            .keys()
+            .copied()
+            .collect();
+        for k in gone {
+            s.uncharge(group, k);
         }
         s.domains.entry(group).or_default().entries.clear();
         Ok(())
@@ -512,6 +672,121 @@ impl Backend for FakeBackend {
             }
             done += n;
         }
+        Ok(())
+    }
+}
+
+/// A client thread of the fake: process `pid` (its own thread id too),
+/// address space stamp `stamp`.
+#[derive(Clone, Copy, Debug)]
+pub struct FakeThread {
+    /// The process and thread.
+    pub pid: Pid,
+    /// Its address space's stamp (another after an `exec`).
+    pub stamp: u8,
+}
+
+impl ClientThread for FakeThread {
+    fn tid(&self) -> Pid {
+        self.pid
+    }
+
+    fn mm(&mut self) -> Result<MmId, Error> {
+        Ok(MmId {
+            pid: self.pid,
+            stamp: [self.stamp; 16],
+        })
+    }
+
+    fn as_any(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+/// A caller of the fake: thread (and process) `pid`. Work it is asked to
+/// run as itself waits until the test runs it ([`FakeClient::run_deferred`]),
+/// as the real one runs after the reply; or it refuses, as a traced client.
+#[derive(Default)]
+pub struct FakeClient {
+    /// The process (and its one thread).
+    pub pid: Pid,
+    /// Address space stamp its work sees.
+    pub stamp: u8,
+    /// Refuse to run work (like a client under a debugger) with this errno.
+    pub refuse: Option<Errno>,
+    deferred: Mutex<Vec<ClientWork>>,
+}
+
+impl FakeClient {
+    /// A caller that accepts work.
+    pub fn new(pid: Pid) -> Self {
+        FakeClient {
+            pid,
+            ..FakeClient::default()
+        }
+    }
+
+    /// Run the work left so far as this client's thread; their results.
+    pub fn run_deferred(&self) -> Vec<Result<(), Error>> {
+        let works = std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut thread = FakeThread {
+            pid: self.pid,
+            stamp: self.stamp,
+        };
+        works
+            .into_iter()
+            .map(|w| w(Ok(&mut thread as &mut dyn ClientThread)))
+            .collect()
+    }
+
+    /// Run the work left so far as if the thread could not be reached
+    /// (it died, or did not stop in time).
+    pub fn fail_deferred(&self, errno: Errno) -> Vec<Result<(), Error>> {
+        let works = std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|e| e.into_inner()));
+        works
+            .into_iter()
+            .map(|w| w(Err(Error::new(errno, "the client thread was not reached"))))
+            .collect()
+    }
+
+    /// This client with address space stamp `stamp` (as after an `exec`).
+    pub fn with_stamp(mut self, stamp: u8) -> Self {
+        self.stamp = stamp;
+        self
+    }
+
+    /// This client refusing work with `errno` (as one under a debugger).
+    pub fn refusing(mut self, errno: Errno) -> Self {
+        self.refuse = Some(errno);
+        self
+    }
+
+    /// How much work waits.
+    pub fn pending(&self) -> usize {
+        self.deferred
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+}
+
+impl Client for FakeClient {
+    fn tid(&self) -> Pid {
+        self.pid
+    }
+
+    fn pid(&self) -> Result<Pid, Error> {
+        Ok(self.pid)
+    }
+
+    fn defer_as_client(&self, work: ClientWork) -> Result<(), Error> {
+        if let Some(errno) = self.refuse {
+            return Err(Error::new(errno, "refused (the fake client is traced)"));
+        }
+        self.deferred
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(work);
         Ok(())
     }
 }

@@ -16,9 +16,10 @@ pub mod fake;
 pub mod pgtable;
 
 pub use engine::{
-    Attachment, BoundDeviceSnapshot, ClosedContext, ContextId, ContextSnapshot, ContextView,
-    DeviceId, DeviceSpec, DmaMap, Engine, EngineCounters, Invalidation, IoasMap, IoasidId,
-    IoasidInfo, IoasidSnapshot, MapSource, ObjectId, ObjectKind, PasidTableStatus, PgtableStatus,
-    WalkReport, PASID_BITS, PASID_TABLE_FLAT_X86_64, PASID_TABLE_MAX_ENTRIES, PGTABLE_X86_64_4LVL,
+    Attachment, BoundDeviceSnapshot, Budgets, Client, ClientWork, ClosedContext, ContextId,
+    ContextSnapshot, ContextView, DeviceId, DeviceSpec, DmaMap, Engine, EngineCounters,
+    Invalidation, IoasMap, IoasidId, IoasidInfo, IoasidSnapshot, MapSource, ObjectId, ObjectKind,
+    PasidTableStatus, PgtableStatus, WalkReport, PASID_BITS, PASID_TABLE_FLAT_X86_64,
+    PASID_TABLE_MAX_ENTRIES, PGTABLE_X86_64_4LVL,
 };
 pub use error::{Error, Result};

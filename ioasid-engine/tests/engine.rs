@@ -68,7 +68,7 @@ fn never_attached_ioasid_refuses_map_and_unmap_with_enodev() {
     let f = fixture();
     let ctx = f.engine.open_context();
     let io = f.engine.alloc(ctx).unwrap();
-    let e = f.engine.map_dma(ctx, PID, io, m(0, MEM, K4)).unwrap_err();
+    let e = f.engine.map_dma(ctx, &PID, io, m(0, MEM, K4)).unwrap_err();
     assert_eq!(e.errno, ENODEV);
     assert!(e.message.contains("attach"), "{}", e.message);
     assert_eq!(errno(f.engine.unmap_dma(ctx, io, 0, K4)), ENODEV);
@@ -87,11 +87,11 @@ fn map_realises_in_the_attached_group_and_info_reports_it() {
     let f = fixture();
     let (ctx, io) = f.attached();
     f.engine
-        .map_dma(ctx, PID, io, m(0x10_0000, MEM, 0x4000))
+        .map_dma(ctx, &PID, io, m(0x10_0000, MEM, 0x4000))
         .unwrap();
     // Spanning the two shared pieces: two domain entries, one mapping.
     f.engine
-        .map_dma(ctx, PID, io, m(0x20_0000, MEM + PIECE - K4, 2 * K4))
+        .map_dma(ctx, &PID, io, m(0x20_0000, MEM + PIECE - K4, 2 * K4))
         .unwrap();
     assert_eq!(
         f.fake.entries(3),
@@ -126,7 +126,7 @@ fn map_realises_in_the_attached_group_and_info_reports_it() {
 fn mappings_survive_detach_and_are_replayed_on_reattach() {
     let f = fixture();
     let (ctx, io) = f.attached();
-    f.engine.map_dma(ctx, PID, io, m(0, MEM, K4)).unwrap();
+    f.engine.map_dma(ctx, &PID, io, m(0, MEM, K4)).unwrap();
     f.engine.detach(DEV_A, ctx, io, None).unwrap();
     assert!(
         f.fake.entries(3).is_empty(),
@@ -134,13 +134,16 @@ fn mappings_survive_detach_and_are_replayed_on_reattach() {
     );
     // Still usable in software: validated against the last known domain.
     f.engine
-        .map_dma(ctx, PID, io, m(0x1000, MEM + K4, K4))
+        .map_dma(ctx, &PID, io, m(0x1000, MEM + K4, K4))
         .unwrap();
     assert_eq!(
-        errno(f.engine.map_dma(ctx, PID, io, m(0x800, MEM, K4))),
+        errno(f.engine.map_dma(ctx, &PID, io, m(0x800, MEM, K4))),
         EINVAL
     );
-    assert_eq!(errno(f.engine.map_dma(ctx, PID, io, m(0, MEM, K4))), EEXIST);
+    assert_eq!(
+        errno(f.engine.map_dma(ctx, &PID, io, m(0, MEM, K4))),
+        EEXIST
+    );
     assert!(f.fake.entries(3).is_empty());
     let info = f.engine.info(ctx, io).unwrap();
     assert!(info.attached);
@@ -148,13 +151,13 @@ fn mappings_survive_detach_and_are_replayed_on_reattach() {
     assert_eq!(info.mappings, 2);
     // Reattaching (here through another device of another group) replays.
     f.engine.bind(DEV_B, ctx).unwrap();
-    f.engine.attach(DEV_B, ctx, io, None).unwrap();
+    f.engine.attach(DEV_B, ctx, &PID, io, None).unwrap();
     assert_eq!(
         f.fake.entries(4),
         vec![e_rw(0, MEM, K4), e_rw(0x1000, MEM + K4, K4)]
     );
     assert!(f.fake.entries(3).is_empty());
-    f.engine.attach(DEV_A, ctx, io, None).unwrap();
+    f.engine.attach(DEV_A, ctx, &PID, io, None).unwrap();
     assert_eq!(f.fake.entries(3), f.fake.entries(4));
 }
 
@@ -163,7 +166,7 @@ fn map_errnos_change_nothing() {
     let f = fixture();
     let (ctx, io) = f.attached();
     f.engine
-        .map_dma(ctx, PID, io, m(0x10_0000, MEM, 0x4000))
+        .map_dma(ctx, &PID, io, m(0x10_0000, MEM, 0x4000))
         .unwrap();
     let before = (
         f.fake.entries(3),
@@ -205,7 +208,7 @@ fn map_errnos_change_nothing() {
         (m(0x40_0000, MEM + 2 * PIECE - K4, 2 * K4), EFAULT),
     ];
     for (req, want) in cases {
-        let e = f.engine.map_dma(ctx, PID, io, req).unwrap_err();
+        let e = f.engine.map_dma(ctx, &PID, io, req).unwrap_err();
         assert_eq!(e.errno, want, "{req:?}: {e}");
         assert!(!e.message.is_empty());
     }
@@ -215,14 +218,14 @@ fn map_errnos_change_nothing() {
         f.engine.pinned_bytes(ctx).unwrap(),
     );
     assert_eq!(before, after);
-    f.engine.map_dma(ctx, PID, io, write_only).unwrap();
+    f.engine.map_dma(ctx, &PID, io, write_only).unwrap();
     assert_eq!(f.fake.entries(3).len(), 2);
     // Adjacent mappings on both sides are fine.
     f.engine
-        .map_dma(ctx, PID, io, m(0x0f_f000, MEM, K4))
+        .map_dma(ctx, &PID, io, m(0x0f_f000, MEM, K4))
         .unwrap();
     f.engine
-        .map_dma(ctx, PID, io, m(0x10_4000, MEM, K4))
+        .map_dma(ctx, &PID, io, m(0x10_4000, MEM, K4))
         .unwrap();
 }
 
@@ -232,7 +235,7 @@ fn private_memory_error_tells_the_user_to_share() {
     let (ctx, io) = f.attached();
     let e = f
         .engine
-        .map_dma(ctx, PID, io, m(0, PRIVATE, K4))
+        .map_dma(ctx, &PID, io, m(0, PRIVATE, K4))
         .unwrap_err();
     assert_eq!(e.errno, EFAULT);
     assert!(e.message.contains("MAP_SHARED"), "{}", e.message);
@@ -244,9 +247,9 @@ fn domain_full_is_enospc_and_releases_the_alias() {
     let f = fixture();
     f.fake.set_entry_limit(3, 1);
     let (ctx, io) = f.attached();
-    f.engine.map_dma(ctx, PID, io, m(0, MEM, K4)).unwrap();
+    f.engine.map_dma(ctx, &PID, io, m(0, MEM, K4)).unwrap();
     assert_eq!(
-        errno(f.engine.map_dma(ctx, PID, io, m(K4, MEM, K4))),
+        errno(f.engine.map_dma(ctx, &PID, io, m(K4, MEM, K4))),
         ENOSPC
     );
     assert_eq!(f.fake.live_aliases(), 1);
@@ -262,26 +265,29 @@ fn alignment_follows_the_smallest_page_size_of_the_domains() {
         .set_domain(4, (1 << 21) | (1 << 30), &[(0, (1 << 39) - 1)]);
     let (ctx, io) = f.attached();
     f.engine.bind(DEV_B, ctx).unwrap();
-    f.engine.attach(DEV_B, ctx, io, None).unwrap();
+    f.engine.attach(DEV_B, ctx, &PID, io, None).unwrap();
     let info = f.engine.info(ctx, io).unwrap();
     assert_eq!(info.pgsize_bitmap, (1 << 21) | (1 << 30));
     assert_eq!(
         info.iova_ranges,
         vec![(0, 0xfedf_ffff), (0xfef0_0000, (1 << 39) - 1)]
     );
-    assert_eq!(errno(f.engine.map_dma(ctx, PID, io, m(0, MEM, K4))), EINVAL);
     assert_eq!(
-        errno(f.engine.map_dma(ctx, PID, io, m(1 << 40, MEM, mb2))),
+        errno(f.engine.map_dma(ctx, &PID, io, m(0, MEM, K4))),
         EINVAL
     );
-    f.engine.map_dma(ctx, PID, io, m(mb2, MEM, mb2)).unwrap();
+    assert_eq!(
+        errno(f.engine.map_dma(ctx, &PID, io, m(1 << 40, MEM, mb2))),
+        EINVAL
+    );
+    f.engine.map_dma(ctx, &PID, io, m(mb2, MEM, mb2)).unwrap();
     assert_eq!(f.fake.entries(3), vec![e_rw(mb2, MEM, mb2)]);
     assert_eq!(f.fake.entries(4), vec![e_rw(mb2, MEM, mb2)]);
     assert_eq!(errno(f.engine.unmap_dma(ctx, io, mb2, K4)), EINVAL);
     // With B gone, A's 4 KiB pages are enough again.
     f.engine.detach(DEV_B, ctx, io, None).unwrap();
     assert!(f.fake.entries(4).is_empty());
-    f.engine.map_dma(ctx, PID, io, m(0, MEM, K4)).unwrap();
+    f.engine.map_dma(ctx, &PID, io, m(0, MEM, K4)).unwrap();
 }
 
 #[test]
@@ -289,10 +295,12 @@ fn attaching_a_group_whose_domain_refuses_a_mapping_fails_cleanly() {
     let f = fixture();
     f.fake.set_domain(4, 1 << 12, &[(0, 0xffff_ffff)]);
     let (ctx, io) = f.attached();
-    f.engine.map_dma(ctx, PID, io, m(0, MEM, K4)).unwrap();
-    f.engine.map_dma(ctx, PID, io, m(1 << 40, MEM, K4)).unwrap();
+    f.engine.map_dma(ctx, &PID, io, m(0, MEM, K4)).unwrap();
+    f.engine
+        .map_dma(ctx, &PID, io, m(1 << 40, MEM, K4))
+        .unwrap();
     f.engine.bind(DEV_B, ctx).unwrap();
-    assert_eq!(errno(f.engine.attach(DEV_B, ctx, io, None)), EINVAL);
+    assert_eq!(errno(f.engine.attach(DEV_B, ctx, &PID, io, None)), EINVAL);
     assert!(f.fake.entries(4).is_empty());
     assert_eq!(f.engine.info(ctx, io).unwrap().devices.len(), 1);
 }
@@ -305,7 +313,7 @@ fn unmap_follows_type1v2() {
         f.engine
             .map_dma(
                 ctx,
-                PID,
+                &PID,
                 io,
                 m(0x10_0000 + i * 0x4000, MEM + i * 0x4000, 0x4000),
             )
@@ -361,8 +369,8 @@ fn map_and_unmap_apply_to_every_realising_group() {
     let f = fixture();
     let (ctx, io) = f.attached();
     f.engine.bind(DEV_B, ctx).unwrap();
-    f.engine.attach(DEV_B, ctx, io, None).unwrap();
-    f.engine.map_dma(ctx, PID, io, m(0, MEM, K4)).unwrap();
+    f.engine.attach(DEV_B, ctx, &PID, io, None).unwrap();
+    f.engine.map_dma(ctx, &PID, io, m(0, MEM, K4)).unwrap();
     assert_eq!(f.fake.entries(3), vec![e_rw(0, MEM, K4)]);
     assert_eq!(f.fake.entries(4), vec![e_rw(0, MEM, K4)]);
     // One alias serves both domains.
@@ -376,11 +384,11 @@ fn failed_map_in_the_second_group_is_undone_in_the_first() {
     let f = fixture();
     let (ctx, io) = f.attached();
     f.engine.bind(DEV_B, ctx).unwrap();
-    f.engine.attach(DEV_B, ctx, io, None).unwrap();
+    f.engine.attach(DEV_B, ctx, &PID, io, None).unwrap();
     // Two segments per group; fail the third backend map (group 4's first).
     f.fake.fail_map_after(2, ENOSPC);
     let req = m(0, MEM + PIECE - K4, 2 * K4);
-    assert_eq!(errno(f.engine.map_dma(ctx, PID, io, req)), ENOSPC);
+    assert_eq!(errno(f.engine.map_dma(ctx, &PID, io, req)), ENOSPC);
     assert!(f.fake.entries(3).is_empty());
     assert!(f.fake.entries(4).is_empty());
     assert_eq!(f.fake.live_aliases(), 0);
@@ -388,9 +396,9 @@ fn failed_map_in_the_second_group_is_undone_in_the_first() {
     assert_eq!(f.engine.info(ctx, io).unwrap().mappings, 0);
     // Fail a second segment: the first one of the same group is undone too.
     f.fake.fail_map_after(1, ENOSPC);
-    assert_eq!(errno(f.engine.map_dma(ctx, PID, io, req)), ENOSPC);
+    assert_eq!(errno(f.engine.map_dma(ctx, &PID, io, req)), ENOSPC);
     assert!(f.fake.entries(3).is_empty());
-    f.engine.map_dma(ctx, PID, io, req).unwrap();
+    f.engine.map_dma(ctx, &PID, io, req).unwrap();
     assert_eq!(f.fake.entries(3).len(), 2);
     assert_eq!(f.fake.entries(4).len(), 2);
 }
@@ -400,14 +408,14 @@ fn replay_failure_rolls_back_and_fails_the_attach() {
     let f = fixture();
     let (ctx, io) = f.b_bound_to_three_mappings();
     f.fake.fail_map_after(1, ENOSPC);
-    let e = f.engine.attach(DEV_B, ctx, io, None).unwrap_err();
+    let e = f.engine.attach(DEV_B, ctx, &PID, io, None).unwrap_err();
     assert_eq!(e.errno, ENOSPC);
     assert!(e.message.contains("0x1000"), "{}", e.message);
     assert!(f.fake.entries(4).is_empty(), "no half-realised domain");
     assert_eq!(f.engine.info(ctx, io).unwrap().devices.len(), 1);
     // Not attached: a detach says so, and a retry works.
     assert_eq!(errno(f.engine.detach(DEV_B, ctx, io, None)), ENOENT);
-    f.engine.attach(DEV_B, ctx, io, None).unwrap();
+    f.engine.attach(DEV_B, ctx, &PID, io, None).unwrap();
     assert_eq!(f.fake.entries(4), f.fake.entries(3));
 }
 
@@ -418,7 +426,7 @@ fn group_rule_refuses_every_command_until_the_group_is_whole() {
     let io = f.engine.alloc(ctx).unwrap();
     f.engine.bind(DEV_X, ctx).unwrap();
     f.engine.bind(DEV_Y, ctx).unwrap();
-    f.engine.attach(DEV_X, ctx, io, None).unwrap();
+    f.engine.attach(DEV_X, ctx, &PID, io, None).unwrap();
     let check = |e: Error| {
         assert_eq!(e.errno, EBUSY);
         assert!(e.message.contains("0000:01:02.0"), "{}", e.message);
@@ -429,7 +437,7 @@ fn group_rule_refuses_every_command_until_the_group_is_whole() {
             e.message
         );
     };
-    check(f.engine.map_dma(ctx, PID, io, m(0, MEM, K4)).unwrap_err());
+    check(f.engine.map_dma(ctx, &PID, io, m(0, MEM, K4)).unwrap_err());
     check(f.engine.unmap_dma(ctx, io, 0, K4).unwrap_err());
     check(f.engine.unmap_all_dma(ctx, io).unwrap_err());
     check(f.engine.info(ctx, io).unwrap_err());
@@ -438,17 +446,17 @@ fn group_rule_refuses_every_command_until_the_group_is_whole() {
     let other = f.engine.alloc(ctx).unwrap();
     f.engine.info(ctx, other).unwrap();
     // Attaching the other device lifts it.
-    f.engine.attach(DEV_Y, ctx, io, None).unwrap();
-    f.engine.map_dma(ctx, PID, io, m(0, MEM, K4)).unwrap();
+    f.engine.attach(DEV_Y, ctx, &PID, io, None).unwrap();
+    f.engine.map_dma(ctx, &PID, io, m(0, MEM, K4)).unwrap();
     assert_eq!(f.fake.entries(7), vec![e_rw(0, MEM, K4)]);
     assert_eq!(f.engine.info(ctx, io).unwrap().devices.len(), 2);
     // Detaching one of them brings it back...
     f.engine.detach(DEV_Y, ctx, io, None).unwrap();
     assert_eq!(f.fake.entries(7).len(), 1, "group still realised through X");
-    check(f.engine.map_dma(ctx, PID, io, m(K4, MEM, K4)).unwrap_err());
+    check(f.engine.map_dma(ctx, &PID, io, m(K4, MEM, K4)).unwrap_err());
     // ...and unbinding it lifts it too.
     f.engine.unbind(DEV_Y, ctx).unwrap();
-    f.engine.map_dma(ctx, PID, io, m(K4, MEM, K4)).unwrap();
+    f.engine.map_dma(ctx, &PID, io, m(K4, MEM, K4)).unwrap();
 }
 
 #[test]
@@ -457,11 +465,14 @@ fn unbound_devices_of_the_group_do_not_count() {
     let ctx = f.engine.open_context();
     let io = f.engine.alloc(ctx).unwrap();
     f.engine.bind(DEV_X, ctx).unwrap();
-    f.engine.attach(DEV_X, ctx, io, None).unwrap();
-    f.engine.map_dma(ctx, PID, io, m(0, MEM, K4)).unwrap();
+    f.engine.attach(DEV_X, ctx, &PID, io, None).unwrap();
+    f.engine.map_dma(ctx, &PID, io, m(0, MEM, K4)).unwrap();
     // Binding the other device of the group makes the group partial.
     f.engine.bind(DEV_Y, ctx).unwrap();
-    assert_eq!(errno(f.engine.map_dma(ctx, PID, io, m(K4, MEM, K4))), EBUSY);
+    assert_eq!(
+        errno(f.engine.map_dma(ctx, &PID, io, m(K4, MEM, K4))),
+        EBUSY
+    );
 }
 
 #[test]
@@ -472,12 +483,12 @@ fn a_group_has_one_rid_address_space() {
     let b = f.engine.alloc(ctx).unwrap();
     f.engine.bind(DEV_X, ctx).unwrap();
     f.engine.bind(DEV_Y, ctx).unwrap();
-    f.engine.attach(DEV_X, ctx, a, None).unwrap();
-    let e = f.engine.attach(DEV_Y, ctx, b, None).unwrap_err();
+    f.engine.attach(DEV_X, ctx, &PID, a, None).unwrap();
+    let e = f.engine.attach(DEV_Y, ctx, &PID, b, None).unwrap_err();
     assert_eq!(e.errno, EBUSY);
     assert!(e.message.contains("0000:01:01.0"), "{}", e.message);
     // PASID attachments are not bound by it.
-    f.engine.attach(DEV_Y, ctx, b, Some(5)).unwrap();
+    f.engine.attach(DEV_Y, ctx, &PID, b, Some(5)).unwrap();
 }
 
 #[test]
@@ -496,7 +507,7 @@ fn group_ownership_spans_contexts() {
     f.engine.bind(DEV_A, c2).unwrap();
     // Another context cannot touch c1's device.
     let io2 = f.engine.alloc(c2).unwrap();
-    assert_eq!(errno(f.engine.attach(DEV_X, c2, io2, None)), EINVAL);
+    assert_eq!(errno(f.engine.attach(DEV_X, c2, &PID, io2, None)), EINVAL);
     assert_eq!(errno(f.engine.unbind(DEV_X, c2)), EINVAL);
     f.engine.unbind(DEV_X, c1).unwrap();
     assert_eq!(f.engine.bound_context(DEV_X), None);
@@ -510,17 +521,17 @@ fn bind_attach_detach_errnos() {
     let ctx = f.engine.open_context();
     let io = f.engine.alloc(ctx).unwrap();
     let io2 = f.engine.alloc(ctx).unwrap();
-    let e = f.engine.attach(DEV_A, ctx, io, None).unwrap_err();
+    let e = f.engine.attach(DEV_A, ctx, &PID, io, None).unwrap_err();
     assert_eq!(e.errno, EINVAL);
     assert!(e.message.contains("not bound"), "{}", e.message);
     assert_eq!(errno(f.engine.detach(DEV_A, ctx, io, None)), EINVAL);
     assert_eq!(errno(f.engine.unbind(DEV_A, ctx)), EINVAL);
     f.engine.bind(DEV_A, ctx).unwrap();
-    assert_eq!(errno(f.engine.attach(DEV_A, ctx, 77, None)), ENOENT);
-    assert_eq!(errno(f.engine.attach(DEV_A, ctx, 0, None)), ENOENT);
-    f.engine.attach(DEV_A, ctx, io, None).unwrap();
-    assert_eq!(errno(f.engine.attach(DEV_A, ctx, io, None)), EBUSY);
-    assert_eq!(errno(f.engine.attach(DEV_A, ctx, io2, None)), EBUSY);
+    assert_eq!(errno(f.engine.attach(DEV_A, ctx, &PID, 77, None)), ENOENT);
+    assert_eq!(errno(f.engine.attach(DEV_A, ctx, &PID, 0, None)), ENOENT);
+    f.engine.attach(DEV_A, ctx, &PID, io, None).unwrap();
+    assert_eq!(errno(f.engine.attach(DEV_A, ctx, &PID, io, None)), EBUSY);
+    assert_eq!(errno(f.engine.attach(DEV_A, ctx, &PID, io2, None)), EBUSY);
     assert_eq!(errno(f.engine.detach(DEV_A, ctx, io2, None)), ENOENT);
     assert_eq!(errno(f.engine.detach(DEV_A, ctx, 77, None)), ENOENT);
     let e = f.engine.free(ctx, io).unwrap_err();
@@ -537,23 +548,26 @@ fn pasid_attachments_are_recorded_without_touching_the_domain() {
     let ctx = f.engine.open_context();
     let io = f.engine.alloc(ctx).unwrap();
     f.engine.bind(DEV_A, ctx).unwrap();
-    f.engine.attach(DEV_A, ctx, io, Some(7)).unwrap();
-    assert_eq!(errno(f.engine.attach(DEV_A, ctx, io, Some(7))), EBUSY);
+    f.engine.attach(DEV_A, ctx, &PID, io, Some(7)).unwrap();
+    assert_eq!(errno(f.engine.attach(DEV_A, ctx, &PID, io, Some(7))), EBUSY);
     let io2 = f.engine.alloc(ctx).unwrap();
-    assert_eq!(errno(f.engine.attach(DEV_A, ctx, io2, Some(7))), EBUSY);
-    f.engine.attach(DEV_A, ctx, io, Some(8)).unwrap();
     assert_eq!(
-        errno(f.engine.attach(DEV_A, ctx, io, Some(1 << 20))),
+        errno(f.engine.attach(DEV_A, ctx, &PID, io2, Some(7))),
+        EBUSY
+    );
+    f.engine.attach(DEV_A, ctx, &PID, io, Some(8)).unwrap();
+    assert_eq!(
+        errno(f.engine.attach(DEV_A, ctx, &PID, io, Some(1 << 20))),
         EINVAL
     );
     f.engine
-        .attach(DEV_A, ctx, io2, Some((1 << 20) - 1))
+        .attach(DEV_A, ctx, &PID, io2, Some((1 << 20) - 1))
         .unwrap();
     f.engine
         .detach(DEV_A, ctx, io2, Some((1 << 20) - 1))
         .unwrap();
     // The IOASID now accepts maps, kept in software only.
-    f.engine.map_dma(ctx, PID, io, m(0, MEM, K4)).unwrap();
+    f.engine.map_dma(ctx, &PID, io, m(0, MEM, K4)).unwrap();
     assert!(f.fake.entries(3).is_empty());
     assert!(!f
         .fake
@@ -597,29 +611,29 @@ fn registration_rules() {
         (PRIVATE, 0x4000, EFAULT),
     ] {
         assert_eq!(
-            errno(f.engine.register_memory(ctx, PID, v, s)),
+            errno(f.engine.register_memory(ctx, &PID, v, s)),
             want,
             "{v:#x}+{s:#x}"
         );
     }
-    f.engine.register_memory(ctx, PID, r, 0x10_0000).unwrap();
+    f.engine.register_memory(ctx, &PID, r, 0x10_0000).unwrap();
     assert_eq!(
-        errno(f.engine.register_memory(ctx, PID, r, 0x10_0000)),
+        errno(f.engine.register_memory(ctx, &PID, r, 0x10_0000)),
         EEXIST
     );
     assert_eq!(
-        errno(f.engine.register_memory(ctx, PID, r - K4, 2 * K4)),
+        errno(f.engine.register_memory(ctx, &PID, r - K4, 2 * K4)),
         EEXIST
     );
     assert_eq!(
-        errno(f.engine.register_memory(ctx, PID, r + 0xf_f000, 2 * K4)),
+        errno(f.engine.register_memory(ctx, &PID, r + 0xf_f000, 2 * K4)),
         EEXIST
     );
     assert_eq!(f.fake.live_aliases(), 1);
     // Maps inside reuse the registration's alias.
     f.fake.clear_calls();
     f.engine
-        .map_dma(ctx, PID, io, m(0, r + 0x4000, 0x4000))
+        .map_dma(ctx, &PID, io, m(0, r + 0x4000, 0x4000))
         .unwrap();
     assert!(!f
         .fake
@@ -631,14 +645,14 @@ fn registration_rules() {
     // Outside every registration: ENOENT, saying why.
     let e = f
         .engine
-        .map_dma(ctx, PID, io, m(0x10_0000, MEM, K4))
+        .map_dma(ctx, &PID, io, m(0x10_0000, MEM, K4))
         .unwrap_err();
     assert_eq!(e.errno, ENOENT);
     assert!(e.message.contains("regist"), "{}", e.message);
     assert_eq!(
         errno(
             f.engine
-                .map_dma(ctx, PID, io, m(0x10_0000, r + 0xf_f000, 2 * K4))
+                .map_dma(ctx, &PID, io, m(0x10_0000, r + 0xf_f000, 2 * K4))
         ),
         ENOENT
     );
@@ -655,16 +669,16 @@ fn registration_rules() {
     assert_eq!(f.engine.pinned_bytes(ctx).unwrap(), 0);
     assert_eq!(errno(f.engine.unregister_memory(ctx, r, 0x10_0000)), ENOENT);
     // Without registrations, maps alias on their own again.
-    f.engine.map_dma(ctx, PID, io, m(0, MEM, K4)).unwrap();
+    f.engine.map_dma(ctx, &PID, io, m(0, MEM, K4)).unwrap();
 }
 
 #[test]
 fn registration_spanning_pieces_is_sliced_per_map() {
     let f = fixture();
     let (ctx, io) = f.attached();
-    f.engine.register_memory(ctx, PID, MEM, 2 * PIECE).unwrap();
+    f.engine.register_memory(ctx, &PID, MEM, 2 * PIECE).unwrap();
     f.engine
-        .map_dma(ctx, PID, io, m(0x100_0000, MEM + PIECE - K4, 3 * K4))
+        .map_dma(ctx, &PID, io, m(0x100_0000, MEM + PIECE - K4, 3 * K4))
         .unwrap();
     assert_eq!(
         f.fake.entries(3),
@@ -675,22 +689,33 @@ fn registration_spanning_pieces_is_sliced_per_map() {
     );
 }
 
+/// Issue 17, item 2: RLIMIT_MEMLOCK was counted per ioasid file (4 files
+/// of one process pinned 4 x the limit) and a page mapped twice counted
+/// twice. Type1 charges the process: every file of it, each page once, on
+/// top of what the kernel already charges it (VmLck).
 #[test]
-fn accounting_counts_registered_memory_once_and_the_rest_per_mapping() {
+fn memlock_is_counted_per_process_each_page_once_with_what_it_locked_itself() {
     let f = fixture();
     f.fake.set_memlock(PID, Some(0x10000));
     let (ctx, io) = f.attached();
     let io2 = f.engine.alloc(ctx).unwrap();
     f.engine.bind(DEV_B, ctx).unwrap();
-    f.engine.attach(DEV_B, ctx, io2, None).unwrap();
-    // Unregistered: the same page in two IOASIDs counts twice.
-    f.engine.map_dma(ctx, PID, io, m(0, MEM, 0x8000)).unwrap();
-    f.engine.map_dma(ctx, PID, io2, m(0, MEM, 0x8000)).unwrap();
-    assert_eq!(f.engine.pinned_bytes(ctx).unwrap(), 0x10000);
+    f.engine.attach(DEV_B, ctx, &PID, io2, None).unwrap();
+    // The same pages in two IOASIDs and at two IOVAs: pinned once.
+    f.engine.map_dma(ctx, &PID, io, m(0, MEM, 0x8000)).unwrap();
+    f.engine.map_dma(ctx, &PID, io2, m(0, MEM, 0x8000)).unwrap();
+    f.engine
+        .map_dma(ctx, &PID, io2, m(0x10_0000, MEM, 0x8000))
+        .unwrap();
+    assert_eq!(f.engine.pinned_bytes_of_process(PID), 0x8000);
+    f.engine
+        .map_dma(ctx, &PID, io, m(0x8000, MEM + 0x8000, 0x8000))
+        .unwrap();
+    assert_eq!(f.engine.pinned_bytes_of_process(PID), 0x10000);
     let before = (f.fake.entries(3), f.fake.entries(4), f.fake.live_aliases());
     let e = f
         .engine
-        .map_dma(ctx, PID, io, m(0x10000, MEM, K4))
+        .map_dma(ctx, &PID, io, m(0x20000, MEM + 0x10000, K4))
         .unwrap_err();
     assert_eq!(e.errno, ENOMEM);
     assert!(
@@ -699,43 +724,71 @@ fn accounting_counts_registered_memory_once_and_the_rest_per_mapping() {
         e.message
     );
     assert_eq!(
-        errno(f.engine.register_memory(ctx, PID, MEM + PIECE, K4)),
+        errno(f.engine.register_memory(ctx, &PID, MEM + PIECE, K4)),
         ENOMEM
     );
     assert_eq!(
         before,
         (f.fake.entries(3), f.fake.entries(4), f.fake.live_aliases())
     );
-    assert_eq!(f.engine.pinned_bytes(ctx).unwrap(), 0x10000);
-    f.engine.unmap_all_dma(ctx, io).unwrap();
-    f.engine.unmap_all_dma(ctx, io2).unwrap();
-    assert_eq!(f.engine.pinned_bytes(ctx).unwrap(), 0);
-    // Registered: counted once however many IOASIDs map it.
-    f.engine.register_memory(ctx, PID, MEM, 0x10000).unwrap();
-    f.engine.map_dma(ctx, PID, io, m(0, MEM, 0x10000)).unwrap();
-    f.engine.map_dma(ctx, PID, io2, m(0, MEM, 0x10000)).unwrap();
+    // At the limit, pages it has pinned already still map anywhere.
     f.engine
-        .map_dma(ctx, PID, io2, m(0x20000, MEM, 0x8000))
+        .map_dma(ctx, &PID, io, m(0x40000, MEM + 0x4000, 0x4000))
         .unwrap();
-    assert_eq!(f.engine.pinned_bytes(ctx).unwrap(), 0x10000);
+    // A second ioasid file of the same process shares the one limit.
+    let ctx2 = f.engine.open_context();
+    let io3 = f.engine.alloc(ctx2).unwrap();
+    f.engine.bind(DEV_X, ctx2).unwrap();
+    f.engine.attach(DEV_X, ctx2, &PID, io3, None).unwrap();
     assert_eq!(
-        errno(f.engine.register_memory(ctx, PID, MEM + 0x10000, K4)),
+        errno(f.engine.map_dma(ctx2, &PID, io3, m(0, MEM2, K4))),
         ENOMEM
     );
-    // The limit is the calling process's: another one has none.
+    f.engine.map_dma(ctx2, &PID, io3, m(0, MEM, K4)).unwrap();
+    // Another process has its own limit (none).
     f.fake.share(PID + 1, MEM, PIECE);
+    let ctx3 = f.engine.open_context();
     f.engine
-        .register_memory(ctx, PID + 1, MEM + 0x10000, K4)
+        .register_memory(ctx3, &(PID + 1), MEM + 0x10000, K4)
         .unwrap();
-    assert_eq!(f.engine.pinned_bytes(ctx).unwrap(), 0x11000);
+    assert_eq!(f.engine.pinned_bytes_of_process(PID + 1), K4);
+    f.engine.close_context(ctx3).unwrap();
+    // Unmapped everywhere, the bytes come back, but what the process
+    // locked itself (VmLck) counts: 0x8000 of 0x10000 are left.
+    f.engine.unmap_all_dma(ctx, io).unwrap();
+    f.engine.unmap_all_dma(ctx, io2).unwrap();
+    f.engine.close_context(ctx2).unwrap();
+    assert_eq!(f.engine.pinned_bytes_of_process(PID), 0);
+    f.fake.set_locked(PID, 0x8000);
+    f.engine.map_dma(ctx, &PID, io, m(0, MEM, 0x8000)).unwrap();
+    assert_eq!(
+        errno(f.engine.map_dma(ctx, &PID, io, m(0x8000, MEM + 0x8000, K4))),
+        ENOMEM
+    );
+    // Registered memory is charged once, and maps inside it are free.
+    f.engine.unmap_all_dma(ctx, io).unwrap();
+    f.fake.set_locked(PID, 0);
+    f.engine.register_memory(ctx, &PID, MEM, 0x10000).unwrap();
+    f.engine.map_dma(ctx, &PID, io, m(0, MEM, 0x10000)).unwrap();
+    f.engine
+        .map_dma(ctx, &PID, io2, m(0, MEM, 0x10000))
+        .unwrap();
+    assert_eq!(f.engine.pinned_bytes_of_process(PID), 0x10000);
+    assert_eq!(
+        errno(f.engine.register_memory(ctx, &PID, MEM + 0x10000, K4)),
+        ENOMEM
+    );
+    f.engine.close_context(ctx).unwrap();
+    assert_eq!(f.engine.pinned_bytes_of_process(PID), 0);
+    assert_eq!(f.engine.pinned_bytes_of_process(PID + 1), 0);
 }
 
 #[test]
 fn unbind_detaches_and_empties_the_domain() {
     let f = fixture();
     let (ctx, io) = f.attached();
-    f.engine.map_dma(ctx, PID, io, m(0, MEM, K4)).unwrap();
-    f.engine.attach(DEV_A, ctx, io, Some(3)).unwrap();
+    f.engine.map_dma(ctx, &PID, io, m(0, MEM, K4)).unwrap();
+    f.engine.attach(DEV_A, ctx, &PID, io, Some(3)).unwrap();
     f.engine.unbind(DEV_A, ctx).unwrap();
     assert!(f.fake.entries(3).is_empty());
     assert!(f.engine.info(ctx, io).unwrap().devices.is_empty());
@@ -751,16 +804,16 @@ fn close_context_leaks_nothing() {
     let io2 = f.engine.alloc(ctx).unwrap();
     f.engine.bind(DEV_X, ctx).unwrap();
     f.engine.bind(DEV_Y, ctx).unwrap();
-    f.engine.attach(DEV_X, ctx, io2, None).unwrap();
-    f.engine.attach(DEV_Y, ctx, io2, None).unwrap();
-    f.engine.attach(DEV_A, ctx, io2, Some(1)).unwrap();
-    f.engine.map_dma(ctx, PID, io, m(0, MEM, 0x4000)).unwrap();
-    f.engine.map_dma(ctx, PID, io2, m(0, MEM, 0x4000)).unwrap();
+    f.engine.attach(DEV_X, ctx, &PID, io2, None).unwrap();
+    f.engine.attach(DEV_Y, ctx, &PID, io2, None).unwrap();
+    f.engine.attach(DEV_A, ctx, &PID, io2, Some(1)).unwrap();
+    f.engine.map_dma(ctx, &PID, io, m(0, MEM, 0x4000)).unwrap();
+    f.engine.map_dma(ctx, &PID, io2, m(0, MEM, 0x4000)).unwrap();
     f.engine
-        .register_memory(ctx, PID, MEM + PIECE, PIECE)
+        .register_memory(ctx, &PID, MEM + PIECE, PIECE)
         .unwrap();
     f.engine
-        .map_dma(ctx, PID, io2, m(0x10_0000, MEM + PIECE, K4))
+        .map_dma(ctx, &PID, io2, m(0x10_0000, MEM + PIECE, K4))
         .unwrap();
     f.engine.alloc(ctx).unwrap();
     assert_eq!(f.fake.live_aliases(), 3);
@@ -785,7 +838,7 @@ fn close_context_leaks_nothing() {
 fn a_group_that_cannot_be_emptied_goes_out_of_service() {
     let f = fixture();
     let (ctx, io) = f.attached();
-    f.engine.map_dma(ctx, PID, io, m(0, MEM, K4)).unwrap();
+    f.engine.map_dma(ctx, &PID, io, m(0, MEM, K4)).unwrap();
     // A failing detach changes nothing.
     f.fake.fail_next_unmap_all(nix::errno::Errno::EIO);
     assert_eq!(
@@ -818,10 +871,10 @@ fn two_contexts_map_concurrently() {
             let ctx = engine.open_context();
             let io = engine.alloc(ctx).unwrap();
             engine.bind(dev, ctx).unwrap();
-            engine.attach(dev, ctx, io, None).unwrap();
+            engine.attach(dev, ctx, &PID, io, None).unwrap();
             for i in 0..300u64 {
                 engine
-                    .map_dma(ctx, pid, io, m(i * K4, MEM + i * K4, K4))
+                    .map_dma(ctx, &pid, io, m(i * K4, MEM + i * K4, K4))
                     .unwrap();
             }
             for i in (0..300u64).step_by(2) {
@@ -920,12 +973,12 @@ fn operations_racing_close_leave_nothing_behind() {
         name: "0000:00:03.0".into(),
         group: 3,
     };
-    let engine = Arc::new(Engine::new(backend.clone(), vec![spec]).unwrap());
+    let engine = Engine::new(backend.clone(), vec![spec]).unwrap();
     let ctx = engine.open_context();
     // A holds the context lock, waiting in the backend.
     let a = {
         let e = engine.clone();
-        std::thread::spawn(move || e.register_memory(ctx, PID, MEM, K4))
+        std::thread::spawn(move || e.register_memory(ctx, &PID, MEM, K4))
     };
     std::thread::sleep(std::time::Duration::from_millis(50));
     // B has looked the context up and waits for its lock; so does close.

@@ -17,8 +17,15 @@ const RO: Prot = Prot {
     write: false,
 };
 
+/// The caller: thread (and process) PID, which the fake cannot reach for
+/// private memory.
+static CALLER: ioasid_engine::backend::Pid = PID;
+
 fn user(vaddr: u64) -> MapSource<'static> {
-    MapSource::User { pid: PID, vaddr }
+    MapSource::User {
+        client: &CALLER,
+        vaddr,
+    }
 }
 
 fn fixed(iova: u64, length: u64) -> IoasMap {
@@ -79,7 +86,10 @@ fn an_ioas_maps_with_no_device_and_replays_on_attach() {
         0x30_0010
     );
     let dev = e.iommufd_bind(DEV_A, ctx).unwrap();
-    assert_eq!(errno(e.attach_pt(DEV_A, ctx, ioas)), Errno::EADDRINUSE);
+    assert_eq!(
+        errno(e.attach_pt(DEV_A, ctx, &CALLER, ioas)),
+        Errno::EADDRINUSE
+    );
     assert_eq!(e.ioas_unmap(ctx, ioas, 0x30_0010, 100).unwrap(), 100);
     e.ioas_map(ctx, ioas, user(MEM), fixed(0x20_0000, 2 * K4))
         .unwrap();
@@ -87,7 +97,7 @@ fn an_ioas_maps_with_no_device_and_replays_on_attach() {
         f.fake.entries(3).is_empty(),
         "nothing realised without a device"
     );
-    let hwpt = e.attach_pt(DEV_A, ctx, ioas).unwrap();
+    let hwpt = e.attach_pt(DEV_A, ctx, &CALLER, ioas).unwrap();
     assert_eq!(hwpt, dev + 1);
     let entries = f.fake.entries(3);
     assert_eq!(entries.len(), 1);
@@ -212,7 +222,7 @@ fn a_copy_shares_the_source_memory_and_outlives_its_unmap() {
     )
     .unwrap();
     e.iommufd_bind(DEV_A, ctx).unwrap();
-    e.attach_pt(DEV_A, ctx, b).unwrap();
+    e.attach_pt(DEV_A, ctx, &CALLER, b).unwrap();
     // Across two adjacent mappings, from the middle of the first.
     assert_eq!(
         e.ioas_copy(ctx, PID, b, a, 0x20_1000, fixed(0x80_0000, 2 * K4))
@@ -260,16 +270,16 @@ fn attach_to_an_ioas_shares_one_auto_hwpt_and_replace_moves_the_group() {
     e.ioas_map(ctx, x, user(MEM), fixed(0x10_0000, K4)).unwrap();
     e.ioas_map(ctx, y, user(MEM2), fixed(0x20_0000, K4))
         .unwrap();
-    let hx = e.attach_pt(DEV_A, ctx, x).unwrap();
-    assert_eq!(e.attach_pt(DEV_B, ctx, x).unwrap(), hx);
-    assert_eq!(e.attach_pt(DEV_A, ctx, x).unwrap(), hx, "no-op");
+    let hx = e.attach_pt(DEV_A, ctx, &CALLER, x).unwrap();
+    assert_eq!(e.attach_pt(DEV_B, ctx, &CALLER, x).unwrap(), hx);
+    assert_eq!(e.attach_pt(DEV_A, ctx, &CALLER, x).unwrap(), hx, "no-op");
     let manual = e.hwpt_alloc(ctx, 1, y, 0, false).unwrap();
-    assert_eq!(e.attach_pt(DEV_A, ctx, manual).unwrap(), manual);
+    assert_eq!(e.attach_pt(DEV_A, ctx, &CALLER, manual).unwrap(), manual);
     assert_eq!(f.fake.entries(3)[0].iova, 0x20_0000, "group 3 now holds y");
     assert_eq!(f.fake.entries(4)[0].iova, 0x10_0000, "group 4 still x");
-    let hy = e.attach_pt(DEV_A, ctx, y).unwrap();
+    let hy = e.attach_pt(DEV_A, ctx, &CALLER, y).unwrap();
     assert_ne!(hy, manual, "attach to an IOAS never picks a user HWPT");
-    assert_eq!(e.attach_pt(DEV_A, ctx, manual).unwrap(), manual);
+    assert_eq!(e.attach_pt(DEV_A, ctx, &CALLER, manual).unwrap(), manual);
     assert_eq!(
         e.object_kind(ctx, hy).unwrap(),
         None,
@@ -279,9 +289,9 @@ fn attach_to_an_ioas_shares_one_auto_hwpt_and_replace_moves_the_group() {
     e.iommufd_unbind(DEV_B, ctx).unwrap();
     assert_eq!(e.object_kind(ctx, hx).unwrap(), None);
     assert!(f.fake.entries(4).is_empty());
-    assert_eq!(errno(e.attach_pt(DEV_A, ctx, 99)), Errno::ENOENT);
+    assert_eq!(errno(e.attach_pt(DEV_A, ctx, &CALLER, 99)), Errno::ENOENT);
     assert_eq!(
-        errno(e.attach_pt(DEV_A, ctx, 1)),
+        errno(e.attach_pt(DEV_A, ctx, &CALLER, 1)),
         Errno::EINVAL,
         "a device id"
     );
@@ -297,9 +307,9 @@ fn the_devices_of_a_group_share_one_hwpt() {
     e.iommufd_bind(DEV_X, ctx).unwrap();
     e.iommufd_bind(DEV_Y, ctx).unwrap();
     let (x, y) = (e.ioas_alloc(ctx).unwrap(), e.ioas_alloc(ctx).unwrap());
-    e.attach_pt(DEV_X, ctx, x).unwrap();
-    assert_eq!(errno(e.attach_pt(DEV_Y, ctx, y)), Errno::EINVAL);
-    let h = e.attach_pt(DEV_Y, ctx, x).unwrap();
+    e.attach_pt(DEV_X, ctx, &CALLER, x).unwrap();
+    assert_eq!(errno(e.attach_pt(DEV_Y, ctx, &CALLER, y)), Errno::EINVAL);
+    let h = e.attach_pt(DEV_Y, ctx, &CALLER, x).unwrap();
     e.detach_pt(DEV_X, ctx).unwrap();
     assert_eq!(e.object_kind(ctx, h).unwrap(), Some(ObjectKind::Hwpt));
     let other = e.open_context();
@@ -315,14 +325,20 @@ fn allowed_ranges_and_mappings_in_reserved_regions_refuse_the_attach() {
     let ioas = e.ioas_alloc(ctx).unwrap();
     e.ioas_map(ctx, ioas, user(MEM), fixed(0xfee0_0000, K4))
         .unwrap();
-    assert_eq!(errno(e.attach_pt(DEV_A, ctx, ioas)), Errno::EADDRINUSE);
+    assert_eq!(
+        errno(e.attach_pt(DEV_A, ctx, &CALLER, ioas)),
+        Errno::EADDRINUSE
+    );
     assert_eq!(e.ioas_unmap(ctx, ioas, 0, u64::MAX).unwrap(), K4);
     e.ioas_allow_iovas(ctx, ioas, &[(0xfe00_0000, 0xffff_ffff)])
         .unwrap();
-    assert_eq!(errno(e.attach_pt(DEV_A, ctx, ioas)), Errno::EADDRINUSE);
+    assert_eq!(
+        errno(e.attach_pt(DEV_A, ctx, &CALLER, ioas)),
+        Errno::EADDRINUSE
+    );
     assert_eq!(e.object_kind(ctx, 3).unwrap(), None, "no HWPT left behind");
     e.ioas_allow_iovas(ctx, ioas, &[]).unwrap();
-    e.attach_pt(DEV_A, ctx, ioas).unwrap();
+    e.attach_pt(DEV_A, ctx, &CALLER, ioas).unwrap();
     assert_eq!(
         errno(e.ioas_allow_iovas(ctx, ioas, &[(0xfe00_0000, 0xffff_ffff)])),
         Errno::EADDRINUSE

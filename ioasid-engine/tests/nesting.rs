@@ -41,11 +41,11 @@ impl Fixture {
         let gpa = en.alloc(ctx).unwrap();
         en.bind(DEV_A, ctx).unwrap();
         en.bind(DEV_B, ctx).unwrap();
-        en.attach(DEV_A, ctx, gpa, None).unwrap();
-        en.attach(DEV_B, ctx, gpa, None).unwrap();
-        en.map_dma(ctx, PID, gpa, m(0, MEM, 2 * PIECE)).unwrap();
+        en.attach(DEV_A, ctx, &PID, gpa, None).unwrap();
+        en.attach(DEV_B, ctx, &PID, gpa, None).unwrap();
+        en.map_dma(ctx, &PID, gpa, m(0, MEM, 2 * PIECE)).unwrap();
         let giova = en.create_nesting(ctx, gpa).unwrap();
-        en.attach(DEV_B, ctx, giova, None).unwrap();
+        en.attach(DEV_B, ctx, &PID, giova, None).unwrap();
         Nested { ctx, gpa, giova }
     }
 }
@@ -61,13 +61,13 @@ fn software_nesting_composes_the_child_with_the_parent() {
     assert_eq!(f.fake.entries(3), parent_entries);
     assert!(f.fake.entries(4).is_empty());
     // The RFC's example: GIOVA 0x2000 -> GPA 0x1000.
-    en.map_dma(ctx, PID, giova, m(0x2000, 0x1000, K4)).unwrap();
+    en.map_dma(ctx, &PID, giova, m(0x2000, 0x1000, K4)).unwrap();
     assert_eq!(f.fake.entries(4), vec![e(0x2000, MEM + 0x1000, K4, RW)]);
     // Across the parent's two alias segments: two pieces.
-    en.map_dma(ctx, PID, giova, m(0x100_0000, PIECE - K4, 2 * K4))
+    en.map_dma(ctx, &PID, giova, m(0x100_0000, PIECE - K4, 2 * K4))
         .unwrap();
     // Over GPAs the parent does not map (yet): accepted, nothing mapped.
-    en.map_dma(ctx, PID, giova, m(0x200_0000, 0x4000_0000, 2 * K4))
+    en.map_dma(ctx, &PID, giova, m(0x200_0000, 0x4000_0000, 2 * K4))
         .unwrap();
     assert_eq!(
         f.fake.entries(4),
@@ -80,18 +80,18 @@ fn software_nesting_composes_the_child_with_the_parent() {
     assert_eq!(f.fake.entries(3), parent_entries, "A's table is untouched");
     // The parent maps the missing GPA page read-only: the child's piece
     // appears at once, read-only (the intersection of both levels).
-    en.map_dma(ctx, PID, gpa, mp(0x4000_1000, MEM2, K4, RO))
+    en.map_dma(ctx, &PID, gpa, mp(0x4000_1000, MEM2, K4, RO))
         .unwrap();
     assert!(f.fake.entries(4).contains(&e(0x200_1000, MEM2, K4, RO)));
     assert_eq!(f.fake.entries(4).len(), 4);
     assert!(f.fake.entries(3).contains(&e(0x4000_1000, MEM2, K4, RO)));
     // A write-only child mapping over a read-only parent page: no access
     // left, nothing mapped.
-    en.map_dma(ctx, PID, giova, mp(0x300_0000, 0x4000_1000, K4, WO))
+    en.map_dma(ctx, &PID, giova, mp(0x300_0000, 0x4000_1000, K4, WO))
         .unwrap();
     assert_eq!(f.fake.entries(4).len(), 4);
     // Child permissions narrow too.
-    en.map_dma(ctx, PID, giova, mp(0x400_0000, 0x3000, K4, RO))
+    en.map_dma(ctx, &PID, giova, mp(0x400_0000, 0x3000, K4, RO))
         .unwrap();
     assert!(f
         .fake
@@ -110,7 +110,7 @@ fn software_nesting_composes_the_child_with_the_parent() {
     assert_eq!(errno(en.unmap_dma(ctx, giova, 0x100_0000, K4)), EINVAL);
     // Overlap within the child is EEXIST.
     assert_eq!(
-        errno(en.map_dma(ctx, PID, giova, m(0x100_1000, 0, K4))),
+        errno(en.map_dma(ctx, &PID, giova, m(0x100_1000, 0, K4))),
         EEXIST
     );
     let info = en.info(ctx, giova).unwrap();
@@ -133,11 +133,11 @@ fn software_nesting_composes_the_child_with_the_parent() {
     // A second group realising the child gets the same shadow, and
     // follows its changes.
     en.bind(DEV_X, ctx).unwrap();
-    en.attach(DEV_X, ctx, gpa, None).unwrap();
+    en.attach(DEV_X, ctx, &PID, gpa, None).unwrap();
     assert_eq!(f.fake.entries(7), f.fake.entries(3));
-    en.attach(DEV_X, ctx, giova, None).unwrap();
+    en.attach(DEV_X, ctx, &PID, giova, None).unwrap();
     assert_eq!(f.fake.entries(7), f.fake.entries(4));
-    en.map_dma(ctx, PID, giova, m(0x500_0000, 0x5000, K4))
+    en.map_dma(ctx, &PID, giova, m(0x500_0000, 0x5000, K4))
         .unwrap();
     assert!(f
         .fake
@@ -151,7 +151,7 @@ fn software_nesting_composes_the_child_with_the_parent() {
     en.detach(DEV_B, ctx, giova, None).unwrap();
     assert_eq!(f.fake.entries(4), f.fake.entries(3));
     // And attaching again brings the shadow back.
-    en.attach(DEV_B, ctx, giova, None).unwrap();
+    en.attach(DEV_B, ctx, &PID, giova, None).unwrap();
     assert_eq!(f.fake.entries(4).len(), info.shadow_entries);
     // Unmapping everything in the parent empties the shadow too.
     en.unmap_all_dma(ctx, gpa).unwrap();
@@ -159,7 +159,7 @@ fn software_nesting_composes_the_child_with_the_parent() {
     assert!(f.fake.entries(3).is_empty());
     assert_eq!(f.fake.live_aliases(), 0);
     // The child's mappings survive and come back with the parent's.
-    en.map_dma(ctx, PID, gpa, m(0, MEM, PIECE)).unwrap();
+    en.map_dma(ctx, &PID, gpa, m(0, MEM, PIECE)).unwrap();
     assert_eq!(
         f.fake.entries(4),
         vec![
@@ -174,13 +174,13 @@ fn a_failing_parent_map_changes_nothing_at_either_level() {
     let f = fixture();
     let en = &f.engine;
     let Nested { ctx, gpa, giova } = f.nested();
-    en.map_dma(ctx, PID, giova, m(0, 0x4000_0000, 2 * K4))
+    en.map_dma(ctx, &PID, giova, m(0, 0x4000_0000, 2 * K4))
         .unwrap();
     let before = (f.fake.entries(3), f.fake.entries(4), f.fake.live_aliases());
     // Group 3 maps the parent's page, then B's shadow (group 4) fails.
     f.fake.fail_map_after(1, ENOSPC);
     assert_eq!(
-        errno(en.map_dma(ctx, PID, gpa, m(0x4000_0000, MEM2, 2 * K4))),
+        errno(en.map_dma(ctx, &PID, gpa, m(0x4000_0000, MEM2, 2 * K4))),
         ENOSPC
     );
     assert_eq!(
@@ -200,28 +200,28 @@ fn nesting_attach_rules_and_errnos() {
     assert_eq!(errno(en.create_nesting(ctx, gpa)), ENODEV);
     en.bind(DEV_A, ctx).unwrap();
     en.bind(DEV_B, ctx).unwrap();
-    en.attach(DEV_A, ctx, gpa, None).unwrap();
+    en.attach(DEV_A, ctx, &PID, gpa, None).unwrap();
     let child = en.create_nesting(ctx, gpa).unwrap();
     // One level only.
     assert_eq!(errno(en.create_nesting(ctx, child)), EINVAL);
     // Never attached: ENODEV for commands, GET_INFO empty.
-    assert_eq!(errno(en.map_dma(ctx, PID, child, m(0, 0, K4))), ENODEV);
+    assert_eq!(errno(en.map_dma(ctx, &PID, child, m(0, 0, K4))), ENODEV);
     assert!(!en.info(ctx, child).unwrap().attached);
     // A device must be RID-attached to the parent first, by RID or PASID.
-    let e = en.attach(DEV_B, ctx, child, None).unwrap_err();
+    let e = en.attach(DEV_B, ctx, &PID, child, None).unwrap_err();
     assert_eq!(e.errno, EINVAL);
     assert!(
         e.message.contains(&format!("to IOASID {gpa} by RID first")),
         "{}",
         e.message
     );
-    assert_eq!(errno(en.attach(DEV_B, ctx, child, Some(3))), EINVAL);
-    en.attach(DEV_A, ctx, child, None).unwrap();
-    assert_eq!(errno(en.attach(DEV_A, ctx, child, None)), EBUSY);
+    assert_eq!(errno(en.attach(DEV_B, ctx, &PID, child, Some(3))), EINVAL);
+    en.attach(DEV_A, ctx, &PID, child, None).unwrap();
+    assert_eq!(errno(en.attach(DEV_A, ctx, &PID, child, None)), EBUSY);
     let child2 = en.create_nesting(ctx, gpa).unwrap();
-    assert_eq!(errno(en.attach(DEV_A, ctx, child2, None)), EBUSY);
+    assert_eq!(errno(en.attach(DEV_A, ctx, &PID, child2, None)), EBUSY);
     // PASID attachments to another child are fine (tracked, not routed).
-    en.attach(DEV_A, ctx, child2, Some(5)).unwrap();
+    en.attach(DEV_A, ctx, &PID, child2, Some(5)).unwrap();
     // The parent cannot be left while a child is in use.
     let e = en.detach(DEV_A, ctx, gpa, None).unwrap_err();
     assert_eq!(e.errno, EBUSY);
@@ -256,22 +256,22 @@ fn the_devices_of_a_group_share_the_child() {
     let gpa = en.alloc(ctx).unwrap();
     en.bind(DEV_X, ctx).unwrap();
     en.bind(DEV_Y, ctx).unwrap();
-    en.attach(DEV_X, ctx, gpa, None).unwrap();
-    en.attach(DEV_Y, ctx, gpa, None).unwrap();
-    en.map_dma(ctx, PID, gpa, m(0, MEM, K4)).unwrap();
+    en.attach(DEV_X, ctx, &PID, gpa, None).unwrap();
+    en.attach(DEV_Y, ctx, &PID, gpa, None).unwrap();
+    en.map_dma(ctx, &PID, gpa, m(0, MEM, K4)).unwrap();
     let child = en.create_nesting(ctx, gpa).unwrap();
     let other = en.create_nesting(ctx, gpa).unwrap();
-    en.attach(DEV_X, ctx, child, None).unwrap();
+    en.attach(DEV_X, ctx, &PID, child, None).unwrap();
     // The group's domain holds the child's shadow now; Y has not joined:
     // the child refuses commands (the group rule), the parent does not.
     assert!(f.fake.entries(7).is_empty());
-    assert_eq!(errno(en.map_dma(ctx, PID, child, m(0, 0, K4))), EBUSY);
+    assert_eq!(errno(en.map_dma(ctx, &PID, child, m(0, 0, K4))), EBUSY);
     assert_eq!(errno(en.info(ctx, child)), EBUSY);
-    en.map_dma(ctx, PID, gpa, m(K4, MEM, K4)).unwrap();
+    en.map_dma(ctx, &PID, gpa, m(K4, MEM, K4)).unwrap();
     // Y cannot take another child: one I/O page table per group.
-    assert_eq!(errno(en.attach(DEV_Y, ctx, other, None)), EBUSY);
-    en.attach(DEV_Y, ctx, child, None).unwrap();
-    en.map_dma(ctx, PID, child, m(0x10_0000, K4, K4)).unwrap();
+    assert_eq!(errno(en.attach(DEV_Y, ctx, &PID, other, None)), EBUSY);
+    en.attach(DEV_Y, ctx, &PID, child, None).unwrap();
+    en.map_dma(ctx, &PID, child, m(0x10_0000, K4, K4)).unwrap();
     assert_eq!(f.fake.entries(7), vec![e(0x10_0000, MEM, K4, RW)]);
     // The group goes back to the parent when its last device leaves.
     en.detach(DEV_X, ctx, child, None).unwrap();
@@ -282,8 +282,8 @@ fn the_devices_of_a_group_share_the_child() {
         vec![e(0, MEM, K4, RW), e(K4, MEM, K4, RW)]
     );
     // Unbind of a device on a child detaches from both.
-    en.attach(DEV_X, ctx, child, None).unwrap();
-    en.attach(DEV_Y, ctx, child, None).unwrap();
+    en.attach(DEV_X, ctx, &PID, child, None).unwrap();
+    en.attach(DEV_Y, ctx, &PID, child, None).unwrap();
     en.unbind(DEV_X, ctx).unwrap();
     en.unbind(DEV_Y, ctx).unwrap();
     assert!(f.fake.entries(7).is_empty());
@@ -299,11 +299,11 @@ fn one_ioasid_under_different_pasids_and_each_pair_once() {
     let gva = en.alloc(ctx).unwrap();
     en.bind(DEV_A, ctx).unwrap();
     en.bind(DEV_B, ctx).unwrap();
-    en.attach(DEV_A, ctx, gva, Some(5)).unwrap();
-    en.attach(DEV_B, ctx, gva, Some(6)).unwrap();
-    en.attach(DEV_B, ctx, gva, Some(5)).unwrap();
-    assert_eq!(errno(en.attach(DEV_A, ctx, gpa, Some(5))), EBUSY);
-    assert_eq!(errno(en.attach(DEV_B, ctx, gva, Some(6))), EBUSY);
+    en.attach(DEV_A, ctx, &PID, gva, Some(5)).unwrap();
+    en.attach(DEV_B, ctx, &PID, gva, Some(6)).unwrap();
+    en.attach(DEV_B, ctx, &PID, gva, Some(5)).unwrap();
+    assert_eq!(errno(en.attach(DEV_A, ctx, &PID, gpa, Some(5))), EBUSY);
+    assert_eq!(errno(en.attach(DEV_B, ctx, &PID, gva, Some(6))), EBUSY);
     let devices = en.info(ctx, gva).unwrap().devices;
     assert_eq!(devices.len(), 3);
     // No domain was touched.
@@ -369,7 +369,7 @@ fn bound_page_table_is_walked_and_shadowed() {
     assert_eq!((st.root, st.leaves, st.malformed, st.walks), (L4, 3, 0, 1));
     // A bound child takes no map or unmap.
     assert_eq!(
-        errno(en.map_dma(ctx, PID, giova, m(0x9000_0000, 0, K4))),
+        errno(en.map_dma(ctx, &PID, giova, m(0x9000_0000, 0, K4))),
         EBUSY
     );
     assert_eq!(errno(en.unmap_dma(ctx, giova, 0, K4)), EBUSY);
@@ -427,7 +427,7 @@ fn bound_page_table_is_walked_and_shadowed() {
     );
 
     // Parent changes propagate at once, from the cached leaves.
-    en.map_dma(ctx, PID, gpa, m(2 * PIECE, MEM2, 2 * PIECE))
+    en.map_dma(ctx, &PID, gpa, m(2 * PIECE, MEM2, 2 * PIECE))
         .unwrap();
     assert!(f
         .fake
@@ -443,7 +443,7 @@ fn bound_page_table_is_walked_and_shadowed() {
     assert_eq!(en.unmap_dma(ctx, gpa, 0, 2 * PIECE).unwrap(), 2 * PIECE);
     assert!(f.fake.entries(4).is_empty());
     assert_eq!(en.info(ctx, giova).unwrap().pgtable.unwrap().leaves, 4);
-    en.map_dma(ctx, PID, gpa, m(0, MEM, 2 * PIECE)).unwrap();
+    en.map_dma(ctx, &PID, gpa, m(0, MEM, 2 * PIECE)).unwrap();
     assert_eq!(f.fake.entries(4).len(), 5);
 
     // Unbind removes the shadow.
@@ -452,7 +452,7 @@ fn bound_page_table_is_walked_and_shadowed() {
     assert!(en.info(ctx, giova).unwrap().pgtable.is_none());
     assert_eq!(errno(en.unbind_pgtable(ctx, giova)), ENOENT);
     // Mapping works again afterwards.
-    en.map_dma(ctx, PID, giova, m(0, 0, K4)).unwrap();
+    en.map_dma(ctx, &PID, giova, m(0, 0, K4)).unwrap();
     assert_eq!(f.fake.entries(4), vec![e(0, MEM, K4, RW)]);
     assert_eq!(
         errno(en.bind_pgtable(ctx, giova, PGTABLE_X86_64_4LVL, 48, L4)),
@@ -685,7 +685,7 @@ fn pasid_tables_are_read_walked_and_reread_on_invalidation() {
     // A is attached to the PASID-table child under PASID 3: its RID DMA
     // keeps the parent's table.
     let pt = en.create_nesting(ctx, gpa).unwrap();
-    en.attach(DEV_A, ctx, pt, Some(3)).unwrap();
+    en.attach(DEV_A, ctx, &PID, pt, Some(3)).unwrap();
     build_table(&f);
     let pe = |i: u64, v: u64| f.fake.write_u64(MEM + PT + 8 * i, v);
     pe(0, L4 | PTE_PRESENT);
@@ -722,7 +722,7 @@ fn pasid_tables_are_read_walked_and_reread_on_invalidation() {
         errno(en.bind_pgtable(ctx, pt, PGTABLE_X86_64_4LVL, 48, L4)),
         EBUSY
     );
-    assert_eq!(errno(en.map_dma(ctx, PID, pt, m(0, 0, K4))), EBUSY);
+    assert_eq!(errno(en.map_dma(ctx, &PID, pt, m(0, 0, K4))), EBUSY);
 
     // Entry 1 becomes valid: seen after a PASID-cache invalidation of it.
     pe(1, L4 | PTE_PRESENT);
@@ -778,21 +778,22 @@ fn close_context_with_nested_ioasids_leaks_nothing() {
     let f = fixture();
     let en = &f.engine;
     let Nested { ctx, gpa, giova } = f.nested();
-    en.map_dma(ctx, PID, giova, m(0, 0, PIECE)).unwrap();
+    en.map_dma(ctx, &PID, giova, m(0, 0, PIECE)).unwrap();
     build_table(&f);
     let bound = en.create_nesting(ctx, gpa).unwrap();
     en.bind(DEV_X, ctx).unwrap();
-    en.attach(DEV_X, ctx, gpa, None).unwrap();
-    en.attach(DEV_X, ctx, bound, None).unwrap();
+    en.attach(DEV_X, ctx, &PID, gpa, None).unwrap();
+    en.attach(DEV_X, ctx, &PID, bound, None).unwrap();
     en.bind_pgtable(ctx, bound, PGTABLE_X86_64_4LVL, 48, L4)
         .unwrap();
     let pt = en.create_nesting(ctx, gpa).unwrap();
-    en.attach(DEV_A, ctx, pt, Some(9)).unwrap();
+    en.attach(DEV_A, ctx, &PID, pt, Some(9)).unwrap();
     f.fake.write_u64(MEM + PT, L4 | PTE_PRESENT);
     en.bind_pasid_table(ctx, pt, PASID_TABLE_FLAT_X86_64, PT, 4)
         .unwrap();
-    en.register_memory(ctx, PID, MEM2, PIECE).unwrap();
-    en.map_dma(ctx, PID, gpa, m(0x4000_0000, MEM2, K4)).unwrap();
+    en.register_memory(ctx, &PID, MEM2, PIECE).unwrap();
+    en.map_dma(ctx, &PID, gpa, m(0x4000_0000, MEM2, K4))
+        .unwrap();
     assert!(!f.fake.entries(4).is_empty() && !f.fake.entries(7).is_empty());
     let closed = en.close_context(ctx).unwrap();
     assert!(closed.errors.is_empty());

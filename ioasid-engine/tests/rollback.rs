@@ -14,7 +14,7 @@ use nix::errno::Errno::{EBUSY, EIO, ENOSPC};
 fn two_groups(f: &Fixture) -> (ContextId, u32) {
     let (ctx, io) = f.attached();
     f.engine.bind(DEV_B, ctx).unwrap();
-    f.engine.attach(DEV_B, ctx, io, None).unwrap();
+    f.engine.attach(DEV_B, ctx, &PID, io, None).unwrap();
     (ctx, io)
 }
 
@@ -26,14 +26,17 @@ fn a_failed_undo_of_a_map_takes_the_group_out_of_service_and_holds_the_alias() {
     // group 3 again fails: group 3 may still map the alias.
     f.fake.fail_map_after(1, ENOSPC);
     f.fake.fail_unmap_after(0, EIO);
-    assert_eq!(errno(f.engine.map_dma(ctx, PID, io, m(0, MEM, K4))), ENOSPC);
+    assert_eq!(
+        errno(f.engine.map_dma(ctx, &PID, io, m(0, MEM, K4))),
+        ENOSPC
+    );
     assert_eq!(f.fake.entries(3).len(), 1, "the stray entry the undo left");
     assert_eq!(f.fake.live_aliases(), 1, "held while group 3 may map it");
     assert_eq!(f.engine.pinned_bytes(ctx).unwrap(), 0);
     // Every command on what group 3 realises answers EIO, with advice.
     let e = f
         .engine
-        .map_dma(ctx, PID, io, m(K4, MEM + K4, K4))
+        .map_dma(ctx, &PID, io, m(K4, MEM + K4, K4))
         .unwrap_err();
     assert_eq!(e.errno, EIO);
     assert!(
@@ -52,10 +55,10 @@ fn a_failed_undo_of_a_map_takes_the_group_out_of_service_and_holds_the_alias() {
     // service, and the held alias is released.
     assert!(f.fake.entries(3).is_empty());
     assert_eq!(f.fake.live_aliases(), 0);
-    f.engine.map_dma(ctx, PID, io, m(0, MEM, K4)).unwrap();
+    f.engine.map_dma(ctx, &PID, io, m(0, MEM, K4)).unwrap();
     assert_eq!(f.fake.entries(4).len(), 1);
     f.engine.bind(DEV_A, ctx).unwrap();
-    f.engine.attach(DEV_A, ctx, io, None).unwrap();
+    f.engine.attach(DEV_A, ctx, &PID, io, None).unwrap();
     assert_eq!(f.fake.entries(3), f.fake.entries(4));
 }
 
@@ -63,7 +66,7 @@ fn a_failed_undo_of_a_map_takes_the_group_out_of_service_and_holds_the_alias() {
 fn a_failed_undo_of_an_unmap_takes_the_group_out_of_service_until_it_is_emptied() {
     let f = fixture();
     let (ctx, io) = two_groups(&f);
-    f.engine.map_dma(ctx, PID, io, m(0, MEM, K4)).unwrap();
+    f.engine.map_dma(ctx, &PID, io, m(0, MEM, K4)).unwrap();
     // Group 3 unmaps, group 4 refuses, and mapping group 3 back fails.
     f.fake.fail_unmap_after(1, EIO);
     f.fake.fail_map_after(0, ENOSPC);
@@ -74,7 +77,7 @@ fn a_failed_undo_of_an_unmap_takes_the_group_out_of_service_until_it_is_emptied(
     );
     assert_eq!(f.engine.pinned_bytes(ctx).unwrap(), K4, "the mapping stays");
     assert_eq!(
-        errno(f.engine.map_dma(ctx, PID, io, m(K4, MEM + K4, K4))),
+        errno(f.engine.map_dma(ctx, &PID, io, m(K4, MEM + K4, K4))),
         EIO
     );
     // Detaching A, the last device of group 3, empties its domain.
@@ -90,7 +93,7 @@ fn broken_replay(f: &Fixture) -> (ContextId, u32) {
     let (ctx, io) = f.b_bound_to_three_mappings();
     f.fake.fail_map_after(1, ENOSPC);
     f.fake.fail_next_unmap_all(EIO);
-    assert_eq!(errno(f.engine.attach(DEV_B, ctx, io, None)), ENOSPC);
+    assert_eq!(errno(f.engine.attach(DEV_B, ctx, &PID, io, None)), ENOSPC);
     assert_eq!(f.fake.entries(4).len(), 1, "half a replay left behind");
     (ctx, io)
 }
@@ -101,16 +104,16 @@ fn a_failed_undo_of_a_replay_is_recovered_by_the_unbind() {
     let (ctx, io) = broken_replay(&f);
     // Group 4 realises nothing: the IOASID is fine, the group is not.
     f.engine
-        .map_dma(ctx, PID, io, m(8 * K4, MEM + 8 * K4, K4))
+        .map_dma(ctx, &PID, io, m(8 * K4, MEM + 8 * K4, K4))
         .unwrap();
-    let e = f.engine.attach(DEV_B, ctx, io, None).unwrap_err();
+    let e = f.engine.attach(DEV_B, ctx, &PID, io, None).unwrap_err();
     assert_eq!(e.errno, EIO);
     assert!(e.message.contains("IOMMU group 4"), "{}", e.message);
     // Unbinding B, the only device of group 4, empties the domain.
     f.engine.unbind(DEV_B, ctx).unwrap();
     assert!(f.fake.entries(4).is_empty());
     f.engine.bind(DEV_B, ctx).unwrap();
-    f.engine.attach(DEV_B, ctx, io, None).unwrap();
+    f.engine.attach(DEV_B, ctx, &PID, io, None).unwrap();
     assert_eq!(f.fake.entries(4), f.fake.entries(3));
 }
 
@@ -140,7 +143,10 @@ fn closing_the_context_empties_a_group_out_of_service() {
     let (ctx, io) = two_groups(&f);
     f.fake.fail_map_after(1, ENOSPC);
     f.fake.fail_unmap_after(0, EIO);
-    assert_eq!(errno(f.engine.map_dma(ctx, PID, io, m(0, MEM, K4))), ENOSPC);
+    assert_eq!(
+        errno(f.engine.map_dma(ctx, &PID, io, m(0, MEM, K4))),
+        ENOSPC
+    );
     assert_eq!(f.fake.live_aliases(), 1);
     let closed = f.engine.close_context(ctx).unwrap();
     assert!(closed.errors.is_empty());

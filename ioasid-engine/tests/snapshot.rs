@@ -19,8 +19,8 @@ fn a_known_state_is_shown_exactly() {
     let f = fixture();
     let en = &f.engine;
     let (ctx, io) = f.b_bound_to_three_mappings();
-    en.register_memory(ctx, PID, MEM2, 2 * PIECE).unwrap();
-    en.map_dma(ctx, PID, io, m(1 << 30, MEM2, PIECE)).unwrap();
+    en.register_memory(ctx, &PID, MEM2, 2 * PIECE).unwrap();
+    en.map_dma(ctx, &PID, io, m(1 << 30, MEM2, PIECE)).unwrap();
     let spare = en.alloc(ctx).unwrap();
     let other = en.open_context();
 
@@ -100,12 +100,12 @@ fn nesting_shows_the_parent_and_the_child() {
     let f = fixture();
     let en = &f.engine;
     let (ctx, io) = f.attached();
-    en.map_dma(ctx, PID, io, m(0, MEM, PIECE)).unwrap();
+    en.map_dma(ctx, &PID, io, m(0, MEM, PIECE)).unwrap();
     let child = en.create_nesting(ctx, io).unwrap();
     en.bind(DEV_B, ctx).unwrap();
-    en.attach(DEV_B, ctx, io, None).unwrap();
-    en.attach(DEV_B, ctx, child, None).unwrap();
-    en.map_dma(ctx, PID, child, m(0x10_0000, 0, 2 * K4))
+    en.attach(DEV_B, ctx, &PID, io, None).unwrap();
+    en.attach(DEV_B, ctx, &PID, child, None).unwrap();
+    en.map_dma(ctx, &PID, child, m(0x10_0000, 0, 2 * K4))
         .unwrap();
     let views = en.snapshot();
     let s = views[0].snapshot.as_ref().unwrap();
@@ -212,17 +212,17 @@ fn a_context_held_by_a_slow_call_is_reported_busy_not_waited_for() {
         name: "0000:00:03.0".into(),
         group: 3,
     };
-    let en = Arc::new(Engine::new(gate.clone(), vec![spec]).unwrap());
+    let en = Engine::new(gate.clone(), vec![spec]).unwrap();
     let ctx = en.open_context();
     let io = en.alloc(ctx).unwrap();
     en.bind(DEV_A, ctx).unwrap();
-    en.attach(DEV_A, ctx, io, None).unwrap();
+    en.attach(DEV_A, ctx, &PID, io, None).unwrap();
 
     // Busy before any snapshot: no figures yet.
     let (entered, go) = gate.hold_next_map();
     let slow = {
         let en = en.clone();
-        std::thread::spawn(move || en.map_dma(ctx, PID, io, m(0, MEM, K4)))
+        std::thread::spawn(move || en.map_dma(ctx, &PID, io, m(0, MEM, K4)))
     };
     entered.recv().unwrap();
     let views = snapshot_now(&en);
@@ -237,7 +237,7 @@ fn a_context_held_by_a_slow_call_is_reported_busy_not_waited_for() {
     let (entered, go) = gate.hold_next_map();
     let slow = {
         let en = en.clone();
-        std::thread::spawn(move || en.map_dma(ctx, PID, io, m(K4, MEM + K4, K4)))
+        std::thread::spawn(move || en.map_dma(ctx, &PID, io, m(K4, MEM + K4, K4)))
     };
     entered.recv().unwrap();
     let views = snapshot_now(&en);

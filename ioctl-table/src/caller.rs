@@ -3,7 +3,11 @@
 use std::os::fd::OwnedFd;
 
 use cuse_server::Request;
+use ioasid_engine::ClientWork;
+use ioasid_uapi::error::Error;
 use nix::errno::Errno;
+
+use crate::client::{run_as_client, LogAs};
 
 /// The caller of an ioctl, read or write: its memory and file descriptors,
 /// read and written by the daemon on its behalf.
@@ -24,6 +28,21 @@ pub trait Caller {
     /// gone). Finding it costs a read of `/proc`: only the commands that
     /// need it ask.
     fn pid(&self) -> Result<i32, Errno>;
+    /// Have `work` run as the calling thread once the request is answered
+    /// (see [`ioasid_engine::Client::defer_as_client`]): how the engine
+    /// pins a client's private memory. What goes wrong after the reply is
+    /// logged as `log_as`'s line of the call. The default cannot
+    /// (`EFAULT`).
+    fn defer_as_client(&self, work: ClientWork, log_as: LogAs) -> Result<(), Error> {
+        drop((work, log_as));
+        Err(Error::new(
+            Errno::EFAULT,
+            format!(
+                "thread {} cannot be reached to pin its own memory",
+                self.tid()
+            ),
+        ))
+    }
 }
 
 impl Caller for Request {
@@ -55,5 +74,13 @@ impl Caller for Request {
             );
         })?;
         i32::try_from(pid).map_err(|_| Errno::ESRCH)
+    }
+
+    /// Seize the calling thread now (`syscall-inject`; refusals answer
+    /// `EFAULT` with the reason), answer `EFAULT` for now, and run `work`
+    /// on this thread right after the reply, the caller stopped on its way
+    /// out of its ioctl; `work`'s result becomes the ioctl's.
+    fn defer_as_client(&self, work: ClientWork, log_as: LogAs) -> Result<(), Error> {
+        run_as_client(self, work, log_as)
     }
 }

@@ -1,5 +1,6 @@
 //! A caller made of a byte buffer at a fixed address and a table of file
-//! descriptors, for the front ends' tests on the host.
+//! descriptors, for the front ends' tests and the fuzz targets on the
+//! host.
 
 use std::cell::{Cell, RefCell};
 use std::ops::Range;
@@ -10,12 +11,19 @@ use zerocopy::FromBytes;
 
 use crate::caller::Caller;
 
-/// The memory `[base, base + len)` of a caller; everything else faults.
+/// The memory `[base, base + len)` of a caller, but its `holes`;
+/// everything else faults.
 pub struct FakeCaller {
     /// First address of the memory.
     pub base: u64,
     /// The memory.
     pub mem: RefCell<Vec<u8>>,
+    /// Address ranges inside the memory that fault as if unmapped (for
+    /// the caller's reads and writes; [`FakeCaller::put`] and
+    /// [`FakeCaller::get`] ignore them).
+    pub holes: RefCell<Vec<Range<u64>>>,
+    /// How many of the caller's reads and writes faulted.
+    pub faults: Cell<usize>,
     /// Whether writes succeed (`EFAULT` otherwise).
     pub writable: Cell<bool>,
     /// Every (address, length) written, in order.
@@ -37,6 +45,8 @@ impl FakeCaller {
         FakeCaller {
             base,
             mem: RefCell::new(mem),
+            holes: RefCell::new(Vec::new()),
+            faults: Cell::new(0),
             writable: Cell::new(true),
             writes: RefCell::new(Vec::new()),
             fds: Vec::new(),
@@ -60,6 +70,28 @@ impl FakeCaller {
             return Err(Errno::EFAULT);
         }
         Ok(start..end)
+    }
+
+    /// The range of `mem` behind the caller's access of `len` bytes at
+    /// `addr`, or `EFAULT` (counted) if any of it is not mapped.
+    fn access(&self, addr: u64, len: usize) -> Result<Range<usize>, Errno> {
+        let r = self.range(addr, len).and_then(|r| {
+            let end = addr + len as u64;
+            let hit = self
+                .holes
+                .borrow()
+                .iter()
+                .any(|h| h.start < end && addr < h.end);
+            if hit && len > 0 {
+                Err(Errno::EFAULT)
+            } else {
+                Ok(r)
+            }
+        });
+        if r.is_err() {
+            self.faults.set(self.faults.get() + 1);
+        }
+        r
     }
 
     /// Put `bytes` at `addr` (which must lie in the memory).
@@ -89,16 +121,17 @@ impl FakeCaller {
 
 impl Caller for FakeCaller {
     fn read_mem(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
-        let r = self.range(addr, buf.len())?;
+        let r = self.access(addr, buf.len())?;
         buf.copy_from_slice(&self.mem.borrow()[r]);
         Ok(())
     }
 
     fn write_mem(&self, addr: u64, data: &[u8]) -> Result<(), Errno> {
         if !self.writable.get() {
+            self.faults.set(self.faults.get() + 1);
             return Err(Errno::EFAULT);
         }
-        let r = self.range(addr, data.len())?;
+        let r = self.access(addr, data.len())?;
         self.mem.borrow_mut()[r].copy_from_slice(data);
         self.writes.borrow_mut().push((addr, data.len()));
         Ok(())

@@ -11,6 +11,9 @@
 //!   size this daemon knows and the flags it accepts) and a handler that
 //!   receives the typed value. The errno for unknown flags is the table's
 //!   (the RFC's `/dev/ioasid` says `EINVAL`, iommufd `EOPNOTSUPP`).
+//! - [`ClientOf`]: a [`Caller`] as the engine's `Client`, through which
+//!   the engine pins a caller's private memory by the caller's own thread
+//!   (`syscall-inject`, after the reply).
 //! - [`read_struct`]: the one reader of extensible structs, the kernel's
 //!   `copy_struct_from_user`, used for every struct argument of every node;
 //!   [`read_data`] for VFIO's variable-length arguments, forwarded whole.
@@ -22,6 +25,7 @@
 //! ([`log`]).
 
 mod caller;
+mod client;
 pub mod fake;
 pub mod log;
 mod reader;
@@ -29,6 +33,7 @@ mod reader;
 pub mod table;
 
 pub use caller::Caller;
+pub use client::{set_inject_options, ClientOf, LogAs, StoppedClient};
 pub use ioasid_uapi::error::{Error, Result};
 pub use ioasid_uapi::ArgStruct;
 pub use reader::{read_data, read_struct, Flags, StructRules, Tail, MAX_ARG, MAX_TAIL};

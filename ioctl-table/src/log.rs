@@ -39,6 +39,9 @@ pub enum Client {
     /// A device file not bound to any context: the device and the file
     /// handle its node gave the open.
     DeviceFile(u32, u64),
+    /// An open refused before there was a file to charge (a process at its
+    /// budget of open files): all such lines share one budget.
+    RefusedOpen,
 }
 
 /// How many earlier lines of the client were dropped; displayed as a

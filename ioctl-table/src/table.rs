@@ -25,7 +25,18 @@ pub struct Ucmd<'a> {
     pub user_size: usize,
 }
 
-impl Ucmd<'_> {
+impl<'a> Ucmd<'a> {
+    /// The caller as the engine's `Client`, its lines charged to the
+    /// context `fh` names (an ioasid file's handle is its context).
+    pub fn client(&self) -> crate::client::ClientOf<'a> {
+        self.client_as(crate::log::Client::Context(self.fh))
+    }
+
+    /// The caller as the engine's `Client`, its lines charged to `log_as`.
+    pub fn client_as(&self, log_as: crate::log::Client) -> crate::client::ClientOf<'a> {
+        crate::client::ClientOf::new(self.caller, log_as, self.name)
+    }
+
     /// Read `buf.len()` bytes of the caller's argument, `at` bytes into it.
     pub fn read_at(&self, at: usize, buf: &mut [u8]) -> Result<()> {
         reader::read_arg(self.caller, self.arg + at as u64, buf)

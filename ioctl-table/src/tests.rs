@@ -7,6 +7,7 @@ use ioasid_uapi::{VfioAttachIoasid, IOASID_ATTACH_USER_PASID};
 use zerocopy::IntoBytes;
 
 use crate::fake::FakeCaller;
+use crate::Caller;
 use crate::{ioctl_op, read_data, read_struct, Handler, Table, Ucmd, MAX_ARG};
 
 const BASE: u64 = 0x10_0000;
@@ -126,6 +127,34 @@ fn attach_struct_length_rules() {
     assert_eq!(e.errno, Errno::E2BIG);
     // no memory at all.
     assert_eq!(attach(vec![1, 2]).unwrap_err().errno, Errno::EFAULT);
+}
+
+/// A hole in the caller's memory faults like its end: a tail that reaches
+/// it is `EFAULT`, a struct that stops before it is read; the fake counts
+/// every faulting access.
+#[test]
+fn a_hole_in_the_callers_memory_faults() {
+    let mut mem = attach_bytes(16 + 8192, 0, 4, 0, &[0; 8192]);
+    mem.resize(16 + 8192 + 4096, 0);
+    let c = FakeCaller::new(BASE, mem, 1);
+    c.holes
+        .borrow_mut()
+        .push(BASE + 16 + 5000..BASE + 16 + 5001);
+    let rules = TABLE.find(ATTACH).unwrap().rules().unwrap();
+    let read = |c: &FakeCaller| read_struct::<VfioAttachIoasid>(c, BASE, rules, Errno::EINVAL);
+    assert_eq!(read(&c).unwrap_err().errno, Errno::EFAULT);
+    assert_eq!(c.faults.get(), 1, "one chunk of the tail faulted");
+    c.put(BASE, &5000u32.to_ne_bytes());
+    assert_eq!(read(&c).unwrap().1, 5000, "the tail stops before the hole");
+    assert_eq!(c.faults.get(), 1);
+    c.holes.borrow_mut()[0] = BASE + 8..BASE + 12;
+    assert_eq!(read(&c).unwrap_err().errno, Errno::EFAULT);
+    assert!(c.write_mem(BASE + 10, &[1]).is_err());
+    assert_eq!(
+        c.faults.get(),
+        4,
+        "the whole read, the known part, the write"
+    );
 }
 
 #[test]

@@ -24,6 +24,12 @@ Fixtures:
 - ``test_vm`` (per session, on the host): runs a command in the test VM
   (``TestVm.run``), through the project's ``scripts/vm``.
 
+A module may add arguments for a daemon the plugin starts for it with the
+marker ``cuse_ioasid_args``, e.g. ``pytestmark =
+pytest.mark.cuse_ioasid_args("--log", "info,cuse_ioasid::requests=debug")``
+(a debug line per request in ``Daemon.log``); a daemon that was already
+running keeps its own.
+
 Options (command line, or the ini file without the leading dashes and with
 underscores): ``--cuse-ioasid-daemon PATH`` (default ``$CUSE_IOASID_DAEMON``,
 else ``cuse-ioasid`` on the PATH), ``--cuse-ioasid-args "ARGS"``,
@@ -70,6 +76,12 @@ def pytest_addoption(parser):
         option = f"cuse_ioasid_{name}"
         group.addoption(f"--cuse-ioasid-{name}", dest=option, default=None, help=help_text)
         parser.addini(option, help=help_text, default=None)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cuse_ioasid_args(*args): more arguments for the daemon the cuse_ioasid "
+                   "plugin starts for this module")
 
 
 def _setting(config, name: str, env: str | None = None) -> str | None:
@@ -126,6 +138,23 @@ def list_nodes(binary: str) -> dict[str, str]:
     return found
 
 
+# The daemon's debug line for one request (target cuse_ioasid::requests).
+REQUEST_LINE = re.compile(r"cuse_ioasid::requests: request node=(?P<node>\S+) fh=(?P<fh>\d+) "
+                          r"pid=(?P<pid>\S+) cmd=(?P<cmd>.+?) nr=(?P<nr>\S+) result=(?P<result>\S+)$")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request in the daemon's debug log."""
+
+    node: str  # /dev/iommu, /dev/vfio/devices/vfio3...
+    fh: int
+    pid: str  # "?" when the daemon could not tell
+    command: str  # IOMMU_IOAS_MAP, open, read, release, unknown ioctl...
+    number: int | None  # an ioctl's number
+    result: str  # ok, or the errno's name
+
+
 @dataclass
 class Daemon:
     """The daemon a scenario talks to."""
@@ -151,6 +180,24 @@ class Daemon:
         argv = [self.binary, "status"] + (["--status-socket", self.socket] if self.socket else [])
         return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60).stdout
 
+    def requests(self, pid: int | None = None) -> list[Request]:
+        """Every request the log shows (of process ``pid`` only, if given),
+        in order. Needs a log with the per-request debug lines: a daemon
+        this plugin started with ``--log info,cuse_ioasid::requests=debug``
+        (the marker ``cuse_ioasid_args``)."""
+        if self.log is None:
+            pytest.fail("the daemon was started elsewhere: its log is not at hand "
+                        "(run the module without scripts/vm --daemon)")
+        found = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            m = REQUEST_LINE.search(line)
+            if m and (pid is None or m["pid"] == str(pid)):
+                found.append(Request(node=m["node"], fh=int(m["fh"]), pid=m["pid"],
+                                     command=m["cmd"],
+                                     number=None if m["nr"] == "-" else int(m["nr"], 16),
+                                     result=m["result"]))
+        return found
+
     def client(self, pid: int) -> dict | None:
         """The status's entry of client process ``pid`` (None if it has no
         file open)."""
@@ -175,6 +222,8 @@ def ioasid_daemon(request):
     config = request.config
     binary = _daemon_binary(config)
     args = shlex.split(_setting(config, "args") or "")
+    for mark in request.node.iter_markers("cuse_ioasid_args"):
+        args += [str(a) for a in mark.args]
     socket = next((a.split("=", 1)[1] for a in args if a.startswith("--status-socket=")), None)
     if "--status-socket" in args:
         socket = args[args.index("--status-socket") + 1]

@@ -18,7 +18,8 @@ QMP (``-qmp unix:...``) carries what qtest has no command for:
 ``system_reset`` and ``quit``, and the events that say they happened.
 
 ``Qemu`` owns the process: the binary, its arguments, the fds it inherits
-(``pass_fds``, for ``-object iommufd,fd=N -device vfio-pci,fd=M``), its
+(``pass_fds``, for ``-object iommufd,fd=N -device vfio-pci,fd=M``) or the
+launcher that opens them and execs QEMU (``scripts/qemu-iommufd``), its
 stderr (a log file) and a bounded wait for its exit. ``PciConfig`` reads
 and writes one function's configuration space through the I/O ports.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import subprocess
 import time
@@ -103,23 +105,30 @@ class Qemu:
     leaving, QEMU is asked to quit (QMP), then killed if it does not."""
 
     def __init__(self, binary: str | Path, args: list[str], workdir: Path,
-                 pass_fds: tuple[int, ...] = (), timeout: float = 60.0):
+                 pass_fds: tuple[int, ...] = (), timeout: float = 60.0,
+                 launcher: list[str] | None = None):
+        """``launcher``: a command that takes QEMU's options after it and
+        replaces itself with ``$QEMU`` (set to ``binary``), such as
+        ``[scripts/qemu-iommufd, DEVICE, "--"]``; the process is QEMU's
+        own once it has run."""
         self.binary = str(binary)
         self.workdir = Path(workdir)
         self.timeout = timeout
         self.qmp_path = self.workdir / "qmp.sock"
         self.log_path = self.workdir / "qemu.log"
         self.irqs: list[str] = []
-        self.argv = [
-            self.binary, "-nodefaults", "-no-user-config", "-display", "none",
+        options = [
+            "-nodefaults", "-no-user-config", "-display", "none",
             "-qtest", "stdio", "-qtest-log", "/dev/null", "-S",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             *args,
         ]
+        self.argv = [*launcher, *options] if launcher else [self.binary, *options]
+        env = {**os.environ, "QEMU": self.binary} if launcher else None
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._log, pass_fds=pass_fds)
+                                     stderr=self._log, pass_fds=pass_fds, env=env)
         self.qmp: Qmp | None = None
         self.exit_status: int | None = None
 

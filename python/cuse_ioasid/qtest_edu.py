@@ -22,6 +22,8 @@ the interrupt shows up as a memory write that qtest can read.
 
 from __future__ import annotations
 
+import os
+
 from .edu import (BUFFER_ADDR, DMA_CMD_IRQ, DMA_CMD_START, DMA_CMD_TO_RAM, DMA_LIMIT,
                          EDU_DEVICE, EDU_ID_VALUE, EDU_VENDOR, MAX_TRANSFER, REG_DMA_CMD,
                          REG_DMA_COUNT, REG_DMA_DST, REG_DMA_SRC, REG_ID, REG_LIVENESS)
@@ -153,3 +155,21 @@ class QtestEdu:
     def to_memory(self, gpa: int, length: int, irq: bool = False) -> None:
         """The device buffer → guest RAM at ``gpa``."""
         self.dma(BUFFER_ADDR, gpa, length, to_ram=True, irq=irq)
+
+    def round_trip(self, src: int, dst: int, length: int, irq: bool = False) -> bytes:
+        """Random bytes written into guest RAM at ``src`` go to the device
+        and back into guest RAM at ``dst``; raises ``QtestError`` unless
+        ``dst`` then holds exactly them and ``src`` is unchanged. Returns
+        the bytes."""
+        pattern = os.urandom(length)
+        self.qemu.memwrite(src, pattern)
+        self.qemu.memwrite(dst, bytes(length))
+        self.to_device(src, length, irq=irq)
+        self.to_memory(dst, length, irq=irq)
+        got = self.qemu.memread(dst, length)
+        if got != pattern:
+            raise QtestError(f"guest RAM at {dst:#x} after the edu's DMA differs from the pattern "
+                             f"in {sum(a != b for a, b in zip(got, pattern))} of {length} bytes")
+        if self.qemu.memread(src, length) != pattern:
+            raise QtestError(f"the source at {src:#x} was modified")
+        return pattern

@@ -103,3 +103,29 @@ def test_the_vm_fixture_runs_a_command_with_the_daemon(test_vm):
     assert [d["pci"] for d in status["devices"]] == [
         "0000:00:0a.0", "0000:00:0b.0", "0000:00:0c.0", "0000:01:01.0", "0000:01:02.0"]
     assert status["processes"] == []
+
+
+def test_the_daemons_request_lines_are_read_back_by_process(tmp_path):
+    """Daemon.requests reads the lines `--log info,cuse_ioasid::requests=debug`
+    writes (their form is pinned by the daemon's host test
+    every_request_writes_one_debug_line_when_asked_and_none_otherwise)."""
+    from cuse_ioasid.pytest_plugin import Daemon, Request
+
+    log = tmp_path / "daemon.log"
+    prefix = "2026-12-01T16:26:42.197374Z DEBUG cuse_ioasid::requests: request"
+    log.write_text(
+        "2026-12-01T16:26:11.000000Z  INFO cuse_ioasid: serving node=/dev/iommu dev=243:0\n"
+        f"{prefix} node=/dev/iommu fh=1 pid=208 cmd=open nr=- result=ok\n"
+        f"{prefix} node=/dev/iommu fh=1 pid=208 cmd=unknown ioctl nr=0x3b5f result=ok\n"
+        f"{prefix} node=/dev/vfio/devices/vfio0 fh=2 pid=209 cmd=VFIO_DEVICE_FEATURE "
+        "nr=0x3b75 result=ENOTTY\n"
+        f"{prefix} node=/dev/iommu fh=1 pid=? cmd=release nr=- result=ok\n")
+    daemon = Daemon(pid=1, binary="cuse-ioasid", nodes={}, log=log)
+    assert daemon.requests(208) == [
+        Request("/dev/iommu", 1, "208", "open", None, "ok"),
+        Request("/dev/iommu", 1, "208", "unknown ioctl", 0x3B5F, "ok"),
+    ]
+    assert [r.command for r in daemon.requests()] == [
+        "open", "unknown ioctl", "VFIO_DEVICE_FEATURE", "release"]
+    assert daemon.requests()[2].result == "ENOTTY"
+    assert daemon.requests()[3].pid == "?"

@@ -69,8 +69,10 @@ def test_qemu_inherits_iommu_and_device_fds(fake):
     assert obj.startswith("iommufd,id=iommufd0,fd=")
     devices = [argv[i + 1] for i, w in enumerate(argv) if w == "-device"]
     assert len(devices) == 2
-    assert devices[0].endswith(",iommufd=iommufd0")
-    assert devices[1].endswith(",iommufd=iommufd0,addr=05.0,x-no-mmap=on")
+    # Each device has an id, its node's name (QEMU 11.1 crashes on a device
+    # passed by fd without one).
+    assert devices[0].endswith(",iommufd=iommufd0,id=vfio3")
+    assert devices[1].endswith(",iommufd=iommufd0,id=vfio7,addr=05.0,x-no-mmap=on")
     # Each fd= names an open file of the right node, inherited across exec.
     fd_of = {int(k): v for k, v in seen["fds"].items()}
     iommu_fd = int(obj.rsplit("fd=", 1)[1])
@@ -78,6 +80,21 @@ def test_qemu_inherits_iommu_and_device_fds(fake):
     dev_fds = [int(d.split("fd=", 1)[1].split(",", 1)[0]) for d in devices]
     assert [fd_of[fd] for fd in dev_fds] == [str(n3), str(n7)]
     assert argv[-4:] == ["-machine", "q35", "-accel", "tcg"]
+
+
+def test_an_id_given_is_kept_and_ids_made_are_unique_and_valid(fake, tmp_path):
+    _, _, (n3, _), _ = fake
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "vfio3").write_text("")
+    (other / "3rd node").write_text("")
+    r, seen = run_launcher(fake, f"{n3},id=mine", str(n3), str(other / "vfio3"),
+                           str(other / "3rd node"))
+    assert r.returncode == 0, r.stderr
+    argv = seen["argv"]
+    devices = [argv[i + 1] for i, w in enumerate(argv) if w == "-device"]
+    assert [d.split("iommufd=iommufd0,", 1)[1] for d in devices] == [
+        "id=mine", "id=vfio3", "id=vfio3-2", "id=vfio-3rd_node"]
 
 
 def test_missing_node_is_an_error_naming_it(fake, tmp_path):

@@ -387,19 +387,27 @@ def _mapping(flags: int, size: int, fileno: int = -1):
     return m, ctypes.addressof(ctypes.c_char.from_buffer(m))
 
 
-def test_private_memory_is_refused_with_efault(fd):
+def test_private_memory_registers_and_unmapped_memory_is_efault(fd):
+    """Private memory registers (its maps are pinned by this process's own
+    thread, tests/scenarios/test_private_memory.py; with
+    --no-private-memory it is EFAULT, test_private_memory_off.py); memory
+    that is not mapped at all is EFAULT and registers nothing."""
     # Ordinary anonymous memory (what malloc gives).
     _anon, addr = _mapping(mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, 2 * PAGE)
-    assert errno_of(fd.register_memory, addr, 2 * PAGE) == errno.EFAULT
+    fd.register_memory(addr, 2 * PAGE)
+    assert errno_of(fd.register_memory, addr + PAGE, PAGE) == errno.EEXIST
     # A private mapping of a memfd: copy-on-write pages, not the file's.
     memfd = os.memfd_create("private", os.MFD_CLOEXEC)
     os.ftruncate(memfd, 2 * PAGE)
     _priv, addr2 = _mapping(mmap.MAP_PRIVATE, 2 * PAGE, memfd)
-    assert errno_of(fd.register_memory, addr2, 2 * PAGE) == errno.EFAULT
+    fd.register_memory(addr2, 2 * PAGE)
     os.close(memfd)
     # Memory not mapped at all.
-    assert errno_of(fd.register_memory, _unmapped_page(), PAGE) == errno.EFAULT
-    # Nothing was registered.
+    unmapped = _unmapped_page()
+    assert errno_of(fd.register_memory, unmapped, PAGE) == errno.EFAULT
+    assert errno_of(fd.unregister_memory, unmapped, PAGE) == errno.ENOENT
+    fd.unregister_memory(addr, 2 * PAGE)
+    fd.unregister_memory(addr2, 2 * PAGE)
     assert errno_of(fd.unregister_memory, addr, 2 * PAGE) == errno.ENOENT
 
 

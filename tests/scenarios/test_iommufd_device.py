@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 
 import pytest
@@ -585,6 +586,29 @@ def test_dma_through_a_copy(cdevs, iommu):
         assert iommu.copy(dst, src, 0x100000, 2 * PAGE, dst_iova=0x800000) == 0x800000
         iommu.unmap_all(src)  # the copy holds the pages on its own
         round_trip(c.edu(), mem, 0x800000, 0x801000)
+
+
+def test_dma_through_private_memory_mapped_before_and_after_attach(cdevs, iommu):
+    """Issue 14 through iommufd: anonymous MAP_PRIVATE memory of this
+    process, mapped into an IOAS before a device is attached (the attach
+    has this thread pin it into the device's domain) and after (the map
+    does); the device copies between the two. A COPY of private memory is
+    EINVAL (the daemon cannot share pages this thread pinned)."""
+    c = cdevs(ALONE_1)
+    bind_iommufd(c, iommu)
+    ioas, other = iommu.ioas_alloc(), iommu.ioas_alloc()
+    private = mmap.mmap(-1, 2 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(private))
+    iommu.map(ioas, addr, PAGE, iova=0x300000)
+    attach_pt(c, ioas)
+    iommu.map(ioas, addr + PAGE, PAGE, iova=0x301000)
+    pattern = os.urandom(LENGTH)
+    private[:LENGTH] = pattern
+    private[PAGE:2 * PAGE] = bytes(PAGE)
+    c.edu().round_trip(0x300000, 0x301000, LENGTH)
+    assert private[PAGE:PAGE + LENGTH] == pattern, "the DMA did not land in the private page"
+    assert errno_of(iommu.copy, other, ioas, 0x300000, PAGE, dst_iova=0x900000) == errno.EINVAL
+    assert iommu.unmap_all(ioas) == 2 * PAGE
 
 
 def test_closing_dev_iommu_with_a_device_bound_keeps_everything(cdevs):

@@ -18,7 +18,6 @@ vfio-pci,fd=M,iommufd=...`` on the daemon's nodes instead of ``host=``.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -27,7 +26,6 @@ from cuse_ioasid.edu import Edu
 from cuse_ioasid.qtest import Qemu, machine_args
 from cuse_ioasid.qtest_edu import PCI_BAR0, PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, \
     QtestEdu
-from harness.project_scripts import cached_qemu
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/vfio/vfio"),
@@ -41,33 +39,9 @@ MSI_DATA = 0x4ED1
 LENGTH = 3000  # below the edu's 4096-byte buffer
 
 
-@pytest.fixture(scope="module")
-def qemu_binary() -> Path:
-    """The cached QEMU 10; a failure, not a skip, when it was not fetched."""
-    binary = cached_qemu()
-    if binary is None:
-        pytest.fail("QEMU 10 is not in .cache/qemu: run scripts/fetch-qemu on the host "
-                    "(scripts/test does it before the VM stages)")
-    return binary
-
-
 def legacy_args(bdf: str) -> list[str]:
     # Guest RAM stays private (QEMU's default): legacy VFIO pins it itself.
     return [*machine_args(), "-device", f"vfio-pci,host={bdf},addr=04.0"]
-
-
-def round_trip(qemu: Qemu, edu: QtestEdu, irq: bool) -> None:
-    """Pattern at SRC → device → DST, checked in guest RAM."""
-    pattern = os.urandom(LENGTH)
-    qemu.memwrite(SRC, pattern)
-    qemu.memwrite(DST, bytes(LENGTH))
-    edu.to_device(SRC, LENGTH, irq=irq)
-    edu.to_memory(DST, LENGTH, irq=irq)
-    got = qemu.memread(DST, LENGTH)
-    assert got == pattern, (
-        f"guest RAM at {DST:#x} after the edu's DMA differs from the pattern in "
-        f"{sum(a != b for a, b in zip(got, pattern))} of {LENGTH} bytes")
-    assert qemu.memread(SRC, LENGTH) == pattern, "the source was modified"
 
 
 def test_dma_msi_reset_and_clean_exit(qemu_binary, topology, tmp_path):
@@ -77,7 +51,7 @@ def test_dma_msi_reset_and_clean_exit(qemu_binary, topology, tmp_path):
         edu = QtestEdu.find(qemu)
         edu.enable()
         edu.enable_msi(MSI_ADDR, MSI_DATA)
-        round_trip(qemu, edu, irq=True)
+        edu.round_trip(SRC, DST, LENGTH, irq=True)
 
         qemu.system_reset()
         cmd = edu.cfg.read16(PCI_COMMAND)
@@ -87,7 +61,7 @@ def test_dma_msi_reset_and_clean_exit(qemu_binary, topology, tmp_path):
 
         edu.enable()
         edu.enable_msi(MSI_ADDR, MSI_DATA + 1)
-        round_trip(qemu, edu, irq=True)
+        edu.round_trip(SRC, DST, LENGTH, irq=True)
         status = qemu.quit()
     assert status == 0, f"QEMU exited with {status}; its log:\n{qemu.log()}"
     assert_reusable(topology.alone[0])
@@ -122,7 +96,7 @@ def test_device_of_a_shared_group(qemu_binary, topology, tmp_path):
     with qemu:
         edu = QtestEdu.find(qemu)
         edu.enable()
-        round_trip(qemu, edu, irq=False)
+        edu.round_trip(SRC, DST, LENGTH, irq=False)
         status = qemu.quit()
     assert status == 0, f"QEMU exited with {status}; its log:\n{qemu.log()}"
     assert_reusable(topology.shared[0][0])

@@ -9,13 +9,13 @@ $VM_SCRATCH/vfio-selftests-<kernel>.txt next to the baseline's.
 - vfio_iommufd_setup_test: all 6 pass.
 - vfio_pci_device_test: 3 pass, 2 skip for what the edu lacks (no
   VFIO_DEVICE_FLAGS_RESET: the edu has no reset method; no MSI-X).
-- vfio_dma_mapping_test's iommufd variants: only `overflow` passes today.
-  The others map a MAP_PRIVATE|MAP_ANONYMOUS buffer (hugetlb or not),
-  which the daemon cannot alias: IOMMU_IOAS_MAP answers EFAULT (the
-  private-memory deviation of docs/iommufd-semantics.md). They need the
-  private-memory work (issue 14); when it lands this test fails on
-  purpose, to be updated to expect them to pass. The 1 GiB hugetlb variant
-  skips for want of a 1 GiB page, as in the baseline.
+- vfio_dma_mapping_test's iommufd variants: all pass. They map a
+  MAP_PRIVATE|MAP_ANONYMOUS buffer (hugetlb or not), which the daemon has
+  the test's own thread pin (issue 14; before it, IOMMU_IOAS_MAP answered
+  EFAULT and only `overflow` passed); their page-table check through the
+  IOMMU's debugfs is left out inside a passing test, as in the baseline
+  (docs/peers.md). The 1 GiB hugetlb variant skips for want of a 1 GiB
+  page, as in the baseline.
 
     cargo build --workspace --bins && scripts/vfio-selftests && scripts/vm -- \
         /usr/bin/python3 -m pytest tests/scenarios/test_vfio_selftests_iommufd.py -v
@@ -35,7 +35,7 @@ from harness.daemon import ALONE_1
 pytestmark = iommufd_module_marks()
 
 BACKINGS = ["anonymous", "anonymous_hugetlb_2mb", "anonymous_hugetlb_1gb"]
-PRIVATE_MEMORY = "[errno: 14 - Bad address]"  # IOMMU_IOAS_MAP of private memory
+PRIVATE_MEMORY = "[errno: 14 - Bad address]"  # what IOMMU_IOAS_MAP of private memory was
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,9 @@ def test_pci_device_test(bindir, iommufd_nodes):
     assert run.status == 0, run.output
 
 
-def test_dma_mapping_iommufd_variants_need_private_memory(bindir, iommufd_nodes, huge_pages):
+def test_dma_mapping_iommufd_variants(bindir, iommufd_nodes, huge_pages):
+    """Private anonymous buffers, plain and hugetlb, mapped and unmapped
+    through IOMMU_IOAS_MAP; the map limits of the IOVA space."""
     filters = [a for b in BACKINGS for a in ("-v", f"iommufd_{b}")] + ["-v", "iommufd"]
     run = kselftest.run(bindir, "vfio_dma_mapping_test", ALONE_1, filters)
     report(run)
@@ -109,18 +111,17 @@ def test_dma_mapping_iommufd_variants_need_private_memory(bindir, iommufd_nodes,
     two_mb = huge_pages.get("/sys/kernel/mm/hugepages/hugepages-2048kB", 0) > 0
     one_gb = huge_pages.get("/sys/kernel/mm/hugepages/hugepages-1048576kB", 0) > 0
     expected = {
-        "vfio_dma_mapping_test.iommufd_anonymous.dma_map_unmap": "fail",
+        "vfio_dma_mapping_test.iommufd_anonymous.dma_map_unmap": "pass",
         "vfio_dma_mapping_test.iommufd_anonymous_hugetlb_2mb.dma_map_unmap":
-            "fail" if two_mb else "skip",
+            "pass" if two_mb else "skip",
         "vfio_dma_mapping_test.iommufd_anonymous_hugetlb_1gb.dma_map_unmap":
-            "fail" if one_gb else "skip",
-        "vfio_dma_map_limit_test.iommufd.unmap_range": "fail",
-        "vfio_dma_map_limit_test.iommufd.unmap_all": "fail",
+            "pass" if one_gb else "skip",
+        "vfio_dma_map_limit_test.iommufd.unmap_range": "pass",
+        "vfio_dma_map_limit_test.iommufd.unmap_all": "pass",
         "vfio_dma_map_limit_test.iommufd.overflow": "pass",
     }
     assert got == expected, run.output
-    # Every failure is the map of private memory, refused with EFAULT.
-    assert run.output.count(PRIVATE_MEMORY) == list(got.values()).count("fail"), run.output
+    assert PRIVATE_MEMORY not in run.output, run.output
     for c in run.cases:
         if c.result == "skip":
             assert c.reason.startswith("mmap() failed"), (c.name, c.reason)

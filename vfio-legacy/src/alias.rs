@@ -72,7 +72,9 @@ use std::sync::Mutex;
 
 use std::os::fd::BorrowedFd;
 
-use ioasid_engine::backend::{slice_alias, Alias, Pid, Prot, Segment, Segments};
+use ioasid_engine::backend::{
+    slice_alias, Alias, Pid, ProcessMemory, Prot, Resolved, Segment, Segments,
+};
 use nix::errno::Errno;
 
 use crate::error::{proc_error, Context, Error, Result};
@@ -145,6 +147,8 @@ enum Attempt {
     Changed,
     /// A real failure.
     Failed(Error),
+    /// Private memory, which cannot be aliased (the message says what).
+    Private(Error),
 }
 
 impl From<Error> for Attempt {
@@ -209,6 +213,21 @@ impl ClientMemory {
     /// process. See the module documentation. `pid` may name any thread of
     /// the process: `/proc/<tid>` shows the process's memory map.
     pub fn alias(&self, pid: Pid, vaddr: u64, size: u64) -> Result<Alias> {
+        match self.resolve(pid, vaddr, size)? {
+            Resolved::Shared(alias) => Ok(alias),
+            Resolved::Private { why } => {
+                // The design asks for a log line telling the user what to do.
+                let e = Error::new(Errno::EFAULT, private_advice(&why));
+                tracing::warn!("{}", e.message);
+                Err(e)
+            }
+        }
+    }
+
+    /// [`ClientMemory::alias`], or [`Resolved::Private`] when part of the
+    /// range is private memory (which only the client's own thread can
+    /// have pinned).
+    pub fn resolve(&self, pid: Pid, vaddr: u64, size: u64) -> Result<Resolved> {
         if size == 0 {
             return Err(Error::new(Errno::EINVAL, "cannot alias an empty range"));
         }
@@ -220,9 +239,10 @@ impl ClientMemory {
         })?;
         for _ in 0..ATTEMPTS {
             match self.try_alias(pid, vaddr, end) {
-                Ok(alias) => return Ok(alias),
+                Ok(alias) => return Ok(Resolved::Shared(alias)),
                 Err(Attempt::Changed) => continue,
                 Err(Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::Private(e)) => return Ok(Resolved::Private { why: e.message }),
             }
         }
         Err(Error::new(
@@ -611,7 +631,7 @@ fn areas(maps: &File, pid: Pid, start: u64, end: u64) -> Result<Vec<Vma>> {
     })
 }
 
-fn check_shareable(pid: Pid, vma: &Vma) -> Result<()> {
+fn check_shareable(pid: Pid, vma: &Vma) -> std::result::Result<(), Attempt> {
     let what = format!(
         "memory {:#x}..{:#x} of process {pid} ({})",
         vma.start,
@@ -622,24 +642,54 @@ fn check_shareable(pid: Pid, vma: &Vma) -> Result<()> {
             &vma.path
         }
     );
-    if !vma.is_shareable() {
-        return Err(Error::new(
-            Errno::EFAULT,
-            format!(
-                "{what} is private (MAP_PRIVATE or ordinary anonymous memory), so the \
-                 daemon cannot map the same pages for DMA; map it MAP_SHARED from a memfd, \
-                 POSIX/SysV shm, hugetlbfs or a shared file, or MAP_SHARED|MAP_ANONYMOUS \
-                 (QEMU: -object memory-backend-memfd,share=on)"
-            ),
-        ));
-    }
     if !vma.read && !vma.write {
-        return Err(Error::new(
+        return Err(Attempt::Failed(Error::new(
             Errno::EFAULT,
             format!("{what} is not accessible (PROT_NONE)"),
-        ));
+        )));
+    }
+    if !vma.is_shareable() {
+        return Err(Attempt::Private(Error::new(
+            Errno::EFAULT,
+            format!("{what} is private (MAP_PRIVATE or ordinary anonymous memory)"),
+        )));
     }
     Ok(())
+}
+
+/// The message for private memory where only shared memory will do.
+fn private_advice(why: &str) -> String {
+    format!(
+        "{why}, so the daemon cannot map the same pages for DMA; map it MAP_SHARED from a \
+         memfd, POSIX/SysV shm, hugetlbfs or a shared file, or MAP_SHARED|MAP_ANONYMOUS \
+         (QEMU: -object memory-backend-memfd,share=on)"
+    )
+}
+
+/// Thread `pid`'s process (`Tgid:`) and the memory the kernel charges to
+/// it (`VmLck:`, kB), from one read of `/proc/<pid>/status`.
+pub fn process_memory(pid: Pid) -> Result<ProcessMemory> {
+    let path = format!("/proc/{pid}/status");
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| proc_error(&e, format!("reading {path}")))?;
+    parse_status(&text).ok_or_else(|| {
+        Error::new(
+            Errno::EIO,
+            format!("{path} has no Tgid: or VmLck: line (a kernel thread?)"),
+        )
+    })
+}
+
+fn parse_status(text: &str) -> Option<ProcessMemory> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().trim_end_matches("kB").trim().to_string())
+    };
+    Some(ProcessMemory {
+        pid: field("Tgid:")?.parse().ok()?,
+        locked: field("VmLck:")?.parse::<u64>().ok()?.checked_mul(1024)?,
+    })
 }
 
 /// The memory-lock limit of process `pid` (any of its threads): its soft
@@ -1004,6 +1054,21 @@ mod tests {
 
     fn parse_maps_line_pub(l: &str) -> Option<Vma> {
         crate::maps::parse_maps_line(l)
+    }
+
+    #[test]
+    fn status_gives_the_process_and_its_locked_bytes() {
+        let text = "Name:\tx\nTgid:\t42\nPid:\t43\nVmLck:\t    8192 kB\nVmPin:\t0 kB\n";
+        assert_eq!(
+            parse_status(text),
+            Some(ProcessMemory {
+                pid: 42,
+                locked: 8192 * 1024
+            })
+        );
+        assert_eq!(parse_status("Name:\tkthreadd\nTgid:\t2\n"), None);
+        let me = process_memory(std::process::id() as i32).unwrap();
+        assert_eq!(me.pid, std::process::id() as i32);
     }
 
     #[test]

@@ -12,6 +12,8 @@ pub const VFIO_CHECK_EXTENSION: libc::c_ulong = nr::VFIO_CHECK_EXTENSION as libc
 pub const VFIO_SET_IOMMU: libc::c_ulong = nr::VFIO_SET_IOMMU as libc::c_ulong;
 pub const VFIO_GROUP_GET_STATUS: libc::c_ulong = nr::VFIO_GROUP_GET_STATUS as libc::c_ulong;
 pub const VFIO_GROUP_SET_CONTAINER: libc::c_ulong = nr::VFIO_GROUP_SET_CONTAINER as libc::c_ulong;
+pub const VFIO_GROUP_UNSET_CONTAINER: libc::c_ulong =
+    nr::VFIO_GROUP_UNSET_CONTAINER as libc::c_ulong;
 pub const VFIO_GROUP_GET_DEVICE_FD: libc::c_ulong = nr::VFIO_GROUP_GET_DEVICE_FD as libc::c_ulong;
 pub const VFIO_DEVICE_GET_INFO: libc::c_ulong = nr::VFIO_DEVICE_GET_INFO as libc::c_ulong;
 pub const VFIO_DEVICE_GET_REGION_INFO: libc::c_ulong =

@@ -1,14 +1,22 @@
-//! [`VfioLegacy`]: one type1v2 container per IOMMU group, kept for the
-//! object's whole life, and the engine's [`Backend`] on top of them.
+//! [`VfioLegacy`]: one type1v2 container per IOMMU group, and the engine's
+//! [`Backend`] on top of them. A container a client was given (to map its
+//! private memory by its own thread) is replaced by a fresh one before the
+//! group's devices are opened again, so what the client kept reaches
+//! nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
-use ioasid_engine::backend::{Alias, Backend, DmaEntry, DomainInfo, GroupId, Pid, Prot};
+use ioasid_engine::backend::{
+    Alias, Backend, ClientEntry, ClientThread, DmaEntry, DomainInfo, GroupId, Pid, ProcessMemory,
+    Prot, Resolved,
+};
 use nix::errno::Errno;
 use vfio_bindings::bindings::vfio::{
     vfio_iommu_type1_dma_map, vfio_iommu_type1_dma_unmap, VFIO_TYPE1v2_IOMMU, VFIO_API_VERSION,
@@ -16,7 +24,8 @@ use vfio_bindings::bindings::vfio::{
     VFIO_GROUP_FLAGS_CONTAINER_SET, VFIO_GROUP_FLAGS_VIABLE, VFIO_UNMAP_ALL,
 };
 
-use crate::alias::{memlock_limit, ClientMemory};
+use crate::alias::{memlock_limit, process_memory, ClientMemory};
+use crate::client_map::{self, ClientAddr, ClientDmaMap, ClientFd};
 use crate::device::VfioDevice;
 use crate::discovery::Sysfs;
 use crate::error::{Context, Error, Result};
@@ -50,7 +59,17 @@ struct GroupDomain {
     // Field order is drop order: the group leaves the container before the
     // container closes.
     group: File,
-    container: File,
+    /// Replaced by a fresh one once a client was given a copy and the
+    /// group's devices are all closed ([`VfioLegacy::open_device`]).
+    container: RwLock<File>,
+    /// A client holds a copy of the container (see [`client_map`]).
+    exposed: AtomicBool,
+}
+
+impl GroupDomain {
+    fn container(&self) -> RwLockReadGuard<'_, File> {
+        self.container.read().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// The legacy VFIO backend: every managed IOMMU group sits in a type1v2
@@ -68,6 +87,11 @@ pub struct VfioLegacy {
     memory: ClientMemory,
     /// `/proc/self/mem`, opened at the first [`Backend::read`].
     own_memory: std::sync::OnceLock<File>,
+    /// The VFIO directory, for fresh containers.
+    dev_vfio: PathBuf,
+    /// Where each client process holds each group's container, as last
+    /// checked (`kcmp` checks it again before each use).
+    client_fds: Mutex<HashMap<(Pid, GroupId), ClientFd>>,
 }
 
 impl VfioLegacy {
@@ -89,6 +113,8 @@ impl VfioLegacy {
             domains,
             memory: ClientMemory::with_proc_root(&paths.proc_root),
             own_memory: std::sync::OnceLock::new(),
+            dev_vfio: paths.dev_vfio.clone(),
+            client_fds: Mutex::new(HashMap::new()),
         })
     }
 
@@ -101,6 +127,62 @@ impl VfioLegacy {
     /// `VFIO_DEVICE_PCI_HOT_RESET`, which names the affected groups by fd.
     pub fn group_fd(&self, group: GroupId) -> Result<BorrowedFd<'_>> {
         Ok(self.domain(group)?.group.as_fd())
+    }
+
+    /// A copy of the container of `group` now, e.g. to bring into a
+    /// client that maps its own memory ([`crate::client_map`]); the group
+    /// counts as exposed from now on (see [`VfioLegacy::open_device`]).
+    pub fn container_fd(&self, group: GroupId) -> Result<std::os::fd::OwnedFd> {
+        let d = self.domain(group)?;
+        d.exposed.store(true, Ordering::SeqCst);
+        d.container()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::io(&e, format!("dup of group {group}'s container")))
+    }
+
+    /// Whether a client was given `group`'s current container.
+    pub fn is_exposed(&self, group: GroupId) -> Result<bool> {
+        Ok(self.domain(group)?.exposed.load(Ordering::SeqCst))
+    }
+
+    /// Move `group` into a fresh container if a client holds a copy of
+    /// the current one and no device fd of the group is open: the client's
+    /// copy then reaches no device. Returns whether it moved.
+    fn renew_if_exposed(&self, group: GroupId) -> Result<bool> {
+        let d = self.domain(group)?;
+        if !d.exposed.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let mut container = d.container.write().unwrap_or_else(|e| e.into_inner());
+        match sys::group_unset_container(d.group.as_fd()) {
+            Ok(()) => {}
+            // A device of the group is open: the same binding goes on.
+            Err(Errno::EBUSY) => return Ok(false),
+            Err(e) => {
+                return Err(Error::new(
+                    e,
+                    format!("VFIO_GROUP_UNSET_CONTAINER for group {group}"),
+                ))
+            }
+        }
+        let fresh = open_container(&self.dev_vfio)?;
+        sys::group_set_container(d.group.as_fd(), fresh.as_fd())
+            .context(|| format!("VFIO_GROUP_SET_CONTAINER for group {group} (fresh container)"))?;
+        sys::set_iommu(fresh.as_fd(), VFIO_TYPE1v2_IOMMU)
+            .context(|| format!("VFIO_SET_IOMMU(TYPE1v2) for group {group} (fresh container)"))?;
+        *container = fresh;
+        d.exposed.store(false, Ordering::SeqCst);
+        self.client_fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(_, g), _| *g != group);
+        tracing::info!(
+            group,
+            "IOMMU group {group} moved to a fresh container: the copy a client was given reaches \
+             nothing any more"
+        );
+        Ok(true)
     }
 
     /// The aliases of client memory, for inspection.
@@ -118,8 +200,11 @@ impl VfioLegacy {
     }
 
     /// Open device `bdf` of `group` (`VFIO_GROUP_GET_DEVICE_FD`). Closing
-    /// the returned fd resets the device.
+    /// the returned fd resets the device. When no other device of the
+    /// group is open and a client was given the group's container, the
+    /// group first moves to a fresh container (containers per binding).
     pub fn open_device(&self, group: GroupId, bdf: &str) -> Result<VfioDevice> {
+        self.renew_if_exposed(group)?;
         let d = self.domain(group)?;
         let name = CString::new(bdf)
             .map_err(|_| Error::new(Errno::EINVAL, format!("bad device name {bdf:?}")))?;
@@ -139,7 +224,7 @@ impl VfioLegacy {
         // anyway.
         let mut buf = vec![0u8; iommu_info::BASE_SIZE.max(1024)];
         for _ in 0..4 {
-            sys::iommu_get_info(d.container.as_fd(), &mut buf)
+            sys::iommu_get_info(d.container().as_fd(), &mut buf)
                 .context(|| format!("VFIO_IOMMU_GET_INFO on group {group}'s container"))?;
             if !iommu_info::needs_bigger_buffer(&buf) {
                 return iommu_info::parse(&buf);
@@ -189,7 +274,7 @@ impl VfioLegacy {
         };
         // SAFETY: the range is memory no Rust reference points into, kept
         // while mapped: this function's own contract.
-        unsafe { sys::iommu_map_dma(d.container.as_fd(), &map) }.context(|| {
+        unsafe { sys::iommu_map_dma(d.container().as_fd(), &map) }.context(|| {
             format!("VFIO_IOMMU_MAP_DMA iova {iova:#x} size {size:#x} vaddr {vaddr:#x} in group {group}")
         })
     }
@@ -213,7 +298,7 @@ impl VfioLegacy {
             size,
             ..Default::default()
         };
-        sys::iommu_unmap_dma(d.container.as_fd(), &mut unmap).context(|| {
+        sys::iommu_unmap_dma(d.container().as_fd(), &mut unmap).context(|| {
             if flags & VFIO_DMA_UNMAP_FLAG_ALL != 0 {
                 format!("VFIO_IOMMU_UNMAP_DMA (all) in group {group}")
             } else {
@@ -244,7 +329,44 @@ fn open_vfio_file(path: &Path) -> std::io::Result<File> {
 }
 
 fn open_domain(g: GroupId, paths: &Paths) -> Result<GroupDomain> {
-    let cpath = paths.dev_vfio.join("vfio");
+    let container = open_container(&paths.dev_vfio)?;
+    let gpath = paths.dev_vfio.join(g.to_string());
+    let group = open_vfio_file(&gpath).map_err(|e| {
+        let hint = match e.raw_os_error() {
+            Some(libc::ENOENT) => format!(" (no device of IOMMU group {g} is bound to vfio-pci)"),
+            Some(libc::EBUSY) => format!(
+                " (IOMMU group {g} is held by another VFIO user, e.g. QEMU or another daemon)"
+            ),
+            _ => String::new(),
+        };
+        Error::io(&e, format!("cannot open {}{hint}", gpath.display()))
+    })?;
+    let status = sys::group_get_status(group.as_fd())
+        .context(|| format!("VFIO_GROUP_GET_STATUS on group {g}"))?;
+    if status.flags & VFIO_GROUP_FLAGS_VIABLE == 0 {
+        return Err(not_viable(g, &paths.sysfs));
+    }
+    if status.flags & VFIO_GROUP_FLAGS_CONTAINER_SET != 0 {
+        return Err(Error::new(
+            Errno::EBUSY,
+            format!("IOMMU group {g} is already in a container"),
+        ));
+    }
+    sys::group_set_container(group.as_fd(), container.as_fd())
+        .context(|| format!("VFIO_GROUP_SET_CONTAINER for group {g}"))?;
+    sys::set_iommu(container.as_fd(), VFIO_TYPE1v2_IOMMU)
+        .context(|| format!("VFIO_SET_IOMMU(TYPE1v2) for group {g}"))?;
+    Ok(GroupDomain {
+        group,
+        container: RwLock::new(container),
+        exposed: AtomicBool::new(false),
+    })
+}
+
+/// A new container (`/dev/vfio/vfio`), its API version and the extensions
+/// the daemon needs checked.
+fn open_container(dev_vfio: &Path) -> Result<File> {
+    let cpath = dev_vfio.join("vfio");
     let container = open_vfio_file(&cpath).map_err(|e| {
         let hint = if e.kind() == std::io::ErrorKind::NotFound {
             " (VFIO is not loaded: `modprobe vfio-pci` and bind the devices to vfio-pci)"
@@ -278,33 +400,7 @@ fn open_domain(g: GroupId, paths: &Paths) -> Result<GroupDomain> {
         }
     }
 
-    let gpath = paths.dev_vfio.join(g.to_string());
-    let group = open_vfio_file(&gpath).map_err(|e| {
-        let hint = match e.raw_os_error() {
-            Some(libc::ENOENT) => format!(" (no device of IOMMU group {g} is bound to vfio-pci)"),
-            Some(libc::EBUSY) => format!(
-                " (IOMMU group {g} is held by another VFIO user, e.g. QEMU or another daemon)"
-            ),
-            _ => String::new(),
-        };
-        Error::io(&e, format!("cannot open {}{hint}", gpath.display()))
-    })?;
-    let status = sys::group_get_status(group.as_fd())
-        .context(|| format!("VFIO_GROUP_GET_STATUS on group {g}"))?;
-    if status.flags & VFIO_GROUP_FLAGS_VIABLE == 0 {
-        return Err(not_viable(g, &paths.sysfs));
-    }
-    if status.flags & VFIO_GROUP_FLAGS_CONTAINER_SET != 0 {
-        return Err(Error::new(
-            Errno::EBUSY,
-            format!("IOMMU group {g} is already in a container"),
-        ));
-    }
-    sys::group_set_container(group.as_fd(), container.as_fd())
-        .context(|| format!("VFIO_GROUP_SET_CONTAINER for group {g}"))?;
-    sys::set_iommu(container.as_fd(), VFIO_TYPE1v2_IOMMU)
-        .context(|| format!("VFIO_SET_IOMMU(TYPE1v2) for group {g}"))?;
-    Ok(GroupDomain { group, container })
+    Ok(container)
 }
 
 /// The error for a group the kernel says is not viable, naming the devices
@@ -365,6 +461,58 @@ impl Backend for VfioLegacy {
 
     fn memlock_limit(&self, pid: Pid) -> Result<Option<u64>> {
         memlock_limit(pid)
+    }
+
+    fn resolve(&self, pid: Pid, vaddr: u64, size: u64) -> Result<Resolved> {
+        self.memory.resolve(pid, vaddr, size)
+    }
+
+    fn process_memory(&self, pid: Pid) -> Result<ProcessMemory> {
+        process_memory(pid)
+    }
+
+    /// The client's thread is a `syscall_inject::Stopped`: the container
+    /// is brought into the client once (and checked with `kcmp` before
+    /// each use), then the thread issues `VFIO_IOMMU_MAP_DMA` itself.
+    fn map_as_client(
+        &self,
+        group: GroupId,
+        thread: &mut dyn ClientThread,
+        entry: ClientEntry,
+    ) -> Result<()> {
+        let tid = thread.tid();
+        let stopped = thread
+            .as_any()
+            .downcast_mut::<syscall_inject::Stopped>()
+            .ok_or_else(|| {
+                Error::new(
+                    Errno::EFAULT,
+                    format!("thread {tid} is not stopped where it can map its own memory"),
+                )
+            })?;
+        let d = self.domain(group)?;
+        let container = d.container();
+        d.exposed.store(true, Ordering::SeqCst);
+        let key = (stopped.pid(), group);
+        let known = self
+            .client_fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .copied();
+        let at = client_map::ensure_container(stopped, container.as_fd(), known)?;
+        self.client_fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, at);
+        let map = ClientDmaMap {
+            iova: entry.iova,
+            vaddr: ClientAddr(entry.client_vaddr),
+            size: entry.size,
+            prot: entry.prot,
+        };
+        client_map::issue_map(stopped, at, &map)
+            .map_err(|e| Error::new(e.errno, format!("group {group}: {}", e.message)))
     }
 
     fn domain_info(&self, group: GroupId) -> Result<DomainInfo> {

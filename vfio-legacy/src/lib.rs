@@ -6,6 +6,9 @@
 //! - [`VfioLegacy`]: one type1v2 container per IOMMU group for the object's
 //!   whole life; device fds ([`VfioLegacy::open_device`]); the engine's
 //!   [`Backend`](ioasid_engine::backend::Backend).
+//! - [`client_map`]: a client's own (private) memory mapped by the
+//!   client's own thread, made to issue `VFIO_IOMMU_MAP_DMA` by
+//!   `syscall-inject`.
 //! - [`alias`]: client memory made addressable by the daemon through
 //!   `/proc/<pid>/map_files`, cached and reference-counted.
 //!
@@ -13,6 +16,7 @@
 //! another (`ioctls`).
 
 pub mod alias;
+pub mod client_map;
 pub mod device;
 pub mod discovery;
 mod error;

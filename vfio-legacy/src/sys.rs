@@ -63,6 +63,14 @@ pub(crate) fn set_iommu(container: BorrowedFd<'_>, model: u32) -> Result<(), Err
     Ok(())
 }
 
+/// `VFIO_GROUP_UNSET_CONTAINER`: take `group` out of its container
+/// (`EBUSY` while a device fd of the group is open).
+pub(crate) fn group_unset_container(group: BorrowedFd<'_>) -> Result<(), Errno> {
+    // SAFETY: (1) valid fd; (2) no argument, no memory touched; (3) checked.
+    check(unsafe { libc::ioctl(group.as_raw_fd(), VFIO_GROUP_UNSET_CONTAINER) })?;
+    Ok(())
+}
+
 /// `VFIO_GROUP_GET_STATUS` on a group.
 pub(crate) fn group_get_status(group: BorrowedFd<'_>) -> Result<vfio_group_status, Errno> {
     let mut status = vfio_group_status {

@@ -288,8 +288,9 @@ fn map(n: &IommufdNode, u: &Ucmd<'_>, mut m: iommu_ioas_map) -> Result<i32> {
     reserved("__reserved", u64::from(m.__reserved))?;
     below_ulong_max(&[("iova", m.iova), ("length", m.length)])?;
     let prot = prot(m.flags)?;
+    let client = u.client();
     let source = MapSource::User {
-        pid: u.caller.tid(),
+        client: &client,
         vaddr: m.user_va,
     };
     let map = IoasMap {

@@ -19,6 +19,9 @@ use std::sync::Arc;
 use cuse_server::{Device, Errno, IoctlArgs, IoctlResult, OpenFlags, Request};
 use ioasid_engine::{ContextId, DeviceId, Engine};
 
+use ioctl_table::log::{self, Client};
+use ioctl_table::ClientOf;
+
 use crate::node::CloseHook;
 
 /// The `/dev/iommu` node.
@@ -45,7 +48,12 @@ impl IommufdNode {
 
 impl Device for IommufdNode {
     fn open(&self, req: &Request, _flags: OpenFlags) -> Result<u64, Errno> {
-        let ctx = self.engine.open_context();
+        // Charged to the caller's process, as an open of /dev/ioasid.
+        let client = ClientOf::new(req, Client::RefusedOpen, "open");
+        let ctx = self.engine.open_context_for(&client).map_err(|e| {
+            log::refusal(Client::RefusedOpen, "iommu", "open", &e);
+            e.errno
+        })?;
         tracing::debug!(ctx = ctx.0, tid = req.tid(), "/dev/iommu opened");
         Ok(ctx.0)
     }

@@ -73,7 +73,7 @@ fn daemon() -> Wired {
             group: d.group,
         })
         .collect();
-    let engine = Arc::new(Engine::new(fake, specs).unwrap());
+    let engine = Engine::new(fake, specs).unwrap();
     let wiring = Wiring::default();
     let ioasid = wiring.ioasid_node(
         Arc::new(IoasidNode::new(engine.clone(), Box::new(|_| {}))),
@@ -129,7 +129,7 @@ fn known_state(d: &Wired) -> u64 {
     let io = en.alloc(ctx).unwrap();
     en.alloc(ctx).unwrap();
     en.bind(DEV1, ctx).unwrap();
-    en.attach(DEV1, ctx, io, None).unwrap();
+    en.attach(DEV1, ctx, &CLIENT, io, None).unwrap();
     let rw = Prot {
         read: true,
         write: true,
@@ -137,7 +137,7 @@ fn known_state(d: &Wired) -> u64 {
     for i in 0..2 {
         en.map_dma(
             ctx,
-            CLIENT,
+            &CLIENT,
             io,
             DmaMap {
                 iova: i * K4,
@@ -501,4 +501,81 @@ fn a_stale_socket_is_replaced_and_a_group_gets_0660() {
     assert_eq!(meta.gid(), gid.as_raw());
     drop(socket);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A writer for a test's log: every line the subscriber writes, kept.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs `f` with the daemon's log at `filter`; returns the lines written.
+fn log_of(filter: &str, f: impl FnOnce()) -> Vec<String> {
+    let out = Captured::default();
+    let writer = out.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    text.lines().map(str::to_string).collect()
+}
+
+#[test]
+fn every_request_writes_one_debug_line_when_asked_and_none_otherwise() {
+    let requests_of = |lines: &[String]| -> Vec<String> {
+        lines
+            .iter()
+            .filter_map(|l| l.split_once("cuse_ioasid::requests: request "))
+            .map(|(_, fields)| fields.to_string())
+            .collect()
+    };
+    let d = daemon();
+    let lines = log_of("info,cuse_ioasid::requests=debug", || {
+        known_state(&d);
+    });
+    let pid = std::process::id();
+    let fh = 1;
+    assert_eq!(
+        requests_of(&lines),
+        [
+            format!("node=/dev/ioasid fh={fh} pid={pid} cmd=open nr=- result=ok"),
+            format!("node=/dev/vfio/devices/dev1 fh=7 pid={pid} cmd=open nr=- result=ok"),
+            format!(
+                "node=/dev/ioasid fh={fh} pid={pid} cmd=IOASID_CHECK_EXTENSION nr={IOASID_CHECK_EXTENSION:#x} result=ok"
+            ),
+            format!(
+                "node=/dev/ioasid fh={fh} pid={pid} cmd=IOASID_FREE nr={IOASID_FREE:#x} result=ENOENT"
+            ),
+            format!("node=/dev/ioasid fh={fh} pid={pid} cmd=unknown ioctl nr=0xdead result=ENOTTY"),
+        ]
+    );
+    // A released file's line still names its process; then it is
+    // forgotten.
+    let lines = log_of("info,cuse_ioasid::requests=debug", || {
+        d.dev1.release(7);
+    });
+    assert_eq!(
+        requests_of(&lines),
+        [format!(
+            "node=/dev/vfio/devices/dev1 fh=7 pid={pid} cmd=release nr=- result=ok"
+        )]
+    );
+
+    // Off by default: the same requests at info write no such line.
+    let d = daemon();
+    let lines = log_of("info", || {
+        known_state(&d);
+    });
+    assert!(requests_of(&lines).is_empty(), "{lines:?}");
 }

@@ -114,21 +114,23 @@ impl NodeCounters {
         }
     }
 
-    fn count(&self, i: usize, failed: Option<Errno>) {
+    /// Count one request of command `i`; returns the command's name.
+    fn count(&self, i: usize, failed: Option<Errno>) -> &'static str {
         let c = &self.commands[i];
         c.calls.fetch_add(1, Ordering::Relaxed);
         if let Some(errno) = failed {
             c.failed.fetch_add(1, Ordering::Relaxed);
             self.errors.count(errno);
         }
+        c.name
     }
 
-    fn count_ioctl(&self, cmd: u32, failed: Option<Errno>) {
+    fn count_ioctl(&self, cmd: u32, failed: Option<Errno>) -> &'static str {
         let i = self.commands[FILE_OPS.len()..]
             .iter()
             .position(|c| c.number == Some(cmd))
             .map_or(UNKNOWN_IOCTL, |i| i + FILE_OPS.len());
-        self.count(i, failed);
+        self.count(i, failed)
     }
 
     /// The commands requested at least once.
@@ -183,9 +185,33 @@ impl Clients {
         self.lock().remove(&(node.clone(), fh));
     }
 
+    /// The process that opened file `fh` of `node`, if known.
+    pub fn pid(&self, node: &Arc<str>, fh: u64) -> Option<u32> {
+        self.lock().get(&(node.clone(), fh)).and_then(|f| f.pid)
+    }
+
     /// The open files now, by node and handle.
     pub fn list(&self) -> Vec<Opened> {
         self.lock().values().cloned().collect()
+    }
+}
+
+/// The target of the one debug line every request writes once served
+/// (`--log info,cuse_ioasid::requests=debug`): node, file handle, the
+/// process that opened the file, command and result. Off by default; not
+/// charged to a client's log budget, because only the operator turns it on
+/// (to see what a program asks of the daemon, e.g. every ioctl QEMU issues).
+pub const REQUESTS_TARGET: &str = "cuse_ioasid::requests";
+
+/// A request's outcome, as its debug line shows it: `ok` or the errno.
+struct Outcome(Option<Errno>);
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            None => f.write_str("ok"),
+            Some(e) => f.write_str(&errno_name(e as i32)),
+        }
     }
 }
 
@@ -216,12 +242,36 @@ impl Watched {
             clients,
         }
     }
+
+    /// The request's debug line (see [`REQUESTS_TARGET`]); the pid is
+    /// looked up only when the line is written.
+    fn trace(&self, fh: u64, command: &str, failed: Option<Errno>) {
+        self.trace_ioctl(fh, command, None, failed);
+    }
+
+    /// [`Watched::trace`] of an ioctl, with its number (which tells an
+    /// unknown ioctl apart).
+    fn trace_ioctl(&self, fh: u64, command: &str, number: Option<u32>, failed: Option<Errno>) {
+        if tracing::enabled!(target: REQUESTS_TARGET, tracing::Level::DEBUG) {
+            let pid = self.clients.pid(&self.node, fh);
+            tracing::debug!(
+                target: REQUESTS_TARGET,
+                node = %self.node,
+                fh,
+                pid = %pid.map_or("?".to_string(), |p| p.to_string()),
+                cmd = %command,
+                nr = %number.map_or("-".to_string(), |n| format!("{n:#x}")),
+                result = %Outcome(failed),
+                "request"
+            );
+        }
+    }
 }
 
 impl Device for Watched {
     fn open(&self, req: &Request, flags: OpenFlags) -> Result<u64, Errno> {
         let r = self.inner.open(req, flags);
-        self.counters.count(OPEN, r.err());
+        let name = self.counters.count(OPEN, r.err());
         if let Ok(fh) = r {
             self.clients.opened(Opened {
                 node: self.node.clone(),
@@ -229,19 +279,22 @@ impl Device for Watched {
                 pid: req.pid().ok(),
                 inspect: self.inspect.clone(),
             });
+            self.trace(fh, name, None);
         }
         r
     }
 
     fn read(&self, req: &Request, fh: u64, size: u32, offset: Offset) -> Result<Vec<u8>, Errno> {
         let r = self.inner.read(req, fh, size, offset);
-        self.counters.count(READ, r.as_ref().err().copied());
+        let name = self.counters.count(READ, r.as_ref().err().copied());
+        self.trace(fh, name, r.as_ref().err().copied());
         r
     }
 
     fn write(&self, req: &Request, fh: u64, data: &[u8], offset: Offset) -> Result<u32, Errno> {
         let r = self.inner.write(req, fh, data, offset);
-        self.counters.count(WRITE, r.as_ref().err().copied());
+        let name = self.counters.count(WRITE, r.as_ref().err().copied());
+        self.trace(fh, name, r.as_ref().err().copied());
         r
     }
 
@@ -251,8 +304,9 @@ impl Device for Watched {
 
     fn ioctl(&self, req: &Request, fh: u64, args: IoctlArgs<'_>) -> Result<IoctlResult, Errno> {
         let r = self.inner.ioctl(req, fh, args);
-        self.counters
-            .count_ioctl(args.cmd, r.as_ref().err().copied());
+        let failed = r.as_ref().err().copied();
+        let name = self.counters.count_ioctl(args.cmd, failed);
+        self.trace_ioctl(fh, name, Some(args.cmd), failed);
         r
     }
 
@@ -264,13 +318,15 @@ impl Device for Watched {
         waiter: Option<PollHandle>,
     ) -> Result<u32, Errno> {
         let r = self.inner.poll(req, fh, events, waiter);
-        self.counters.count(POLL, r.as_ref().err().copied());
+        let name = self.counters.count(POLL, r.as_ref().err().copied());
+        self.trace(fh, name, r.as_ref().err().copied());
         r
     }
 
     fn release(&self, fh: u64) {
         self.inner.release(fh);
-        self.counters.count(RELEASE, None);
+        let name = self.counters.count(RELEASE, None);
+        self.trace(fh, name, None);
         self.clients.released(&self.node, fh);
     }
 }

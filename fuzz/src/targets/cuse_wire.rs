@@ -21,6 +21,7 @@ pub const SESSION: Target = Target {
     about: "CUSE requests (every opcode, valid then mutated) through Session and an in-memory \
             channel: at most one reply per request, each well formed and for that request, \
             exactly one for a valid one, nothing left in flight",
+    cap: None,
     make: || {
         let mut target = SessionTarget::new();
         Box::new(move |rng| target.one(rng))
@@ -32,6 +33,7 @@ pub const CURSOR: Target = Target {
     name: "cuse-cursor",
     about: "wire::Cursor over arbitrary bytes, random takes of every wire struct: a take \
             succeeds exactly when enough bytes remain, copies them, and consumes them",
+    cap: None,
     make: || Box::new(cursor_one),
 };
 

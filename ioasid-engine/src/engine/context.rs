@@ -8,12 +8,29 @@ use super::*;
 /// Where a mapping's memory comes from.
 #[derive(Debug)]
 pub(super) enum Memory {
-    /// An alias of its own, released when the mapping goes.
-    Own(Alias),
+    /// An alias of its own, released when the mapping goes, charged to
+    /// process `charged`.
+    Own { alias: Alias, charged: Pid },
     /// A slice of the registration starting at this client address.
     Registered(u64),
     /// None: a child's mapping, whose `vaddr` is a parent IOVA.
     Nested,
+    /// The client's own (private) memory of address space `mm`, pinned
+    /// by the client's own thread in the domains of `pinned_in`.
+    Private {
+        mm: MmId,
+        pinned_in: SmallVec<[GroupId; 2]>,
+    },
+    /// Reserved by a private map whose client thread has not made it yet
+    /// (the number tells reservations apart).
+    Pending(u64),
+}
+
+impl Memory {
+    /// Private memory, made or about to be: no daemon address behind it.
+    pub(super) fn is_private(&self) -> bool {
+        matches!(self, Memory::Private { .. } | Memory::Pending(_))
+    }
 }
 
 #[derive(Debug)]
@@ -61,7 +78,10 @@ impl Ioasid {
 #[derive(Debug)]
 pub(super) struct Registration {
     pub(super) size: u64,
-    pub(super) alias: Alias,
+    /// The alias of shared memory and the process it is charged to; `None`
+    /// for private memory, which each map inside pins by the client's own
+    /// thread.
+    pub(super) alias: Option<(Alias, Pid)>,
     /// Mappings using it.
     pub(super) users: usize,
 }
@@ -87,6 +107,9 @@ pub(super) struct Realising {
 pub(super) struct Context {
     /// Its id.
     pub(super) id: ContextId,
+    /// The process that opened it, charged with its IOASIDs and mappings
+    /// (`None`: opened without a client, no budget).
+    pub(super) owner: Option<Pid>,
     /// Set by `close_context`; every later operation fails.
     pub(super) closed: bool,
     /// Slab key `k` is IOASID `k + 1`.
@@ -110,9 +133,10 @@ pub(super) struct Context {
 }
 
 impl Context {
-    pub(super) fn new(id: ContextId) -> Self {
+    pub(super) fn new(id: ContextId, owner: Option<Pid>) -> Self {
         Context {
             id,
+            owner,
             closed: false,
             ioasids: Slab::new(),
             bound: BTreeMap::new(),
@@ -169,13 +193,18 @@ impl Context {
     /// kept inline: no allocation on the map path).
     pub(super) fn segments(&self, m: &Mapping) -> Segments {
         match &m.memory {
-            Memory::Own(alias) => alias.segments.clone(),
-            Memory::Nested => Segments::new(),
-            Memory::Registered(start) => {
-                let reg = &self.registrations[start];
-                slice_segments(&reg.alias.segments, m.vaddr - start, m.size)
-            }
+            Memory::Own { alias, .. } => alias.segments.clone(),
+            Memory::Nested | Memory::Private { .. } | Memory::Pending(_) => Segments::new(),
+            Memory::Registered(start) => match &self.registrations[start].alias {
+                Some((alias, _)) => slice_segments(&alias.segments, m.vaddr - start, m.size),
+                None => Segments::new(),
+            },
         }
+    }
+
+    /// Mappings over all IOASIDs.
+    pub(super) fn mapping_count(&self) -> usize {
+        self.ioasids.iter().map(|(_, io)| io.mappings.len()).sum()
     }
 
     pub(super) fn pinned(&self) -> u64 {
@@ -219,6 +248,7 @@ impl Engine {
                 .ok()
                 .filter(|&i| i <= i32::MAX as u32)
                 .ok_or_else(|| err(ENOSPC, "no IOASID number left in this ioasid fd"))?;
+            self.take_budget(c.owner, Item::Ioasids, 1)?;
             entry.insert(Ioasid::default());
             Ok(id)
         })
@@ -258,6 +288,8 @@ impl Engine {
             }
             let key = ioasid_key(ioasid).expect("checked above");
             let io = c.ioasids.remove(key);
+            self.give_budget(c.owner, Item::Ioasids, 1);
+            self.give_budget(c.owner, Item::Mappings, io.mappings.len());
             for (_, m) in io.mappings {
                 self.drop_memory(c, m);
             }
@@ -268,7 +300,8 @@ impl Engine {
     /// Give back what a removed mapping held.
     pub(super) fn drop_memory(&self, c: &mut Context, m: Mapping) {
         match m.memory {
-            Memory::Own(alias) => {
+            Memory::Own { alias, charged } => {
+                self.uncharge(charged, &alias);
                 self.release(c, alias);
                 c.own_bytes -= m.size;
             }
@@ -277,7 +310,8 @@ impl Engine {
                     r.users -= 1;
                 }
             }
-            Memory::Nested => {}
+            // A private mapping's pins went with its domains' unmap.
+            Memory::Nested | Memory::Private { .. } | Memory::Pending(_) => {}
         }
     }
 

@@ -28,6 +28,19 @@ impl Engine {
                     ),
                 ));
             }
+            if let Some(&(holder, n)) = reg.pinning.get(&spec.group) {
+                if holder != ctx {
+                    return Err(err(
+                        EBUSY,
+                        format!(
+                            "device {}: the previous holder of IOMMU group {} is still pinning \
+                             private memory into its domain ({n} map(s) by its client's thread, \
+                             bounded by --inject-timeout-ms); try again",
+                            spec.name, spec.group
+                        ),
+                    ));
+                }
+            }
             if let Some(owner) = reg.bound.get(&dev) {
                 let where_ = if *owner == ctx {
                     "this ioasid fd"
@@ -110,10 +123,15 @@ impl Engine {
     /// a (device, PASID) pair attached already. Replaying the IOASID's
     /// mappings into a newly realising group is all or nothing; its
     /// failures pass through.
+    ///
+    /// A group that must replay private memory into its domain gets it
+    /// from `client`'s own thread after the call is answered (`EFAULT` at
+    /// once if `client` is another process than the memory's).
     pub fn attach(
         &self,
         dev: DeviceId,
         ctx: ContextId,
+        client: &dyn Client,
         ioasid: IoasidId,
         pasid: Option<u32>,
     ) -> Result<(), Error> {
@@ -137,7 +155,7 @@ impl Engine {
             let Some(pasid) = pasid else {
                 return match parent {
                     Some(p) => self.attach_child_rid(c, spec, ioasid, p),
-                    None => self.attach_rid(c, spec, ioasid),
+                    None => self.attach_rid(c, client, spec, ioasid),
                 };
             };
             if pasid >= 1 << PASID_BITS {
@@ -174,6 +192,7 @@ impl Engine {
     pub(super) fn attach_rid(
         &self,
         c: &mut Context,
+        client: &dyn Client,
         spec: &DeviceSpec,
         id: IoasidId,
     ) -> Result<(), Error> {
@@ -205,6 +224,17 @@ impl Engine {
             None => {
                 let info = self.backend.domain_info(spec.group)?;
                 self.replay(c, spec.group, id)?;
+                if let Err(e) = self.replay_private_later(c, client, spec.id, spec.group, id) {
+                    if let Err(undo) = self.backend.unmap_all(spec.group) {
+                        self.undo_failed(
+                            c,
+                            spec.group,
+                            "emptying the domain after a refused attach",
+                            &undo,
+                        );
+                    }
+                    return Err(e);
+                }
                 c.realising
                     .insert(spec.group, Realising { ioasid: id, info });
                 let groups = c.member_groups(id);

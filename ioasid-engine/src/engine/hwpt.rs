@@ -144,10 +144,16 @@ impl Engine {
     /// attached elsewhere; `EADDRINUSE` an IOAS mapping or allowed range
     /// meeting the group's reserved regions, or a mapping not aligned to
     /// its page size. An attached device is moved (replace).
+    ///
+    /// Private memory mapped in the IOAS is pinned into the group's domain
+    /// by `client`'s own thread after the call (see `private`); `EFAULT`
+    /// when `client` is another process than the memory's, or cannot be
+    /// reached: the device is then left detached.
     pub fn attach_pt(
         &self,
         dev: DeviceId,
         ctx: ContextId,
+        client: &dyn Client,
         pt_id: ObjectId,
     ) -> Result<ObjectId, Error> {
         let spec = self.spec(dev)?;
@@ -226,7 +232,7 @@ impl Engine {
                         .map(|(d, _)| *d),
                 )
                 .collect();
-            for d in movers {
+            for &d in &movers {
                 c.objects.attached.insert(d, hwpt);
                 if let Some(b) = c.bound.get_mut(&d) {
                     b.rid = Some(ioasid);
@@ -234,6 +240,13 @@ impl Engine {
             }
             if let Some(old) = current {
                 self.drop_auto_hwpt(c, old);
+            }
+            // Last, as nothing may fail once the client's thread has work.
+            if let Err(e) = self.replay_private_later(c, client, dev, spec.group, ioasid) {
+                for d in movers {
+                    self.detach_pt_locked(c, d);
+                }
+                return Err(e);
             }
             Ok(hwpt)
         })
@@ -243,30 +256,36 @@ impl Engine {
     /// not attached. The last device of its group empties the group's
     /// domain; an automatic HWPT left without devices goes.
     pub fn detach_pt(&self, dev: DeviceId, ctx: ContextId) -> Result<(), Error> {
-        let spec = self.spec(dev)?;
+        self.spec(dev)?;
         self.with_context(ctx, |c| {
-            let Some(hwpt) = c.objects.attached.remove(&dev) else {
-                return Ok(());
-            };
-            if let Some(b) = c.bound.get_mut(&dev) {
-                b.rid = None;
-            }
-            let last = !c
-                .objects
-                .attached
-                .keys()
-                .any(|d| self.devices[d].group == spec.group);
-            if last && c.realising.contains_key(&spec.group) {
-                let r = self.backend.unmap_all(spec.group);
-                c.realising.remove(&spec.group);
-                match r {
-                    Ok(()) => self.emptied(c, spec.group),
-                    Err(e) => self.undo_failed(c, spec.group, "emptying a detached group", &e),
-                }
-            }
-            self.drop_auto_hwpt(c, hwpt);
+            self.detach_pt_locked(c, dev);
             Ok(())
         })
+    }
+
+    /// [`Engine::detach_pt`] under the context lock.
+    pub(super) fn detach_pt_locked(&self, c: &mut Context, dev: DeviceId) {
+        let group = self.devices[&dev].group;
+        let Some(hwpt) = c.objects.attached.remove(&dev) else {
+            return;
+        };
+        if let Some(b) = c.bound.get_mut(&dev) {
+            b.rid = None;
+        }
+        let last = !c
+            .objects
+            .attached
+            .keys()
+            .any(|d| self.devices[d].group == group);
+        if last && c.realising.contains_key(&group) {
+            let r = self.backend.unmap_all(group);
+            c.realising.remove(&group);
+            match r {
+                Ok(()) => self.emptied(c, group),
+                Err(e) => self.undo_failed(c, group, "emptying a detached group", &e),
+            }
+        }
+        self.drop_auto_hwpt(c, hwpt);
     }
 
     /// Destroy `hwpt` if it is automatic and has no device left.

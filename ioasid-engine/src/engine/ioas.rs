@@ -42,12 +42,14 @@ pub enum ObjectKind {
 }
 
 /// Where the memory of an `IOMMU_IOAS_MAP`/`MAP_FILE` comes from.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub enum MapSource<'a> {
-    /// The calling process's memory at this address.
+    /// The calling process's memory at this address: shared memory is
+    /// aliased by the daemon, private memory pinned by the caller's own
+    /// thread (see `private`).
     User {
         /// The calling thread.
-        pid: Pid,
+        client: &'a dyn Client,
         /// `user_va`.
         vaddr: u64,
     },
@@ -234,8 +236,12 @@ impl Engine {
     pub fn ioas_alloc(&self, ctx: ContextId) -> Result<ObjectId, Error> {
         self.with_context(ctx, |c| {
             let id = c.objects.free_id()?;
-            let key = c.ioasids.insert(Ioasid::default());
-            let ioasid = u32::try_from(key + 1).map_err(|_| err(ENOSPC, "too many IOASes"))?;
+            let entry = c.ioasids.vacant_entry();
+            let ioasid =
+                u32::try_from(entry.key() + 1).map_err(|_| err(ENOSPC, "too many IOASes"))?;
+            // An IOAS is an IOASID of the client's budget.
+            self.take_budget(c.owner, Item::Ioasids, 1)?;
+            entry.insert(Ioasid::default());
             c.objects.ids.insert(
                 id,
                 Object::Ioas(IoasObject {
@@ -301,6 +307,8 @@ impl Engine {
                 }
                 let key = ioasid_key(io.ioasid).expect("an IOAS has an IOASID");
                 let gone = c.ioasids.remove(key);
+                self.give_budget(c.owner, Item::Ioasids, 1);
+                self.give_budget(c.owner, Item::Mappings, gone.mappings.len());
                 for (_, m) in gone.mappings {
                     self.drop_memory(c, m);
                 }
@@ -488,29 +496,37 @@ impl Engine {
             }
             let iova = self.place(c, id, addr, map.length, map.iova)?;
             let groups = c.groups_of(ioasid);
-            match source {
-                MapSource::User { pid, vaddr } => {
+            self.take_budget(c.owner, Item::Mappings, 1)?;
+            let mapped = match source {
+                MapSource::User { client, vaddr } => {
                     let dma = DmaMap {
                         iova,
                         vaddr,
                         size: map.length,
                         prot: map.prot,
                     };
-                    self.map_user(c, pid, ioasid, &groups, dma)?;
+                    self.map_user(c, client, ioasid, &groups, dma)
                 }
-                MapSource::File { file, offset, pid } => {
-                    self.check_memlock(c, pid, map.length)?;
-                    let alias =
-                        self.backend
-                            .alias_file(file, offset, map.length, map.prot.write)?;
-                    let mapping = Mapping {
-                        vaddr: offset,
-                        size: map.length,
-                        prot: map.prot,
-                        memory: Memory::Own(alias),
-                    };
-                    self.map_memory(c, ioasid, &groups, iova, mapping)?;
-                }
+                MapSource::File { file, offset, pid } => self
+                    .backend
+                    .alias_file(file, offset, map.length, map.prot.write)
+                    .and_then(|alias| match self.charge_shared(pid, &alias) {
+                        Ok(charged) => Ok(Mapping {
+                            vaddr: offset,
+                            size: map.length,
+                            prot: map.prot,
+                            memory: Memory::Own { alias, charged },
+                        }),
+                        Err(e) => {
+                            self.release(c, alias);
+                            Err(e)
+                        }
+                    })
+                    .and_then(|mapping| self.map_memory(c, ioasid, &groups, iova, mapping)),
+            };
+            if let Err(e) = mapped {
+                self.give_budget(c.owner, Item::Mappings, 1);
+                return Err(e);
             }
             c.objects
                 .ioas_mut(id)?
@@ -590,8 +606,20 @@ impl Engine {
                 let origins = &c.objects.ioas(src)?.origins;
                 let mut out = Vec::new();
                 for &(s, off, n) in &pieces {
-                    let Memory::Own(alias) = &mappings[&s].memory else {
-                        return Err(err(EINVAL, "only iommufd mappings can be copied"));
+                    let alias = match &mappings[&s].memory {
+                        Memory::Own { alias, .. } => alias,
+                        Memory::Private { .. } | Memory::Pending(_) => {
+                            return Err(err(
+                                EINVAL,
+                                format!(
+                                    "the mapping at IOVA {s:#x} of IOAS {src} is private memory, \
+                                     pinned by the client's own thread: the daemon cannot share \
+                                     its pages into another IOAS; map the same memory there with \
+                                     IOMMU_IOAS_MAP, or use shared memory (memfd, MAP_SHARED)"
+                                ),
+                            ))
+                        }
+                        _ => return Err(err(EINVAL, "only iommufd mappings can be copied")),
                     };
                     out.push((
                         alias.clone(),
@@ -612,20 +640,39 @@ impl Engine {
                 ));
             }
             let iova = self.place(c, dst, origin.addr, length, map.iova)?;
-            self.check_memlock(c, pid, length)?;
             let groups = c.groups_of(dst_ioasid);
             let mut done: Vec<u64> = Vec::new();
             let mut at = iova;
             for ((alias, n, piece_origin), &(_, off, _)) in sources.iter().zip(&pieces) {
-                let shared = self.backend.share_alias(alias, off, *n).and_then(|shared| {
-                    let mapping = Mapping {
-                        vaddr: piece_origin.map_or(0, |o| o.addr),
-                        size: *n,
-                        prot: map.prot,
-                        memory: Memory::Own(shared),
-                    };
-                    self.map_memory(c, dst_ioasid, &groups, at, mapping)
-                });
+                // Each piece is a mapping of the client's budget, and its
+                // pages are charged to the caller's process (each page
+                // once: the share covers the pages its source pins).
+                let budget = self.take_budget(c.owner, Item::Mappings, 1);
+                let shared = budget
+                    .clone()
+                    .and_then(|()| self.backend.share_alias(alias, off, *n))
+                    .and_then(|shared| match self.charge_shared(pid, &shared) {
+                        Ok(charged) => Ok((shared, charged)),
+                        Err(e) => {
+                            self.release(c, shared);
+                            Err(e)
+                        }
+                    })
+                    .and_then(|(shared, charged)| {
+                        let mapping = Mapping {
+                            vaddr: piece_origin.map_or(0, |o| o.addr),
+                            size: *n,
+                            prot: map.prot,
+                            memory: Memory::Own {
+                                alias: shared,
+                                charged,
+                            },
+                        };
+                        self.map_memory(c, dst_ioasid, &groups, at, mapping)
+                    });
+                if shared.is_err() && budget.is_ok() {
+                    self.give_budget(c.owner, Item::Mappings, 1);
+                }
                 if let Err(e) = shared {
                     if !done.is_empty() {
                         let (lo, hi) = (iova, at);

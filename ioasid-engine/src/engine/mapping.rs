@@ -5,8 +5,14 @@
 use super::*;
 
 impl Engine {
-    /// Map `map.size` bytes of process `pid` at `map.vaddr` to `map.iova`
-    /// in IOASID `ioasid`, in every realising domain.
+    /// Map `map.size` bytes of `client`'s process at `map.vaddr` to
+    /// `map.iova` in IOASID `ioasid`, in every realising domain.
+    ///
+    /// Shared memory is aliased and mapped by the daemon. Private memory
+    /// (`MAP_PRIVATE`, anonymous, heap, stack) is mapped by the client's
+    /// own thread once the call is answered ([`Client::defer_as_client`]):
+    /// the IOVA range is reserved now, and the call's real result is the
+    /// one the client's thread gets (see `private`).
     ///
     /// Errors: `ENOENT` unknown IOASID, or the context has registered
     /// memory and the range is not inside one registration; `EBUSY` group
@@ -18,11 +24,28 @@ impl Engine {
     pub fn map_dma(
         &self,
         ctx: ContextId,
-        pid: Pid,
+        client: &dyn Client,
         ioasid: IoasidId,
         map: DmaMap,
     ) -> Result<(), Error> {
         self.with_context(ctx, |c| {
+            self.take_budget(c.owner, Item::Mappings, 1)?;
+            let r = self.map_checked(c, client, ioasid, map);
+            if r.is_err() {
+                self.give_budget(c.owner, Item::Mappings, 1);
+            }
+            r
+        })
+    }
+
+    fn map_checked(
+        &self,
+        c: &mut Context,
+        client: &dyn Client,
+        ioasid: IoasidId,
+        map: DmaMap,
+    ) -> Result<(), Error> {
+        {
             let (groups, known) = self.usable(c, ioasid)?;
             self.check_no_table(c, ioasid)?;
             let DmaMap {
@@ -82,32 +105,39 @@ impl Engine {
             if is_child {
                 return self.map_child(c, ioasid, iova, vaddr, size, prot);
             }
-            self.map_user(c, pid, ioasid, &groups, map)
-        })
+            self.map_user(c, client, ioasid, &groups, map)
+        }
     }
 
     /// Map `map` into IOASID `ioasid` (whose checks passed) and into
-    /// `groups`, its realising domains: the client memory is resolved here
-    /// (a registration, or an alias of the caller's memory, charged to its
-    /// `RLIMIT_MEMLOCK`). The one way from a client's address to a domain,
-    /// for `IOASID_MAP_DMA` and iommufd's `IOMMU_IOAS_MAP` alike.
+    /// `groups`, its realising domains: the client memory is resolved here.
+    /// Shared memory is a registration or an alias of the caller's memory,
+    /// charged to its process ([`Engine::charge_shared`]); private memory
+    /// is reserved and left to the client's own thread (`private`). The
+    /// one way from a client's address to a domain, for `IOASID_MAP_DMA`
+    /// and iommufd's `IOMMU_IOAS_MAP` alike.
     pub(super) fn map_user(
         &self,
         c: &mut Context,
-        pid: Pid,
+        client: &dyn Client,
         ioasid: IoasidId,
         groups: &[GroupId],
         map: DmaMap,
     ) -> Result<(), Error> {
         let DmaMap {
-            iova,
-            vaddr,
-            size,
-            prot,
+            iova, vaddr, size, ..
         } = map;
         let memory = if c.registrations.is_empty() {
-            self.check_memlock(c, pid, size)?;
-            Memory::Own(self.backend.alias(pid, vaddr, size)?)
+            match self.backend.resolve(client.tid(), vaddr, size)? {
+                Resolved::Shared(alias) => match self.charge_shared(client.tid(), &alias) {
+                    Ok(charged) => Memory::Own { alias, charged },
+                    Err(e) => {
+                        self.release(c, alias);
+                        return Err(e);
+                    }
+                },
+                Resolved::Private { why } => return self.map_private(c, client, ioasid, map, why),
+            }
         } else {
             let inside = c
                 .registrations
@@ -115,6 +145,10 @@ impl Engine {
                 .next_back()
                 .filter(|(&s, r)| vaddr + size <= s + r.size);
             match inside {
+                Some((_, r)) if r.alias.is_none() => {
+                    let why = format!("registered private memory at {vaddr:#x}");
+                    return self.map_private(c, client, ioasid, map, why);
+                }
                 Some((&s, _)) => Memory::Registered(s),
                 None => {
                     return Err(err(
@@ -131,7 +165,7 @@ impl Engine {
         let mapping = Mapping {
             vaddr,
             size,
-            prot,
+            prot: map.prot,
             memory,
         };
         self.map_memory(c, ioasid, groups, iova, mapping)
@@ -163,15 +197,16 @@ impl Engine {
         }
         drop(segs);
         if let Some(e) = failed {
-            if let Memory::Own(alias) = mapping.memory {
+            if let Memory::Own { alias, charged } = mapping.memory {
+                self.uncharge(charged, &alias);
                 self.release(c, alias);
             }
             return Err(e);
         }
         match mapping.memory {
-            Memory::Own(_) => c.own_bytes += size,
+            Memory::Own { .. } => c.own_bytes += size,
             Memory::Registered(s) => c.registrations.get_mut(&s).expect("found above").users += 1,
-            Memory::Nested => {}
+            Memory::Nested | Memory::Private { .. } | Memory::Pending(_) => {}
         }
         c.ioasid_mut(ioasid)?.mappings.insert(iova, mapping);
         // The children see the new mapping at once.
@@ -195,23 +230,29 @@ impl Engine {
         Ok(())
     }
 
-    pub(super) fn check_memlock(&self, c: &Context, pid: Pid, more: u64) -> Result<(), Error> {
-        let Some(limit) = self.backend.memlock_limit(pid)? else {
-            return Ok(());
-        };
-        let total = c.pinned().saturating_add(more);
-        if total > limit {
-            return Err(err(
-                ENOMEM,
-                format!(
-                    "pinning {more:#x} more bytes would bring this ioasid fd to {total:#x} \
-                     bytes, above the RLIMIT_MEMLOCK of process {pid} ({limit:#x} bytes); \
-                     raise the limit (ulimit -l), or register the memory once with \
-                     IOASID_REGISTER_MEMORY"
-                ),
-            ));
+    /// Charge the shared memory behind `alias`, about to be pinned by the
+    /// daemon, to the process of thread `tid`, as type1 would: against its
+    /// `RLIMIT_MEMLOCK`, together with everything it already has pinned
+    /// through the daemon (in any ioasid file, each byte once) and what
+    /// the kernel charges it itself (`VmLck`: `mlock`, its own VFIO maps,
+    /// the private memory its thread pinned for the daemon). Returns the
+    /// process charged. `ENOMEM` over the limit; the alias budget's
+    /// `ENOMEM` past it.
+    pub(super) fn charge_shared(&self, tid: Pid, alias: &Alias) -> Result<Pid, Error> {
+        let limit = self.backend.memlock_limit(tid)?;
+        let pm = self.backend.process_memory(tid)?;
+        let mut a = lock(&self.accounts);
+        if let Some(limit) = limit {
+            let more = a.new_bytes(pm.pid, &alias.segments);
+            let shared = a.pinned(pm.pid);
+            let total = shared.saturating_add(more).saturating_add(pm.locked);
+            if more > 0 && total > limit {
+                return Err(memlock_exceeded(pm.pid, more, shared, pm.locked, limit));
+            }
         }
-        Ok(())
+        a.take(pm.pid, Item::Aliases, alias.segments.len())?;
+        a.charge(pm.pid, &alias.segments);
+        Ok(pm.pid)
     }
 
     /// Map one mapping's segments into `group`; all or nothing.
@@ -392,6 +433,22 @@ impl Engine {
                 for &done in &groups[..i] {
                     for s in gone {
                         let m = &io.mappings[s];
+                        if let Memory::Private { pinned_in, .. } = &m.memory {
+                            if pinned_in.contains(&done) {
+                                let undo = err(
+                                    EIO,
+                                    "private memory cannot be mapped back without its client's \
+                                     thread",
+                                );
+                                self.undo_failed(
+                                    c,
+                                    done,
+                                    "mapping back an unmap refused elsewhere",
+                                    &undo,
+                                );
+                            }
+                            continue;
+                        }
                         if let Err(undo) = self.map_segments(c, done, *s, &c.segments(m), m.prot) {
                             self.undo_failed(
                                 c,
@@ -415,18 +472,21 @@ impl Engine {
             bytes += m.size;
             self.drop_memory(c, m);
         }
+        self.give_budget(c.owner, Item::Mappings, gone.len());
         Ok(bytes)
     }
 
-    /// Register `[vaddr, vaddr + size)` of process `pid`: alias and account
-    /// it once, for any number of later maps. `EINVAL` size 0, not 4 KiB
-    /// aligned or overflowing; `EEXIST` overlapping a registration;
-    /// `ENOMEM` over `RLIMIT_MEMLOCK`; `EFAULT` (from the backend) memory
-    /// that cannot be aliased.
+    /// Register `[vaddr, vaddr + size)` of `client`'s process: shared
+    /// memory is aliased and charged once, for any number of later maps;
+    /// private memory is recorded, and each map inside it is pinned by the
+    /// client's own thread (charged by the kernel then). `EINVAL` size 0,
+    /// not 4 KiB aligned or overflowing; `EEXIST` overlapping a
+    /// registration; `ENOMEM` over `RLIMIT_MEMLOCK`; `EFAULT` memory that
+    /// is not mapped (or private, with private memory turned off).
     pub fn register_memory(
         &self,
         ctx: ContextId,
-        pid: Pid,
+        client: &dyn Client,
         vaddr: u64,
         size: u64,
     ) -> Result<(), Error> {
@@ -453,8 +513,24 @@ impl Engine {
                     ));
                 }
             }
-            self.check_memlock(c, pid, size)?;
-            let alias = self.backend.alias(pid, vaddr, size)?;
+            let alias = match self.backend.resolve(client.tid(), vaddr, size)? {
+                Resolved::Shared(alias) => match self.charge_shared(client.tid(), &alias) {
+                    Ok(charged) => Some((alias, charged)),
+                    Err(e) => {
+                        self.release(c, alias);
+                        return Err(e);
+                    }
+                },
+                Resolved::Private { why } => {
+                    if !self.private_memory.load(Ordering::Relaxed) {
+                        return Err(private_refused(&why));
+                    }
+                    None
+                }
+            };
+            if alias.is_some() {
+                c.registered_bytes += size;
+            }
             c.registrations.insert(
                 vaddr,
                 Registration {
@@ -463,7 +539,6 @@ impl Engine {
                     users: 0,
                 },
             );
-            c.registered_bytes += size;
             Ok(())
         })
     }
@@ -492,8 +567,11 @@ impl Engine {
                 ));
             }
             let r = c.registrations.remove(&vaddr).expect("found above");
-            self.release(c, r.alias);
-            c.registered_bytes -= size;
+            if let Some((alias, charged)) = r.alias {
+                self.uncharge(charged, &alias);
+                self.release(c, alias);
+                c.registered_bytes -= size;
+            }
             Ok(())
         })
     }
@@ -517,4 +595,31 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// `ENOMEM`: pinning `more` bytes would take process `pid` over its
+/// `RLIMIT_MEMLOCK`.
+pub(super) fn memlock_exceeded(pid: Pid, more: u64, shared: u64, locked: u64, limit: u64) -> Error {
+    err(
+        ENOMEM,
+        format!(
+            "pinning {more:#x} more bytes for process {pid} would exceed its RLIMIT_MEMLOCK \
+             ({limit:#x} bytes): the daemon pins {shared:#x} bytes of its shared memory (all its \
+             ioasid files, each byte once) and the kernel charges it {locked:#x} bytes (VmLck: \
+             mlock, private memory its own thread pinned); raise the limit (ulimit -l), unmap \
+             something, or register memory you map more than once"
+        ),
+    )
+}
+
+/// `EFAULT`: private memory while private memory is turned off.
+pub(super) fn private_refused(why: &str) -> Error {
+    err(
+        EFAULT,
+        format!(
+            "{why}; the daemon runs with --no-private-memory, so it pins only memory it can \
+             share: map it MAP_SHARED from a memfd, POSIX/SysV shm, hugetlbfs or a shared file, \
+             or MAP_SHARED|MAP_ANONYMOUS (QEMU: -object memory-backend-memfd,share=on)"
+        ),
+    )
 }

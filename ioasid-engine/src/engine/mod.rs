@@ -53,7 +53,13 @@
 //!   other lock is taken.
 //! - Each context has its own `Mutex`. Every operation on a context's
 //!   IOASIDs, registrations and devices, including the backend calls they
-//!   make, runs under it, so contexts never wait for each other.
+//!   make, runs under it, so contexts never wait for each other. One
+//!   exception: a private map (see `private`) is made by the client's own
+//!   thread *without* the lock, because a client killed meanwhile closes
+//!   its files on its way out and waits for their release, which takes the
+//!   lock. What it read under the lock is checked again under the lock
+//!   afterwards, and the groups it maps into are held in the registry
+//!   (`pinning`) so that no other context can bind them meanwhile.
 //! - `registry` (which device is bound to which context, which groups are
 //!   out of service) is taken *after* a context lock, never before, and
 //!   never while holding two context locks. Lock order: context → registry.
@@ -67,16 +73,22 @@
 //! touched under the lock of the context that owns the group.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 
 use nix::errno::Errno::{EBUSY, EEXIST, EFAULT, EINVAL, EIO, ENODEV, ENOENT, ENOMEM, ENOSPC};
 use slab::Slab;
+use smallvec::SmallVec;
 
-use crate::backend::{Alias, Backend, DmaEntry, DomainInfo, GroupId, Pid, Prot, Segment, Segments};
+use crate::backend::{
+    Alias, Backend, ClientEntry, ClientThread, DmaEntry, DomainInfo, GroupId, MmId, Pid, Prot,
+    Resolved, Segment, Segments,
+};
 use crate::error::{err, Error};
 use crate::pgtable::{self, Leaf, PasidEntry, WalkStats};
 
+mod accounts;
+mod client;
 mod context;
 mod device;
 mod hwpt;
@@ -84,12 +96,17 @@ mod ioas;
 mod iova;
 mod mapping;
 mod nesting;
+mod private;
 mod service;
 mod snapshot;
 mod tables;
 mod types;
 
+use accounts::{Accounts, Item};
 use context::*;
+
+pub use accounts::Budgets;
+pub use client::{Client, ClientWork};
 
 pub use ioas::{IoasMap, MapSource, ObjectId, ObjectKind};
 use nesting::*;
@@ -107,6 +124,12 @@ struct Registry {
     /// be emptied when its context closed (`None`: until the daemon
     /// restarts). See `service`.
     out_of_service: HashMap<GroupId, Option<ContextId>>,
+    /// Groups a client's thread is pinning private memory into, without
+    /// the context lock (see `private`): the context and how many such
+    /// maps are in flight. No other context may bind a device of the group
+    /// until they are settled, so a late map or its undo never reaches a
+    /// domain that has changed hands.
+    pinning: HashMap<GroupId, (ContextId, usize)>,
 }
 
 /// The IOASID engine. Share it as `Arc<Engine>`; every method takes `&self`.
@@ -118,6 +141,15 @@ pub struct Engine {
     registry: Mutex<Registry>,
     /// Budget of one table walk (see [`pgtable::walk`]).
     walk_limit: AtomicU64,
+    /// What each client process holds (a leaf lock: taken last).
+    accounts: Mutex<Accounts>,
+    /// Private memory is pinned by the client's own thread (else refused
+    /// with `EFAULT`, as before issue 14).
+    private_memory: AtomicBool,
+    /// Numbers of private-map reservations.
+    next_reservation: AtomicU64,
+    /// The engine itself, for work that runs after a reply.
+    me: Weak<Engine>,
     /// Last snapshots and counters, for status requests (see `snapshot`).
     board: snapshot::Board,
 }
@@ -197,7 +229,7 @@ fn ioasid_key(id: IoasidId) -> Option<usize> {
 impl Engine {
     /// An engine serving `devices` over `backend`. Fails with `EINVAL` when
     /// two devices share an id.
-    pub fn new(backend: Arc<dyn Backend>, devices: Vec<DeviceSpec>) -> Result<Self, Error> {
+    pub fn new(backend: Arc<dyn Backend>, devices: Vec<DeviceSpec>) -> Result<Arc<Self>, Error> {
         let mut table = BTreeMap::new();
         for d in devices {
             if let Some(old) = table.insert(d.id, d) {
@@ -207,15 +239,59 @@ impl Engine {
                 ));
             }
         }
-        Ok(Engine {
+        Ok(Arc::new_cyclic(|me| Engine {
             backend,
             devices: table,
             contexts: RwLock::new(HashMap::new()),
             next_context: AtomicU64::new(1),
             registry: Mutex::new(Registry::default()),
             walk_limit: AtomicU64::new(pgtable::DEFAULT_WALK_LIMIT),
+            accounts: Mutex::new(Accounts::default()),
+            private_memory: AtomicBool::new(true),
+            next_reservation: AtomicU64::new(1),
+            me: me.clone(),
             board: snapshot::Board::default(),
-        })
+        }))
+    }
+
+    /// Pin private memory (`MAP_PRIVATE`, anonymous, heap, stack) by the
+    /// client's own thread (the default), or refuse it with `EFAULT` and
+    /// advice to use shared memory (`false`: `--no-private-memory`).
+    pub fn set_private_memory(&self, enabled: bool) {
+        self.private_memory.store(enabled, Ordering::Relaxed);
+    }
+
+    /// Set what one client process may hold (default [`Budgets::default`]).
+    pub fn set_budgets(&self, budgets: Budgets) {
+        lock(&self.accounts).budgets = budgets;
+    }
+
+    /// Bytes of shared memory the daemon pins for process `pid`, each byte
+    /// once however often it is mapped (private memory is charged by the
+    /// kernel, to the process's own `locked_vm`).
+    pub fn pinned_bytes_of_process(&self, pid: Pid) -> u64 {
+        lock(&self.accounts).pinned(pid)
+    }
+
+    fn take_budget(&self, owner: Option<Pid>, item: Item, n: usize) -> Result<(), Error> {
+        match owner {
+            Some(pid) => lock(&self.accounts).take(pid, item, n),
+            None => Ok(()),
+        }
+    }
+
+    fn give_budget(&self, owner: Option<Pid>, item: Item, n: usize) {
+        if let Some(pid) = owner {
+            lock(&self.accounts).give(pid, item, n);
+        }
+    }
+
+    /// Give back what holding `alias` charged to process `charged`: its
+    /// bytes and its areas.
+    fn uncharge(&self, charged: Pid, alias: &Alias) {
+        let mut a = lock(&self.accounts);
+        a.uncharge(charged, &alias.segments);
+        a.give(charged, Item::Aliases, alias.segments.len());
     }
 
     /// The devices served, by id.
@@ -281,13 +357,27 @@ impl Engine {
             .ok_or_else(|| err(EINVAL, format!("no device with id {}", dev.0)))
     }
 
-    /// Open a new context (one open of `/dev/ioasid`).
+    /// Open a new context (one open of `/dev/ioasid`) that no client
+    /// process is charged with (tools and tests).
     pub fn open_context(&self) -> ContextId {
+        self.insert_context(None)
+    }
+
+    /// Open a new context for `client`'s process, which is charged with
+    /// it, its IOASIDs and its mappings (see [`Budgets`]): `EMFILE` past
+    /// its budget of files.
+    pub fn open_context_for(&self, client: &dyn Client) -> Result<ContextId, Error> {
+        let pid = client.pid()?;
+        lock(&self.accounts).take(pid, Item::Files, 1)?;
+        Ok(self.insert_context(Some(pid)))
+    }
+
+    fn insert_context(&self, owner: Option<Pid>) -> ContextId {
         let id = ContextId(self.next_context.fetch_add(1, Ordering::Relaxed));
         self.contexts
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, Arc::new(Mutex::new(Context::new(id))));
+            .insert(id, Arc::new(Mutex::new(Context::new(id, owner))));
         id
     }
 
@@ -347,15 +437,23 @@ impl Engine {
             }
         }
         closed.unbound = bound.into_keys().collect();
+        let owner = c.owner;
+        self.give_budget(owner, Item::Files, 1);
+        self.give_budget(owner, Item::Ioasids, c.ioasids.len());
+        self.give_budget(owner, Item::Mappings, c.mapping_count());
         for (_, ioasid) in std::mem::take(&mut c.ioasids) {
             for (_, m) in ioasid.mappings {
-                if let Memory::Own(alias) = m.memory {
+                if let Memory::Own { alias, charged } = m.memory {
+                    self.uncharge(charged, &alias);
                     self.backend.release_alias(&alias);
                 }
             }
         }
         for (_, r) in std::mem::take(&mut c.registrations) {
-            self.backend.release_alias(&r.alias);
+            if let Some((alias, charged)) = r.alias {
+                self.uncharge(charged, &alias);
+                self.backend.release_alias(&alias);
+            }
         }
         c.own_bytes = 0;
         c.registered_bytes = 0;

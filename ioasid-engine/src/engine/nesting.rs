@@ -65,11 +65,27 @@ impl Engine {
                     ),
                 ));
             }
+            if c.ioasid(parent)?
+                .mappings
+                .values()
+                .any(|m| m.memory.is_private())
+            {
+                return Err(err(
+                    EINVAL,
+                    format!(
+                        "IOASID {parent} maps private memory, pinned by the client's own thread; \
+                         a child's shadow is made of the daemon's aliases of its parent's memory, \
+                         so a parent must map shared memory only (memfd, shm, hugetlbfs, \
+                         MAP_SHARED)"
+                    ),
+                ));
+            }
             let entry = c.ioasids.vacant_entry();
             let id = u32::try_from(entry.key() + 1)
                 .ok()
                 .filter(|&i| i <= i32::MAX as u32)
                 .ok_or_else(|| err(ENOSPC, "no IOASID number left in this ioasid fd"))?;
+            self.take_budget(c.owner, Item::Ioasids, 1)?;
             entry.insert(Ioasid {
                 parent: Some(parent),
                 ..Ioasid::default()
@@ -133,6 +149,7 @@ impl Engine {
             }
             return Err(e);
         }
+        self.give_budget(c.owner, Item::Mappings, removed.len());
         Ok(removed.iter().map(|(_, m)| m.size).sum())
     }
 

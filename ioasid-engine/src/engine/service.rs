@@ -73,6 +73,14 @@ impl Engine {
     /// service, it is back, and when no group of the context is out of
     /// service any more, the aliases held meanwhile are released.
     pub(super) fn emptied(&self, c: &mut Context, group: GroupId) {
+        // The private pins it held went with it.
+        for (_, io) in c.ioasids.iter_mut() {
+            for m in io.mappings.values_mut() {
+                if let Memory::Private { pinned_in, .. } = &mut m.memory {
+                    pinned_in.retain(|g| *g != group);
+                }
+            }
+        }
         let was = {
             let mut reg = lock(&self.registry);
             match reg.out_of_service.get(&group) {

@@ -53,10 +53,7 @@ pub fn fixture() -> Fixture {
         ],
     )
     .expect("distinct ids");
-    Fixture {
-        fake,
-        engine: Arc::new(engine),
-    }
+    Fixture { fake, engine }
 }
 
 impl Fixture {
@@ -65,7 +62,7 @@ impl Fixture {
         let ctx = self.engine.open_context();
         let io = self.engine.alloc(ctx).unwrap();
         self.engine.bind(DEV_A, ctx).unwrap();
-        self.engine.attach(DEV_A, ctx, io, None).unwrap();
+        self.engine.attach(DEV_A, ctx, &PID, io, None).unwrap();
         (ctx, io)
     }
 
@@ -75,7 +72,7 @@ impl Fixture {
         let (ctx, io) = self.attached();
         for i in 0..3 {
             self.engine
-                .map_dma(ctx, PID, io, m(i * K4, MEM + i * K4, K4))
+                .map_dma(ctx, &PID, io, m(i * K4, MEM + i * K4, K4))
                 .unwrap();
         }
         self.engine.bind(DEV_B, ctx).unwrap();
