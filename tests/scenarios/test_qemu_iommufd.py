@@ -50,7 +50,7 @@ from cuse_ioasid.edu import EDU_DEVICE, EDU_VENDOR, Edu
 from cuse_ioasid.ioasid import IOASID_DAEMON_IDENTIFY
 from cuse_ioasid.iommufd import Iommufd, attach_pt, bind_iommufd, cdev_path
 from cuse_ioasid.pytest_plugin import Request
-from cuse_ioasid.qtest import Qemu, QtestError, find_functions, machine_args
+from cuse_ioasid.qtest import Qemu, find_functions, machine_args
 from cuse_ioasid.qtest_edu import BAR0_ADDR, PCI_BAR0, PCI_COMMAND, PCI_COMMAND_MASTER, \
     PCI_COMMAND_MEMORY, QtestEdu
 from harness.daemon import ALONE_1, LENGTH, SHARED_A, SHARED_B
@@ -285,30 +285,15 @@ def test_three_devices_dma_msi_reset_and_clean_exit(any_qemu, ioasid_daemon, tmp
     assert resets and {r.result for r in resets} == {"ok"}, resets
 
 
-class PrivateRamRefused(Exception):
-    """QEMU stopped at start-up because the daemon refused to map its
-    private RAM (IOMMU_IOAS_MAP answered EFAULT): today's limit."""
-
-
-def refused_maps(daemon) -> int:
-    return sum(1 for r in daemon.requests()
-               if r.command == "IOMMU_IOAS_MAP" and r.result == "EFAULT")
-
-
-@pytest.mark.xfail(raises=PrivateRamRefused, strict=True,
-                   reason="PRIVATE RAM: the daemon cannot pin QEMU's private anonymous RAM yet "
-                          "(issue 14); QEMU stops at its first failed map. Remove this mark "
-                          "once private memory is pinned.")
 def test_default_private_ram(qemu_binary, ioasid_daemon, tmp_path, request):
     """The same leg with QEMU's default memory (private anonymous RAM and
-    ROMs), one device. Fails today for one reason only: QEMU exits at
-    start-up after the daemon refused to map private memory (EFAULT); any
-    other failure is a real one."""
+    ROMs), one device: the daemon pins private memory through QEMU's own
+    thread (issue 14), so the guest-RAM round trip works without
+    share=on, and no map was refused."""
     args = ["-accel", "tcg", *machine_args(RAM_MB)]
-    before = refused_maps(ioasid_daemon)
-    try:
-        run_leg(qemu_binary, ioasid_daemon, [ALONE_1], tmp_path, request, args)
-    except QtestError as e:
-        if refused_maps(ioasid_daemon) > before:
-            raise PrivateRamRefused(str(e)) from e
-        raise
+    before = sum(1 for r in ioasid_daemon.requests()
+                 if r.command == "IOMMU_IOAS_MAP" and r.result == "EFAULT")
+    run_leg(qemu_binary, ioasid_daemon, [ALONE_1], tmp_path, request, args)
+    refused = [r for r in ioasid_daemon.requests()
+               if r.command == "IOMMU_IOAS_MAP" and r.result == "EFAULT"]
+    assert len(refused) == before, refused[before:]
