@@ -268,7 +268,10 @@ impl Workers {
                 .filter(|_| holding || st.readers.len() >= MIN_IDLE);
             let key = st.readers.insert(me);
             drop(st);
-            let since = Instant::now();
+            // The clock only for a thread that may leave: reading it is a
+            // system call where the clock source has no vDSO path (an
+            // emulated HPET), and every request would pay it.
+            let since = spare.map(|_| Instant::now());
             if let Some(t) = spare {
                 if let Err(e) = t.arm(self.config.idle_timeout) {
                     debug!(node = %self.name, error = %e, "cannot arm the idle timer");
@@ -283,7 +286,7 @@ impl Workers {
             let n = match received {
                 Received::Message(n) => n,
                 Received::Nothing => {
-                    let idle = spare.is_some() && since.elapsed() >= self.config.idle_timeout;
+                    let idle = since.is_some_and(|t| t.elapsed() >= self.config.idle_timeout);
                     if idle && !st.closed && st.readers.len() >= MIN_IDLE && !self.must_stay() {
                         debug!(node = %self.name, threads = st.threads - 1, "idle server thread leaves");
                         break;

@@ -9,12 +9,13 @@
 //! very pages the client sees.
 //!
 //! **Whole areas.** The daemon maps each client area whole rather than just
-//! the pages asked for: the mapping costs address space only (nothing is
-//! populated until the kernel pins it for DMA); one mapping then serves every
-//! later request inside the same area; and an area's start, length and file
-//! offset are already aligned to its page size, which hugetlbfs requires
-//! (the kernel also picks a huge-page aligned address for a hugetlbfs file
-//! when none is given).
+//! the pages asked for: the mapping costs address space only (only the
+//! pages asked for are populated, by the pin, or just before it with read
+//! faults when they are 64 KiB or more: see [`POPULATE_MIN`]); one mapping
+//! then serves every later request inside the same area; and an area's
+//! start, length and file offset are already aligned to its page size,
+//! which hugetlbfs requires (the kernel also picks a huge-page aligned
+//! address for a hugetlbfs file when none is given).
 //!
 //! **Cache key.** A daemon mapping is keyed by the *backing file and
 //! range*: (device, inode, file offset, length, writable) as the client's
@@ -35,7 +36,8 @@
 //! only under the key of an area the caller maps itself. An idle mapping
 //! pins nothing (VFIO pins only while DMA-mapped) but keeps its file alive,
 //! so the cache is bounded ([`IDLE_MAX_ENTRIES`], [`IDLE_MAX_BYTES`] of
-//! address space; least recently released goes first) and emptied by
+//! address space; least recently released goes first, unmapped on a thread
+//! of its own after the release that evicted it) and emptied by
 //! [`ClientMemory::trim`] (the engine asks for it whenever an IOASID
 //! context closes), by [`ClientMemory::clear`] and on drop.
 //!
@@ -49,28 +51,37 @@
 //! - it identifies what it opened by the fd (`fstat`: device *and* inode,
 //!   as the maps listed them; an inode number alone repeats across file
 //!   systems);
-//! - after mapping, it re-reads the maps and checks that the client still
-//!   maps that very file at that place with that access (bounds, offset,
-//!   device, inode, protection).
+//! - after mapping, it asks the maps again, on the descriptor it read them
+//!   from first (bound to the client's memory map, not to a pid that could
+//!   be reused), and checks that the client still maps that very file at
+//!   that place with that access (bounds, offset, device, inode,
+//!   protection).
 //!
 //! Otherwise it starts over (a few times, then `EAGAIN`). Registrations,
 //! page-table walks and the reads through `/proc/self/mem` all go through
 //! these aliases, so the same checks hold for them.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+mod table;
+
+use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use std::os::fd::BorrowedFd;
 
-use ioasid_engine::backend::{slice_alias, Alias, Pid, ProcessMemory, Prot, Resolved, Segment};
+use ioasid_engine::backend::{
+    slice_alias, Alias, Pid, ProcessMemory, Prot, Resolved, Segment, Segments,
+};
 use nix::errno::Errno;
 
 use crate::error::{proc_error, Context, Error, Result};
 use crate::maps::{areas_covering, Vma};
 use crate::sys::SharedMapping;
+use crate::unmapper::Unmapper;
+use table::{Key, Table};
 
 /// How many times an alias is retried when the client's map changes under it.
 const ATTEMPTS: usize = 4;
@@ -81,38 +92,6 @@ pub const IDLE_MAX_ENTRIES: usize = 64;
 /// How much address space idle daemon mappings may cover in total; a
 /// released mapping larger than this is unmapped at once.
 pub const IDLE_MAX_BYTES: u64 = 4 << 30;
-
-/// Identity of a daemon mapping: which pages of which file, and whether
-/// writable.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct Key {
-    dev_major: u32,
-    dev_minor: u32,
-    inode: u64,
-    offset: u64,
-    len: u64,
-    write: bool,
-}
-
-impl Key {
-    fn of(vma: &Vma) -> Self {
-        Key {
-            dev_major: vma.dev_major,
-            dev_minor: vma.dev_minor,
-            inode: vma.inode,
-            offset: vma.offset,
-            len: vma.end - vma.start,
-            write: vma.write,
-        }
-    }
-}
-
-/// A daemon mapping; idle when `refs` is 0.
-#[derive(Debug)]
-struct Entry {
-    mapping: SharedMapping,
-    refs: usize,
-}
 
 /// The bounds of the idle cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,34 +111,11 @@ impl Default for IdleLimits {
     }
 }
 
-#[derive(Debug, Default)]
-struct Table {
-    /// Every daemon mapping, in use or idle.
-    entries: HashMap<Key, Entry>,
-    /// The same mappings by daemon address: a released alias names its
-    /// mappings by the addresses of its segments, so of each alias only
-    /// its token is kept (below), not the list of its mappings.
-    by_addr: BTreeMap<usize, Key>,
-    /// The tokens of the aliases handed out and not yet released (8 bytes
-    /// an alias: a second release of one is ignored, not a second put).
-    live: HashSet<u64>,
-    next_token: u64,
-    /// The idle entries' keys, least recently released first.
-    idle: Vec<Key>,
-    /// Bytes of address space of the idle entries.
-    idle_bytes: u64,
-    limits: IdleLimits,
-    /// Mappings taken out of the table and not yet unmapped: `munmap` of
-    /// a large populated mapping takes a while, so they are unmapped only
-    /// once the table is unlocked ([`TableGuard`]), never while another
-    /// client waits for the table.
-    doomed: Vec<SharedMapping>,
-}
-
-/// The locked table. Mappings removed while it was held are unmapped
-/// after it is unlocked.
+/// The locked table. Mappings removed while it was held are handed to the
+/// unmapping thread after it is unlocked.
 struct TableGuard<'a> {
     table: Option<std::sync::MutexGuard<'a, Table>>,
+    unmapper: &'a Unmapper,
 }
 
 impl std::ops::Deref for TableGuard<'_> {
@@ -179,95 +135,8 @@ impl Drop for TableGuard<'_> {
     fn drop(&mut self) {
         let doomed = self.table.as_mut().map(|t| std::mem::take(&mut t.doomed));
         drop(self.table.take());
-        drop(doomed);
-    }
-}
-
-impl Table {
-    /// Take a reference on `key`'s mapping if there is one (reviving it if
-    /// idle); its address.
-    fn get(&mut self, key: &Key) -> Option<usize> {
-        let entry = self.entries.get_mut(key)?;
-        if entry.refs == 0 {
-            if let Some(i) = self.idle.iter().position(|k| k == key) {
-                self.idle.remove(i);
-                self.idle_bytes -= key.len;
-            }
-        }
-        entry.refs += 1;
-        Some(entry.mapping.addr())
-    }
-
-    /// Add a new mapping with one reference; its address.
-    fn insert(&mut self, key: Key, mapping: SharedMapping) -> usize {
-        let addr = mapping.addr();
-        self.by_addr.insert(addr, key);
-        self.entries.insert(key, Entry { mapping, refs: 1 });
-        addr
-    }
-
-    /// Forget `key`'s mapping; it is unmapped once the table is unlocked.
-    fn remove(&mut self, key: &Key) {
-        if let Some(entry) = self.entries.remove(key) {
-            self.by_addr.remove(&entry.mapping.addr());
-            self.doomed.push(entry.mapping);
-        }
-    }
-
-    /// The key of the mapping containing daemon address `addr`.
-    fn key_at(&self, addr: u64) -> Option<Key> {
-        let addr = usize::try_from(addr).ok()?;
-        let (&start, key) = self.by_addr.range(..=addr).next_back()?;
-        (addr < start + key.len as usize).then_some(*key)
-    }
-
-    /// Drop a reference on `key`'s mapping; the last one makes it idle,
-    /// which may evict older idle mappings (or this one) to stay within
-    /// the limits.
-    fn put(&mut self, key: &Key) {
-        let Some(entry) = self.entries.get_mut(key) else {
-            return;
-        };
-        entry.refs -= 1;
-        if entry.refs == 0 {
-            if key.len > self.limits.bytes || self.limits.entries == 0 {
-                // It could never stay: unmap it without displacing others.
-                self.remove(key);
-                return;
-            }
-            self.idle.push(*key);
-            self.idle_bytes += key.len;
-            self.evict();
-        }
-    }
-
-    /// Unmap least recently released idle mappings until within the limits.
-    fn evict(&mut self) {
-        while !self.idle.is_empty()
-            && (self.idle.len() > self.limits.entries || self.idle_bytes > self.limits.bytes)
-        {
-            let key = self.idle.remove(0);
-            self.idle_bytes -= key.len;
-            self.remove(&key);
-        }
-    }
-
-    /// Unmap every idle mapping.
-    fn trim(&mut self) {
-        for key in std::mem::take(&mut self.idle) {
-            self.remove(&key);
-        }
-        self.idle_bytes = 0;
-    }
-
-    /// A new alias of these segments (each holding one reference).
-    fn hand_out(&mut self, segments: Vec<Segment>) -> Alias {
-        let token = self.next_token;
-        self.next_token += 1;
-        self.live.insert(token);
-        Alias {
-            token,
-            segments: segments.into(),
+        if let Some(doomed) = doomed {
+            self.unmapper.unmap(doomed);
         }
     }
 }
@@ -293,6 +162,7 @@ impl From<Error> for Attempt {
 pub struct ClientMemory {
     proc_root: PathBuf,
     table: Mutex<Table>,
+    unmapper: Unmapper,
 }
 
 impl Default for ClientMemory {
@@ -317,10 +187,8 @@ impl ClientMemory {
     pub fn with_limits(proc_root: impl Into<PathBuf>, limits: IdleLimits) -> Self {
         ClientMemory {
             proc_root: proc_root.into(),
-            table: Mutex::new(Table {
-                limits,
-                ..Table::default()
-            }),
+            table: Mutex::new(Table::new(limits)),
+            unmapper: Unmapper::default(),
         }
     }
 
@@ -329,21 +197,16 @@ impl ClientMemory {
         // change is a single insert/remove), so poisoning is ignored.
         TableGuard {
             table: Some(self.table.lock().unwrap_or_else(|p| p.into_inner())),
+            unmapper: &self.unmapper,
         }
     }
 
-    /// The areas of process `pid` covering `[start, end)`, as its maps
-    /// show them now.
-    fn areas(&self, pid: Pid, start: u64, end: u64) -> Result<Vec<Vma>> {
+    /// Open process `pid`'s memory map. The descriptor stays bound to the
+    /// memory map (the `mm`) of the process it was opened on, so one open
+    /// serves the reads before and after an alias is made.
+    fn open_maps(&self, pid: Pid) -> Result<File> {
         let path = format!("{}/{pid}/maps", self.proc_root.display());
-        let maps = std::fs::File::open(&path)
-            .map_err(|e| proc_error(&e, format!("cannot open {path}")))?;
-        areas_covering(&maps, start, end).map_err(|e| {
-            Error::new(
-                e.errno,
-                format!("process {pid}: {}; cannot map it for DMA", e.message),
-            )
-        })
+        File::open(&path).map_err(|e| proc_error(&e, format!("cannot open {path}")))
     }
 
     /// Make `[vaddr, vaddr + size)` of process `pid` addressable by this
@@ -395,7 +258,8 @@ impl ClientMemory {
     /// add them: reading the client's map, opening `map_files` and `mmap`
     /// run unlocked, so clients do not wait for each other's `/proc`.
     fn try_alias(&self, pid: Pid, vaddr: u64, end: u64) -> std::result::Result<Alias, Attempt> {
-        let areas = self.areas(pid, vaddr, end)?;
+        let maps = self.open_maps(pid)?;
+        let areas = areas(&maps, pid, vaddr, end)?;
         for vma in &areas {
             // The message tells the user what to do; the front end logs it,
             // within the client's log budget.
@@ -412,13 +276,16 @@ impl ClientMemory {
             if addr.is_some() {
                 continue;
             }
-            match self.map_area(pid, vma) {
-                Ok(mapping) => made.push(mapping),
+            match self.map_area(pid, &maps, vma) {
+                Ok(mapping) => {
+                    populate(&mapping, vma, vaddr, end);
+                    made.push(mapping)
+                }
                 Err(e) => {
                     let mut table = self.lock();
                     for (vma, addr) in areas.iter().zip(&found) {
                         if addr.is_some() {
-                            table.put(&Key::of(vma));
+                            table.put_key(&Key::of(vma));
                         }
                     }
                     return Err(e);
@@ -429,7 +296,7 @@ impl ClientMemory {
         let mut made = made.into_iter();
         let mut duplicates = Vec::new();
         let mut table = self.lock();
-        let segments = areas
+        let segments: Segments = areas
             .iter()
             .zip(found)
             .map(|(vma, addr)| {
@@ -461,8 +328,14 @@ impl ClientMemory {
         Ok(alias)
     }
 
-    /// Open the area through `map_files` and map it here.
-    fn map_area(&self, pid: Pid, vma: &Vma) -> std::result::Result<SharedMapping, Attempt> {
+    /// Open the area through `map_files` and map it here; `maps` is the
+    /// client's memory map, opened by [`ClientMemory::open_maps`].
+    fn map_area(
+        &self,
+        pid: Pid,
+        maps: &File,
+        vma: &Vma,
+    ) -> std::result::Result<SharedMapping, Attempt> {
         let path = self
             .proc_root
             .join(pid.to_string())
@@ -512,8 +385,10 @@ impl ClientMemory {
         drop(file);
 
         // The area must still be the one we opened and mapped: the client
-        // maps this very file, with this access, at this place, now.
-        let now = self.areas(pid, vma.start, vma.end)?;
+        // maps this very file, with this access, at this place, now. Asked
+        // on the descriptor the areas were first read from: the same memory
+        // map, without a second open (and its access check).
+        let now = areas(maps, pid, vma.start, vma.end)?;
         if now.as_slice() != std::slice::from_ref(vma) {
             return Err(Attempt::Changed);
         }
@@ -625,15 +500,16 @@ impl ClientMemory {
         if !table.live.contains(&alias.token) {
             return Err(Error::new(Errno::EINVAL, "sharing a released alias"));
         }
-        let keys: Option<Vec<Key>> = segments
+        if !segments
             .iter()
-            .map(|s| table.key_at(s.daemon_vaddr))
-            .collect();
-        let keys = keys.ok_or_else(|| Error::new(Errno::EINVAL, "alias segment in no mapping"))?;
-        for key in &keys {
-            table.get(key);
+            .all(|s| table.writable(s.daemon_vaddr, s.len).is_some())
+        {
+            return Err(Error::new(Errno::EINVAL, "alias segment in no mapping"));
         }
-        Ok(table.hand_out(segments.to_vec()))
+        for s in &segments {
+            table.get_at(s.daemon_vaddr);
+        }
+        Ok(table.hand_out(segments))
     }
 
     /// Give back an alias; the daemon mappings it held become idle when no
@@ -645,13 +521,12 @@ impl ClientMemory {
             return;
         }
         for seg in &alias.segments {
-            match table.key_at(seg.daemon_vaddr) {
-                Some(key) => table.put(&key),
-                None => tracing::error!(
+            if !table.put_at(seg.daemon_vaddr) {
+                tracing::error!(
                     token = alias.token,
                     daemon_vaddr = seg.daemon_vaddr,
                     "released alias segment is in no daemon mapping"
-                ),
+                );
             }
         }
     }
@@ -661,17 +536,12 @@ impl ClientMemory {
     /// memory that the client itself mapped writable (`EFAULT` otherwise,
     /// as VFIO answers a write mapping of read-only memory).
     pub fn check_access(&self, addr: u64, len: u64, prot: Prot) -> Result<()> {
-        let table = self.lock();
-        let inside = table.key_at(addr).filter(|key| {
-            let start = table.entries[key].mapping.addr() as u64;
-            addr + len <= start + key.len
-        });
-        match inside {
+        match self.lock().writable(addr, len) {
             None => Err(Error::new(
                 Errno::EFAULT,
                 format!("{addr:#x}+{len:#x} is not client memory aliased by the daemon"),
             )),
-            Some(key) if prot.write && !key.write => Err(Error::new(
+            Some(false) if prot.write => Err(Error::new(
                 Errno::EFAULT,
                 "the client maps this memory read-only, so a device may only read it: \
                  map it without the WRITE flag, or map it writable in the client first",
@@ -680,39 +550,85 @@ impl ClientMemory {
         }
     }
 
-    /// Unmap every idle mapping (those in use stay).
+    /// Unmap every idle mapping (those in use stay), and wait until the
+    /// mappings let go of earlier are unmapped too.
     pub fn trim(&self) {
         self.lock().trim();
+        self.settle();
+    }
+
+    /// Wait until every mapping the table has let go of (evicted from the
+    /// idle cache, or too large to stay in it) is unmapped: that happens on
+    /// a thread of its own, after the release that let it go.
+    pub fn settle(&self) {
+        self.unmapper.settle();
     }
 
     /// Drop every alias and unmap everything (outstanding tokens become
     /// unknown).
     pub fn clear(&self) {
-        let mut table = self.lock();
-        table.live.clear();
-        table.idle.clear();
-        table.idle_bytes = 0;
-        table.by_addr.clear();
-        let all: Vec<SharedMapping> = table.entries.drain().map(|(_, e)| e.mapping).collect();
-        table.doomed.extend(all);
+        self.lock().clear();
+        self.settle();
     }
 
     /// How many daemon mappings exist, in use or idle.
     pub fn mapping_count(&self) -> usize {
-        self.lock().entries.len()
+        self.lock().len()
     }
 
     /// How many of them are idle, and how many bytes of address space
     /// those cover.
     pub fn idle(&self) -> (usize, u64) {
-        let table = self.lock();
-        (table.idle.len(), table.idle_bytes)
+        self.lock().idle()
     }
 
     /// How many aliases are outstanding (not yet released).
     pub fn alias_count(&self) -> usize {
         self.lock().live.len()
     }
+}
+
+/// The smallest part of a fresh alias worth populating before its pin: a
+/// fault-around window (below it the call costs more than the faults it
+/// saves).
+const POPULATE_MIN: u64 = 64 << 10;
+
+/// Set once `MADV_POPULATE_READ` answered `EINVAL`: the kernel predates it.
+static NO_POPULATE: AtomicBool = AtomicBool::new(false);
+
+/// Fill the page tables of the part of the fresh `mapping` of `vma` that
+/// `[vaddr, end)` (a client range) covers, when it is large enough: the
+/// pin that follows then finds them filled instead of faulting every page
+/// into the new mapping. Best effort: on a kernel without
+/// `MADV_POPULATE_READ`, or if it fails, the pin faults the pages in (and
+/// reports what is wrong with them).
+fn populate(mapping: &SharedMapping, vma: &Vma, vaddr: u64, end: u64) {
+    let (start, stop) = (vaddr.max(vma.start), end.min(vma.end));
+    if stop - start < POPULATE_MIN || NO_POPULATE.load(Ordering::Relaxed) {
+        return;
+    }
+    let (Ok(offset), Ok(len)) = (
+        usize::try_from(start - vma.start),
+        usize::try_from(stop - start),
+    ) else {
+        return;
+    };
+    match mapping.populate_read(offset, len) {
+        Ok(()) => {}
+        Err(Errno::EINVAL) => NO_POPULATE.store(true, Ordering::Relaxed),
+        Err(errno) => tracing::debug!(%errno, "MADV_POPULATE_READ of a fresh alias failed"),
+    }
+}
+
+/// The areas covering `[start, end)` of process `pid`, as its memory map
+/// `maps` shows them now.
+fn areas(maps: &File, pid: Pid, start: u64, end: u64) -> Result<Vec<Vma>> {
+    areas_covering(maps, start, end).map_err(|e| {
+        Error::new(
+            e.errno,
+            format!("process {pid}: {}; cannot map it for DMA", e.message),
+        )
+    })
 }
 
 fn check_shareable(pid: Pid, vma: &Vma) -> std::result::Result<(), Attempt> {
@@ -885,6 +801,52 @@ mod tests {
         assert!(!self_maps_has(seg.daemon_vaddr, &file), "trim must unmap");
     }
 
+    /// The resident pages (`Rss:` of `/proc/self/smaps`, in KiB) of this
+    /// process's area starting at `start`.
+    fn own_rss_kib(start: u64) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let head = format!("{start:x}-");
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&head));
+        assert!(lines.next().is_some(), "no area at {start:#x}");
+        lines
+            .find_map(|l| l.strip_prefix("Rss:"))
+            .unwrap()
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_fresh_alias_of_64_kib_or_more_is_populated_before_its_pin() {
+        if !is_root() {
+            eprintln!("skipped: needs root (map_files)");
+            return;
+        }
+        let (file, client) = client_memfd(256);
+        for page in 0..256 {
+            file.write_all_at(b"p", (page * PAGE) as u64).unwrap();
+        }
+        let base = client.addr() as u64;
+        let cm = ClientMemory::new();
+        // 512 KiB from 256 KiB in: those page-table entries are filled, the
+        // rest of the area's not beyond a fault-around window (64 KiB,
+        // aligned to the daemon's addresses) on either side.
+        let a = cm
+            .alias(pid(), base + 64 * PAGE as u64, 128 * PAGE as u64)
+            .unwrap();
+        let area = a.segments[0].daemon_vaddr - 64 * PAGE as u64;
+        let rss = own_rss_kib(area);
+        assert!((512..=512 + 128).contains(&rss), "{rss} KiB resident");
+        cm.release(&a);
+        cm.trim();
+        // A 4 KiB alias is left to the pin.
+        let b = cm.alias(pid(), base, PAGE as u64).unwrap();
+        assert_eq!(own_rss_kib(b.segments[0].daemon_vaddr), 0);
+        cm.release(&b);
+    }
+
     #[test]
     fn aliases_of_one_area_share_a_mapping_until_the_last_release() {
         if !is_root() {
@@ -1034,9 +996,18 @@ mod tests {
             .unwrap();
         assert_eq!(again.segments[0].daemon_vaddr, addr(0));
         cm.release(&again);
+        // The evicted mapping is unmapped by the unmapping thread, after
+        // the release returned: held up here, it is still mapped.
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        cm.unmapper.run_there(move || {
+            let _ = wait.recv();
+        });
         cm.release(&aliases[2]);
         assert_eq!(cm.idle(), (2, 2 * PAGE as u64));
         assert_eq!(cm.mapping_count(), 2);
+        assert!(mapped(1), "unmapped on the releasing thread");
+        drop(go);
+        cm.settle();
         assert!(!mapped(1), "the least recently released is unmapped");
         assert!(mapped(0) && mapped(2));
         cm.clear();
@@ -1067,11 +1038,13 @@ mod tests {
         // Two 2-page areas exceed 3 pages: the older goes.
         cm.release(&a2);
         assert_eq!(cm.idle(), (1, 2 * PAGE as u64));
+        cm.settle();
         assert!(!self_maps_has(d(&a1), &f1));
         assert!(self_maps_has(d(&a2), &f2));
         // An area larger than the whole budget is unmapped at once, and
         // displaces nothing.
         cm.release(&a3);
+        cm.settle();
         assert!(!self_maps_has(d(&a3), &f3));
         assert_eq!(cm.idle(), (1, 2 * PAGE as u64));
         assert!(self_maps_has(d(&a2), &f2));

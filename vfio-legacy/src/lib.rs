@@ -26,6 +26,7 @@ mod legacy;
 pub mod maps;
 pub mod region_info;
 mod sys;
+mod unmapper;
 
 pub use alias::ClientMemory;
 pub use device::{Dependent, DeviceFile, VfioArg, VfioDevice};

@@ -8,7 +8,6 @@
 //! process (about 0.1 ms for a small program under emulation).
 
 use std::fs::File;
-use std::io::Read;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -147,28 +146,62 @@ pub fn covering(vmas: &[Vma], start: u64, end: u64) -> Result<Vec<&Vma>> {
 /// The items (areas as `(start, end, item)`, ascending) covering
 /// `[start, end)`; the iterator is not consumed past the last one needed.
 fn cover<T>(items: impl Iterator<Item = (u64, u64, T)>, start: u64, end: u64) -> Result<Vec<T>> {
-    let mut out = Vec::new();
-    let mut at = start;
+    let mut c = Cover::new(start, end);
     for (s, e, item) in items {
-        if at >= end {
+        if !c.offer(s, e, || Ok(item))? {
             break;
         }
-        if e <= at {
-            continue;
-        }
-        if s > at {
-            break;
-        }
-        out.push(item);
-        at = e;
     }
-    if at < end {
-        return Err(Error::new(
-            Errno::EFAULT,
-            format!("address {at:#x} (in {start:#x}..{end:#x}) is not mapped"),
-        ));
+    c.finish()
+}
+
+/// The areas covering `[start, end)`, gathered from areas offered one by
+/// one in ascending order; says when no later area can matter.
+struct Cover<T> {
+    start: u64,
+    end: u64,
+    /// Covered up to here.
+    at: u64,
+    out: Vec<T>,
+}
+
+impl<T> Cover<T> {
+    fn new(start: u64, end: u64) -> Self {
+        Cover {
+            start,
+            end,
+            at: start,
+            out: Vec::new(),
+        }
     }
-    Ok(out)
+
+    /// Offer the area `[s, e)`; `make` gives its item if it covers part of
+    /// the range. `false` once the range is covered or a gap was met: no
+    /// later area matters.
+    fn offer(&mut self, s: u64, e: u64, make: impl FnOnce() -> Result<T>) -> Result<bool> {
+        if self.at >= self.end || s > self.at {
+            return Ok(false);
+        }
+        if e > self.at {
+            self.out.push(make()?);
+            self.at = e;
+        }
+        Ok(self.at < self.end)
+    }
+
+    /// The covering items; `EFAULT` if a byte of the range is not mapped.
+    fn finish(self) -> Result<Vec<T>> {
+        if self.at < self.end {
+            return Err(Error::new(
+                Errno::EFAULT,
+                format!(
+                    "address {:#x} (in {:#x}..{:#x}) is not mapped",
+                    self.at, self.start, self.end
+                ),
+            ));
+        }
+        Ok(self.out)
+    }
 }
 
 /// The address range at the start of a maps line (`"start-end ..."`).
@@ -195,57 +228,90 @@ pub fn areas_covering(maps: &File, start: u64, end: u64) -> Result<Vec<Vma>> {
     text_covering(maps, start, end)
 }
 
-/// [`areas_covering`] from the text of the whole file: read in one go
-/// (no `fstat` for a size, which procfs does not know), only the lines of
-/// the covering areas parsed whole.
-fn text_covering(mut maps: &File, start: u64, end: u64) -> Result<Vec<Vma>> {
+/// The first read of the maps text asks for this much; each further one
+/// for twice as much, up to [`TEXT_CHUNK_MAX`].
+const TEXT_CHUNK: usize = 4096;
+const TEXT_CHUNK_MAX: usize = 64 * 1024;
+
+/// [`areas_covering`] from the text, read from its start (wherever an
+/// earlier read left the descriptor, so one open file answers several
+/// times) in chunks, and only as far as the range needs: the lines are in
+/// address order, so the read stops at the line that completes the range
+/// or at the first one past a gap. The kernel writes a line per area for
+/// what is read, and a new buffer is usually the lowest mapping of its
+/// process, a few lines in. Only the covering lines are parsed whole.
+fn text_covering(maps: &File, start: u64, end: u64) -> Result<Vec<Vma>> {
+    use std::os::unix::fs::FileExt;
     thread_local! {
-        /// Each thread's buffer for the text, kept between calls.
-        static TEXT: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 64 * 1024]);
+        /// Each thread's buffer: the chunk read and the unfinished line
+        /// carried over from the last one; as large as the longest line
+        /// needs, whatever the length of the text.
+        static TEXT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    TEXT.with_borrow_mut(|text| {
-        let mut len = 0;
+    TEXT.with_borrow_mut(|buf| {
+        buf.clear();
+        let mut cover = Cover::new(start, end);
+        let (mut pos, mut chunk) = (0u64, TEXT_CHUNK);
         loop {
-            if len == text.len() {
-                text.resize(2 * len, 0);
+            let kept = buf.len();
+            buf.resize(kept + chunk, 0);
+            let n = loop {
+                match maps.read_at(&mut buf[kept..], pos) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(proc_error(&e, "cannot read the maps file")),
+                }
+            };
+            buf.truncate(kept + n);
+            pos += n as u64;
+            chunk = (2 * chunk).min(TEXT_CHUNK_MAX);
+            // The whole lines read so far (all of it at the end).
+            let whole = if n == 0 {
+                buf.len()
+            } else {
+                buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)
+            };
+            for line in buf[..whole]
+                .split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty())
+            {
+                if !offer_line(&mut cover, line)? {
+                    return cover.finish();
+                }
             }
-            match maps.read(&mut text[len..]) {
-                Ok(0) => break,
-                Ok(n) => len += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(proc_error(&e, "cannot read the maps file")),
+            if n == 0 {
+                return cover.finish();
             }
+            buf.drain(..whole);
         }
-        covering_lines(&text[..len], start, end)
     })
 }
 
-/// The covering areas of a maps text.
-fn covering_lines(text: &[u8], start: u64, end: u64) -> Result<Vec<Vma>> {
-    let lines = text.split(|&b| b == b'\n').filter(|l| !l.is_empty());
-    let mut bad = None;
-    let ranged = lines.map_while(|l| match line_range(l) {
-        Some((s, e)) => Some((s, e, l)),
-        None => {
-            bad = Some(String::from_utf8_lossy(l).into_owned());
-            None
-        }
-    });
-    let found = cover(ranged, start, end);
-    if let Some(line) = bad {
-        return Err(Error::new(
+/// Offer one maps line to `cover`, parsed whole only if it covers part of
+/// the range; `EIO` for a line that is not one.
+fn offer_line(cover: &mut Cover<Vma>, line: &[u8]) -> Result<bool> {
+    let bad = || {
+        Error::new(
             Errno::EIO,
-            format!("unparsable maps line {line:?}"),
-        ));
+            format!("unparsable maps line {:?}", String::from_utf8_lossy(line)),
+        )
+    };
+    let (s, e) = line_range(line).ok_or_else(bad)?;
+    cover.offer(s, e, || {
+        parse_maps_line(&String::from_utf8_lossy(line)).ok_or_else(bad)
+    })
+}
+
+/// The covering areas of a whole maps text.
+#[cfg(test)]
+fn covering_lines(text: &[u8], start: u64, end: u64) -> Result<Vec<Vma>> {
+    let mut cover = Cover::new(start, end);
+    for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        if !offer_line(&mut cover, line)? {
+            break;
+        }
     }
-    found?
-        .into_iter()
-        .map(|l| {
-            let l = String::from_utf8_lossy(l);
-            parse_maps_line(&l)
-                .ok_or_else(|| Error::new(Errno::EIO, format!("unparsable maps line {l:?}")))
-        })
-        .collect()
+    cover.finish()
 }
 
 /// [`areas_covering`] with `PROCMAP_QUERY`, one ioctl per area.
@@ -450,6 +516,58 @@ mod tests {
         unsafe { munmap(p, 3 * PAGE as usize) }.unwrap();
     }
 
+    /// One open maps file answers again, from its start and as the map is
+    /// now: the check after an alias is made asks the descriptor the
+    /// areas were first read from.
+    #[test]
+    fn one_open_maps_file_answers_again_as_the_map_is_now() {
+        use nix::sys::mman::{mmap, mprotect, munmap, MapFlags, ProtFlags};
+        use std::num::NonZeroUsize;
+        const PAGE: u64 = 4096;
+        let fd =
+            nix::sys::memfd::memfd_create("maps-again", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .unwrap();
+        let file = File::from(fd);
+        file.set_len(2 * PAGE).unwrap();
+        // SAFETY: a new shared mapping at an address the kernel picks; only
+        // its address is used, never a reference into it.
+        let p = unsafe {
+            mmap(
+                None,
+                NonZeroUsize::new(2 * PAGE as usize).unwrap(),
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                &file,
+                0,
+            )
+        }
+        .unwrap();
+        let base = p.as_ptr() as u64;
+        let maps = File::open("/proc/self/maps").unwrap();
+        for ask in [text_covering, areas_covering] {
+            let first = ask(&maps, base, base + 2 * PAGE).unwrap();
+            assert_eq!(first.len(), 1);
+            assert_eq!((first[0].start, first[0].end), (base, base + 2 * PAGE));
+            assert_eq!(ask(&maps, base, base + 2 * PAGE).unwrap(), first);
+        }
+        // SAFETY: page 1 of our own mapping, no reference into it.
+        unsafe {
+            mprotect(
+                p.byte_add(PAGE as usize),
+                PAGE as usize,
+                ProtFlags::PROT_READ,
+            )
+        }
+        .unwrap();
+        for ask in [text_covering, areas_covering] {
+            let now = ask(&maps, base, base + 2 * PAGE).unwrap();
+            assert_eq!(now.len(), 2, "the split shows through the same descriptor");
+            assert_eq!((now[1].start, now[1].write), (base + PAGE, false));
+        }
+        // SAFETY: the mapping made above.
+        unsafe { munmap(p, 2 * PAGE as usize) }.unwrap();
+    }
+
     /// A name longer than the first buffer (the longest memfd name, shown
     /// as "/memfd:NAME (deleted)") comes back whole.
     #[test]
@@ -486,6 +604,88 @@ mod tests {
         }
         // SAFETY: the mapping made above.
         unsafe { munmap(p, 4096) }.unwrap();
+    }
+
+    /// A maps text of `n` one-page areas from 0x10000 up, one page apart,
+    /// with a `long` path on area `long_at`, in a file.
+    fn long_maps_text(name: &str, n: u64, long_at: u64) -> (std::path::PathBuf, File) {
+        use std::fmt::Write;
+        let mut text = String::new();
+        for i in 0..n {
+            let start = 0x10000 + 2 * i * 4096;
+            let path = if i == long_at {
+                format!("/srv/{}", "x".repeat(5000))
+            } else {
+                format!("/memfd:buffer {i} (deleted)")
+            };
+            writeln!(
+                text,
+                "{start:08x}-{:08x} rw-s {:08x} 00:01 {}                  {path}",
+                start + 4096,
+                i * 4096,
+                1000 + i
+            )
+            .unwrap();
+        }
+        let path = std::env::temp_dir().join(format!("maps-{name}-{}", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        let file = File::open(&path).unwrap();
+        (path, file)
+    }
+
+    /// Bytes this thread has read with read(2) and its kind so far.
+    fn thread_rchar() -> u64 {
+        let io = std::fs::read_to_string("/proc/thread-self/io").unwrap();
+        io.lines()
+            .find_map(|l| l.strip_prefix("rchar: "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// The text is read only as far as the range needs: an area a few
+    /// lines into a text of 20,000 costs a chunk, not the whole text.
+    #[test]
+    fn the_text_is_read_only_up_to_the_range() {
+        let (path, maps) = long_maps_text("early", 20_000, u64::MAX);
+        let whole = std::fs::metadata(&path).unwrap().len();
+        assert!(whole > 1 << 20);
+        let area = 0x10000 + 2 * 5 * 4096;
+        let before = thread_rchar();
+        let found = text_covering(&maps, area, area + 4096).unwrap();
+        let read = thread_rchar() - before;
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].start, found[0].inode), (area, 1005));
+        // The read of /proc/thread-self/io itself counts too (a few hundred
+        // bytes); the whole text is over a megabyte.
+        assert!(read < 2 * TEXT_CHUNK as u64, "read {read} of {whole} bytes");
+        // A gap stops the read as early: the page between two areas.
+        let before = thread_rchar();
+        let e = text_covering(&maps, area + 4096, area + 8192).unwrap_err();
+        assert_eq!(e.errno, Errno::EFAULT);
+        assert!(thread_rchar() - before < 2 * TEXT_CHUNK as u64);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// Lines cut by the chunks, and a line longer than a chunk, come
+    /// whole; an area at the very end is found; a range past the last line
+    /// is EFAULT.
+    #[test]
+    fn the_text_read_in_chunks_finds_every_line_whole() {
+        let n = 3000;
+        let (path, maps) = long_maps_text("chunks", n, 1500);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let all = parse_maps(&text).unwrap();
+        for i in [0, 1, 57, 1499, 1500, 1501, 2222, n - 1] {
+            let area = &all[i as usize];
+            let found = text_covering(&maps, area.start, area.end).unwrap();
+            assert_eq!(found, vec![area.clone()], "area {i}");
+        }
+        assert!(all[1500].path.len() > TEXT_CHUNK);
+        let past = all.last().unwrap().end + 4096;
+        let e = text_covering(&maps, past, past + 4096).unwrap_err();
+        assert_eq!(e.errno, Errno::EFAULT);
+        std::fs::remove_file(path).unwrap();
     }
 
     #[test]

@@ -169,3 +169,35 @@ fn the_listed_file_writable_is_aliased_writable() {
     );
     memory.release(&alias);
 }
+
+/// A fresh alias opens the client's maps once: the check after mapping
+/// asks the descriptor the areas were read from, and `map_files` is opened
+/// once too.
+#[test]
+fn a_fresh_alias_opens_the_clients_maps_once() {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let p = FakeProc::new("one-open");
+    let file = p.file("own", b'O');
+    let (major, minor, ino) = dev_of(&file);
+    p.client_maps("rw-s", (major, minor), ino, &file);
+    let watch = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).unwrap();
+    let maps = p.dir.join(format!("proc/{PID}/maps"));
+    let maps_wd = watch
+        .add_watch(&maps, AddWatchFlags::IN_OPEN | AddWatchFlags::IN_ACCESS)
+        .unwrap();
+    let file_wd = watch.add_watch(&file, AddWatchFlags::IN_OPEN).unwrap();
+    let memory = p.memory();
+    let alias = memory.alias(PID, START, PAGE).unwrap();
+    assert_eq!(read_byte(alias.segments[0].daemon_vaddr), b'O');
+    let events = watch.read_events().unwrap();
+    let count = |wd, mask| {
+        events
+            .iter()
+            .filter(|e| e.wd == wd && e.mask.contains(mask))
+            .count()
+    };
+    assert_eq!(count(maps_wd, AddWatchFlags::IN_OPEN), 1, "{events:?}");
+    assert!(count(maps_wd, AddWatchFlags::IN_ACCESS) >= 1, "{events:?}");
+    assert_eq!(count(file_wd, AddWatchFlags::IN_OPEN), 1, "{events:?}");
+    memory.release(&alias);
+}

@@ -179,7 +179,9 @@ impl Context {
             })
     }
 
-    pub(super) fn groups_of(&self, id: IoasidId) -> Vec<GroupId> {
+    /// The groups realising IOASID `id` (on the stack: every map and
+    /// unmap asks).
+    pub(super) fn groups_of(&self, id: IoasidId) -> Groups {
         self.realising
             .iter()
             .filter(|(_, r)| r.ioasid == id)
@@ -187,17 +189,15 @@ impl Context {
             .collect()
     }
 
-    /// The pieces of client memory behind mapping `m` (borrowed from its
-    /// alias when it has one of its own).
-    pub(super) fn segments<'a>(&'a self, m: &'a Mapping) -> Cow<'a, [Segment]> {
+    /// The pieces of client memory behind mapping `m` (nearly always one,
+    /// kept inline: no allocation on the map path).
+    pub(super) fn segments(&self, m: &Mapping) -> Segments {
         match &m.memory {
-            Memory::Own { alias, .. } => Cow::Borrowed(&alias.segments),
-            Memory::Nested | Memory::Private { .. } | Memory::Pending(_) => Cow::Borrowed(&[]),
+            Memory::Own { alias, .. } => alias.segments.clone(),
+            Memory::Nested | Memory::Private { .. } | Memory::Pending(_) => Segments::new(),
             Memory::Registered(start) => match &self.registrations[start].alias {
-                Some((alias, _)) => {
-                    Cow::Owned(slice_segments(&alias.segments, m.vaddr - start, m.size))
-                }
-                None => Cow::Borrowed(&[]),
+                Some((alias, _)) => slice_segments(&alias.segments, m.vaddr - start, m.size),
+                None => Segments::new(),
             },
         }
     }
@@ -321,7 +321,7 @@ impl Engine {
         &self,
         c: &'c Context,
         id: IoasidId,
-    ) -> Result<(Vec<GroupId>, &'c DomainInfo), Error> {
+    ) -> Result<(Groups, &'c DomainInfo), Error> {
         let io = c.ioasid(id)?;
         self.check_group_rule(c, id)?;
         let known = io.known.as_ref().ok_or_else(|| {

@@ -359,7 +359,8 @@ impl Engine {
                     return Err(split(s, m));
                 }
             }
-            let gone: Vec<u64> = io.mappings.range(iova..end).map(|(&s, _)| s).collect();
+            let gone: smallvec::SmallVec<[u64; 4]> =
+                io.mappings.range(iova..end).map(|(&s, _)| s).collect();
             if gone.is_empty() {
                 return Ok(0);
             }

@@ -72,7 +72,6 @@
 //! means a group's domain and its devices' attachments are only ever
 //! touched under the lock of the context that owns the group.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
@@ -83,7 +82,7 @@ use smallvec::SmallVec;
 
 use crate::backend::{
     Alias, Backend, ClientEntry, ClientThread, DmaEntry, DomainInfo, GroupId, MmId, Pid, Prot,
-    Resolved, Segment,
+    Resolved, Segment, Segments,
 };
 use crate::error::{err, Error};
 use crate::pgtable::{self, Leaf, PasidEntry, WalkStats};
@@ -202,9 +201,12 @@ fn combine<'a>(mut infos: impl Iterator<Item = &'a DomainInfo>) -> Option<Domain
     }))
 }
 
+/// The groups realising an IOASID: a handful at most.
+type Groups = smallvec::SmallVec<[GroupId; 4]>;
+
 /// The segments, relative to the mapping's start, of `[off, off + size)`
 /// of an alias.
-fn slice_segments(segments: &[Segment], off: u64, size: u64) -> Vec<Segment> {
+fn slice_segments(segments: &[Segment], off: u64, size: u64) -> Segments {
     let end = off + size;
     segments
         .iter()

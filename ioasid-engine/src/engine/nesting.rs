@@ -425,7 +425,7 @@ pub(super) fn parent_view(
                 ParentPiece {
                     size: m.size,
                     prot: m.prot,
-                    segs: c.segments(m).into_owned(),
+                    segs: c.segments(m).to_vec(),
                 },
             )
         })
@@ -451,7 +451,7 @@ pub(super) fn parent_view_range(
             ParentPiece {
                 size: m.size,
                 prot: m.prot,
-                segs: c.segments(m).into_owned(),
+                segs: c.segments(m).to_vec(),
             },
         );
     }

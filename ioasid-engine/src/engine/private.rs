@@ -182,7 +182,7 @@ impl Engine {
             let now = if still {
                 c.groups_of(ioasid)
             } else {
-                Vec::new()
+                Groups::new()
             };
             let keep = outcome.is_ok() && still;
             // Unmap what is not wanted (or all of it, on failure).

@@ -217,7 +217,7 @@ fn take(c: &Context, devices: &BTreeMap<DeviceId, DeviceSpec>) -> ContextSnapsho
                 attached_once: io.known.is_some(),
                 mappings: io.mappings.len(),
                 mapped_bytes: io.mappings.values().map(|m| m.size).sum(),
-                realised_in: c.groups_of(id),
+                realised_in: c.groups_of(id).to_vec(),
                 shadow_entries: io.shadow.len(),
                 pgtable: io.pgtable.as_ref().map(|t| PgtableStatus {
                     root: t.root,
