@@ -266,6 +266,14 @@ impl Engine {
         lock(&self.accounts).budgets = budgets;
     }
 
+    /// This engine, for work that runs after the call (a client's own
+    /// thread pinning private memory).
+    fn shared(&self) -> Arc<Engine> {
+        self.me
+            .upgrade()
+            .expect("the engine is alive while it serves")
+    }
+
     /// Bytes of shared memory the daemon pins for process `pid`, each byte
     /// once however often it is mapped (private memory is charged by the
     /// kernel, to the process's own `locked_vm`).

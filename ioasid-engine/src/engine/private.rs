@@ -67,10 +67,7 @@ impl Engine {
                 memory: Memory::Pending(token),
             },
         );
-        let engine = self
-            .me
-            .upgrade()
-            .expect("the engine is alive while it serves");
+        let engine = self.shared();
         let ctx = c.id;
         let work: ClientWork =
             Box::new(move |thread| engine.pin_private_map(ctx, ioasid, map, token, thread));
@@ -278,10 +275,7 @@ impl Engine {
                 ),
             ));
         }
-        let engine = self
-            .me
-            .upgrade()
-            .expect("the engine is alive while it serves");
+        let engine = self.shared();
         let ctx = c.id;
         let work: ClientWork =
             Box::new(move |thread| engine.replay_private(ctx, dev, group, id, thread));
