@@ -46,7 +46,8 @@ pub const TRIM_THRESHOLD: i32 = 1 << 20;
 
 /// Heaps the allocator may keep for the daemon's threads. The daemon
 /// allocates little per request (issue 15's registered path allocates
-/// nothing), so sharing four heaps costs it no measurable wait.
+/// nothing), so threads sharing four heaps should rarely wait for one;
+/// that wait was not measured on its own.
 pub const ARENA_MAX: i32 = 4;
 
 /// Set the allocator up for a long-lived server: fixed thresholds and a
