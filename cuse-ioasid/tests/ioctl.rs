@@ -1180,7 +1180,7 @@ fn engine_format_numbers_are_the_headers() {
 }
 
 #[test]
-fn no_command_but_identify_looks_the_pid_up() {
+fn only_identify_and_a_map_of_new_memory_look_the_pid_up() {
     let f = Fixture::attached();
     let asked = |f: &Fixture| f.mem.pid_asked.replace(0);
     asked(&f);
@@ -1188,37 +1188,49 @@ fn no_command_but_identify_looks_the_pid_up() {
     assert_eq!(f.ioctl(IOASID_ALLOC, 0), Ok(2));
     assert_eq!(f.ioctl(IOASID_FREE, 2), Ok(0));
     assert_eq!(f.ioctl_struct(IOASID_GET_INFO, &info(1, 24)), Ok(0));
-    // MAP_DMA and REGISTER_MEMORY hand the calling task to the engine,
-    // which aliases the memory it sees: no look-up.
+    assert_eq!(asked(&f), 0);
+    // MAP_DMA hands the calling thread to the engine, which aliases the
+    // memory that thread sees, and charges it to the thread's process
+    // (no limit applies to the fake's callers, so the process is all it
+    // needs): one look-up.
     assert_eq!(f.ioctl_struct(IOASID_MAP_DMA, &map(1, 0, MEM, K4)), Ok(0));
     assert!(f.fake.calls().contains(&FakeCall::Alias {
         pid: PID,
         vaddr: MEM,
         size: K4
     }));
+    assert_eq!(asked(&f), 1);
     assert_eq!(f.ioctl_struct(IOASID_UNMAP_DMA, &unmap(1, 0, K4)), Ok(0));
+    assert_eq!(asked(&f), 0);
+    // A registration is charged once; a map inside it charges nothing.
     assert_eq!(f.ioctl_struct(IOASID_REGISTER_MEMORY, &reg(MEM, K4)), Ok(0));
+    asked(&f);
+    assert_eq!(f.ioctl_struct(IOASID_MAP_DMA, &map(1, 0, MEM, K4)), Ok(0));
+    assert_eq!(f.ioctl_struct(IOASID_UNMAP_DMA, &unmap(1, 0, K4)), Ok(0));
+    assert_eq!(asked(&f), 0);
     assert_eq!(
         f.ioctl_struct(IOASID_UNREGISTER_MEMORY, &reg(MEM, K4)),
         Ok(0)
     );
-    assert_eq!(asked(&f), 0);
     assert_eq!(f.ioctl(IOASID_DAEMON_IDENTIFY, 0), Err(Errno::EPERM));
     assert_eq!(asked(&f), 1);
 }
 
 #[test]
-fn a_caller_whose_pid_cannot_be_found_fails_only_identify() {
+fn a_caller_whose_pid_cannot_be_found_maps_nothing() {
     let f = Fixture::attached();
     f.mem.pid.set(Err(Errno::ESRCH));
     assert_eq!(f.ioctl(IOASID_CHECK_EXTENSION, 0), Ok(0));
     assert_eq!(f.ioctl(IOASID_ALLOC, 0), Ok(2));
-    assert_eq!(f.ioctl_struct(IOASID_MAP_DMA, &map(1, 0, MEM, K4)), Ok(0));
-    assert_eq!(f.fake.live_aliases(), 1);
+    assert_eq!(
+        f.ioctl_struct(IOASID_MAP_DMA, &map(1, 0, MEM, K4)),
+        Err(Errno::ESRCH)
+    );
+    // The alias made before the charge failed is given back.
+    assert_eq!(f.fake.live_aliases(), 0);
     assert_eq!(f.ioctl(IOASID_DAEMON_IDENTIFY, 0), Err(Errno::ESRCH));
     assert_eq!(f.ioctl_struct(IOASID_UNMAP_DMA, &unmap(1, 0, K4)), Ok(0));
-    assert_eq!(f.mem.struct_at::<IoasidDmaUnmap>(ARG).size, K4);
-    assert_eq!(f.fake.live_aliases(), 0);
+    assert_eq!(f.mem.struct_at::<IoasidDmaUnmap>(ARG).size, 0);
 }
 
 #[test]

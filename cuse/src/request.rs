@@ -273,8 +273,16 @@ impl Request {
     }
 }
 
-/// `Tgid:` of `<proc_root>/<tid>/status`.
+/// The process of thread `tid`: `Tgid:` of `<proc_root>/<tid>/status`.
+/// Under the real `/proc`, a thread that leads its process (most callers:
+/// single-threaded clients, a program's main thread) is found with two
+/// system calls instead: `pidfd_open` without `PIDFD_THREAD` accepts
+/// exactly the thread-group leaders (`EINVAL` for other threads, on every
+/// kernel), and `tid` cannot be reused while its request is in progress.
 pub(crate) fn tgid_of(proc_root: &Path, tid: u32) -> Result<u32, Errno> {
+    if proc_root == Path::new("/proc") && sys::pidfd_open(tid).is_ok() {
+        return Ok(tid);
+    }
     let text = std::fs::read_to_string(proc_root.join(tid.to_string()).join("status"))
         .map_err(|_| Errno::ESRCH)?;
     text.lines()
@@ -315,6 +323,9 @@ mod tests {
         let (tid, pid) = rx.recv().unwrap();
         assert_ne!(tid, std::process::id());
         assert_eq!(pid, Ok(std::process::id()));
+        // The leading thread, found without /proc.
+        let leader = std::process::id();
+        assert_eq!(Request::for_caller(leader, 0, 0).pid(), Ok(leader));
         assert_eq!(
             Request::for_caller(0x7fff_fff0, 0, 0).pid(),
             Err(Errno::ESRCH)

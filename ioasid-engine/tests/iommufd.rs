@@ -225,20 +225,20 @@ fn a_copy_shares_the_source_memory_and_outlives_its_unmap() {
     e.attach_pt(DEV_A, ctx, &CALLER, b).unwrap();
     // Across two adjacent mappings, from the middle of the first.
     assert_eq!(
-        e.ioas_copy(ctx, PID, b, a, 0x20_1000, fixed(0x80_0000, 2 * K4))
+        e.ioas_copy(ctx, &PID, b, a, 0x20_1000, fixed(0x80_0000, 2 * K4))
             .unwrap(),
         0x80_0000
     );
     assert_eq!(
-        errno(e.ioas_copy(ctx, PID, b, a, 0x20_2000, fixed(0x90_0000, 2 * K4))),
+        errno(e.ioas_copy(ctx, &PID, b, a, 0x20_2000, fixed(0x90_0000, 2 * K4))),
         Errno::ENOENT
     );
     assert_eq!(
-        errno(e.ioas_copy(ctx, PID, b, a, 0x30_0000, fixed(0x90_0000, K4))),
+        errno(e.ioas_copy(ctx, &PID, b, a, 0x30_0000, fixed(0x90_0000, K4))),
         Errno::EPERM
     );
     assert_eq!(
-        errno(e.ioas_copy(ctx, PID, 99, a, 0x20_0000, fixed(0x90_0000, K4))),
+        errno(e.ioas_copy(ctx, &PID, 99, a, 0x20_0000, fixed(0x90_0000, K4))),
         Errno::ENOENT
     );
     e.ioas_unmap(ctx, a, 0, u64::MAX).unwrap();
@@ -385,7 +385,7 @@ fn map_file_aliases_the_file_and_copies_keep_its_origin() {
     let file = |offset| MapSource::File {
         file: std::os::fd::AsFd::as_fd(&memfd),
         offset,
-        pid: PID,
+        client: &PID,
     };
     assert_eq!(
         e.ioas_map(ctx, ioas, file(K4), fixed(0x30_0000, 2 * K4))
@@ -396,7 +396,7 @@ fn map_file_aliases_the_file_and_copies_keep_its_origin() {
         errno(e.ioas_map(ctx, ioas, file(4 * K4), fixed(0x40_0000, 8 * K4))),
         Errno::EINVAL
     );
-    e.ioas_copy(ctx, PID, ioas, ioas, 0x30_0000, anywhere(K4))
+    e.ioas_copy(ctx, &PID, ioas, ioas, 0x30_0000, anywhere(K4))
         .unwrap();
     e.ioas_change_process(ctx).unwrap();
     e.close_context(ctx).unwrap();

@@ -319,10 +319,11 @@ fn map_file(n: &IommufdNode, u: &Ucmd<'_>, mut m: iommu_ioas_map_file) -> Result
             format!("fd {} is not an open file descriptor of the caller", m.fd),
         )
     })?;
+    let client = u.client();
     let source = MapSource::File {
         file: std::os::fd::AsFd::as_fd(&file),
         offset: m.start,
-        pid: u.caller.tid(),
+        client: &client,
     };
     let map = IoasMap {
         length: m.length,
@@ -349,7 +350,7 @@ fn copy(n: &IommufdNode, u: &Ucmd<'_>, mut c: iommu_ioas_copy) -> Result<i32> {
     };
     c.dst_iova = n.engine.ioas_copy(
         ctx(u),
-        u.caller.tid(),
+        &u.client(),
         c.dst_ioas_id,
         c.src_ioas_id,
         c.src_iova,

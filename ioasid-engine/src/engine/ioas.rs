@@ -59,8 +59,8 @@ pub enum MapSource<'a> {
         file: BorrowedFd<'a>,
         /// `start`.
         offset: u64,
-        /// The calling thread (whose limit is charged).
-        pid: Pid,
+        /// The caller (whose process is charged, against its limit).
+        client: &'a dyn Client,
     },
 }
 
@@ -507,10 +507,14 @@ impl Engine {
                     };
                     self.map_user(c, client, ioasid, &groups, dma)
                 }
-                MapSource::File { file, offset, pid } => self
+                MapSource::File {
+                    file,
+                    offset,
+                    client,
+                } => self
                     .backend
                     .alias_file(file, offset, map.length, map.prot.write)
-                    .and_then(|alias| match self.charge_shared(pid, &alias) {
+                    .and_then(|alias| match self.charge_shared(client, &alias) {
                         Ok(charged) => Ok(Mapping {
                             vaddr: offset,
                             size: map.length,
@@ -544,7 +548,7 @@ impl Engine {
     pub fn ioas_copy(
         &self,
         ctx: ContextId,
-        pid: Pid,
+        client: &dyn Client,
         dst: ObjectId,
         src: ObjectId,
         src_iova: u64,
@@ -651,7 +655,7 @@ impl Engine {
                 let shared = budget
                     .clone()
                     .and_then(|()| self.backend.share_alias(alias, off, *n))
-                    .and_then(|shared| match self.charge_shared(pid, &shared) {
+                    .and_then(|shared| match self.charge_shared(client, &shared) {
                         Ok(charged) => Ok((shared, charged)),
                         Err(e) => {
                             self.release(c, shared);

@@ -129,7 +129,7 @@ impl Engine {
         } = map;
         let memory = if c.registrations.is_empty() {
             match self.backend.resolve(client.tid(), vaddr, size)? {
-                Resolved::Shared(alias) => match self.charge_shared(client.tid(), &alias) {
+                Resolved::Shared(alias) => match self.charge_shared(client, &alias) {
                     Ok(charged) => Memory::Own { alias, charged },
                     Err(e) => {
                         self.release(c, alias);
@@ -231,16 +231,24 @@ impl Engine {
     }
 
     /// Charge the shared memory behind `alias`, about to be pinned by the
-    /// daemon, to the process of thread `tid`, as type1 would: against its
+    /// daemon, to the process of `client`, as type1 would: against its
     /// `RLIMIT_MEMLOCK`, together with everything it already has pinned
     /// through the daemon (in any ioasid file, each byte once) and what
     /// the kernel charges it itself (`VmLck`: `mlock`, its own VFIO maps,
     /// the private memory its thread pinned for the daemon). Returns the
     /// process charged. `ENOMEM` over the limit; the alias budget's
-    /// `ENOMEM` past it.
-    pub(super) fn charge_shared(&self, tid: Pid, alias: &Alias) -> Result<Pid, Error> {
-        let limit = self.backend.memlock_limit(tid)?;
-        let pm = self.backend.process_memory(tid)?;
+    /// `ENOMEM` past it. `VmLck` (a read of `/proc`) is asked only when a
+    /// limit applies: without one, only the process is needed, and the
+    /// client finds it cheaply when its thread leads the process.
+    pub(super) fn charge_shared(&self, client: &dyn Client, alias: &Alias) -> Result<Pid, Error> {
+        let limit = self.backend.memlock_limit(client.tid())?;
+        let pm = match limit {
+            Some(_) => self.backend.process_memory(client.tid())?,
+            None => ProcessMemory {
+                pid: client.pid()?,
+                locked: 0,
+            },
+        };
         let mut a = lock(&self.accounts);
         if let Some(limit) = limit {
             let more = a.new_bytes(pm.pid, &alias.segments);
@@ -514,7 +522,7 @@ impl Engine {
                 }
             }
             let alias = match self.backend.resolve(client.tid(), vaddr, size)? {
-                Resolved::Shared(alias) => match self.charge_shared(client.tid(), &alias) {
+                Resolved::Shared(alias) => match self.charge_shared(client, &alias) {
                     Ok(charged) => Some((alias, charged)),
                     Err(e) => {
                         self.release(c, alias);

@@ -81,8 +81,8 @@ use slab::Slab;
 use smallvec::SmallVec;
 
 use crate::backend::{
-    Alias, Backend, ClientEntry, ClientThread, DmaEntry, DomainInfo, GroupId, MmId, Pid, Prot,
-    Resolved, Segment, Segments,
+    Alias, Backend, ClientEntry, ClientThread, DmaEntry, DomainInfo, GroupId, MmId, Pid,
+    ProcessMemory, Prot, Resolved, Segment, Segments,
 };
 use crate::error::{err, Error};
 use crate::pgtable::{self, Leaf, PasidEntry, WalkStats};

@@ -86,7 +86,7 @@ impl Ops {
                     MapSource::File {
                         file: self.file.as_fd(),
                         offset: addr,
-                        pid: PID,
+                        client: &PID,
                     }
                 } else {
                     MapSource::User {
@@ -149,7 +149,7 @@ impl Ops {
                     iova: fixed,
                     prot: p,
                 };
-                let got = en.ioas_copy(ctx, PID, id, src, src_iova, map);
+                let got = en.ioas_copy(ctx, &PID, id, src, src_iova, map);
                 if let Ok(at) = got {
                     assert!(fixed.is_none_or(|f| f == at), "a fixed IOVA moved");
                     let s = c.spaces.get(&id).expect("a modelled IOAS");
