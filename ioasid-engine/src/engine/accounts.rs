@@ -46,7 +46,7 @@ impl Default for Budgets {
 /// Touching pieces with the same number of holders are one piece: the
 /// daemon's aliases of distinct buffers tend to lie next to each other in
 /// its address space, so 100,000 of them are a few pieces here, not
-/// 100,000 (about 47 bytes each in the tree).
+/// 100,000 (50 bytes each in the tree).
 #[derive(Debug, Default)]
 pub(super) struct Coverage {
     /// Disjoint pieces: start -> (end, holders); two touching pieces
