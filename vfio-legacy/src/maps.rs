@@ -451,30 +451,45 @@ mod tests {
         assert_eq!(v[4].map_files_name(), "7f3000000000-7f3000001000");
     }
 
-    /// Both ways of asking agree on this process: two areas of one memfd
-    /// (split by protection), a hole, the ends of the range.
-    #[test]
-    fn query_and_text_agree_on_our_own_areas() {
-        use nix::sys::mman::{mmap, mprotect, munmap, MapFlags, ProtFlags};
-        use std::num::NonZeroUsize;
-        const PAGE: u64 = 4096;
-        let fd = nix::sys::memfd::memfd_create("maps-test", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-            .unwrap();
+    /// A new memfd named `name` of `len` bytes, mapped whole and shared at
+    /// an address the kernel picks, with `prot`; the caller unmaps it.
+    fn shared_memfd(
+        name: &str,
+        len: usize,
+        prot: nix::sys::mman::ProtFlags,
+    ) -> (File, std::ptr::NonNull<std::ffi::c_void>) {
+        use nix::sys::mman::{mmap, MapFlags};
+        let fd =
+            nix::sys::memfd::memfd_create(name, nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
         let file = File::from(fd);
-        file.set_len(4 * PAGE).unwrap();
+        file.set_len(len as u64).unwrap();
         // SAFETY: a new shared mapping at an address the kernel picks; only
         // its address is used, never a reference into it.
         let p = unsafe {
             mmap(
                 None,
-                NonZeroUsize::new(4 * PAGE as usize).unwrap(),
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                std::num::NonZeroUsize::new(len).unwrap(),
+                prot,
                 MapFlags::MAP_SHARED,
                 &file,
                 0,
             )
         }
         .unwrap();
+        (file, p)
+    }
+
+    /// Both ways of asking agree on this process: two areas of one memfd
+    /// (split by protection), a hole, the ends of the range.
+    #[test]
+    fn query_and_text_agree_on_our_own_areas() {
+        use nix::sys::mman::{mprotect, munmap, ProtFlags};
+        const PAGE: u64 = 4096;
+        let (_file, p) = shared_memfd(
+            "maps-test",
+            4 * PAGE as usize,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+        );
         let base = p.as_ptr() as u64;
         // SAFETY: pages 2 and 3 of our own mapping, no reference into them.
         unsafe {
@@ -521,27 +536,13 @@ mod tests {
     /// areas were first read from.
     #[test]
     fn one_open_maps_file_answers_again_as_the_map_is_now() {
-        use nix::sys::mman::{mmap, mprotect, munmap, MapFlags, ProtFlags};
-        use std::num::NonZeroUsize;
+        use nix::sys::mman::{mprotect, munmap, ProtFlags};
         const PAGE: u64 = 4096;
-        let fd =
-            nix::sys::memfd::memfd_create("maps-again", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-                .unwrap();
-        let file = File::from(fd);
-        file.set_len(2 * PAGE).unwrap();
-        // SAFETY: a new shared mapping at an address the kernel picks; only
-        // its address is used, never a reference into it.
-        let p = unsafe {
-            mmap(
-                None,
-                NonZeroUsize::new(2 * PAGE as usize).unwrap(),
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-                &file,
-                0,
-            )
-        }
-        .unwrap();
+        let (_file, p) = shared_memfd(
+            "maps-again",
+            2 * PAGE as usize,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+        );
         let base = p.as_ptr() as u64;
         let maps = File::open("/proc/self/maps").unwrap();
         for ask in [text_covering, areas_covering] {
@@ -572,27 +573,9 @@ mod tests {
     /// as "/memfd:NAME (deleted)") comes back whole.
     #[test]
     fn query_and_text_agree_on_a_long_name() {
-        use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
-        use std::num::NonZeroUsize;
+        use nix::sys::mman::{munmap, ProtFlags};
         let long = "n".repeat(249);
-        let fd =
-            nix::sys::memfd::memfd_create(long.as_str(), nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-                .unwrap();
-        let file = File::from(fd);
-        file.set_len(4096).unwrap();
-        // SAFETY: a new shared mapping at an address the kernel picks; only
-        // its address is used.
-        let p = unsafe {
-            mmap(
-                None,
-                NonZeroUsize::new(4096).unwrap(),
-                ProtFlags::PROT_READ,
-                MapFlags::MAP_SHARED,
-                &file,
-                0,
-            )
-        }
-        .unwrap();
+        let (_file, p) = shared_memfd(&long, 4096, ProtFlags::PROT_READ);
         let base = p.as_ptr() as u64;
         let maps = || File::open("/proc/self/maps").unwrap();
         let text = text_covering(&maps(), base, base + 4096).unwrap();
