@@ -34,8 +34,11 @@ Options (command line, or the ini file without the leading dashes and with
 underscores): ``--cuse-ioasid-daemon PATH`` (default ``$CUSE_IOASID_DAEMON``,
 else ``cuse-ioasid`` on the PATH), ``--cuse-ioasid-args "ARGS"``,
 ``--cuse-ioasid-vm PATH`` (``scripts/vm``; default ``$CUSE_IOASID_VM``,
-else the source tree's when the package runs from one). Paths in the ini
-file are relative to it.
+else the source tree's when the package runs from one),
+``--cuse-ioasid-log-dir DIR`` (where a daemon the plugin starts writes
+``daemon-<module>.log``; default ``$CUSE_IOASID_LOG_DIR``, else
+``$VM_SCRATCH``, else a new temporary directory). Paths in the ini file
+are relative to it.
 
 Without ``/dev/cuse`` and VFIO the daemon fixtures skip, saying "needs the
 test VM".
@@ -72,9 +75,12 @@ def pytest_addoption(parser):
         ("args", "arguments for a daemon the plugin starts"),
         ("vm", "scripts/vm of a cuse-ioasid source tree (default: $CUSE_IOASID_VM, else the tree the "
                "plugin runs from)"),
+        ("log_dir", "where a daemon the plugin starts writes its log (default: $CUSE_IOASID_LOG_DIR, "
+                    "else $VM_SCRATCH, else a new temporary directory)"),
     ):
         option = f"cuse_ioasid_{name}"
-        group.addoption(f"--cuse-ioasid-{name}", dest=option, default=None, help=help_text)
+        group.addoption(f"--cuse-ioasid-{name.replace('_', '-')}", dest=option, default=None,
+                        help=help_text)
         parser.addini(option, help=help_text, default=None)
 
 
@@ -94,7 +100,7 @@ def _setting(config, name: str, env: str | None = None) -> str | None:
     if env and os.environ.get(env):
         return os.environ[env]
     value = config.getini(option)
-    if value and name in ("daemon", "vm") and config.inipath is not None:
+    if value and name in ("daemon", "vm", "log_dir") and config.inipath is not None:
         return str(Path(config.inipath).parent / value)
     return value or None
 
@@ -236,7 +242,8 @@ def ioasid_daemon(request):
                  f"the running daemon did not create every node of `cuse-ioasid --list`: {nodes}")
         yield Daemon(pid=running[0], binary=binary, nodes=nodes, socket=socket)
         return
-    log_dir = Path(os.environ.get("VM_SCRATCH") or tempfile.mkdtemp(prefix="cuse-ioasid-"))
+    log_dir = Path(_setting(config, "log_dir", "CUSE_IOASID_LOG_DIR") or os.environ.get("VM_SCRATCH")
+                   or tempfile.mkdtemp(prefix="cuse-ioasid-"))
     log_path = log_dir / f"daemon-{Path(request.module.__file__).stem}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([binary, *args], stdout=log, stderr=log, stdin=subprocess.DEVNULL)

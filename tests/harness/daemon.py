@@ -37,11 +37,12 @@ LENGTH = 3000  # edu transfers stay below its 4096-byte buffer
 def daemon_log() -> Path:
     """The log file of the running daemon: $VM_SCRATCH/daemon.log when
     scripts/vm --daemon started it, else the daemon-<module>.log the
-    `daemon` fixture writes (the newest one)."""
-    scratch = Path(os.environ["VM_SCRATCH"])
-    logs = sorted(scratch.glob("daemon*.log"), key=lambda p: p.stat().st_mtime)
+    `daemon` fixture writes (the newest one) in $CUSE_IOASID_LOG_DIR
+    (tests/scenarios/run: the guest's own /tmp) or $VM_SCRATCH."""
+    dirs = {Path(os.environ[v]) for v in ("CUSE_IOASID_LOG_DIR", "VM_SCRATCH") if os.environ.get(v)}
+    logs = sorted((p for d in dirs for p in d.glob("daemon*.log")), key=lambda p: p.stat().st_mtime)
     if not logs:
-        pytest.fail(f"no daemon log in {scratch}")
+        pytest.fail(f"no daemon log in {sorted(map(str, dirs))}")
     return logs[-1]
 
 

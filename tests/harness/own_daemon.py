@@ -26,7 +26,8 @@ from harness.daemon import ALL_EDU, DAEMON, daemon_pids, wait_for
 class OwnDaemon:
     def __init__(self, args: list[str], name: str):
         self.args = args
-        self.log_path = Path(os.environ["VM_SCRATCH"]) / f"own-daemon-{name}.log"
+        log_dir = os.environ.get("CUSE_IOASID_LOG_DIR") or os.environ["VM_SCRATCH"]
+        self.log_path = Path(log_dir) / f"own-daemon-{name}.log"
         self.proc: subprocess.Popen | None = None
         self.nodes: dict[str, str] = {}
 
