@@ -6,6 +6,7 @@
 //! `/dev/vfio/devices/vfioN` (iommufd's, N the kernel's own index) with
 //! CUSE, and realises the I/O address spaces on legacy VFIO containers.
 
+mod log_writer;
 mod service;
 
 use std::collections::BTreeSet;
@@ -141,6 +142,12 @@ struct Args {
     max_client_aliases: usize,
 
     /// How log lines are written to stderr.
+    ///
+    /// A thread of the daemon's own writes them, in order; the thread that
+    /// logs a line waits for it at most 0.5 s. If stderr stalls (a pipe
+    /// nobody reads, a stuck journal), requests go on being answered: lines
+    /// wait in a 4 MiB queue, those beyond it are dropped, and a line says
+    /// how many once stderr takes lines again.
     #[arg(long, value_enum, default_value_t = LogFormat::Auto, value_name = "FORMAT")]
     log_format: LogFormat,
 

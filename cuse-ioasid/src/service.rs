@@ -11,9 +11,12 @@ use anyhow::{anyhow, bail, Context, Result};
 use nix::unistd::{Gid, Group};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::fmt::format::{self, Format, Full, Writer};
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
+
+use crate::log_writer::LogWriter;
 
 /// How log lines are written to stderr.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -47,13 +50,29 @@ impl LogFormat {
     }
 }
 
-/// Installs the global log subscriber writing to stderr; returns the format
+/// Installs the global log subscriber writing to stderr through a
+/// [`LogWriter`] (a stalled stderr holds no request up); returns the format
 /// chosen (never `Auto`).
 pub fn init_logging(filter: EnvFilter, format: LogFormat) -> LogFormat {
     let format = format.resolve();
+    let prefix = if format == LogFormat::Journal {
+        "<4>"
+    } else {
+        ""
+    };
+    let writer = match LogWriter::stderr(prefix) {
+        Ok(w) => BoxMakeWriter::new(w),
+        Err(e) => {
+            eprintln!(
+                "cuse-ioasid: cannot start the log writer thread ({e}); logging straight to \
+                 stderr, where a stalled stderr holds up every request that logs"
+            );
+            BoxMakeWriter::new(std::io::stderr)
+        }
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Journal => builder
             .with_ansi(false)
